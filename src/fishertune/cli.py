@@ -1,0 +1,48 @@
+"""``fishertune`` command line: ``train``, ``analyze``, ``evaluate``, ``experiment``, ``demo``.
+
+Each subcommand lives in its own module and is imported only when used, so ``fishertune analyze``
+does not pay for TRL's import and ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from fishertune.errors import FishertuneError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("fishertune.training.cli", "fine-tune a causal LM with a method (YAML + overrides)"),
+    "analyze": ("fishertune.analysis.cli", "measure the noise-curvature relation on a model"),
+    "evaluate": ("fishertune.evaluation.cli", "evaluate a trained model (offline or lm-eval)"),
+    "experiment": ("fishertune.experiments.cli", "run a grid of methods x seeds and report"),
+    "demo": ("fishertune.demo", "offline tiny preset: train the four methods and compare"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fishertune COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines.append("\nrun `fishertune COMMAND --help` for a command's options")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return int(module.main(rest) or 0)
+    except FishertuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Coefficient schedules and the NEFTune <-> curvature correspondence.
+
+Pure arithmetic: no imports beyond the standard library, so it can be used anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["neftune_equivalent_coef", "neftune_scale", "warmup_coefficient"]
+
+
+def warmup_coefficient(step: int, coef: float, warmup_steps: int) -> float:
+    """Linearly warmed-up penalty coefficient.
+
+    ``lambda(step) = coef * min(1, step / warmup_steps)``; ``warmup_steps == 0`` means no warm-up
+    (``lambda = coef`` from step 0). ``step`` counts optimizer steps already taken, so the first
+    update of a warmed-up run uses ``lambda = 0``.
+    """
+    if coef < 0:
+        raise ValueError(f"penalty coefficient must be >= 0, got {coef}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if warmup_steps == 0:
+        return float(coef)
+    return float(coef) * min(1.0, step / warmup_steps)
+
+
+def neftune_scale(alpha: float, seq_len: int, hidden_size: int) -> float:
+    """Half-width of NEFTune's uniform noise: ``a = alpha / sqrt(L * d)``."""
+    if seq_len <= 0 or hidden_size <= 0:
+        raise ValueError(f"seq_len and hidden_size must be positive, got {seq_len}, {hidden_size}")
+    return alpha / math.sqrt(seq_len * hidden_size)
+
+
+def neftune_equivalent_coef(alpha: float, seq_len: int, hidden_size: int) -> float:
+    """Explicit curvature coefficient that matches NEFTune to second order.
+
+    ``E_eps[loss(X + eps)] ~= loss(X) + (a^2 / 6) Tr(H_X)`` with ``a = alpha / sqrt(L d)`` gives
+    ``lambda_equiv = a^2 / 6 = alpha^2 / (6 L d)``.
+    """
+    return neftune_scale(alpha, seq_len, hidden_size) ** 2 / 6.0
