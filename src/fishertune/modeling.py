@@ -56,7 +56,7 @@ def load_causal_lm(
     attn_implementation: str | None = None,
     **kwargs: Any,
 ) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` with a clear error when the model cannot be found."""
+    """``AutoModelForCausalLM.from_pretrained``, with a clear error for a model not found."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str) and dtype != "auto":

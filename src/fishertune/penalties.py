@@ -128,8 +128,9 @@ def fisher_objective(
 
     token-F: ``g_s = sum_t M_t log p_t[y'_{t,s}]``; logit-F:
     ``g_s = sum_t M_t (z_t[y'_{t,s}] - <z_t, p_ref_t>)`` with ``p_ref`` held constant
-    (``reference_probs``, or ``softmax(z)`` of these logits, detached). Arithmetic in float32.
-    Never builds a (B, L, V) one-hot.
+    (``reference_probs``, or ``softmax(z)`` of these logits, detached). Arithmetic in at least
+    float32 (half-precision logits are upcast, float64 ones stay float64). Never builds a
+    (B, L, V) one-hot.
 
     Args:
         logits: (B, L, V) computed from ``X``.
@@ -139,9 +140,10 @@ def fisher_objective(
             ones when evaluating at a perturbed ``X`` (finite differences).
 
     Returns:
-        (m,) float32.
+        (m,) float32 (float64 for float64 logits).
     """
-    scored = logits[label_mask].float()  # (N, V)
+    scored = logits[label_mask]
+    scored = scored.to(_compute_dtype(scored.dtype))  # (N, V)
     picked = scored.gather(1, targets)  # (N, m)
     if kind == "token":
         return (picked - torch.logsumexp(scored, dim=-1, keepdim=True)).sum(0)
@@ -151,6 +153,12 @@ def fisher_objective(
         baseline = (scored * reference_probs.detach()).sum(-1, keepdim=True)  # (N, 1)
         return (picked - baseline).sum(0)
     raise ValueError(f"kind must be 'token' or 'logit', got {kind!r}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 at least, so that half-precision models get a stable penalty; never downcast
+    # float64, so that exact checks in float64 stay exact.
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _normalizer(label_mask: Tensor, reduction: Reduction) -> Tensor:
@@ -203,12 +211,12 @@ def _fisher_penalty(
         # sees every parameter.
         return embeds.sum().float() * 0.0
     g = fisher_objective(kind, logits, label_mask, targets)  # (m,)
-    total = embeds.new_zeros((), dtype=torch.float32)
+    total = embeds.new_zeros((), dtype=g.dtype)
     for s in range(g.shape[0]):
         (v,) = torch.autograd.grad(
             g[s], embeds, create_graph=create_graph, retain_graph=True
         )  # (B, L, d)
-        total = total + v.float().pow(2).sum()
+        total = total + v.to(g.dtype).pow(2).sum()
     return total / (g.shape[0] * normalizer)
 
 
@@ -238,7 +246,7 @@ def token_fisher(
         targets: (N, m) explicit draws instead of sampling.
 
     Returns:
-        Scalar float32 ``R``; 0 when no position is scored.
+        Scalar ``R``, float32 (float64 for float64 logits); 0 when no position is scored.
     """
     return _fisher_penalty(
         "token", embeds, logits, label_mask, samples=samples, sampling=sampling,
@@ -273,7 +281,7 @@ def logit_fisher(
 
 def penalty_from_direction(direction: Tensor, label_mask: Tensor, reduction: Reduction) -> Tensor:
     """Penalty value ``||v||^2 / N`` (or ``||v||^2`` for ``"sum"``) from ``v`` (m, B, L, d)."""
-    squared = direction.float().pow(2).flatten(1).sum(1).mean()
+    squared = direction.to(_compute_dtype(direction.dtype)).pow(2).flatten(1).sum(1).mean()
     return squared / _normalizer(label_mask, reduction)
 
 

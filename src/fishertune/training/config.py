@@ -1,0 +1,218 @@
+"""``FisherSFTConfig``: TRL's ``SFTConfig`` plus the fields of the four methods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from fishertune.errors import FishertuneError
+
+METHODS = ("baseline", "neftune", "token-f", "logit-f")
+PENALTY_METHODS = ("token-f", "logit-f")
+
+# The paper's settings (Llama-3.1-8B on Tulu 3), used when a penalty method is chosen without them.
+PAPER_PENALTY = {"token-f": (2e-6, 600), "logit-f": (1e-6, 800)}
+PAPER_NEFTUNE_ALPHA = 5.0
+
+PENALTY_FIELDS = (
+    "penalty_coef",
+    "penalty_warmup_steps",
+    "penalty_samples",
+    "penalty_sampling",
+    "penalty_grad",
+    "penalty_fraction",
+    "penalty_every",
+    "penalty_fd_scheme",
+    "penalty_fd_step",
+    "penalty_fd_backward",
+)
+NEFTUNE_FIELDS = ("neftune_alpha", "neftune_length", "neftune_distribution")
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise FishertuneError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class FisherSFTConfig(SFTConfig):
+    """Configuration of :class:`~fishertune.training.trainer.FisherSFTTrainer`.
+
+    Every field of TRL's ``SFTConfig`` applies. Options of a method that is not selected must stay
+    unset (``None``): giving ``penalty_coef`` to ``baseline`` is an error, not a silent no-op.
+    """
+
+    method: str = field(
+        default="baseline",
+        metadata={"help": "baseline, neftune, token-f or logit-f.", "choices": METHODS},
+    )
+    loss_reduction: str = field(
+        default="mean",
+        metadata={
+            "help": "CE reduction over response tokens: 'mean' (transformers, normalized by "
+            "the number of items in the accumulated batch) or 'sum' (open-instruct's "
+            "--reduce_loss sum). The penalty always uses the same reduction.",
+            "choices": ("mean", "sum"),
+        },
+    )
+    penalty_coef: float | None = field(
+        default=None,
+        metadata={"help": "Penalty coefficient lambda (token-f/logit-f; paper: 2e-6 / 1e-6)."},
+    )
+    penalty_warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps of linear coefficient warm-up from 0; 0 = none "
+            "(paper: 600 for token-f, 800 for logit-f)."
+        },
+    )
+    penalty_samples: int | None = field(
+        default=None, metadata={"help": "Draws y' per scored position (default 1, as the paper)."}
+    )
+    penalty_sampling: str | None = field(
+        default=None,
+        metadata={
+            "help": "'model' (y' ~ softmax(z), unbiased for Tr F) or 'uniform' (ablation). "
+            "Default 'model'."
+        },
+    )
+    penalty_grad: str | None = field(
+        default=None,
+        metadata={
+            "help": "'exact' (double backward; needs eager or SDPA-math attention) or 'fd' "
+            "(finite differences, first-order autograd only). Default 'exact'."
+        },
+    )
+    penalty_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of each batch's sequences that get the penalty, rescaled by "
+            "B / k so its expectation is unchanged. Default 1."
+        },
+    )
+    penalty_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Apply the penalty every k-th optimizer step with coefficient k * lambda "
+            "(same expectation). Default 1."
+        },
+    )
+    penalty_fd_scheme: str | None = field(
+        default=None,
+        metadata={"help": "fd: 'forward' (one extra forward) or 'central' (two). Default forward."},
+    )
+    penalty_fd_step: float | None = field(
+        default=None,
+        metadata={
+            "help": "fd mode: relative step h_rel, h = h_rel * ||X|| / ||v||. Default by dtype "
+            "(fishertune.penalties.DEFAULT_FD_STEP)."
+        },
+    )
+    penalty_fd_backward: str | None = field(
+        default=None,
+        metadata={
+            "help": "fd mode: 'split' backpropagates each forward before the next (one graph in "
+            "memory), 'joint' keeps both and backpropagates once (for DeepSpeed). Default: "
+            "joint under DeepSpeed, split otherwise."
+        },
+    )
+    neftune_alpha: float | None = field(
+        default=None,
+        metadata={"help": "NEFTune alpha; noise U(-a, a), a = alpha / sqrt(L d). Default 5."},
+    )
+    neftune_length: str | None = field(
+        default=None,
+        metadata={
+            "help": "'per_sequence' (L from each sequence's attention mask, no noise on padding: "
+            "NEFTune's own code) or 'padded' (the batch's padded length: transformers). "
+            "Default per_sequence."
+        },
+    )
+    neftune_distribution: str | None = field(
+        default=None,
+        metadata={"help": "'uniform' (the paper) or 'gaussian' (same variance). Default uniform."},
+    )
+
+    def __post_init__(self) -> None:
+        self.validate_method()
+        super().__post_init__()
+        if self.method in PENALTY_METHODS and self.activation_checkpointing:
+            kwargs = dict(self.activation_checkpointing_kwargs or {})
+            if kwargs.get("use_reentrant", False):
+                raise FishertuneError(
+                    "activation_checkpointing_kwargs.use_reentrant=true cannot differentiate the "
+                    "penalty (torch.utils.checkpoint is incompatible with .grad()); use "
+                    "use_reentrant=false"
+                )
+            kwargs["use_reentrant"] = False
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
+
+    def validate_method(self) -> None:
+        """Check the method's options and fill in their defaults; raise ``FishertuneError``."""
+        _choice("method", self.method, METHODS)
+        _choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
+        is_penalty = self.method in PENALTY_METHODS
+        for names, active, label in (
+            (PENALTY_FIELDS, is_penalty, "token-f/logit-f"),
+            (NEFTUNE_FIELDS, self.method == "neftune", "neftune"),
+        ):
+            given = [name for name in names if getattr(self, name) is not None]
+            if given and not active:
+                raise FishertuneError(
+                    f"{', '.join(given)} given with method={self.method!r}: these options belong "
+                    f"to {label}; remove them or choose that method"
+                )
+        if getattr(self, "neftune_noise_alpha", None) is not None:
+            raise FishertuneError(
+                "neftune_noise_alpha (transformers' own NEFTune) is not used by fishertune: set "
+                "method=neftune and neftune_alpha instead, so noise is never added twice"
+            )
+        if is_penalty:
+            coef, warmup = PAPER_PENALTY[self.method]
+            self.penalty_coef = coef if self.penalty_coef is None else float(self.penalty_coef)
+            if self.penalty_warmup_steps is None:
+                self.penalty_warmup_steps = warmup
+            self.penalty_samples = self.penalty_samples or 1
+            self.penalty_sampling = self.penalty_sampling or "model"
+            self.penalty_grad = self.penalty_grad or "exact"
+            self.penalty_fraction = 1.0 if self.penalty_fraction is None else self.penalty_fraction
+            self.penalty_every = self.penalty_every or 1
+            self.penalty_fd_scheme = self.penalty_fd_scheme or "forward"
+            self.penalty_fd_backward = self.penalty_fd_backward or "auto"
+            if self.penalty_coef < 0:
+                raise FishertuneError(f"penalty_coef must be >= 0, got {self.penalty_coef}")
+            if self.penalty_warmup_steps < 0:
+                raise FishertuneError(
+                    f"penalty_warmup_steps must be >= 0, got {self.penalty_warmup_steps}"
+                )
+            if self.penalty_samples < 1:
+                raise FishertuneError(f"penalty_samples must be >= 1, got {self.penalty_samples}")
+            if not 0.0 < self.penalty_fraction <= 1.0:
+                raise FishertuneError(
+                    f"penalty_fraction must be in (0, 1], got {self.penalty_fraction}"
+                )
+            if self.penalty_every < 1:
+                raise FishertuneError(f"penalty_every must be >= 1, got {self.penalty_every}")
+            if self.penalty_fd_step is not None and self.penalty_fd_step <= 0:
+                raise FishertuneError(f"penalty_fd_step must be > 0, got {self.penalty_fd_step}")
+            _choice("penalty_sampling", self.penalty_sampling, ("model", "uniform"))
+            _choice("penalty_grad", self.penalty_grad, ("exact", "fd"))
+            _choice("penalty_fd_scheme", self.penalty_fd_scheme, ("forward", "central"))
+            _choice("penalty_fd_backward", self.penalty_fd_backward, ("auto", "split", "joint"))
+            if self.packing:
+                raise FishertuneError(
+                    f"packing is not supported with method={self.method}: with packed rows one "
+                    "sequence's score would differentiate into its neighbours' embeddings; set "
+                    "packing=false"
+                )
+        if self.method == "neftune":
+            self.neftune_alpha = (
+                PAPER_NEFTUNE_ALPHA if self.neftune_alpha is None else float(self.neftune_alpha)
+            )
+            if self.neftune_alpha < 0:
+                raise FishertuneError(f"neftune_alpha must be >= 0, got {self.neftune_alpha}")
+            self.neftune_length = self.neftune_length or "per_sequence"
+            self.neftune_distribution = self.neftune_distribution or "uniform"
+            _choice("neftune_length", self.neftune_length, ("per_sequence", "padded"))
+            _choice("neftune_distribution", self.neftune_distribution, ("uniform", "gaussian"))

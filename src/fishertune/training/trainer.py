@@ -1,0 +1,453 @@
+"""``FisherSFTTrainer``: TRL's ``SFTTrainer`` with NEFTune noise or a Fisher-trace penalty.
+
+In training mode every method goes through one loss path (:meth:`FisherSFTTrainer.compute_loss`):
+a forward that returns full logits (TRL's fused LM head returns none with a gradient), the CE over
+response tokens with the reduction transformers uses (normalized by ``num_items_in_batch`` under
+gradient accumulation), and for token-F / logit-F the penalty ``lambda(step) * R`` with the same
+normalizer, so one coefficient means the same thing for any batch layout. Evaluation uses TRL's
+own loss unchanged.
+
+The embeddings ``X`` are taken with a forward hook on the model's input-embedding module
+(:class:`fishertune.noise.EmbeddingCapture`), found through DDP / FSDP / DeepSpeed / PEFT wrappers,
+so any transformers causal LM works. Hooks are attached when training starts and removed in a
+``finally``: a saved or evaluated model carries none.
+
+Penalty gradients:
+
+* ``penalty_grad="exact"``: ``v = autograd.grad(g, X, create_graph=True)``, one backward of
+  ``CE + lambda R`` (double backward). Needs eager attention or SDPA forced to its math kernel
+  (done automatically for ``sdpa``); other kernels are refused up front.
+* ``penalty_grad="fd"``: ``v`` from an input-only first-order backward, and the surrogate
+  ``(2/h)(g(X + h v) - g(X))`` of :func:`fishertune.penalties.fd_surrogate`. With
+  ``penalty_fd_backward="split"`` each forward is backpropagated before the next one runs, so only
+  one graph is in memory; the non-final backward runs under ``no_sync`` so DDP/FSDP reduce the
+  accumulated gradient once.
+
+Randomness (the penalty's draws, NEFTune's noise, the penalized rows) comes from generators seeded
+by ``(seed, optimizer step, micro-step, rank)``, so a resumed run draws exactly what an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from trl import SFTTrainer
+
+from fishertune.errors import FishertuneError
+from fishertune.noise import EmbeddingCapture, NEFTuneNoise, find_input_embeddings
+from fishertune.penalties import (
+    fd_step_size,
+    fd_surrogate,
+    fisher_objective,
+    label_mask_from_labels,
+    sample_targets,
+)
+from fishertune.schedules import warmup_coefficient
+from fishertune.training.config import PENALTY_METHODS, FisherSFTConfig
+
+__all__ = ["FisherSFTTrainer"]
+
+TWICE_DIFFERENTIABLE_ATTENTION = ("eager", "sdpa")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def _attention_implementation(model: nn.Module) -> str | None:
+    config = getattr(_unwrap(model), "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+class FisherSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` for the methods baseline, neftune, token-f and logit-f.
+
+    Takes the same arguments as ``trl.SFTTrainer``; ``args`` must be a
+    :class:`~fishertune.training.config.FisherSFTConfig`.
+    """
+
+    args: FisherSFTConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, FisherSFTConfig):
+            raise FishertuneError("FisherSFTTrainer needs args=FisherSFTConfig(...)")
+        self._kind = {"token-f": "token", "logit-f": "logit"}.get(self.args.method)
+        self._capture = EmbeddingCapture()
+        self._noise: NEFTuneNoise | None = None
+        self._micro_step = 0
+        self._micro_step_of = -1
+        self._check_supported()
+
+    # ------------------------------------------------------------------ set-up checks
+    def _check_supported(self) -> None:
+        args = self.args
+        if args.method not in PENALTY_METHODS:
+            return
+        ddp_static = getattr(args, "ddp_static_graph", None)
+        if ddp_static:
+            raise FishertuneError(
+                "ddp_static_graph=true gives wrong gradients for the penalty (measured); set "
+                "ddp_static_graph=false"
+            )
+        if args.penalty_grad == "exact":
+            attention = _attention_implementation(self.model)
+            if attention not in TWICE_DIFFERENTIABLE_ATTENTION:
+                raise FishertuneError(
+                    f"penalty_grad=exact needs twice-differentiable attention, but the model uses "
+                    f"attn_implementation={attention!r}: load it with attn_implementation='eager' "
+                    "or 'sdpa' (run with the math kernel), or use penalty_grad=fd"
+                )
+            if args.torch_compile:
+                raise FishertuneError(
+                    "penalty_grad=exact does not work with torch_compile (no double backward "
+                    "through compiled graphs); use penalty_grad=fd"
+                )
+            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+            if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+                raise FishertuneError(
+                    "DeepSpeed ZeRO-3 does not support second-order autograd: use penalty_grad=fd"
+                )
+
+    # ------------------------------------------------------------------ hooks lifecycle
+    @contextlib.contextmanager
+    def _method_hooks(self) -> Iterator[None]:
+        embedding = find_input_embeddings(self.model)
+        with contextlib.ExitStack() as stack:
+            if self.args.method == "neftune":
+                self._noise = NEFTuneNoise(
+                    self.args.neftune_alpha,
+                    length_mode=self.args.neftune_length,
+                    distribution=self.args.neftune_distribution,
+                )
+                stack.enter_context(self._noise.attached(embedding))
+            elif self._kind is not None:
+                stack.enter_context(self._capture.attached(embedding))
+            try:
+                yield
+            finally:
+                self._noise = None
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        with self._method_hooks():
+            return super().train(*args, **kwargs)
+
+    # ------------------------------------------------------------------ helpers
+    def _generator(self, device: torch.device, purpose: int) -> torch.Generator:
+        """A generator seeded by (seed, optimizer step, micro-step, rank, purpose): resumable."""
+        step = self.state.global_step
+        if self._micro_step_of != step:
+            self._micro_step_of, self._micro_step = step, 0
+        key = (self.args.seed, step, self._micro_step, self.accelerator.process_index, purpose)
+        seed = 0
+        for part in key:
+            seed = (seed * 1_000_003 + int(part)) % (2**62)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        return generator
+
+    def current_penalty_coef(self) -> float:
+        """``lambda(step)``: warmed-up coefficient, times ``penalty_every`` on penalized steps."""
+        args = self.args
+        step = self.state.global_step
+        if step % args.penalty_every:
+            return 0.0
+        coef = warmup_coefficient(step, args.penalty_coef, args.penalty_warmup_steps)
+        return coef * args.penalty_every
+
+    def _loss_normalizer(self, label_mask: Tensor, num_items_in_batch: Any) -> Tensor:
+        """Denominator shared by CE and penalty, as transformers/TRL compute it.
+
+        ``mean``: the number of scored tokens in the whole accumulated (and, with
+        ``average_tokens_across_devices``, all-rank) batch, times the number of processes since
+        DDP averages gradients. ``sum``: 1 / number of processes, so DDP's average is the sum.
+        """
+        processes = self.accelerator.num_processes
+        if self.args.loss_reduction == "sum":
+            return torch.tensor(1.0 / processes, device=label_mask.device)
+        if num_items_in_batch is None:
+            return label_mask.sum().float().clamp(min=1.0)
+        count = torch.as_tensor(num_items_in_batch, device=label_mask.device).float().clamp(min=1.0)
+        if self.args.average_tokens_across_devices:
+            count = count / processes
+        return count
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        # Mirrors transformers' Trainer.training_step: the loss is divided by the accumulation
+        # steps unless it was already normalized by num_items_in_batch.
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            self.compute_loss_func is not None
+        )
+
+    def _backward_now(self, model: nn.Module, loss: Tensor, num_items_in_batch: Any) -> None:
+        """Backward of a partial loss inside ``compute_loss`` (fd split mode), scaled as the
+        Trainer scales the returned loss; gradients are reduced across ranks later, once."""
+        if not self._loss_is_scaled_for_ga(num_items_in_batch):
+            loss = loss / self.current_gradient_accumulation_steps
+        self.accelerator.backward(loss)
+
+    def _no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        if self.accelerator.num_processes > 1 and hasattr(model, "no_sync"):
+            return self.accelerator.no_sync(model)
+        return contextlib.nullcontext()
+
+    def _attention_context(self) -> contextlib.AbstractContextManager:
+        if self.args.penalty_grad == "exact" and _attention_implementation(self.model) == "sdpa":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            return sdpa_kernel([SDPBackend.MATH])
+        return contextlib.nullcontext()
+
+    def _forward(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs["use_cache"] = False
+        return model(**model_inputs).logits  # (B, L, V)
+
+    @staticmethod
+    def _select_rows(inputs: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+        return {
+            k: v[rows] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in inputs.items()
+        }
+
+    def _record(self, name: str, value: float) -> None:
+        self._metrics["train"][name].append(value)
+
+    def _record_ce_metrics(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """CE summed over scored tokens (float32, with graph) and the label mask."""
+        label_mask = label_mask_from_labels(labels)
+        targets = labels[:, 1:][label_mask[:, :-1]]  # (N,)
+        log_probs = torch.log_softmax(logits[label_mask].float(), dim=-1)  # (N, V)
+        ce_sum = -log_probs.gather(1, targets[:, None]).sum()
+        with torch.no_grad():
+            n = label_mask.sum()
+            probs = log_probs.exp()
+            entropy = -(probs * log_probs).sum()
+            correct = (log_probs.argmax(-1) == targets).sum()
+            gathered = self.accelerator.gather_for_metrics(
+                torch.stack([n.float(), entropy, correct.float(), ce_sum.detach()])[None]
+            ).sum(0)
+            total = gathered[0].clamp(min=1.0)
+            self._record("entropy", (gathered[1] / total).item())
+            self._record("mean_token_accuracy", (gathered[2] / total).item())
+            self._record("ce_loss", (gathered[3] / total).item())
+        return ce_sum, label_mask
+
+    def _count_tokens(self, inputs: dict[str, Tensor]) -> None:
+        if "attention_mask" in inputs:
+            local = inputs["attention_mask"].sum()
+        else:
+            local = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+        self._total_train_tokens += self.accelerator.gather_for_metrics(local[None]).sum().item()
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+    # ------------------------------------------------------------------ the loss
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        if not model.training or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        if self._noise is not None:
+            self._noise.set_batch(inputs.get("attention_mask"), inputs.get("position_ids"))
+            self._noise.generator = self._generator(labels.device, purpose=1)
+        self._count_tokens(inputs)
+        coef = self.current_penalty_coef() if self._kind is not None else 0.0
+        rows = self._penalty_rows(labels.shape[0], labels.device) if coef > 0 else None
+        if rows is None or not label_mask_from_labels(labels)[rows].any():
+            # No penalty on this micro-step (baseline, neftune, warm-up at 0, a skipped step of
+            # penalty_every, or no scored token in the penalized rows): plain CE.
+            logits = self._forward(model, inputs)
+            ce_sum, label_mask = self._record_ce_metrics(logits, labels)
+            loss = ce_sum / self._loss_normalizer(label_mask, num_items_in_batch)
+        else:
+            # Penalizing k of B rows at random is unbiased for the whole batch after a B / k
+            # rescale of the penalty.
+            rescale = labels.shape[0] / rows.numel()
+            self._record("penalty_coef", coef / self.args.penalty_every)
+            loss_fn = self._exact_loss if self.args.penalty_grad == "exact" else self._fd_loss
+            loss = loss_fn(model, inputs, num_items_in_batch, coef, rows, rescale)
+        self._micro_step += 1
+        return loss
+
+    def _penalty_rows(self, batch_size: int, device: torch.device) -> Tensor:
+        fraction = self.args.penalty_fraction
+        if fraction >= 1.0:
+            return torch.arange(batch_size, device=device)
+        count = max(1, math.ceil(fraction * batch_size))
+        generator = self._generator(torch.device("cpu"), purpose=2)
+        return torch.randperm(batch_size, generator=generator)[:count].sort().values.to(device)
+
+    def _draw(self, logits: Tensor, label_mask: Tensor) -> Tensor:
+        return sample_targets(
+            logits,
+            label_mask,
+            samples=self.args.penalty_samples,
+            sampling=self.args.penalty_sampling,
+            generator=self._generator(logits.device, purpose=0),
+        )
+
+    def _record_penalty(self, squared_norm: Tensor, label_mask: Tensor, rescale: float) -> None:
+        """Log ``R`` as a per-token mean, whatever the loss reduction, comparable across runs."""
+        with torch.no_grad():
+            gathered = self.accelerator.gather_for_metrics(
+                torch.stack([squared_norm.detach().float() * rescale, label_mask.sum().float()])
+            ).view(-1, 2).sum(0)
+            self._record("penalty", (gathered[0] / gathered[1].clamp(min=1.0)).item())
+
+    def _exact_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        num_items_in_batch: Any,
+        coef: float,
+        rows: Tensor,
+        rescale: float,
+    ) -> Tensor:
+        labels = inputs["labels"]
+        with self._attention_context():
+            logits = self._forward(model, inputs)
+            embeds = self._capture.embeds
+            ce_sum, label_mask = self._record_ce_metrics(logits, labels)
+            normalizer = self._loss_normalizer(label_mask, num_items_in_batch)
+            penalty_mask = torch.zeros_like(label_mask)
+            penalty_mask[rows] = label_mask[rows]
+            targets = self._draw(logits, penalty_mask)
+            squared = embeds.new_zeros((), dtype=torch.float32)
+            if targets.shape[0]:
+                g = fisher_objective(self._kind, logits, penalty_mask, targets)  # (m,)
+                for s in range(g.shape[0]):
+                    (v,) = torch.autograd.grad(
+                        g[s], embeds, create_graph=True, retain_graph=True
+                    )
+                    squared = squared + v.float().pow(2).sum()
+                squared = squared / g.shape[0]
+        self._record_penalty(squared, label_mask, rescale)
+        return (ce_sum + coef * rescale * squared) / normalizer
+
+    def _fd_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        num_items_in_batch: Any,
+        coef: float,
+        rows: Tensor,
+        rescale: float,
+    ) -> Tensor:
+        args = self.args
+        labels = inputs["labels"]
+        batch_size = labels.shape[0]
+        full_mask = label_mask_from_labels(labels)
+        normalizer = self._loss_normalizer(full_mask, num_items_in_batch)
+        split = args.penalty_fd_backward == "split" or (
+            args.penalty_fd_backward == "auto" and not self.is_deepspeed_enabled
+        )
+        reported = torch.zeros((), device=labels.device)
+        joint_loss = torch.zeros((), device=labels.device)
+
+        def finish(part: Tensor, last: bool) -> None:
+            nonlocal joint_loss
+            if split and not last:
+                with self._no_sync(model):
+                    self._backward_now(model, part, num_items_in_batch)
+            else:
+                joint_loss = joint_loss + part
+
+        # 1. rows without penalty: CE only, in their own forward so that the penalty's passes
+        #    below cost in proportion to the penalized fraction.
+        if rows.numel() < batch_size:
+            rest = torch.ones(batch_size, dtype=torch.bool, device=labels.device)
+            rest[rows] = False
+            rest_inputs = self._select_rows(inputs, rest)
+            with self._no_sync(model) if split else contextlib.nullcontext():
+                logits = self._forward(model, rest_inputs)
+                ce_rest, _ = self._record_ce_metrics(logits, rest_inputs["labels"])
+                part = ce_rest / normalizer
+                reported = reported + part.detach()
+                finish(part, last=False)
+            del logits
+            inputs = self._select_rows(inputs, rows)
+            labels = inputs["labels"]
+
+        # 2. penalized rows at X: CE, draws, v = grad_X g (input-only), and -(2/h) g(X).
+        with self._no_sync(model) if split else contextlib.nullcontext():
+            logits = self._forward(model, inputs)
+            embeds = self._capture.embeds
+            ce_sum, label_mask = self._record_ce_metrics(logits, labels)
+            targets = self._draw(logits, label_mask)
+            g = fisher_objective(self._kind, logits, label_mask, targets)  # (m,)
+            directions = []
+            for s in range(g.shape[0]):
+                (v,) = torch.autograd.grad(g[s], embeds, retain_graph=True)  # (B, L, d)
+                directions.append(v.detach())
+            v_all = torch.stack(directions)  # (m, B, L, d)
+            squared = v_all.float().pow(2).flatten(1).sum(1).mean()
+            self._record_penalty(squared, label_mask, rescale)
+            reported = reported + (ce_sum.detach() + coef * rescale * squared) / normalizer
+            reference_probs = (
+                torch.softmax(logits[label_mask].detach().float(), dim=-1)
+                if self._kind == "logit"
+                else None
+            )
+            compute_dtype = (
+                torch.get_autocast_dtype(embeds.device.type)
+                if torch.is_autocast_enabled(embeds.device.type)
+                else embeds.dtype
+            )
+            steps = [
+                fd_step_size(
+                    embeds, v, relative_step=args.penalty_fd_step,
+                    scheme=args.penalty_fd_scheme, dtype=compute_dtype,
+                )
+                for v in directions
+            ]
+            weight = coef * rescale / (len(directions) * normalizer)
+            part = ce_sum / normalizer
+            if args.penalty_fd_scheme == "forward":
+                # the -(2/h) g(X) half of fd_surrogate; the +(2/h) g(X + h v) half comes below
+                part = part - weight * sum(2.0 / h * g[s] for s, h in enumerate(steps) if h > 0)
+            finish(part, last=False)
+        del logits, g
+
+        # 3. perturbed forwards at X + h v (and X - h v for central differences).
+        signs = (1.0,) if args.penalty_fd_scheme == "forward" else (1.0, -1.0)
+        passes = [(s, sign) for s in range(len(directions)) for sign in signs]
+        for index, (s, sign) in enumerate(passes):
+            # every pass runs, even with h = 0 (v = 0), so the last one can carry the gradient sync
+            last = index == len(passes) - 1
+            context = self._no_sync(model) if split and not last else contextlib.nullcontext()
+            with context:
+                self._capture.shift = sign * steps[s] * directions[s]
+                try:
+                    logits = self._forward(model, inputs)
+                finally:
+                    self._capture.shift = None
+                g_shift = fisher_objective(
+                    self._kind, logits, label_mask, targets[:, s : s + 1], reference_probs
+                )
+                zero = torch.zeros_like(g_shift)
+                if args.penalty_fd_scheme == "forward":
+                    part = weight * fd_surrogate(g_shift, zero, steps[s])
+                else:  # central: (1/h)(g(X + h v) - g(X - h v)), one sign per pass
+                    part = weight * sign * fd_surrogate(g_shift, zero, steps[s], scheme="central")
+                finish(part, last=last)
+            del logits
+        return self._with_value(joint_loss, reported)
+
+    @staticmethod
+    def _with_value(loss: Tensor, value: Tensor) -> Tensor:
+        """``loss``'s gradient with ``value`` as its value (for the Trainer's loss log)."""
+        return loss - loss.detach() + value.detach()
