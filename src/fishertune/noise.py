@@ -69,7 +69,9 @@ def segment_lengths(
     """Per-token length of the sequence the token belongs to, 0 on padding.
 
     With ``position_ids`` (packed rows, positions restart at 0 on each sequence) a token's length
-    is that of its segment; otherwise it is the row's number of real tokens.
+    is that of its segment; otherwise it is the row's number of real tokens. With both, a
+    segment counts only its real tokens: an ordinary padded batch may carry
+    ``position_ids = arange(L)``, whose padding would otherwise join the last segment.
 
     Returns:
         (B, L) float32.
@@ -77,13 +79,16 @@ def segment_lengths(
     if position_ids is not None:
         starts = position_ids == 0  # (B, L)
         segment = starts.long().cumsum(-1)  # segment index per token
+        real = (
+            torch.ones_like(position_ids, dtype=torch.float32)
+            if attention_mask is None
+            else attention_mask.float()
+        )
         lengths = torch.zeros_like(position_ids, dtype=torch.float32)
         for row in range(position_ids.shape[0]):
-            counts = torch.bincount(segment[row]).float()
+            counts = torch.bincount(segment[row], weights=real[row])
             lengths[row] = counts[segment[row]]
-        if attention_mask is not None:
-            lengths = lengths * attention_mask.float()
-        return lengths
+        return lengths * real
     if attention_mask is None:
         raise ValueError("segment_lengths needs attention_mask or position_ids")
     mask = attention_mask.float()
