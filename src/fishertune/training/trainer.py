@@ -193,7 +193,9 @@ class FisherSFTTrainer(SFTTrainer):
         """Backward of a partial loss inside ``compute_loss`` (fd split mode), scaled as the
         Trainer scales the returned loss; gradients are reduced across ranks later, once."""
         if not self._loss_is_scaled_for_ga(num_items_in_batch):
-            loss = loss / self.current_gradient_accumulation_steps
+            # set by the training loop; a direct compute_loss call counts one micro-step
+            steps = getattr(self, "current_gradient_accumulation_steps", 1)
+            loss = loss / steps
         self.accelerator.backward(loss)
 
     def _no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
@@ -303,9 +305,13 @@ class FisherSFTTrainer(SFTTrainer):
     def _record_penalty(self, squared_norm: Tensor, label_mask: Tensor, rescale: float) -> None:
         """Log ``R`` as a per-token mean, whatever the loss reduction, comparable across runs."""
         with torch.no_grad():
-            gathered = self.accelerator.gather_for_metrics(
-                torch.stack([squared_norm.detach().float() * rescale, label_mask.sum().float()])
-            ).view(-1, 2).sum(0)
+            gathered = (
+                self.accelerator.gather_for_metrics(
+                    torch.stack([squared_norm.detach().float() * rescale, label_mask.sum().float()])
+                )
+                .view(-1, 2)
+                .sum(0)
+            )
             self._record("penalty", (gathered[0] / gathered[1].clamp(min=1.0)).item())
 
     def _exact_loss(
@@ -330,9 +336,7 @@ class FisherSFTTrainer(SFTTrainer):
             if targets.shape[0]:
                 g = fisher_objective(self._kind, logits, penalty_mask, targets)  # (m,)
                 for s in range(g.shape[0]):
-                    (v,) = torch.autograd.grad(
-                        g[s], embeds, create_graph=True, retain_graph=True
-                    )
+                    (v,) = torch.autograd.grad(g[s], embeds, create_graph=True, retain_graph=True)
                     squared = squared + v.float().pow(2).sum()
                 squared = squared / g.shape[0]
         self._record_penalty(squared, label_mask, rescale)
@@ -395,7 +399,8 @@ class FisherSFTTrainer(SFTTrainer):
                 directions.append(v.detach())
             v_all = torch.stack(directions)  # (m, B, L, d)
             squared = v_all.float().pow(2).flatten(1).sum(1).mean()
-            self._record_penalty(squared, label_mask, rescale)
+            # per-token mean over the whole batch: the rescale stands for the rows left out
+            self._record_penalty(squared, full_mask, rescale)
             reported = reported + (ce_sum.detach() + coef * rescale * squared) / normalizer
             reference_probs = (
                 torch.softmax(logits[label_mask].detach().float(), dim=-1)
@@ -409,8 +414,11 @@ class FisherSFTTrainer(SFTTrainer):
             )
             steps = [
                 fd_step_size(
-                    embeds, v, relative_step=args.penalty_fd_step,
-                    scheme=args.penalty_fd_scheme, dtype=compute_dtype,
+                    embeds,
+                    v,
+                    relative_step=args.penalty_fd_step,
+                    scheme=args.penalty_fd_scheme,
+                    dtype=compute_dtype,
                 )
                 for v in directions
             ]

@@ -1,0 +1,303 @@
+"""``fishertune train --config FILE.yaml [--key value ...]``: fine-tune with a method.
+
+Flags are TRL's (``trl sft``: ``--dataset_name``, ``--output_dir``, ``--max_steps``, ``--seed``,
+``--model_name_or_path`` ...) plus the fields of :class:`FisherSFTConfig` and of
+:class:`FisherScriptArguments` below; precedence is defaults < YAML < command line (``TrlParser``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fishertune.errors import FishertuneError
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL = "builtin:tiny-llama"
+TINY_TOKENIZER = "builtin:tiny-tokenizer"
+RUN_RECORD = "fishertune_run.json"
+CHECKPOINT_RECORD = "fishertune_checkpoint.json"
+
+
+def _script_arguments_class() -> type:
+    from trl import ScriptArguments
+
+    @dataclass
+    class FisherScriptArguments(ScriptArguments):
+        """Data, tokenizer, run-management and tiny-model options of ``fishertune train``."""
+
+        dataset_fraction: float | None = field(
+            default=None,
+            metadata={"help": "Stratified (by `source`) subsample of the train split: (0, 1]."},
+        )
+        dataset_subsample_seed: int = field(
+            default=0, metadata={"help": "Seed of the stratified subsample."}
+        )
+        tokenizer_name_or_path: str | None = field(
+            default=None,
+            metadata={
+                "help": f"Tokenizer (default: the model's). {TINY_TOKENIZER} is the shipped one."
+            },
+        )
+        resume: bool = field(
+            default=False,
+            metadata={"help": "Continue from the latest complete checkpoint in output_dir."},
+        )
+        overwrite_output_dir: bool = field(
+            default=False,
+            metadata={"help": "Delete an existing, non-empty output_dir before training."},
+        )
+        tiny_hidden_size: int = field(default=128, metadata={"help": f"{TINY_MODEL}: hidden size."})
+        tiny_num_layers: int = field(default=2, metadata={"help": f"{TINY_MODEL}: layers."})
+        tiny_num_heads: int = field(default=4, metadata={"help": f"{TINY_MODEL}: heads."})
+
+    return FisherScriptArguments
+
+
+def build_parser() -> Any:
+    from trl import ModelConfig, TrlParser
+
+    from fishertune.training.config import FisherSFTConfig
+
+    return TrlParser((_script_arguments_class(), FisherSFTConfig, ModelConfig))
+
+
+def parse_args(argv: list[str]) -> tuple[Any, Any, Any]:
+    """Parse YAML + overrides; bad values become a one-line ``FishertuneError``."""
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise FishertuneError("--config needs a YAML file")
+        path = Path(argv[index + 1])
+        if not path.is_file():
+            raise FishertuneError(f"config file {path} does not exist")
+        _check_config_keys(path)
+    parser = build_parser()
+    parser.exit_on_error = False  # argparse's usage dump + SystemExit becomes one line below
+    try:
+        return parser.parse_args_and_config(argv)
+    except FishertuneError:
+        raise
+    except argparse.ArgumentError as err:
+        raise FishertuneError(str(err)) from err
+    except (ValueError, TypeError) as err:
+        raise FishertuneError(str(err).splitlines()[0]) from err
+
+
+def _check_config_keys(path: Path) -> None:
+    """Name the unknown YAML key and its line instead of argparse's generic message."""
+    import yaml
+
+    from fishertune.training.config import FisherSFTConfig
+
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError as err:
+        raise FishertuneError(f"{path}: invalid YAML ({err})") from err
+    if node is None or not isinstance(node, yaml.MappingNode):
+        raise FishertuneError(f"{path}: must be a YAML mapping of option: value")
+    from dataclasses import fields
+
+    from trl import ModelConfig
+
+    known = {
+        f.name
+        for cls in (_script_arguments_class(), FisherSFTConfig, ModelConfig)
+        for f in fields(cls)
+    } | {"env"}
+    for key_node, _ in node.value:
+        if key_node.value not in known:
+            raise FishertuneError(
+                f"{path} line {key_node.start_mark.line + 1}: unknown option {key_node.value!r}"
+            )
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The latest ``checkpoint-N`` whose save completed (it holds our record, written last)."""
+    found = []
+    for child in Path(output_dir).glob("checkpoint-*"):
+        suffix = child.name.split("-", 1)[1]
+        if suffix.isdigit() and (child / CHECKPOINT_RECORD).is_file():
+            found.append((int(suffix), child))
+    return max(found)[1] if found else None
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON so that readers see the old file or the new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to overwrite a previous run silently; return the checkpoint to resume from."""
+    path = Path(output_dir)
+    non_empty = path.is_dir() and any(path.iterdir())
+    if resume:
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise FishertuneError(
+                f"--resume: no complete checkpoint in {path} (set save_steps and run without "
+                "--resume first)"
+            )
+        return checkpoint
+    if non_empty:
+        if not overwrite:
+            raise FishertuneError(
+                f"output_dir {path} exists and is not empty: pass --resume to continue it, "
+                "--overwrite_output_dir to replace it, or choose another directory"
+            )
+        shutil.rmtree(path)
+    return None
+
+
+def load_tokenizer(script_args: Any, model_args: Any) -> Any:
+    from fishertune.data.chat import ensure_chat_template
+
+    name = script_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if name in (TINY_TOKENIZER, TINY_MODEL):
+        from fishertune.data.tokenizer import load_tiny_tokenizer
+
+        tokenizer = load_tiny_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as err:
+            raise FishertuneError(f"cannot load tokenizer {name!r}: {err}") from err
+    ensure_chat_template(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> Any:
+    from fishertune.modeling import load_causal_lm, tiny_llama
+
+    exact = training_args.method in ("token-f", "logit-f") and training_args.penalty_grad == "exact"
+    attention = model_args.attn_implementation or ("eager" if exact else None)
+    if model_args.model_name_or_path in (None, TINY_MODEL):
+        return tiny_llama(
+            len(tokenizer),
+            hidden_size=script_args.tiny_hidden_size,
+            num_layers=script_args.tiny_num_layers,
+            num_heads=script_args.tiny_num_heads,
+            seed=training_args.seed,
+            attn_implementation=attention or "sdpa",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return load_causal_lm(
+        model_args.model_name_or_path,
+        dtype=model_args.dtype or "auto",
+        attn_implementation=attention,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+
+def load_datasets(script_args: Any, training_args: Any, tokenizer: Any) -> tuple[Any, Any]:
+    from fishertune.data.chat import load_conversations, stratified_subsample, tokenize_dataset
+
+    if not script_args.dataset_name:
+        raise FishertuneError("dataset_name is required (a hub name, a local file or folder)")
+    max_length = training_args.max_length or 1024
+    train = load_conversations(script_args.dataset_name, split=script_args.dataset_train_split)
+    if script_args.dataset_fraction is not None:
+        train = stratified_subsample(
+            train, script_args.dataset_fraction, seed=script_args.dataset_subsample_seed
+        )
+    train = tokenize_dataset(train, tokenizer, max_length)
+    evaluation = None
+    if training_args.eval_strategy != "no":
+        evaluation = load_conversations(
+            script_args.dataset_name, split=script_args.dataset_test_split
+        )
+        evaluation = tokenize_dataset(evaluation, tokenizer, max_length)
+    return train, evaluation
+
+
+def build_trainer(script_args: Any, training_args: Any, model_args: Any) -> Any:
+    """Tokenizer, data, model and trainer from parsed arguments (presets are checked with it)."""
+    from trl import get_peft_config
+
+    from fishertune.training.trainer import FisherSFTTrainer
+
+    tokenizer = load_tokenizer(script_args, model_args)
+    train, evaluation = load_datasets(script_args, training_args, tokenizer)
+    model = load_model(script_args, training_args, model_args, tokenizer)
+    trainer = FisherSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    _install_checkpoint_record(trainer)
+    return trainer
+
+
+def _install_checkpoint_record(trainer: Any) -> None:
+    """Mark each checkpoint complete once transformers has written all of it."""
+    save_checkpoint = trainer._save_checkpoint
+
+    def save_and_record(model: Any, trial: Any) -> None:
+        save_checkpoint(model, trial)
+        if trainer.args.should_save:
+            folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+            write_json_atomic(folder / CHECKPOINT_RECORD, {"step": trainer.state.global_step})
+
+    trainer._save_checkpoint = save_and_record
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(flag in argv for flag in ("-h", "--help")):
+        build_parser().print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    script_args, training_args, model_args = parse_args(argv)
+    checkpoint = prepare_output_dir(
+        training_args.output_dir,
+        resume=script_args.resume,
+        overwrite=script_args.overwrite_output_dir,
+    )
+    from transformers import set_seed
+
+    set_seed(training_args.seed)
+    start = time.time()
+    trainer = build_trainer(script_args, training_args, model_args)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    if trainer.accelerator.is_main_process:
+        trainer.processing_class.save_pretrained(training_args.output_dir)
+        write_json_atomic(
+            Path(training_args.output_dir) / RUN_RECORD,
+            {
+                "status": "completed",
+                "method": training_args.method,
+                "seed": training_args.seed,
+                "global_step": trainer.state.global_step,
+                "wall_time_s": round(time.time() - start, 2),
+                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                "argv": argv,
+            },
+        )
+        print(f"saved to {training_args.output_dir}")
+    return 0

@@ -1,0 +1,379 @@
+"""FisherSFTTrainer and `fishertune train`, end to end on a tiny Llama, CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fishertune.cli import main as cli_main
+from fishertune.errors import FishertuneError
+from fishertune.training.cli import build_trainer, latest_checkpoint, parse_args
+
+TOPICS = ["apples", "rivers", "stars", "clocks", "maps", "songs", "bridges", "gardens"]
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    rows = []
+    for i in range(48):
+        topic = TOPICS[i % len(TOPICS)]
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"say something about {topic} number {i}"},
+                    {"role": "assistant", "content": f"{topic} are nice, {i} times over"},
+                ],
+                "source": "odd" if i % 2 else "even",
+            }
+        )
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def base_args(chat_file: Path, output_dir: Path, **overrides: object) -> list[str]:
+    options = {
+        "model_name_or_path": "builtin:tiny-llama",
+        "tiny_hidden_size": 32,
+        "tiny_num_layers": 2,
+        "tiny_num_heads": 2,
+        "dataset_name": str(chat_file),
+        "max_length": 64,
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "bf16": "false",
+        "activation_checkpointing": "false",
+        "use_cpu": "true",
+        "report_to": "none",
+        "save_strategy": "no",
+        "disable_tqdm": "true",
+        "output_dir": str(output_dir),
+        "seed": 0,
+    }
+    options.update(overrides)
+    argv = []
+    for key, value in options.items():
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *map(str, values)]
+    return argv
+
+
+def trainer_for(chat_file: Path, tmp_path: Path, **overrides: object):
+    return build_trainer(*parse_args(base_args(chat_file, tmp_path / "out", **overrides)))
+
+
+PENALTY = {"penalty_coef": 0.05, "penalty_warmup_steps": 0}
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("baseline", {}),
+        ("neftune", {"neftune_alpha": 5}),
+        ("token-f", PENALTY),
+        ("logit-f", {**PENALTY, "penalty_grad": "fd"}),
+    ],
+)
+def test_each_method_trains_logs_and_saves_a_loadable_model(chat_file, tmp_path, method, extra):
+    out = tmp_path / "run"
+    argv = ["train", *base_args(chat_file, out, method=method, **extra)]
+    assert cli_main(argv) == 0
+    record = json.loads((out / "fishertune_run.json").read_text())
+    assert record["status"] == "completed" and record["method"] == method
+    state = json.loads((out / "trainer_state.json").read_text())
+    logs = [entry for entry in state["log_history"] if "ce_loss" in entry]
+    assert len(logs) == 4
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    if method in ("token-f", "logit-f"):
+        assert all(entry["penalty"] > 0 and entry["penalty_coef"] == 0.05 for entry in logs)
+        # the logged loss is CE + lambda * R
+        for entry in logs:
+            assert entry["loss"] == pytest.approx(
+                entry["ce_loss"] + 0.05 * entry["penalty"], rel=1e-3
+            )
+    else:
+        assert all("penalty" not in entry for entry in logs)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert (out / "model.safetensors").is_file()
+    assert not model.get_input_embeddings()._forward_hooks
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "say something about maps"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def _step_gradient(trainer, method_batch) -> torch.Tensor:
+    model = trainer.model
+    model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(method_batch))
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def _batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer._prepare_inputs(batch)
+
+
+@pytest.mark.parametrize("kind", ["token-f", "logit-f"])
+@pytest.mark.parametrize("scheme, tolerance", [("forward", 2e-2), ("central", 2e-3)])
+def test_fd_gradient_matches_exact(chat_file, tmp_path, kind, scheme, tolerance):
+    exact = trainer_for(
+        chat_file,
+        tmp_path,
+        method=kind,
+        penalty_coef=1.0,
+        penalty_warmup_steps=0,
+        penalty_grad="exact",
+    )
+    fd = trainer_for(
+        chat_file,
+        tmp_path,
+        method=kind,
+        penalty_coef=1.0,
+        penalty_warmup_steps=0,
+        penalty_grad="fd",
+        penalty_fd_scheme=scheme,
+    )
+    baseline = trainer_for(chat_file, tmp_path, method="baseline")
+    fd.model.load_state_dict(exact.model.state_dict())
+    baseline.model.load_state_dict(exact.model.state_dict())
+    batch = _batch(exact)
+    with exact._capture.attached(exact.model.get_input_embeddings()):
+        g_exact = _step_gradient(exact, batch)
+    with fd._capture.attached(fd.model.get_input_embeddings()):
+        g_fd = _step_gradient(fd, batch)
+    g_ce = _step_gradient(baseline, batch)
+    # compare the penalty's part of the gradient, which the CE part would otherwise dominate
+    pen_exact, pen_fd = g_exact - g_ce, g_fd - g_ce
+    assert pen_exact.norm() > 0.1 * g_ce.norm()
+    relative = (pen_fd - pen_exact).norm() / pen_exact.norm()
+    assert relative < tolerance, f"fd {scheme} relative error {relative:.2e}"
+
+
+def test_penalty_fraction_rescales_to_an_unbiased_estimate(chat_file, tmp_path):
+    trainer = trainer_for(
+        chat_file,
+        tmp_path,
+        method="token-f",
+        penalty_coef=1.0,
+        penalty_warmup_steps=0,
+        penalty_grad="fd",
+        penalty_fraction=0.5,
+    )
+    batch = _batch(trainer)
+    values = []
+    with trainer._capture.attached(trainer.model.get_input_embeddings()):
+        trainer.model.train()
+        for step in range(24):
+            trainer.state.global_step = step
+            trainer.compute_loss(trainer.model, dict(batch))
+            trainer.model.zero_grad()
+            values.append(trainer._metrics["train"]["penalty"][-1])
+    full = trainer_for(
+        chat_file,
+        tmp_path,
+        method="token-f",
+        penalty_coef=1.0,
+        penalty_warmup_steps=0,
+        penalty_grad="fd",
+    )
+    full.model.load_state_dict(trainer.model.state_dict())
+    full_values = []
+    with full._capture.attached(full.model.get_input_embeddings()):
+        full.model.train()
+        for step in range(24):
+            full.state.global_step = step
+            full.compute_loss(full.model, dict(batch))
+            full.model.zero_grad()
+            full_values.append(full._metrics["train"]["penalty"][-1])
+    half, whole = torch.tensor(values), torch.tensor(full_values)
+    standard_error = (half.var() / len(half) + whole.var() / len(whole)).sqrt()
+    assert abs(half.mean() - whole.mean()) < 4 * standard_error + 1e-6
+
+
+def test_gradient_accumulation_gives_the_same_update(chat_file, tmp_path):
+    """8 rows in one micro-batch or in 4 of 2 make the same SGD step (no clipping, which would
+    hide a wrong normalizer). CE matches exactly; the penalty's draws differ between layouts, so
+    its part of the update (penalized minus baseline) is compared by norm and direction: a wrong
+    normalizer is off by the factor 4."""
+    updates = {}
+    for method in ("baseline", "token-f"):
+        for batch_size, accumulation in ((8, 1), (2, 4)):
+            out = tmp_path / f"{method}-{batch_size}"
+            extra = (
+                {} if method == "baseline" else {"penalty_coef": 0.05, "penalty_warmup_steps": 0}
+            )
+            argv = base_args(
+                chat_file,
+                out,
+                method=method,
+                max_steps=1,
+                per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=accumulation,
+                optim="sgd",
+                learning_rate=1.0,
+                max_grad_norm=0,
+                dataloader_drop_last="true",
+                **extra,
+            )
+            trainer = build_trainer(*parse_args(argv))
+            before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+            trainer.train()
+            after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+            updates[method, batch_size] = after - before
+    torch.testing.assert_close(updates["baseline", 8], updates["baseline", 2], rtol=1e-4, atol=1e-6)
+    one = updates["token-f", 8] - updates["baseline", 8]
+    four = updates["token-f", 2] - updates["baseline", 2]
+    assert one.norm() > updates["baseline", 8].norm()  # the penalty's part is not negligible
+    assert 0.8 < (four.norm() / one.norm()).item() < 1.25
+    assert torch.nn.functional.cosine_similarity(one, four, dim=0) > 0.7
+
+
+def test_resume_reaches_the_same_weights(chat_file, tmp_path):
+    common = {
+        "method": "token-f",
+        "penalty_coef": 0.05,
+        "penalty_warmup_steps": 2,
+        "max_steps": 6,
+        "save_strategy": "steps",
+        "save_steps": 3,
+    }
+    straight = tmp_path / "straight"
+    assert cli_main(["train", *base_args(chat_file, straight, **common)]) == 0
+    # a run that died after writing checkpoint-3, and while writing checkpoint-5 (no completion
+    # record): resuming must pick checkpoint-3 and end with the uninterrupted run's weights
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(straight / "checkpoint-3", interrupted / "checkpoint-3")
+    (interrupted / "checkpoint-5").mkdir()
+    assert latest_checkpoint(interrupted).name == "checkpoint-3"
+    argv = ["train", *base_args(chat_file, interrupted, **common), "--resume", "true"]
+    assert cli_main(argv) == 0
+    a = load_file(straight / "model.safetensors")
+    b = load_file(interrupted / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    steps = json.loads((interrupted / "fishertune_run.json").read_text())["global_step"]
+    assert steps == 6
+
+
+def test_lora_and_activation_checkpointing_with_exact_penalty(chat_file, tmp_path):
+    trainer = trainer_for(
+        chat_file,
+        tmp_path,
+        method="token-f",
+        penalty_coef=0.05,
+        penalty_warmup_steps=0,
+        use_peft="true",
+        lora_r=4,
+        lora_target_modules=["q_proj", "v_proj"],
+        activation_checkpointing="true",
+        max_steps=2,
+    )
+    before = {k: v.clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert any("lora" in k for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    penalties = [e["penalty"] for e in trainer.state.log_history if "penalty" in e]
+    assert penalties and all(p > 0 for p in penalties)
+
+
+def test_sdpa_model_runs_exact_mode_with_the_math_kernel(chat_file, tmp_path):
+    trainer = trainer_for(
+        chat_file,
+        tmp_path,
+        method="logit-f",
+        penalty_coef=0.05,
+        penalty_warmup_steps=0,
+        attn_implementation="sdpa",
+        max_steps=1,
+    )
+    assert trainer.model.config._attn_implementation == "sdpa"
+    trainer.train()
+    assert any("penalty" in e for e in trainer.state.log_history)
+
+
+def test_hooks_are_removed_when_training_raises(chat_file, tmp_path):
+    trainer = trainer_for(chat_file, tmp_path, method="neftune")
+    embedding = trainer.model.get_input_embeddings()
+    before = dict(embedding._forward_hooks)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    trainer.compute_loss = boom
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert dict(embedding._forward_hooks) == before
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"method": "dropout"}, "--method: invalid choice: 'dropout'"),
+        ({"method": "token-f", "penalty_coef": -1}, "penalty_coef must be >= 0"),
+        ({"method": "baseline", "penalty_coef": 0.1}, "penalty_coef given with method='baseline'"),
+        ({"method": "baseline", "neftune_alpha": 5}, "neftune_alpha given with method='baseline'"),
+        ({"method": "token-f", "packing": "true"}, "packing is not supported"),
+        ({"method": "neftune", "neftune_noise_alpha": 5}, "neftune_noise_alpha"),
+        ({"method": "token-f", "penalty_fraction": 0}, "penalty_fraction must be in"),
+        (
+            {
+                "method": "token-f",
+                "activation_checkpointing": "true",
+                "activation_checkpointing_kwargs": '{"use_reentrant": true}',
+            },
+            "use_reentrant",
+        ),
+    ],
+)
+def test_bad_options_give_one_clear_error(chat_file, tmp_path, overrides, message):
+    with pytest.raises(FishertuneError, match=message):
+        parse_args(base_args(chat_file, tmp_path / "out", **overrides))
+
+
+def test_cli_errors_are_one_line_and_exit_2(chat_file, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous work")
+    assert cli_main(["train", *base_args(chat_file, out)]) == 2
+    assert (out / "keep.txt").read_text() == "previous work"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: output_dir") and "\n" not in err
+    assert cli_main(["train", *base_args(tmp_path / "missing.jsonl", tmp_path / "o")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    config = tmp_path / "bad.yaml"
+    config.write_text("method: baseline\nlearning_rat: 0.1\n")
+    assert cli_main(["train", "--config", str(config)]) == 2
+    assert "bad.yaml line 2: unknown option 'learning_rat'" in capsys.readouterr().err
+    assert cli_main(["train", "--resume", "true", *base_args(chat_file, tmp_path / "none")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_flash_attention_is_refused_for_exact_mode(chat_file, tmp_path):
+    trainer = trainer_for(chat_file, tmp_path, method="baseline")
+    trainer.model.config._attn_implementation = "flash_attention_2"
+    trainer.args.method, trainer._kind = "token-f", "token"
+    trainer.args.penalty_grad = "exact"
+    with pytest.raises(FishertuneError, match="twice-differentiable attention"):
+        trainer._check_supported()
+    trainer.args.penalty_grad = "fd"
+    trainer._check_supported()
