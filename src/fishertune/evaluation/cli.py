@@ -1,0 +1,275 @@
+"""``fishertune evaluate``: score a saved model offline, with lm-eval, and export judge answers.
+
+Examples::
+
+    # offline verifiable tasks (no network): val loss, exact match, IFEval-style rules
+    fishertune evaluate --model runs/token-f-seed0 --tasks offline --output eval.json
+    # lm-evaluation-harness tasks, through the model's chat template
+    fishertune evaluate --model runs/token-f-seed0 --tasks mmlu,ifeval,truthfulqa_mc2 \\
+        --output eval.json --batch_size 16
+    # answer files for the LLM-judged benchmarks (question files given by the user)
+    fishertune evaluate --model runs/token-f-seed0 --tasks offline --output eval.json \\
+        --alpacaeval_questions alpaca_eval.json --mtbench_questions question.jsonl \\
+        --answers_dir runs/token-f-seed0/answers --model_id token-f-seed0
+
+``--tasks`` is a comma list: ``offline`` runs ``fishertune.evaluation.offline``; every other name
+goes to lm-evaluation-harness (built-in tasks, or tasks under ``--include_path``, repeatable).
+
+Output file (written atomically: a temporary file in the same folder, then renamed)::
+
+    {
+      "metrics": {"offline/val_loss": 1.93, "offline/exact_match": 0.41, ...,
+                  "mmlu/acc": 0.25, "ifeval/prompt_level_strict_acc": 0.2, ...},
+      "higher_is_better": {"offline/val_loss": false, "mmlu/acc": true, ...},
+      "meta": {"model": "...", "tasks": [...], "seed": 0, "limit": null, "dataset": "...",
+               "lm_eval_versions": {...}, "n_samples": {...}, "answers": {"alpacaeval": "..."},
+               "wall_time_s": 12.3}
+    }
+
+Metric names are ``task/metric`` (``task/metric:filter`` for an lm-eval filter other than
+``none``); every value in ``metrics`` is a finite float. A metric that is undefined on the data
+(IFEval accuracy on a test subset with no instruction) is left out and named in
+``meta["undefined_metrics"]``.
+
+Judging the exported answers (outside this package, with the judges' own installs):
+
+* AlpacaEval 2 (length-controlled win rate against GPT-4 Turbo, needs ``OPENAI_API_KEY``)::
+
+      pip install alpaca-eval
+      alpaca_eval evaluate --model_outputs ANSWERS_DIR/alpaca_eval/model_outputs.json \\
+          --annotators_config weighted_alpaca_eval_gpt4_turbo
+
+* MT-Bench (FastChat's ``llm_judge``, GPT-4 single-answer grading): copy
+  ``ANSWERS_DIR/mt_bench/model_answer/MODEL_ID.jsonl`` to
+  ``FastChat/fastchat/llm_judge/data/mt_bench/model_answer/``, then in ``fastchat/llm_judge``::
+
+      python gen_judgment.py --model-list MODEL_ID --parallel 2
+      python show_result.py --model-list MODEL_ID
+
+  The answers were generated with the model's own chat template (the training one), not the one
+  FastChat would pick by model name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fishertune.errors import FishertuneError
+
+__all__ = ["build_parser", "main", "write_json_atomic"]
+
+OFFLINE = "offline"
+
+
+def _limit(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value if value < 1 else int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fishertune evaluate``."""
+    p = argparse.ArgumentParser(
+        prog="fishertune evaluate",
+        description="Evaluate a saved model: offline tasks, lm-eval tasks, judge answer files.",
+    )
+    p.add_argument("--model", required=True, help="saved model folder (model + tokenizer)")
+    p.add_argument(
+        "--tasks",
+        default=OFFLINE,
+        help="comma list: 'offline' and/or lm-eval task names (mmlu,ifeval,truthfulqa_mc2)",
+    )
+    p.add_argument("--output", required=True, help="JSON file to write the scores to")
+    p.add_argument("--seed", type=int, default=0, help="seed of python/numpy/torch and lm-eval")
+    p.add_argument(
+        "--limit", type=_limit, default=None, help="examples per task: an int or a fraction < 1"
+    )
+    p.add_argument("--batch_size", type=int, default=8, help="batch size of every stage")
+    p.add_argument(
+        "--max_new_tokens", type=int, default=64, help="offline: generation budget per test reply"
+    )
+    p.add_argument("--max_length", type=int, default=None, help="truncation length (tokens)")
+    p.add_argument(
+        "--dataset", default="builtin:tiny-tasks", help="offline: dataset with validation/test"
+    )
+    p.add_argument("--num_fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.add_argument(
+        "--model_args", default=None, help="lm-eval HFLM arguments k=v,... (loads from --model)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if any)")
+    p.add_argument(
+        "--include_path", action="append", default=[], help="folder of lm-eval task YAMLs"
+    )
+    p.add_argument("--alpacaeval_questions", default=None, help="AlpacaEval instructions file")
+    p.add_argument("--mtbench_questions", default=None, help="MT-Bench question.jsonl")
+    p.add_argument(
+        "--answers_dir", default=None, help="answer files folder (default: OUTPUT's folder/answers)"
+    )
+    p.add_argument("--model_id", default=None, help="name in answer files (default: model folder)")
+    p.add_argument(
+        "--answer_max_new_tokens", type=int, default=1024, help="generation budget per judge answer"
+    )
+    return p
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON to a temporary file next to ``path`` and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _load(model_dir: Path, device: str) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    from fishertune.data.chat import ensure_chat_template
+    from fishertune.modeling import load_causal_lm
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as err:
+        raise FishertuneError(
+            f"--model {model_dir}: cannot load its tokenizer ({str(err).splitlines()[0]}); save "
+            "the training tokenizer with the model"
+        ) from err
+    ensure_chat_template(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_causal_lm(str(model_dir)).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _table(metrics: dict[str, float]) -> str:
+    width = max((len(k) for k in metrics), default=6)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  --------"]
+    for name, value in metrics.items():
+        lines.append(f"{name:<{width}}  {value:.4f}" if math.isfinite(value) else f"{name}  nan")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``fishertune evaluate``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    model_dir = Path(args.model).expanduser()
+    if not (model_dir / "config.json").is_file():
+        raise FishertuneError(f"--model {args.model}: not a saved model folder (no config.json)")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks and not (args.alpacaeval_questions or args.mtbench_questions):
+        raise FishertuneError("--tasks is empty and no question file is given: nothing to do")
+    sizes = {
+        "--batch_size": args.batch_size,
+        "--max_new_tokens": args.max_new_tokens,
+        "--max_length": args.max_length,
+        "--num_fewshot": args.num_fewshot,
+        "--answer_max_new_tokens": args.answer_max_new_tokens,
+    }
+    for name, value in sizes.items():
+        if value is not None and value < (0 if name == "--num_fewshot" else 1):
+            raise FishertuneError(f"{name} must be positive, got {value}")
+
+    import torch
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load(model_dir, device)
+
+    metrics: dict[str, float] = {}
+    directions: dict[str, bool] = {}
+    meta: dict[str, Any] = {
+        "model": str(model_dir.resolve()),
+        "tasks": tasks,
+        "seed": args.seed,
+        "limit": args.limit,
+        "device": device,
+    }
+    if OFFLINE in tasks:
+        from fishertune.evaluation.offline import METRICS, evaluate_offline
+
+        scores = evaluate_offline(
+            model,
+            tokenizer,
+            dataset=args.dataset,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            max_length=args.max_length or 512,
+        )
+        metrics.update({f"{OFFLINE}/{k}": float(v) for k, v in scores.items()})
+        directions.update({f"{OFFLINE}/{k}": v for k, v in METRICS.items()})
+        meta["dataset"] = args.dataset
+    lm_tasks = [t for t in tasks if t != OFFLINE]
+    if lm_tasks:
+        from fishertune.evaluation.lmeval import run_lm_eval
+
+        # With --model_args lm-eval loads the folder itself (dtype, parallelize...); otherwise it
+        # scores the model already in memory.
+        result = run_lm_eval(
+            model_dir if args.model_args else model,
+            lm_tasks,
+            tokenizer=tokenizer,
+            include_path=args.include_path,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            device=device,
+            model_args=args.model_args,
+            seed=args.seed,
+        )
+        metrics.update(result["metrics"])
+        directions.update(result["higher_is_better"])
+        meta["lm_eval_versions"] = result["versions"]
+        meta["n_samples"] = result["n_samples"]
+    if args.alpacaeval_questions or args.mtbench_questions:
+        from fishertune.evaluation.export import export_answers
+
+        answers_dir = Path(args.answers_dir or Path(args.output).parent / "answers")
+        written = export_answers(
+            model,
+            tokenizer,
+            answers_dir,
+            model_id=args.model_id or model_dir.resolve().name,
+            alpacaeval_questions=args.alpacaeval_questions,
+            mtbench_questions=args.mtbench_questions,
+            max_new_tokens=args.answer_max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        meta["answers"] = {k: str(v) for k, v in written.items()}
+    # NaN (e.g. IFEval accuracy on a test subset without instructions) is not JSON: list it apart.
+    undefined = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    if undefined:
+        meta["undefined_metrics"] = undefined
+    meta["wall_time_s"] = round(time.time() - started, 2)
+    write_json_atomic(
+        args.output, {"metrics": metrics, "higher_is_better": directions, "meta": meta}
+    )
+    print(_table(metrics))
+    for kind, path in meta.get("answers", {}).items():
+        print(f"{kind} answers: {path}")
+    print(f"wrote {args.output}")
+    return 0

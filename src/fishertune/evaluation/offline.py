@@ -1,0 +1,175 @@
+"""Offline scorer on the built-in verifiable tasks (or any dataset in the same format).
+
+Two measurements, both without network access or a judge model:
+
+* **Validation loss** on the ``validation`` split, over assistant tokens only (the tokens the model
+  was trained on, each turn's end-of-turn token included)::
+
+      val_loss   = - (1 / N) * sum_{i, t : m_{i,t} = 1} log p(x_{i,t} | x_{i,<t})
+      perplexity = exp(val_loss)
+
+  where ``m`` is the assistant mask of ``fishertune.data.tokenize_dataset`` and ``N`` the number of
+  masked tokens in the whole split (a token-weighted mean, not a mean of per-row means).
+* **Generation** on the ``test`` split: greedy decoding of a reply to every conversation up to its
+  last assistant turn, through the tokenizer's chat template, scored by
+  ``fishertune.data.tasks.check_response``:
+
+  - ``exact_match``: fraction of test rows whose stripped reply equals the reference answer;
+  - ``ifeval_strict`` / ``ifeval_loose``: IFEval's prompt-level strict and loose accuracy over the
+    rows that carry formatting instructions (``check.instructions``), every instruction followed.
+
+Example::
+
+    from fishertune.evaluation.offline import evaluate_offline
+    scores = evaluate_offline(model, tokenizer, limit=100)
+    # {"val_loss": 1.93, "perplexity": 6.9, "exact_match": 0.41, ..., "n_test": 100}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fishertune.errors import FishertuneError
+
+__all__ = ["METRICS", "METRIC_DESCRIPTIONS", "evaluate_offline", "validation_loss"]
+
+# Metric name -> higher is better (what report tables use to mark the best method).
+METRICS: dict[str, bool] = {
+    "val_loss": False,
+    "perplexity": False,
+    "exact_match": True,
+    "ifeval_strict": True,
+    "ifeval_loose": True,
+}
+METRIC_DESCRIPTIONS: dict[str, str] = {
+    "val_loss": "mean cross-entropy (nats) over assistant tokens of the validation split",
+    "perplexity": "exp(val_loss)",
+    "exact_match": "fraction of test replies (greedy) equal to the reference answer",
+    "ifeval_strict": "IFEval prompt-level strict accuracy on test rows with instructions",
+    "ifeval_loose": "IFEval prompt-level loose accuracy on test rows with instructions",
+}
+
+
+def _limited(dataset: Any, limit: int | float | None) -> Any:
+    """The first ``limit`` rows (an int), or that fraction of the rows (a float below 1)."""
+    if limit is None:
+        return dataset
+    if limit <= 0:
+        raise FishertuneError(f"limit must be positive, got {limit}")
+    n = math.ceil(limit * len(dataset)) if limit < 1 else int(limit)
+    return dataset.select(range(min(n, len(dataset))))
+
+
+def validation_loss(model: Any, tokenized: Any, *, batch_size: int = 16, pad_id: int = 0) -> float:
+    """Token-weighted mean cross-entropy over the assistant tokens of a tokenized dataset.
+
+    Args:
+        model: a causal LM returning ``logits`` of shape (B, L, V).
+        tokenized: rows with ``input_ids`` and ``assistant_masks`` (``tokenize_dataset``).
+        batch_size: rows per forward pass (right-padded with ``pad_id``, masked out).
+        pad_id: padding token id.
+
+    Returns:
+        ``-(1/N) sum log p(x_t | x_<t)`` over the N positions with assistant mask 1 (position 0,
+        which has no context, is never scored).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    rows = list(zip(tokenized["input_ids"], tokenized["assistant_masks"], strict=True))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for row, (row_ids, row_mask) in enumerate(chunk):
+            ids[row, : len(row_ids)] = torch.tensor(row_ids)
+            attention[row, : len(row_ids)] = 1
+            mask[row, : len(row_mask)] = torch.tensor(row_mask, dtype=torch.bool)
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids.to(device), attention_mask=attention.to(device)
+            ).logits.float()  # (B, L, V)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, L-1, V): predicts x_1 .. x_{L-1}
+        target = ids[:, 1:].to(device)  # (B, L-1)
+        token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, L-1)
+        scored = mask[:, 1:].to(device)
+        total -= float(token_logp[scored].sum())
+        count += int(scored.sum())
+    if count == 0:
+        raise FishertuneError("the validation split has no assistant token to score")
+    return total / count
+
+
+def evaluate_offline(
+    model: Any,
+    tokenizer: Any,
+    *,
+    dataset: str = "builtin:tiny-tasks",
+    limit: int | float | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> dict[str, float]:
+    """Score a model on the offline tasks (see the module docstring for the metrics).
+
+    Args:
+        model: a ``transformers`` causal LM (any device; left in the mode it came in).
+        tokenizer: its tokenizer; the Tulu 3 template is installed if it has none.
+        dataset: ``builtin:tiny-tasks`` or a local file/folder/hub name accepted by
+            ``fishertune.data.load_conversations`` with ``validation`` and ``test`` splits
+            (rows without a ``check`` field are scored by exact match only).
+        limit: rows of each split to use: an int (the first ``limit``) or a fraction below 1.
+        max_new_tokens: generation budget per test reply.
+        batch_size: rows per forward pass / ``generate`` call.
+        max_length: truncation length of the validation conversations.
+
+    Returns:
+        ``val_loss``, ``perplexity``, ``exact_match``, ``ifeval_strict``, ``ifeval_loose`` (NaN
+        when no test row has instructions) and ``n_test`` (number of test rows).
+    """
+    from fishertune.data.chat import ensure_chat_template, load_conversations, tokenize_dataset
+    from fishertune.data.tasks import check_response
+    from fishertune.evaluation.export import generate_replies
+
+    ensure_chat_template(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    was_training = model.training
+    model.eval()
+    try:
+        validation = _limited(load_conversations(dataset, "validation"), limit)
+        tokenized = tokenize_dataset(validation, tokenizer, max_length)
+        val_loss = validation_loss(
+            model, tokenized, batch_size=batch_size, pad_id=tokenizer.pad_token_id
+        )
+
+        test = _limited(load_conversations(dataset, "test"), limit)
+        rows = [test[i] for i in range(len(test))]
+        prompts = []
+        for row in rows:
+            messages = row["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompts.append(messages[:last])
+        replies = generate_replies(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+    finally:
+        model.train(was_training)
+    verdicts = [check_response(row, reply) for row, reply in zip(rows, replies, strict=True)]
+    with_rules = [v for v in verdicts if "strict" in v]
+
+    def mean(values: list[bool]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+
+    return {
+        "val_loss": val_loss,
+        "perplexity": math.exp(val_loss),
+        "exact_match": mean([v["exact_match"] for v in verdicts]),
+        "ifeval_strict": mean([v["strict"] for v in with_rules]),
+        "ifeval_loose": mean([v["loose"] for v in with_rules]),
+        "n_test": float(len(rows)),
+    }
