@@ -1,0 +1,291 @@
+"""``fishertune analyze``: measure the noise-curvature relation of NEFTune on a model and data.
+
+Examples::
+
+    # the tiny preset, after `fishertune train --config configs/tiny.yaml --output_dir runs/tiny`
+    fishertune analyze --model runs/tiny --data builtin:tiny-tasks --max_length 128 \\
+        --alphas 0.25,0.5,1,5,10,15 --output runs/tiny/analysis
+    # any transformers causal LM (bf16 on a GPU, float32 on the CPU)
+    fishertune analyze --model meta-llama/Llama-3.1-8B \\
+        --data allenai/tulu-3-sft-olmo-2-mixture-0225 --batches 8 --batch_size 2 \\
+        --max_length 1024 --probes 32
+
+Per batch and aggregated over batches (``± 1.96 SE``), it reports the CE loss, the measured NEFTune
+loss increase ``E_eps[loss(X + eps)] - loss(X)`` at each alpha, the second-order prediction
+``(a^2 / 6) Tr(H_X)`` (Hutchinson), ``Tr(F_X)`` (token-F), the Gauss-Newton gap and the
+NEFTune-equivalent coefficient ``alpha^2 / (6 L d)`` at the data's median length ``L``. See
+:mod:`fishertune.analysis.measure` for the formulas.
+
+Writes ``analysis.json``, ``analysis.csv``, ``analysis.png`` and ``analysis.txt`` (the table that
+is also printed) into ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from fishertune.errors import FishertuneError
+
+__all__ = ["build_parser", "main", "parse_alphas"]
+
+TINY_MODEL = "builtin:tiny-llama"
+DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors become one-line :class:`FishertuneError` s (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise FishertuneError(f"analyze: {message}")
+
+
+def parse_alphas(text: str) -> list[float]:
+    """``"1,5,10"`` -> ``[1.0, 5.0, 10.0]``; each alpha must be a finite number >= 0."""
+    alphas = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value = float(item)
+        except ValueError:
+            raise FishertuneError(
+                f"--alphas: expected comma-separated numbers like 1,5,10,15, got {text!r} "
+                f"({item!r} is not a number)"
+            ) from None
+        if not math.isfinite(value) or value < 0:
+            raise FishertuneError(f"--alphas: each alpha must be a finite number >= 0, got {item}")
+        alphas.append(value)
+    if len(set(alphas)) != len(alphas):
+        raise FishertuneError(f"--alphas: repeated value in {text!r}")
+    return alphas
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fishertune analyze``."""
+    parser = _Parser(
+        prog="fishertune analyze",
+        description="Measure NEFTune's loss increase against its curvature prediction "
+        "(a^2/6) Tr(H_X), and Tr(F_X), on a causal LM and a chat data set.",
+    )
+    add = parser.add_argument
+    add(
+        "--model",
+        required=True,
+        help=f"saved model folder, hub name, or {TINY_MODEL} (random tiny Llama, shipped "
+        "tokenizer)",
+    )
+    add(
+        "--data",
+        required=True,
+        help="conversations: builtin:tiny-tasks, a .jsonl/.json/.parquet file, a folder or a hub "
+        "name (a 'messages' column)",
+    )
+    add("--split", default="train", help="data split (default: train)")
+    add("--tokenizer", default=None, help="tokenizer (default: the model's)")
+    add("--alphas", default="1,5,10,15", help="comma-separated NEFTune alphas (default: 1,5,10,15)")
+    add("--batches", type=int, default=8, help="batches to measure (default: 8)")
+    add("--batch_size", type=int, default=4, help="sequences per batch (default: 4)")
+    add(
+        "--probes",
+        type=int,
+        default=16,
+        help="Rademacher probes (Hessian-vector products) per batch (default: 16)",
+    )
+    add(
+        "--fisher_draws",
+        type=int,
+        default=None,
+        help="token-F draws y' ~ p per batch for Tr(F_X) (default: --probes)",
+    )
+    add(
+        "--noise_samples",
+        type=int,
+        default=16,
+        help="antithetic noise pairs per batch and alpha (default: 16)",
+    )
+    add("--max_length", type=int, default=512, help="truncation length (default: 512)")
+    add(
+        "--length_mode",
+        choices=("per_sequence", "padded"),
+        default="per_sequence",
+        help="NEFTune's L: each sequence's real length (NEFTune's code, default) or the padded "
+        "batch length (transformers/TRL)",
+    )
+    add(
+        "--noise",
+        choices=("uniform", "gaussian"),
+        default="uniform",
+        help="noise distribution (gaussian: same variance as NEFTune's uniform)",
+    )
+    add("--seed", type=int, default=0, help="seeds data order, noise, probes and draws")
+    add("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
+    add(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="model dtype (default auto: bfloat16 on a GPU, float32 on the CPU)",
+    )
+    add(
+        "--attn_implementation",
+        choices=("eager", "sdpa"),
+        default="eager",
+        help="attention kernel; it must support double backward (default: eager; sdpa is "
+        "forced to its math kernel)",
+    )
+    add("--output", default="analysis", help="output folder (default: ./analysis)")
+    add("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    for name, low in (("batches", 1), ("batch_size", 1), ("probes", 2), ("noise_samples", 2),
+                      ("max_length", 2), ("fisher_draws", 2)):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise FishertuneError(f"--{name} must be >= {low}, got {value}")
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~"))
+        or Path(name).expanduser().exists()
+        or (name.count("/") != 1 and "/" in name)
+    )
+
+
+def _torch_dtype(name: str, device: Any) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model_and_tokenizer(
+    model: str, tokenizer: str | None, *, device: Any, dtype: Any, attn_implementation: str
+) -> tuple[Any, Any]:
+    """The model (eval mode, on ``device`` in ``dtype``) and its tokenizer with a chat template.
+
+    Raises:
+        FishertuneError: a local path that is not a saved model folder, or a model or tokenizer
+            that cannot be loaded.
+    """
+    from fishertune.data.chat import ensure_chat_template
+    from fishertune.modeling import load_causal_lm, tiny_llama
+
+    if model != TINY_MODEL and _looks_like_path(model):
+        folder = Path(model).expanduser()
+        if not (folder / "config.json").is_file():
+            what = "no such folder" if not folder.exists() else "no config.json in it"
+            raise FishertuneError(f"--model {model}: not a saved model folder ({what})")
+        model = str(folder)
+    if tokenizer is None and model == TINY_MODEL:
+        from fishertune.data.tokenizer import load_tiny_tokenizer
+
+        tok = load_tiny_tokenizer()
+    else:
+        name = tokenizer or model
+        if _looks_like_path(name):
+            if not Path(name).expanduser().is_dir():
+                raise FishertuneError(f"--tokenizer {name}: no such folder")
+            name = str(Path(name).expanduser())
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FishertuneError(
+                f"cannot load tokenizer {name!r} (not a local folder, and the hub could not "
+                f"provide it): {first}"
+            ) from err
+    ensure_chat_template(tok)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+    if model == TINY_MODEL:
+        # The tiny preset's architecture (configs/tiny.yaml), randomly initialised.
+        lm = tiny_llama(
+            len(tok),
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            attn_implementation=attn_implementation,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        lm = lm.to(device=device, dtype=dtype)
+    else:
+        lm = load_causal_lm(model, dtype=dtype, attn_implementation=attn_implementation)
+        lm = lm.to(device)
+    return lm.eval(), tok
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``fishertune analyze``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    alphas = parse_alphas(args.alphas)
+    _check_sizes(args)
+    output = Path(args.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise FishertuneError(f"--output {args.output}: exists and is not a folder")
+
+    import torch
+
+    from fishertune.analysis.measure import analyze
+    from fishertune.analysis.report import format_table, write_reports
+    from fishertune.data.chat import load_conversations
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise FishertuneError(f"--device {args.device!r}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FishertuneError(f"--device {args.device}: CUDA is not available")
+    dtype = _torch_dtype(args.dtype, device)
+    # the data first: a bad file fails before a large model is loaded
+    conversations = load_conversations(args.data, split=args.split)
+    model, tokenizer = load_model_and_tokenizer(
+        args.model,
+        args.tokenizer,
+        device=device,
+        dtype=dtype,
+        attn_implementation=args.attn_implementation,
+    )
+    result = analyze(
+        model,
+        tokenizer,
+        conversations,
+        alphas=alphas,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        probes=args.probes,
+        noise_samples=args.noise_samples,
+        seed=args.seed,
+        max_length=args.max_length,
+        fisher_draws=args.fisher_draws,
+        length_mode=args.length_mode,
+        noise_distribution=args.noise,
+        show_progress=not args.no_progress,
+        config={
+            "model": args.model,
+            "data": args.data,
+            "split": args.split,
+            "device": str(device),
+            "attn_implementation": args.attn_implementation,
+        },
+    )
+    table = format_table(result)
+    paths = write_reports(result, output)
+    (output / "analysis.txt").write_text(table + "\n")
+    print(table)
+    print("\nwrote " + ", ".join(str(path) for path in paths.values()), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,700 @@
+"""Measure the noise-curvature relation of NEFTune on a model and a data set.
+
+For each batch (``X`` the input embeddings, ``loss`` the mean cross-entropy over assistant tokens,
+the model in eval mode so that dropout is off) this module measures:
+
+* ``loss(X)``;
+* the NEFTune loss increase ``Delta(alpha) = E_eps[loss(X + eps)] - loss(X)`` by Monte Carlo, with
+  ``eps`` drawn by :class:`fishertune.noise.NEFTuneNoise` and fed through ``inputs_embeds``. Each
+  sample is an antithetic pair, ``(loss(X + eps) + loss(X - eps)) / 2 - loss(X)``: the odd orders
+  of the Taylor series cancel exactly, which removes the first-order term's large variance. The
+  same unit draws are scaled for every alpha (common random numbers), so the alpha curve is smooth;
+* the second-order prediction ``(1/2) E[eps^T H_X eps] = (1/6) Tr(A H_X A)``, ``A = diag(a_i)`` the
+  per-entry noise half-width (``E[eps_i^2] = a_i^2 / 3``). With ``length_mode="per_sequence"``
+  ``a_i = alpha / sqrt(L_b d)`` differs per sequence ``b``, so the prediction is
+  ``sum_b (a_b^2 / 6) Tr(H_X restricted to sequence b) = (alpha^2 / 6) Tr(W H_X)`` with
+  ``W = diag(1 / (L_b d))`` on real tokens (0 on padding). ``Tr(W H_X)`` is estimated by Hutchinson
+  with Rademacher probes ``z`` as ``(W z)^T (H_X z)``; the same products give ``Tr(H_X)``;
+* ``Tr(F_X)`` from the token-F estimator with ``reduction="mean"``: the loss is a mean over the
+  ``N`` scored tokens, so ``H_X = (1/N) sum_t H_X^(t)`` and its Gauss-Newton part is
+  ``(1/N) sum_t F_X^(t)``, which is what ``E[token_fisher(..., reduction="mean")]`` is. The gap
+  ``Tr(H_X) - Tr(F_X)`` is the residual term ``sum_k (dl/dz_k) Tr(d^2 z_k / dX^2)``.
+
+Aggregates over batches carry two standard errors: the estimators' own (Monte-Carlo noise within
+the batches seen, ``sqrt(sum_b se_b^2) / n``) and the between-batch one (``std_b / sqrt(n)``, which
+says how far another sample of the data could land). Confidence intervals are ``+- 1.96 SE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fishertune.errors import FishertuneError
+from fishertune.estimators import EmbeddingHVP, TraceEstimate, fisher_trace, hutchinson_traces
+from fishertune.noise import NEFTuneNoise, find_input_embeddings
+from fishertune.penalties import IGNORE_INDEX, label_mask_from_labels
+from fishertune.schedules import neftune_equivalent_coef, neftune_scale
+
+__all__ = [
+    "Aggregate",
+    "AlphaSummary",
+    "AnalysisResult",
+    "BatchMeasurement",
+    "Estimate",
+    "aggregate",
+    "analyze",
+    "collate",
+]
+
+Z_95 = 1.96
+SAMPLE_CAP = 2000  # conversations tokenized at most (a seeded random sample of larger sets)
+LengthMode = Literal["per_sequence", "padded"]
+NoiseDistribution = Literal["uniform", "gaussian"]
+
+
+# ------------------------------------------------------------------------------ result containers
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A Monte-Carlo mean with its standard error (``nan`` when not estimable)."""
+
+    mean: float
+    stderr: float
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[float]) -> Estimate:
+        values = [float(v) for v in samples]
+        if len(values) < 2:
+            return cls(values[0] if values else math.nan, math.nan)
+        return cls(statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)))
+
+    @classmethod
+    def from_trace(cls, trace: TraceEstimate) -> Estimate:
+        return cls(trace.mean, trace.stderr)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A quantity aggregated over batches.
+
+    Attributes:
+        mean: mean of the per-batch values.
+        se_estimator: the estimators' own standard error of ``mean``, ``sqrt(sum se_b^2) / n``.
+        se_batches: between-batch standard error, ``std_b(value) / sqrt(n)`` (``nan`` if n < 2).
+        num_batches: ``n``.
+    """
+
+    mean: float
+    se_estimator: float
+    se_batches: float
+    num_batches: int
+
+    @property
+    def ci_estimator(self) -> float:
+        """Half-width of the 95% interval from the estimators' own error."""
+        return Z_95 * self.se_estimator
+
+    @property
+    def ci_batches(self) -> float:
+        """Half-width of the 95% interval across batches."""
+        return Z_95 * self.se_batches
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "mean": self.mean,
+            "se_estimator": self.se_estimator,
+            "se_batches": self.se_batches,
+            "ci95_estimator": self.ci_estimator,
+            "ci95_batches": self.ci_batches,
+            "num_batches": self.num_batches,
+        }
+
+
+def aggregate(estimates: Sequence[Estimate]) -> Aggregate:
+    """Combine per-batch estimates (each with its own standard error) into an :class:`Aggregate`."""
+    count = len(estimates)
+    if count == 0:
+        return Aggregate(math.nan, math.nan, math.nan, 0)
+    means = [e.mean for e in estimates]
+    se_estimator = math.sqrt(sum(e.stderr**2 for e in estimates)) / count
+    se_batches = statistics.stdev(means) / math.sqrt(count) if count > 1 else math.nan
+    return Aggregate(statistics.fmean(means), se_estimator, se_batches, count)
+
+
+def _agree(first: Estimate, second: Estimate) -> bool:
+    """``|m1 - m2| <= 1.96 sqrt(se1^2 + se2^2)``."""
+    return abs(first.mean - second.mean) <= Z_95 * math.hypot(first.stderr, second.stderr)
+
+
+def _ratio(numerator: Aggregate, denominator: Aggregate) -> Estimate:
+    """``mean_n / mean_d`` with the delta-method error of the estimators' own noise.
+
+    Both aggregates come from the same batches, so the between-batch spread is shared and left out.
+    """
+    if denominator.mean == 0 or math.isnan(denominator.mean):
+        return Estimate(math.nan, math.nan)
+    ratio = numerator.mean / denominator.mean
+    relative = 0.0
+    for part in (numerator, denominator):
+        if part.mean != 0:
+            relative += (part.se_estimator / part.mean) ** 2
+    return Estimate(ratio, abs(ratio) * math.sqrt(relative))
+
+
+@dataclass
+class BatchMeasurement:
+    """Everything measured on one batch.
+
+    Attributes:
+        index: batch number.
+        num_sequences, num_tokens, num_scored: ``B``, real tokens, scored (assistant) tokens ``N``.
+        lengths: real length of each sequence.
+        embedding_rms: ``sqrt(mean X^2)`` over the real tokens.
+        loss: mean CE over the scored tokens.
+        trace_h: ``Tr(H_X)`` (Hutchinson).
+        trace_h_weighted: ``Tr(W H_X)``, ``W = diag(a_i^2)`` at ``alpha = 1``: the prediction at
+            ``alpha`` is ``alpha^2 / 6`` times it.
+        trace_f: ``Tr(F_X)`` (token-F, mean over scored tokens).
+        measured: alpha -> ``E[loss(X + eps)] - loss(X)`` (antithetic Monte Carlo).
+    """
+
+    index: int
+    num_sequences: int
+    num_tokens: int
+    num_scored: int
+    lengths: list[int]
+    embedding_rms: float
+    loss: float
+    trace_h: Estimate
+    trace_h_weighted: Estimate
+    trace_f: Estimate
+    measured: dict[float, Estimate]
+
+    def predicted(self, alpha: float) -> Estimate:
+        """``(alpha^2 / 6) Tr(W H_X)``."""
+        factor = alpha**2 / 6.0
+        return Estimate(factor * self.trace_h_weighted.mean, factor * self.trace_h_weighted.stderr)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["measured"] = {str(alpha): asdict(value) for alpha, value in self.measured.items()}
+        out["predicted"] = {str(alpha): asdict(self.predicted(alpha)) for alpha in self.measured}
+        return out
+
+
+@dataclass
+class AlphaSummary:
+    """Measured vs predicted loss increase at one alpha, aggregated over batches.
+
+    Attributes:
+        alpha: NEFTune's alpha.
+        scale_at_median: ``a = alpha / sqrt(L_med d)`` at the data's median length.
+        scale_over_rms: ``a / rms(X)``: the Taylor prediction holds when this is small.
+        lambda_equiv: ``alpha^2 / (6 L_med d)``
+            (:func:`fishertune.schedules.neftune_equivalent_coef`).
+        measured: ``E[loss(X + eps)] - loss(X)``.
+        predicted: ``(1/6) Tr(A H_X A)``.
+        ratio: ``measured / predicted`` (delta-method error from the estimators' noise).
+        predicted_median_length: ``lambda_equiv Tr(H_X)``, the prediction if every sequence had
+            the median length.
+        fisher_penalty_at_lambda_equiv: ``lambda_equiv Tr(F_X)``, what a token-F penalty with the
+            NEFTune-equivalent coefficient adds to the loss.
+        batches_agreeing: batches whose own measured and predicted increases agree within
+            1.96 of their combined standard error (the curvature's sign and size vary between
+            batches, so the pooled means can hide or blur a per-batch agreement).
+    """
+
+    alpha: float
+    scale_at_median: float
+    scale_over_rms: float
+    lambda_equiv: float
+    measured: Aggregate
+    predicted: Aggregate
+    ratio: Estimate
+    predicted_median_length: float
+    fisher_penalty_at_lambda_equiv: float
+    batches_agreeing: int = 0
+
+    @property
+    def agree(self) -> bool:
+        """Whether measured and predicted agree within 1.96 of their combined estimator error."""
+        return _agree(
+            Estimate(self.measured.mean, self.measured.se_estimator),
+            Estimate(self.predicted.mean, self.predicted.se_estimator),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "scale_at_median": self.scale_at_median,
+            "scale_over_rms": self.scale_over_rms,
+            "lambda_equiv": self.lambda_equiv,
+            "measured": self.measured.to_dict(),
+            "predicted": self.predicted.to_dict(),
+            "ratio": asdict(self.ratio) | {"ci95": Z_95 * self.ratio.stderr},
+            "agree_within_ci95": self.agree,
+            "predicted_median_length": self.predicted_median_length,
+            "fisher_penalty_at_lambda_equiv": self.fisher_penalty_at_lambda_equiv,
+            "batches_agreeing": self.batches_agreeing,
+        }
+
+
+@dataclass
+class AnalysisResult:
+    """Output of :func:`analyze`: per-batch measurements, per-alpha summaries and curvature totals.
+
+    Attributes:
+        config: the settings of the run (alphas, sizes, seed, dtype, length convention, ...).
+        hidden_size: ``d``.
+        median_length: median real length of the data's sequences (after truncation).
+        batches: per-batch :class:`BatchMeasurement`.
+        alphas: per-alpha :class:`AlphaSummary`.
+        loss, trace_h, trace_f: aggregates over batches.
+        gap: ``Tr(H_X) - Tr(F_X)`` (the residual term of the Gauss-Newton split).
+        fisher_over_hessian: ``Tr(F_X) / Tr(H_X)``.
+        embedding_rms: mean over batches of ``rms(X)``.
+    """
+
+    config: dict[str, Any]
+    hidden_size: int
+    median_length: float
+    batches: list[BatchMeasurement]
+    alphas: list[AlphaSummary]
+    loss: Aggregate
+    trace_h: Aggregate
+    trace_f: Aggregate
+    gap: Aggregate
+    fisher_over_hessian: Estimate
+    embedding_rms: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "hidden_size": self.hidden_size,
+            "median_length": self.median_length,
+            "embedding_rms": self.embedding_rms,
+            "loss": self.loss.to_dict(),
+            "trace_hessian": self.trace_h.to_dict(),
+            "trace_fisher": self.trace_f.to_dict(),
+            "gauss_newton_gap": self.gap.to_dict(),
+            "fisher_over_hessian": asdict(self.fisher_over_hessian),
+            "alphas": [summary.to_dict() for summary in self.alphas],
+            "batches": [batch.to_dict() for batch in self.batches],
+            **self.extra,
+        }
+
+
+# ------------------------------------------------------------------------------------ batching
+
+
+def _row_labels(row: Mapping[str, Any]) -> list[int]:
+    if "labels" in row and row["labels"] is not None:
+        return list(row["labels"])
+    if "assistant_masks" not in row:
+        raise FishertuneError(
+            "tokenized examples need 'input_ids' and 'assistant_masks' (or 'labels'); got "
+            f"fields {sorted(row)}"
+        )
+    return [
+        token if keep else IGNORE_INDEX
+        for token, keep in zip(row["input_ids"], row["assistant_masks"], strict=True)
+    ]
+
+
+def collate(rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
+    """Right-pad tokenized examples into ``input_ids``, ``attention_mask`` and ``labels`` (B, L).
+
+    ``labels`` are the input ids on assistant tokens (``assistant_masks == 1``) and ``-100``
+    elsewhere, padding included.
+    """
+    length = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids = list(row["input_ids"])
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[b, : len(ids)] = 1
+        labels[b, : len(ids)] = torch.tensor(_row_labels(row), dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _has_scored_token(row: Mapping[str, Any]) -> bool:
+    # Position t predicts token t + 1: a label on the first token is never scored.
+    return any(label != IGNORE_INDEX for label in _row_labels(row)[1:])
+
+
+# ----------------------------------------------------------------------------------- the model
+
+
+@contextlib.contextmanager
+def _measurement_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout), frozen parameters (only input gradients are needed) and SDPA
+    forced to its math kernel (twice differentiable); everything restored on exit."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if implementation not in (None, "eager", "sdpa"):
+        raise FishertuneError(
+            f"the model uses attn_implementation={implementation!r}, which has no double "
+            "backward: load it with attn_implementation='eager' (or 'sdpa')"
+        )
+    was_training = model.training
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for param, _ in requires_grad:
+        param.requires_grad_(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _mean_cross_entropy(logits: Tensor, labels: Tensor, label_mask: Tensor) -> Tensor:
+    """``-(1/N) sum_t M_t log p_t[labels_{t+1}]``, in float32 or wider."""
+    targets = torch.zeros_like(labels)
+    targets[:, :-1] = labels[:, 1:]
+    scored = logits[label_mask]  # (N, V)
+    scored = scored.to(torch.promote_types(scored.dtype, torch.float32))
+    return torch.nn.functional.cross_entropy(scored, targets[label_mask], reduction="mean")
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _measure_batch(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    index: int,
+    alphas: Sequence[float],
+    probes: int,
+    noise_samples: int,
+    fisher_draws: int,
+    seed: int,
+    length_mode: LengthMode,
+    noise_distribution: NoiseDistribution,
+    progress: Any,
+) -> BatchMeasurement:
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    label_mask = label_mask_from_labels(labels)  # (B, L)
+
+    def loss_at(embeds: Tensor) -> Tensor:
+        logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+        return _mean_cross_entropy(logits, labels, label_mask)
+
+    with torch.no_grad():
+        X = find_input_embeddings(model)(input_ids)  # (B, L, d), what the NEFTune hook sees
+        real = attention_mask.bool()
+        rms = float(X[real].double().pow(2).mean().sqrt())
+        loss = float(loss_at(X))
+
+        # Unit noise (alpha = 1) in float32; eps(alpha) = alpha * unit, cast to X's dtype as the
+        # NEFTune hook does in training.
+        unit_noise = NEFTuneNoise(
+            1.0,
+            length_mode=length_mode,
+            distribution=noise_distribution,
+            generator=_generator(device, seed + 1),
+        )
+        unit_noise.set_batch(attention_mask=attention_mask)
+        samples: dict[float, list[float]] = {alpha: [] for alpha in alphas}
+        for _ in range(noise_samples):
+            unit = unit_noise.sample(X.float())
+            for alpha in alphas:
+                eps = (alpha * unit).to(X.dtype)
+                pair = 0.5 * (float(loss_at(X + eps)) + float(loss_at(X - eps)))
+                samples[alpha].append(pair - loss)
+                progress.update(2)
+        # Per-token a_i^2 at alpha = 1, the weights of Tr(W H_X): 1 / (L_b d) on real tokens.
+        weight = unit_noise.scale(X.shape, device).double().pow(2)  # (B, L, 1) or (1, 1, 1)
+        if length_mode == "padded":
+            weight = weight * real.unsqueeze(-1)  # padding has no curvature; keep W on real tokens
+
+    embeds = X.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+        hvp = EmbeddingHVP.from_loss(_mean_cross_entropy(logits, labels, label_mask), embeds)
+        traces = hutchinson_traces(
+            hvp,
+            embeds.shape,
+            {"h": None, "weighted": weight},
+            num_probes=probes,
+            generator=_generator(device, seed + 2),
+            dtype=embeds.dtype,
+            device=device,
+            probe_mask=real.unsqueeze(-1),
+            progress=progress.update,
+        )
+        fisher = fisher_trace(
+            embeds,
+            logits,
+            label_mask,
+            draws=fisher_draws,
+            reduction="mean",
+            generator=_generator(device, seed + 3),
+            progress=progress.update,
+        )
+    del hvp, logits, embeds
+
+    return BatchMeasurement(
+        index=index,
+        num_sequences=int(input_ids.shape[0]),
+        num_tokens=int(real.sum()),
+        num_scored=int(label_mask.sum()),
+        lengths=[int(n) for n in attention_mask.sum(-1).tolist()],
+        embedding_rms=rms,
+        loss=loss,
+        trace_h=Estimate.from_trace(traces["h"]),
+        trace_h_weighted=Estimate.from_trace(traces["weighted"]),
+        trace_f=Estimate.from_trace(fisher),
+        measured={alpha: Estimate.from_samples(values) for alpha, values in samples.items()},
+    )
+
+
+# -------------------------------------------------------------------------------------- analyze
+
+
+def analyze(
+    model: nn.Module,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    alphas: Sequence[float] = (1.0, 5.0, 10.0, 15.0),
+    batches: int = 8,
+    batch_size: int = 4,
+    probes: int = 16,
+    noise_samples: int = 16,
+    seed: int = 0,
+    max_length: int | None = None,
+    fisher_draws: int | None = None,
+    length_mode: LengthMode = "per_sequence",
+    noise_distribution: NoiseDistribution = "uniform",
+    show_progress: bool = True,
+    config: Mapping[str, Any] | None = None,
+) -> AnalysisResult:
+    """Measure NEFTune's loss increase against its curvature prediction on ``batches`` batches.
+
+    Per batch: the CE loss, ``E_eps[loss(X + eps)] - loss(X)`` at each alpha (``noise_samples``
+    antithetic pairs), the prediction ``(1/6) Tr(A H_X A)`` and ``Tr(H_X)`` (``probes`` Rademacher
+    probes), ``Tr(F_X)`` (``fisher_draws`` token-F draws, mean over scored tokens). See the module
+    docstring for the formulas and the per-sequence length convention.
+
+    Args:
+        model: a causal LM with twice-differentiable attention (eager or SDPA); it is put in eval
+            mode and its parameters frozen for the measurement, then restored.
+        tokenizer: gives the padding id (and tokenizes ``dataset`` if it holds conversations).
+        dataset: tokenized examples (``input_ids`` and ``assistant_masks`` or ``labels``), or
+            conversations (``messages``), which are tokenized by the data module.
+        alphas: NEFTune alphas to measure.
+        batches, batch_size: how much data; examples are shuffled with ``seed``, and those with
+            no assistant token are skipped.
+        probes: Hutchinson probes per batch.
+        noise_samples: antithetic noise pairs per batch and alpha (at least 2, for an error bar).
+        seed: seeds the shuffle, the noise, the probes and the Fisher draws.
+        max_length: truncation when ``dataset`` holds conversations.
+        fisher_draws: token-F draws per batch (default: ``probes``).
+        length_mode: NEFTune's ``L``: ``"per_sequence"`` (real length, NEFTune's code) or
+            ``"padded"`` (transformers / TRL).
+        noise_distribution: ``"uniform"`` (NEFTune) or ``"gaussian"`` (same variance).
+        show_progress: show a tqdm bar on stderr.
+        config: extra settings recorded in the result (model and data names, dtype...).
+
+    Returns:
+        :class:`AnalysisResult`.
+    """
+    from tqdm.auto import tqdm
+
+    alphas = [float(alpha) for alpha in alphas]
+    if not alphas or any(alpha < 0 for alpha in alphas):
+        raise FishertuneError(f"--alphas must be non-negative numbers, got {alphas}")
+    for name, value, low in (
+        ("batches", batches, 1),
+        ("batch_size", batch_size, 1),
+        ("probes", probes, 2),
+        ("noise_samples", noise_samples, 2),
+    ):
+        if value < low:
+            raise FishertuneError(f"--{name} must be >= {low}, got {value}")
+    fisher_draws = probes if fisher_draws is None else fisher_draws
+    if fisher_draws < 2:
+        raise FishertuneError(f"fisher_draws must be >= 2, got {fisher_draws}")
+
+    dataset = _tokenized(
+        dataset, tokenizer, max_length, seed, max(SAMPLE_CAP, 4 * batches * batch_size)
+    )
+    lengths = [len(row["input_ids"]) for row in dataset]
+    if not lengths:
+        raise FishertuneError("the data set is empty")
+    median_length = float(statistics.median(lengths))
+    hidden = int(find_input_embeddings(model).weight.shape[-1])
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen: list[Mapping[str, Any]] = []
+    for i in order:
+        if len(chosen) == batches * batch_size:
+            break
+        row = dataset[i]
+        if _has_scored_token(row):
+            chosen.append(row)
+    if not chosen:
+        raise FishertuneError(
+            "no example has an assistant token after its first token (check the chat template's "
+            "assistant mask and --max_length)"
+        )
+    groups = [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
+    pad_id = _pad_token_id(tokenizer)
+
+    steps_per_batch = 2 * noise_samples * len(alphas) + probes + fisher_draws
+    measurements: list[BatchMeasurement] = []
+    with (
+        _measurement_mode(model),
+        tqdm(
+            total=steps_per_batch * len(groups),
+            desc="analyze",
+            unit="pass",
+            disable=not show_progress,
+        ) as bar,
+    ):
+        for index, rows in enumerate(groups):
+            measurement = _measure_batch(
+                model,
+                collate(rows, pad_id),
+                index=index,
+                alphas=alphas,
+                probes=probes,
+                noise_samples=noise_samples,
+                fisher_draws=fisher_draws,
+                seed=seed * 1_000_003 + 10 * index,
+                length_mode=length_mode,
+                noise_distribution=noise_distribution,
+                progress=bar,
+            )
+            measurements.append(measurement)
+            bar.set_postfix(loss=f"{measurement.loss:.3f}", trH=f"{measurement.trace_h.mean:.3g}")
+
+    settings = {
+        "alphas": alphas,
+        "batches": len(groups),
+        "batch_size": batch_size,
+        "probes": probes,
+        "noise_samples": noise_samples,
+        "fisher_draws": fisher_draws,
+        "seed": seed,
+        "length_mode": length_mode,
+        "noise_distribution": noise_distribution,
+        "max_length": max_length,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "examples": len(chosen),
+        "examples_available": len(dataset),
+    }
+    settings.update(config or {})
+    return _summarize(measurements, settings, hidden, median_length)
+
+
+def _summarize(
+    measurements: list[BatchMeasurement],
+    config: dict[str, Any],
+    hidden: int,
+    median_length: float,
+) -> AnalysisResult:
+    trace_h = aggregate([m.trace_h for m in measurements])
+    trace_f = aggregate([m.trace_f for m in measurements])
+    gap = aggregate(
+        [
+            Estimate(
+                m.trace_h.mean - m.trace_f.mean, math.hypot(m.trace_h.stderr, m.trace_f.stderr)
+            )
+            for m in measurements
+        ]
+    )
+    rms = statistics.fmean(m.embedding_rms for m in measurements)
+    typical = max(1, round(median_length))
+    summaries = []
+    for alpha in config["alphas"]:
+        measured = aggregate([m.measured[alpha] for m in measurements])
+        predicted = aggregate([m.predicted(alpha) for m in measurements])
+        coef = neftune_equivalent_coef(alpha, typical, hidden)
+        scale = neftune_scale(alpha, typical, hidden)
+        summaries.append(
+            AlphaSummary(
+                alpha=alpha,
+                scale_at_median=scale,
+                scale_over_rms=scale / rms if rms > 0 else math.nan,
+                lambda_equiv=coef,
+                measured=measured,
+                predicted=predicted,
+                ratio=_ratio(measured, predicted),
+                predicted_median_length=coef * trace_h.mean,
+                fisher_penalty_at_lambda_equiv=coef * trace_f.mean,
+                batches_agreeing=sum(
+                    _agree(m.measured[alpha], m.predicted(alpha)) for m in measurements
+                ),
+            )
+        )
+    return AnalysisResult(
+        config=config,
+        hidden_size=hidden,
+        median_length=median_length,
+        batches=measurements,
+        alphas=summaries,
+        loss=aggregate([Estimate(m.loss, 0.0) for m in measurements]),
+        trace_h=trace_h,
+        trace_f=trace_f,
+        gap=gap,
+        fisher_over_hessian=_ratio(trace_f, trace_h),
+        embedding_rms=rms,
+        # the L of lambda_equiv = alpha^2 / (6 L d): the data's median length, rounded
+        extra={"typical_length": typical},
+    )
+
+
+def _tokenized(dataset: Any, tokenizer: Any, max_length: int | None, seed: int, cap: int) -> Any:
+    """``dataset`` itself when it holds token ids; otherwise tokenize its conversations.
+
+    A large set of conversations is first cut to a seeded random sample of ``cap`` of them: the
+    measurement uses a few batches, and the median length is estimated well from a sample, so
+    tokenizing a whole SFT mixture (866k conversations for Tulu 3) would be wasted.
+    """
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        columns = list(dataset[0]) if len(dataset) else []
+    if "input_ids" in columns:
+        return dataset
+    if "messages" not in columns:
+        raise FishertuneError(
+            f"the data set has neither 'input_ids' nor 'messages' (fields: {sorted(columns)})"
+        )
+    from fishertune.data.chat import ensure_chat_template, tokenize_dataset
+
+    if len(dataset) > cap and hasattr(dataset, "select"):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        dataset = dataset.select(sorted(order[:cap].tolist()))
+    ensure_chat_template(tokenizer)
+    return tokenize_dataset(dataset, tokenizer, max_length or 1024)
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    # Padding never reaches the loss (attention mask, -100 labels); any valid id will do.
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if isinstance(value, int):
+            return value
+    return 0
