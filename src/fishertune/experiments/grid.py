@@ -1,0 +1,532 @@
+"""Experiment files: validation and expansion of a methods x ablations x seeds grid into runs.
+
+An experiment YAML names a training preset and the variations to run on it::
+
+    base_config: configs/tiny.yaml          # training YAML given to `fishertune train --config`
+    output_dir: runs/tiny                   # one folder per run under OUTPUT_DIR/runs/
+    overrides: {max_steps: 40}              # optional, every run
+    methods:                                # name -> training overrides
+      baseline: {method: baseline}
+      neftune: {method: neftune, neftune_alpha: 5}
+      token-f: {method: token-f, base_config: configs/paper/token-f.yaml}  # own preset
+    seeds: [0, 1, 2]
+    ablations:                              # optional: name -> overrides
+      no-warmup: {penalty_warmup_steps: 0}
+    ablation_methods: [token-f]             # or {no-warmup: [token-f], ...}; default all
+    ablation_seeds: [0, 1, 2]               # optional; default seeds
+    evaluation: {tasks: [offline]}
+    launcher: local                         # or accelerate (+ accelerate_config, num_processes)
+    env: {OMP_NUM_THREADS: "1"}             # optional: environment of every launched command
+    report: {metrics: [offline/val_loss]}   # optional: table columns; default every metric
+
+Runs are named ``{method}[-{ablation}]-seed{seed}``; each gets ``OUTPUT_DIR/runs/NAME/`` with the
+trained model (``fishertune train --output_dir``) in its ``model/`` sub-folder. Training options
+are merged with the precedence base YAML < ``overrides`` < method < ablation < seed (the grid's
+seed always wins).
+Relative input paths are resolved against the current directory, then against the experiment
+file's directory, then against its parent directories, so a file under ``configs/experiments/``
+can name ``configs/tiny.yaml`` from anywhere inside the repository; ``output_dir`` is relative to
+the current directory.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fishertune.errors import FishertuneError
+
+__all__ = [
+    "EVALUATION_KEYS",
+    "LAUNCHERS",
+    "MODEL_SUBDIR",
+    "EvaluationSpec",
+    "ExperimentConfig",
+    "RunSpec",
+    "expand_grid",
+    "load_experiment",
+    "parse_experiment",
+]
+
+LAUNCHERS = ("local", "accelerate")
+TOP_LEVEL_KEYS = (
+    "base_config",
+    "output_dir",
+    "overrides",
+    "methods",
+    "seeds",
+    "ablations",
+    "ablation_methods",
+    "ablation_seeds",
+    "evaluation",
+    "launcher",
+    "accelerate_config",
+    "num_processes",
+    "env",
+    "report",
+)
+EVALUATION_KEYS = (
+    "tasks",
+    "limit",
+    "batch_size",
+    "max_new_tokens",
+    "max_length",
+    "dataset",
+    "include_path",
+    "num_fewshot",
+    "model_args",
+    "device",
+    "alpacaeval_questions",
+    "mtbench_questions",
+    "answer_max_new_tokens",
+    "extra_args",
+)
+REPORT_KEYS = ("metrics",)
+# Keys the grid sets itself; a method or ablation giving them would be silently overridden.
+RESERVED_OVERRIDES = ("output_dir", "seed", "config")
+MODEL_SUBDIR = "model"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """What ``fishertune evaluate`` runs on every finished run (see ``fishertune evaluate -h``)."""
+
+    tasks: tuple[str, ...] = ("offline",)
+    limit: int | float | None = None
+    batch_size: int | None = None
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    dataset: str | None = None
+    include_path: tuple[str, ...] = ()
+    num_fewshot: int | None = None
+    model_args: str | None = None
+    device: str | None = None
+    alpacaeval_questions: str | None = None
+    mtbench_questions: str | None = None
+    answer_max_new_tokens: int | None = None
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training + evaluation run of the grid.
+
+    Attributes:
+        name: ``{method}[-{ablation}]-seed{seed}``.
+        method: the method's name in the experiment file (a key of ``methods``).
+        ablation: the ablation's name, or ``None`` for a main run.
+        seed: the training seed.
+        base_config: training YAML given to ``--config``.
+        overrides: merged training overrides, in precedence order, seed last.
+        run_dir: the run's folder (settings, logs, ``evaluation.json``; the model in ``model/``).
+    """
+
+    name: str
+    method: str
+    ablation: str | None
+    seed: int
+    base_config: Path
+    overrides: dict[str, Any]
+    run_dir: Path
+
+    @property
+    def group(self) -> str:
+        """Row label in reports: the method, with its ablation if any."""
+        return self.method if self.ablation is None else f"{self.method}-{self.ablation}"
+
+    @property
+    def model_dir(self) -> Path:
+        """``fishertune train --output_dir``: a sub-folder, because ``fishertune train`` refuses a
+        non-empty output folder and the run folder already holds the settings and logs."""
+        return self.run_dir / MODEL_SUBDIR
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serializable description, stored in the run folder to detect changed settings."""
+        return {
+            "name": self.name,
+            "method": self.method,
+            "ablation": self.ablation,
+            "seed": self.seed,
+            "base_config": str(self.base_config),
+            "overrides": self.overrides,
+        }
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A validated experiment file (see the module docstring for its fields)."""
+
+    path: Path
+    base_config: Path | None
+    output_dir: Path
+    methods: dict[str, dict[str, Any]]
+    method_configs: dict[str, Path]
+    seeds: tuple[int, ...]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ablation_methods: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    ablation_seeds: tuple[int, ...] = ()
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    launcher: str = "local"
+    accelerate_config: Path | None = None
+    num_processes: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    report_metrics: tuple[str, ...] | None = None
+
+    @property
+    def runs_dir(self) -> Path:
+        """Folder holding one sub-folder per run."""
+        return self.output_dir / "runs"
+
+    @property
+    def report_dir(self) -> Path:
+        """Folder receiving the tables and plots."""
+        return self.output_dir / "report"
+
+
+def _err(path: Path, where: str, message: str) -> FishertuneError:
+    return FishertuneError(f"{path}: {where}: {message}")
+
+
+def _resolve(path: Path, where: str, value: Any, *, must_exist: bool = True) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _err(path, where, f"expected a path string, got {value!r}")
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        if must_exist and not candidate.exists():
+            raise _err(path, where, f"{candidate} does not exist")
+        return candidate
+    if not must_exist:
+        return Path.cwd() / candidate
+    # Experiment files live in configs/experiments/ but name presets relative to the repository
+    # root; trying the file's folder and its parents lets them run from any working directory.
+    roots = [Path.cwd(), path.resolve().parent, *path.resolve().parent.parents]
+    for root in roots:
+        if (root / candidate).exists():
+            return (root / candidate).resolve()
+    raise _err(
+        path, where, f"{value} not found (looked in the current directory and above {path.parent})"
+    )
+
+
+def _mapping(path: Path, where: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _err(path, where, f"expected a mapping, got {type(value).__name__} {value!r}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise _err(path, where, f"keys must be strings, got {bad!r}")
+    return dict(value)
+
+
+def _name(path: Path, where: str, name: str) -> str:
+    if not _NAME.match(name):
+        raise _err(
+            path,
+            where,
+            f"name {name!r} must start with a letter or digit and use only "
+            "letters, digits and _ . + - (it becomes a folder name)",
+        )
+    return name
+
+
+def _overrides(path: Path, where: str, value: Any) -> dict[str, Any]:
+    overrides = _mapping(path, where, value)
+    for key, item in overrides.items():
+        if key in RESERVED_OVERRIDES:
+            raise _err(path, f"{where}.{key}", "set by the grid for every run; remove it")
+        if item is None:
+            raise _err(
+                path,
+                f"{where}.{key}",
+                "null cannot be passed on a command line; remove the key "
+                "to keep the preset's value",
+            )
+        if isinstance(item, Mapping) and not item:
+            raise _err(path, f"{where}.{key}", "empty mapping")
+    return overrides
+
+
+def _seeds(path: Path, where: str, value: Any) -> tuple[int, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    ):
+        raise _err(path, where, f"expected a non-empty list of integers, got {value!r}")
+    if len(set(value)) != len(value):
+        raise _err(path, where, f"seeds repeat: {value!r}")
+    return tuple(value)
+
+
+def _positive_int(path: Path, where: str, value: Any, *, allow_fraction: bool = False) -> Any:
+    if value is None:
+        return None
+    if allow_fraction and isinstance(value, float) and 0.0 < value <= 1.0:
+        return value
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _err(path, where, f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _str_list(path: Path, where: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _err(path, where, f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _evaluation(path: Path, value: Any) -> EvaluationSpec:
+    raw = _mapping(path, "evaluation", value)
+    unknown = sorted(set(raw) - set(EVALUATION_KEYS))
+    if unknown:
+        raise _err(
+            path,
+            "evaluation",
+            f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(EVALUATION_KEYS)}",
+        )
+    tasks = _str_list(path, "evaluation.tasks", raw.get("tasks", ["offline"]))
+    if not tasks:
+        raise _err(path, "evaluation.tasks", "empty task list")
+    include = tuple(
+        str(_resolve(path, "evaluation.include_path", p))
+        for p in _str_list(path, "evaluation.include_path", raw.get("include_path", []))
+    )
+    questions = {
+        key: str(_resolve(path, f"evaluation.{key}", raw[key])) if raw.get(key) else None
+        for key in ("alpacaeval_questions", "mtbench_questions")
+    }
+    model_args = raw.get("model_args")
+    if isinstance(model_args, Mapping):
+        model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
+    if model_args is not None and not isinstance(model_args, str):
+        raise _err(
+            path, "evaluation.model_args", f"expected k=v,... or a mapping, got {model_args!r}"
+        )
+    for key in ("dataset", "device"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise _err(path, f"evaluation.{key}", f"expected a string, got {raw[key]!r}")
+    return EvaluationSpec(
+        tasks=tasks,
+        limit=_positive_int(path, "evaluation.limit", raw.get("limit"), allow_fraction=True),
+        batch_size=_positive_int(path, "evaluation.batch_size", raw.get("batch_size")),
+        max_new_tokens=_positive_int(path, "evaluation.max_new_tokens", raw.get("max_new_tokens")),
+        max_length=_positive_int(path, "evaluation.max_length", raw.get("max_length")),
+        dataset=raw.get("dataset"),
+        include_path=include,
+        num_fewshot=_positive_int(path, "evaluation.num_fewshot", raw.get("num_fewshot")),
+        model_args=model_args,
+        device=raw.get("device"),
+        answer_max_new_tokens=_positive_int(
+            path, "evaluation.answer_max_new_tokens", raw.get("answer_max_new_tokens")
+        ),
+        extra_args=_str_list(path, "evaluation.extra_args", raw.get("extra_args", [])),
+        **questions,
+    )
+
+
+def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
+    """Validate a loaded experiment mapping.
+
+    Args:
+        raw: the YAML document.
+        path: the file it came from (named in every error message; anchors relative paths).
+
+    Raises:
+        FishertuneError: naming the file and the field at fault.
+    """
+    path = Path(path)
+    raw = _mapping(path, "top level", raw)
+    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise _err(
+            path,
+            "top level",
+            f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_LEVEL_KEYS)}",
+        )
+    for key in ("output_dir", "methods", "seeds"):
+        if key not in raw:
+            raise _err(path, key, "missing (required)")
+    base = _resolve(path, "base_config", raw["base_config"]) if raw.get("base_config") else None
+    output_dir = _resolve(path, "output_dir", raw["output_dir"], must_exist=False)
+
+    methods_raw = _mapping(path, "methods", raw["methods"])
+    if not methods_raw:
+        raise _err(path, "methods", "no methods given")
+    methods: dict[str, dict[str, Any]] = {}
+    method_configs: dict[str, Path] = {}
+    for name, body in methods_raw.items():
+        where = f"methods.{_name(path, 'methods', name)}"
+        body = _mapping(path, where, body)
+        own = body.pop("base_config", None)
+        if own is not None:
+            method_configs[name] = _resolve(path, f"{where}.base_config", own)
+        elif base is not None:
+            method_configs[name] = base
+        else:
+            raise _err(path, where, "no base_config: give one at the top level or in the method")
+        methods[name] = _overrides(path, where, body)
+
+    seeds = _seeds(path, "seeds", raw["seeds"])
+    ablations = {
+        _name(path, "ablations", name): _overrides(path, f"ablations.{name}", body)
+        for name, body in _mapping(path, "ablations", raw.get("ablations")).items()
+    }
+    chosen = raw.get("ablation_methods")
+    ablation_methods: dict[str, tuple[str, ...]] = {}
+    for ablation in ablations:
+        if chosen is None:
+            names: Any = list(methods)
+            where = "ablation_methods"
+        elif isinstance(chosen, Mapping):
+            names = chosen.get(ablation, list(methods))
+            where = f"ablation_methods.{ablation}"
+        else:
+            names = chosen
+            where = "ablation_methods"
+        names = _str_list(path, where, names)
+        missing = [n for n in names if n not in methods]
+        if missing:
+            raise _err(path, where, f"unknown method(s) {missing}; methods: {list(methods)}")
+        ablation_methods[ablation] = names
+    if isinstance(chosen, Mapping):
+        stray = sorted(set(chosen) - set(ablations))
+        if stray:
+            raise _err(path, "ablation_methods", f"unknown ablation(s) {stray}")
+    ablation_seeds = (
+        _seeds(path, "ablation_seeds", raw["ablation_seeds"]) if "ablation_seeds" in raw else seeds
+    )
+
+    launcher = raw.get("launcher", "local")
+    if launcher not in LAUNCHERS:
+        raise _err(path, "launcher", f"{launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    accelerate_config = None
+    if raw.get("accelerate_config") is not None:
+        accelerate_config = _resolve(path, "accelerate_config", raw["accelerate_config"])
+    num_processes = _positive_int(path, "num_processes", raw.get("num_processes"))
+    if launcher == "local" and (accelerate_config or num_processes):
+        raise _err(path, "launcher", "accelerate_config / num_processes need launcher: accelerate")
+    env = _mapping(path, "env", raw.get("env"))
+    for key, value in env.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise _err(path, f"env.{key}", f"expected a string or a number, got {value!r}")
+        env[key] = str(value)
+    report = _mapping(path, "report", raw.get("report"))
+    unknown = sorted(set(report) - set(REPORT_KEYS))
+    if unknown:
+        raise _err(path, "report", f"unknown key(s) {unknown}; allowed: {list(REPORT_KEYS)}")
+    report_metrics = (
+        _str_list(path, "report.metrics", report["metrics"]) if "metrics" in report else None
+    )
+    config = ExperimentConfig(
+        path=path,
+        base_config=base,
+        output_dir=output_dir,
+        methods=methods,
+        method_configs=method_configs,
+        seeds=seeds,
+        overrides=_overrides(path, "overrides", raw.get("overrides")),
+        ablations=ablations,
+        ablation_methods=ablation_methods,
+        ablation_seeds=ablation_seeds,
+        evaluation=_evaluation(path, raw.get("evaluation")),
+        launcher=launcher,
+        accelerate_config=accelerate_config,
+        num_processes=num_processes,
+        env=env,
+        report_metrics=report_metrics,
+    )
+    expand_grid(config)  # name collisions are a configuration error: find them now
+    return config
+
+
+def load_experiment(
+    path: str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    seeds: Sequence[int] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Read and validate an experiment YAML file.
+
+    Args:
+        path: the YAML file.
+        output_dir: replaces the file's ``output_dir``.
+        seeds: replace the file's ``seeds`` and ``ablation_seeds``.
+        overrides: merged over the file's ``overrides`` (below methods and ablations), e.g.
+            ``{"max_steps": 20}`` for a quick pass over the grid.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FishertuneError(f"{path}: experiment file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise FishertuneError(f"{path}: invalid YAML: {err}") from err
+    if isinstance(raw, dict):
+        if output_dir is not None:
+            # Absolute, so that it is not looked up next to the experiment file.
+            raw["output_dir"] = str(Path(output_dir).expanduser().absolute())
+        if seeds is not None:
+            raw["seeds"] = list(seeds)
+            if "ablation_seeds" in raw:
+                raw["ablation_seeds"] = list(seeds)
+        if overrides and isinstance(raw.get("overrides") or {}, Mapping):
+            raw["overrides"] = {**(raw.get("overrides") or {}), **overrides}
+    return parse_experiment(raw, path)
+
+
+def expand_grid(config: ExperimentConfig) -> list[RunSpec]:
+    """All runs of an experiment: main runs (methods x seeds), then ablation runs.
+
+    Overrides are merged base < ``overrides`` < method < ablation < seed.
+
+    Raises:
+        FishertuneError: when two runs would share a name (e.g. method ``a-b`` and method ``a``
+            with ablation ``b``).
+    """
+    runs: list[RunSpec] = []
+    variants: list[tuple[str, str | None, tuple[int, ...]]] = [
+        (method, None, config.seeds) for method in config.methods
+    ]
+    for ablation, methods in config.ablation_methods.items():
+        variants += [(method, ablation, config.ablation_seeds) for method in methods]
+    for method, ablation, seeds in variants:
+        for seed in seeds:
+            overrides = {**config.overrides, **config.methods[method]}
+            if ablation is not None:
+                overrides.update(config.ablations[ablation])
+            overrides["seed"] = seed
+            stem = method if ablation is None else f"{method}-{ablation}"
+            name = f"{stem}-seed{seed}"
+            runs.append(
+                RunSpec(
+                    name=name,
+                    method=method,
+                    ablation=ablation,
+                    seed=seed,
+                    base_config=config.method_configs[method],
+                    overrides=overrides,
+                    run_dir=config.runs_dir / name,
+                )
+            )
+    seen: dict[str, RunSpec] = {}
+    for run in runs:
+        if run.name in seen:
+            other = seen[run.name]
+            raise _err(
+                config.path,
+                "methods/ablations",
+                f"two runs are both named {run.name!r} "
+                f"({other.method}+{other.ablation} and {run.method}+{run.ablation}); rename one",
+            )
+        seen[run.name] = run
+    return runs
