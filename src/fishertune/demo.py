@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 BASE_CONFIG = REPO / "configs" / "tiny.yaml"
 GRID_CONFIG = REPO / "configs" / "experiments" / "tiny.yaml"
 METHOD_ORDER = ("baseline", "neftune", "token-f", "logit-f")
+VALIDATION_ROWS = 200
 
 
 def method_overrides(grid_config: Path = GRID_CONFIG) -> dict[str, dict[str, Any]]:
@@ -45,24 +46,30 @@ def to_flags(overrides: dict[str, Any]) -> list[str]:
 
 
 @torch.no_grad()
-def _validation_scores(trainer: Any, batches: int = 8) -> dict[str, float]:
-    """Validation CE and the token-F Fisher trace per response token, on the final model."""
+def _validation_scores(model: Any, validation: Any, pad_token_id: int) -> dict[str, float]:
+    """Validation CE and the token-F Fisher trace, both per response token, on the final model.
+
+    ``validation`` is the tokenized split (``input_ids`` + ``assistant_masks``): labels are the
+    assistant tokens only, as in training.
+    """
+    from fishertune.analysis.measure import collate
     from fishertune.noise import EmbeddingCapture, find_input_embeddings
     from fishertune.penalties import label_mask_from_labels, token_fisher
 
-    model = trainer.model.eval()
-    loader = trainer.get_eval_dataloader()
+    model.eval()
+    device = next(model.parameters()).device
     capture = EmbeddingCapture()
     ce_sum = ce_count = fisher_sum = 0.0
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = list(validation)[:VALIDATION_ROWS]
     with capture.attached(find_input_embeddings(model)):
-        for index, batch in enumerate(loader):
-            if index >= batches:
-                break
-            batch = trainer._prepare_inputs(batch)
+        for start in range(0, len(rows), 16):
+            batch = {
+                k: v.to(device) for k, v in collate(rows[start : start + 16], pad_token_id).items()
+            }
             labels = batch.pop("labels")
             with torch.enable_grad():
-                logits = model(**batch).logits
+                logits = model(**batch, use_cache=False).logits
                 mask = label_mask_from_labels(labels)
                 targets = labels[:, 1:][mask[:, :-1]]
                 log_probs = torch.log_softmax(logits[mask].float(), -1)
@@ -87,10 +94,12 @@ def _last(log_history: list[dict[str, Any]], key: str) -> float:
 def run(output_dir: Path, max_steps: int | None, methods: tuple[str, ...]) -> list[dict[str, Any]]:
     from transformers import set_seed
 
-    from fishertune.training.cli import build_trainer, parse_args
+    from fishertune.data.chat import load_conversations, tokenize_dataset
+    from fishertune.training.cli import build_trainer, load_tokenizer, parse_args
 
     overrides = method_overrides()
     rows = []
+    validation = None
     for method in methods:
         argv = ["--config", str(BASE_CONFIG), *to_flags(overrides[method])]
         argv += ["--output_dir", str(output_dir / method), "--overwrite_output_dir", "true"]
@@ -98,16 +107,16 @@ def run(output_dir: Path, max_steps: int | None, methods: tuple[str, ...]) -> li
         if max_steps is not None:
             argv += ["--max_steps", str(max_steps)]
         script_args, training_args, model_args = parse_args(argv)
+        if validation is None:
+            tokenizer = load_tokenizer(script_args, model_args)
+            validation = tokenize_dataset(
+                load_conversations(script_args.dataset_name, split="validation"),
+                tokenizer,
+                training_args.max_length,
+            )
         set_seed(training_args.seed)
         start = time.time()
         trainer = build_trainer(script_args, training_args, model_args)
-        from fishertune.data.chat import load_conversations, tokenize_dataset
-
-        trainer.eval_dataset = tokenize_dataset(
-            load_conversations(script_args.dataset_name, split="validation"),
-            trainer.processing_class,
-            training_args.max_length,
-        )
         trainer.train()
         seconds = time.time() - start
         history = trainer.state.log_history
@@ -116,7 +125,7 @@ def run(output_dir: Path, max_steps: int | None, methods: tuple[str, ...]) -> li
                 "method": method,
                 "train_ce": _last(history, "ce_loss"),
                 "train_penalty": _last(history, "penalty"),
-                **_validation_scores(trainer),
+                **_validation_scores(trainer.model, validation, tokenizer.pad_token_id),
                 "seconds": seconds,
             }
         )
