@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,9 +86,21 @@ class FisherSFTTrainer(SFTTrainer):
         self._noise: NEFTuneNoise | None = None
         self._micro_step = 0
         self._micro_step_of = -1
+        self._check_launch()
         self._check_supported()
 
     # ------------------------------------------------------------------ set-up checks
+    def _check_launch(self) -> None:
+        # accelerate 1.15 leaves torchrun-launched processes undistributed when use_cpu=false on
+        # a machine without an accelerator: each would train alone on the whole data (measured)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.accelerator.num_processes != launched:
+            raise FishertuneError(
+                f"launched as {launched} processes but accelerate runs "
+                f"{self.accelerator.num_processes} ({self.accelerator.distributed_type}): on CPU "
+                "set use_cpu=true so the processes train together over gloo"
+            )
+
     def _check_supported(self) -> None:
         args = self.args
         if args.method not in PENALTY_METHODS:

@@ -1,0 +1,564 @@
+"""Cost of NEFTune and the Fisher penalties against a baseline step, and fd's gradient accuracy.
+
+    python benchmarks/overhead.py                 # CPU, 4-layer 256-wide Llama, seq 256 (~5 min)
+    python benchmarks/overhead.py --quick         # fewer steps, smaller gradient check (~2 min)
+    python benchmarks/overhead.py --device cuda --model-size 1b --seq-len 2048 --dtype bf16
+
+Every number comes from the shipped code: each method builds a ``FisherSFTTrainer`` on the same
+model (same config and seed), the same batch and the same seed, and times its
+``training_step`` (forward, penalty, backward: everything that differs between methods; the
+optimizer step is identical for all and left out). Each method runs in its own process so its
+peak memory is its own: peak RSS on CPU (``resource.getrusage``),
+``torch.cuda.max_memory_allocated`` on GPU. Exact modes use eager attention (what
+``fishertune train`` picks for them); the others use SDPA.
+
+The gradient check compares the penalty's parameter gradient in fd mode with exact double
+backward, for the same draws ``y'``: ``grad(CE + c R) - grad(CE)`` from ``training_step`` with a
+coefficient ``c`` large enough that the CE part cancels to rounding. It also prints the spread of
+exact gradients over a fresh draw of ``y'``, the noise the penalty carries anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# (label, overrides of FisherSFTConfig); coefficients only need to be > 0 for timing
+PENALTY = {"penalty_coef": 1e-3, "penalty_warmup_steps": 0}
+METHODS: list[tuple[str, dict[str, Any]]] = [
+    ("baseline", {"method": "baseline"}),
+    ("neftune", {"method": "neftune", "neftune_alpha": 5.0}),
+    ("token-F exact", {"method": "token-f", "penalty_grad": "exact", **PENALTY}),
+    ("logit-F exact", {"method": "logit-f", "penalty_grad": "exact", **PENALTY}),
+    ("token-F fd", {"method": "token-f", "penalty_grad": "fd", **PENALTY}),
+    ("logit-F fd", {"method": "logit-f", "penalty_grad": "fd", **PENALTY}),
+    (
+        "token-F fd, 1/4 rows",
+        {"method": "token-f", "penalty_grad": "fd", "penalty_fraction": 0.25, **PENALTY},
+    ),
+    (
+        "logit-F fd, 1/4 rows",
+        {"method": "logit-f", "penalty_grad": "fd", "penalty_fraction": 0.25, **PENALTY},
+    ),
+]
+
+PENALTY_KINDS = ("token-f", "logit-f")
+
+# Floors the fd mode must meet (ratios to the baseline; relative gradient error in float32).
+FLOOR_FD_TIME = 2.4
+FLOOR_FD_TIME_FRACTION = 1.5
+FLOOR_FD_MEMORY = 1.15
+FLOOR_FD_ERROR = {"forward": 1e-2, "central": 1e-3}
+
+# name -> LlamaConfig fields; "tiny" is the size the project's CPU measurements use
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=8192,
+    ),
+    "1b": dict(  # Llama-3.2-1B's shape
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256,
+    ),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------- shared set-up
+def _setup_torch(options: dict[str, Any]) -> None:
+    import torch
+
+    if options["device"] == "cpu":
+        torch.set_num_threads(options["threads"])
+
+
+def build_model(options: dict[str, Any], attention: str) -> Any:
+    """The benchmark model, identical for every method (same config, same seed)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **MODEL_SIZES[options["model_size"]],
+        max_position_embeddings=max(options["seq_len"], 256),
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attention
+    torch.manual_seed(options["seed"])
+    return LlamaForCausalLM(config).to(options["device"])
+
+
+def build_batch(options: dict[str, Any], vocab_size: int, batch_size: int) -> dict[str, Any]:
+    """Random token rows of full length; the first quarter is prompt (label -100)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(options["seed"] + 1)
+    length = options["seq_len"]
+    input_ids = torch.randint(vocab_size, (batch_size, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, : length // 4] = -100
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+    }
+    return {k: v.to(options["device"]) for k, v in batch.items()}
+
+
+def build_trainer(options: dict[str, Any], overrides: dict[str, Any], attention: str) -> Any:
+    """A ``FisherSFTTrainer`` as ``fishertune train`` builds it, prepared for ``training_step``."""
+    from datasets import Dataset
+
+    from fishertune.data.tokenizer import load_tiny_tokenizer
+    from fishertune.training.config import FisherSFTConfig
+    from fishertune.training.trainer import FisherSFTTrainer
+
+    model = build_model(options, attention)
+    args = FisherSFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="fishertune-bench-"),
+        per_device_train_batch_size=options["batch_size"],
+        max_length=options["seq_len"],
+        bf16=options["dtype"] == "bf16",
+        use_cpu=options["device"] == "cpu",
+        activation_checkpointing=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        seed=options["seed"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **overrides,
+    )
+    # the trainer needs a dataset to exist; the benchmark feeds its own batch to training_step
+    rows = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 4})
+    trainer = FisherSFTTrainer(
+        model=model, args=args, train_dataset=rows, processing_class=load_tiny_tokenizer()
+    )
+    # what Trainer.train does before its first step: autocast wrapper for bf16, device placement
+    trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def _attention_for(overrides: dict[str, Any]) -> str:
+    # the CLI's choice: exact double backward needs eager (or SDPA's math kernel)
+    return "eager" if overrides.get("penalty_grad") == "exact" else "sdpa"
+
+
+def _items(batch: dict[str, Any]) -> Any:
+    # what the training loop passes: scored tokens in the (accumulated) batch
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+# ---------------------------------------------------------------------- timing worker
+def serve_method(options: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Build one method's trainer, then run one timed ``training_step`` per ``step`` line on
+    stdin; ``stats`` prints the peak memory and ends. One process per method: its peak is its own.
+    """
+    import psutil
+    import torch
+
+    _setup_torch(options)
+    trainer = build_trainer(options, overrides, _attention_for(overrides))
+    model = trainer.model_wrapped
+    batch = build_batch(options, model.config.vocab_size, options["batch_size"])
+    cuda = options["device"] == "cuda"
+    # hooks (NEFTune noise, embedding capture) are attached by train(); attach them the same way
+    with trainer._method_hooks():
+        setup_memory = psutil.Process().memory_info().rss
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            setup_memory = torch.cuda.memory_allocated()
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            start = time.perf_counter()
+            trainer.training_step(model, batch, _items(batch))
+            model.zero_grad(set_to_none=False)  # keep .grad allocated, as in training
+            if cuda:
+                torch.cuda.synchronize()
+            print(json.dumps(time.perf_counter() - start), flush=True)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"peak_mb": peak / 2**20, "step_mb": (peak - setup_memory) / 2**20}))
+
+
+# ---------------------------------------------------------------------- gradient worker
+def _gradient(trainer: Any, batch: dict[str, Any]) -> Any:
+    """The parameter gradient of one ``training_step``, flattened, float32 on the CPU (a 1B
+    model's gradients would not fit a GPU several times over); the trainer is freed."""
+    import gc
+
+    import torch
+
+    model = trainer.model_wrapped
+    model.zero_grad(set_to_none=True)
+    with trainer._method_hooks():
+        trainer.training_step(model, batch, _items(batch))
+    flat = torch.cat([p.grad.detach().float().flatten().cpu() for p in model.parameters()])
+    del model, trainer
+    gc.collect()  # the trainer holds the model through reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return flat
+
+
+def _compare(a: Any, b: Any) -> tuple[float, float]:
+    """Cosine and relative error ``|a - b| / |b|``, accumulated in float64 by chunks."""
+    dot = aa = bb = diff = 0.0
+    for x, y in zip(a.split(1 << 24), b.split(1 << 24), strict=True):
+        x, y = x.double(), y.double()
+        dot += float(x @ y)
+        aa += float(x @ x)
+        bb += float(y @ y)
+        diff += float((x - y).pow(2).sum())
+    return dot / max((aa * bb) ** 0.5, 1e-300), (diff / max(bb, 1e-300)) ** 0.5
+
+
+def gradient_agreement(options: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """fd vs exact penalty gradients (same draws), float32 and bfloat16, forward and central.
+
+    Rows with ``fd_step`` None use the shipped default step (``DEFAULT_FD_STEP``); the extra
+    float32 central row with 3e-4 shows the step that its h^2 error calls for on this model.
+    """
+    _setup_torch(options)
+    vocab = MODEL_SIZES[options["model_size"]]["vocab_size"]
+    batch = build_batch(options, vocab, options["grad_batch_size"])
+    ce_cache: dict[str, Any] = {}
+
+    def penalty_gradient(dtype: str, coef: float, draw: int = 0, **penalty: Any) -> Any:
+        run = {**options, "dtype": dtype}
+        if dtype not in ce_cache:
+            ce_cache[dtype] = _gradient(build_trainer(run, {"method": "baseline"}, "eager"), batch)
+        overrides = {"method": kind, "penalty_coef": coef, "penalty_warmup_steps": 0, **penalty}
+        trainer = build_trainer(run, overrides, "eager")
+        # the draws y' come from a generator seeded by args.seed; the model's initialization is
+        # seeded separately (build_model), so this changes the draws only
+        trainer.args.seed = options["seed"] + draw
+        return (_gradient(trainer, batch) - ce_cache[dtype]) / coef
+
+    # choose c so that c |grad R| = 1e3 |grad CE|: the CE part then cancels to rounding, also in
+    # bf16 where the two CE gradients differ by bf16 rounding
+    probe = penalty_gradient("fp32", 1.0, penalty_grad="exact")
+    coef = 1e3 * float(ce_cache["fp32"].norm() / probe.norm())
+    rows = []
+    exact = {}
+    for dtype in ("fp32", "bf16"):
+        exact[dtype] = penalty_gradient(dtype, coef, penalty_grad="exact")
+        other_draw = penalty_gradient(dtype, coef, draw=1, penalty_grad="exact")
+        variants = [("forward", None), ("central", None)]
+        if dtype == "fp32":
+            variants.append(("central", 3e-4))
+        for scheme, step in variants:
+            fd = penalty_gradient(
+                dtype, coef, penalty_grad="fd", penalty_fd_scheme=scheme, penalty_fd_step=step
+            )
+            cosine, error = _compare(fd, exact[dtype])
+            rows.append(
+                {
+                    "kind": kind,
+                    "dtype": dtype,
+                    "scheme": scheme,
+                    "fd_step": step,
+                    "cosine": cosine,
+                    "rel_error": error,
+                    "rel_error_vs_fp32_exact": _compare(fd, exact["fp32"])[1],
+                    "exact_vs_fp32_exact": _compare(exact[dtype], exact["fp32"])[1],
+                    "draw_noise": _compare(other_draw, exact[dtype])[1],
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------- driver
+def _worker_env(options: dict[str, Any], compact_malloc: bool = False) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if options["device"] == "cpu":
+        env["OMP_NUM_THREADS"] = str(options["threads"])
+    if compact_malloc:
+        # glibc raises its mmap threshold after the first large free, then serves big tensors from
+        # the heap and keeps freed blocks: peak RSS then tracks allocation history, not need. A
+        # fixed threshold returns every large tensor to the OS when freed, so the peak RSS follows
+        # the peak of live tensors. It slows steps (page faults): only the memory pass uses it.
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    return env
+
+
+def _start(
+    options: dict[str, Any], job: dict[str, Any], compact_malloc: bool = False
+) -> subprocess.Popen:
+    payload = json.dumps({"options": options, "job": job})
+    # stderr to a file: a pipe nobody reads would block a chatty worker
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the worker)
+    worker = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", payload],
+        env=_worker_env(options, compact_malloc), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=log, text=True,
+    )  # fmt: skip
+    worker.log = log  # type: ignore[attr-defined]
+    return worker
+
+
+def _reply(worker: subprocess.Popen, job: Any) -> str:
+    """The worker's next line of JSON (skipping library chatter); fail with its stderr."""
+    assert worker.stdout is not None
+    for line in worker.stdout:
+        line = line.strip()
+        if line == "ready" or line.startswith(("{", "[")) or line[:1].isdigit():
+            return line
+    worker.wait()
+    worker.log.seek(0)  # type: ignore[attr-defined]
+    raise SystemExit(f"worker {job} failed:\n{worker.log.read()[-3000:]}")  # type: ignore[attr-defined]
+
+
+def _ask(worker: subprocess.Popen, command: str, job: Any) -> Any:
+    assert worker.stdin is not None
+    worker.stdin.write(command + "\n")
+    worker.stdin.flush()
+    return json.loads(_reply(worker, job))
+
+
+def time_methods(
+    options: dict[str, Any], methods: list[tuple[str, dict]], compact_malloc: bool = False
+) -> dict[str, dict]:
+    """Median (and minimum) step time and peak memory of each method, each in its own process.
+
+    ``interleaved`` (CPU default) keeps every method's process alive and runs one step of each in
+    turn, round after round, so load from anything else on the machine falls on all methods alike;
+    ``sequential`` (GPU default: one model per process would not fit eight times) runs them one
+    after the other.
+    """
+    rounds = options["warmup"] + options["steps"]
+    groups = [methods] if options["schedule"] == "interleaved" else [[m] for m in methods]
+    results: dict[str, dict] = {}
+    for group in groups:
+        workers = {
+            label: _start(options, {"type": "time", "overrides": o}, compact_malloc)
+            for label, o in group
+        }
+        for label, worker in workers.items():
+            _reply(worker, label)  # "ready"
+        times: dict[str, list[float]] = {label: [] for label in workers}
+        for step in range(rounds):
+            for label, worker in workers.items():
+                elapsed = _ask(worker, "step", label)
+                if step >= options["warmup"]:
+                    times[label].append(elapsed)
+        for label, worker in workers.items():
+            results[label] = {
+                "step_s": statistics.median(times[label]),
+                "min_s": min(times[label]),
+                **_ask(worker, "stats", label),
+            }
+            worker.wait()
+    return {label: results[label] for label, _ in methods}
+
+
+def _collect(worker: subprocess.Popen, job: Any) -> Any:
+    result = json.loads(_reply(worker, job))
+    worker.wait()
+    return result
+
+
+def _worker_main(payload: str) -> None:
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    spec = json.loads(payload)
+    job, options = spec["job"], spec["options"]
+    if job["type"] == "time":
+        serve_method(options, job["overrides"])
+    else:
+        print(json.dumps(gradient_agreement(options, job["kind"])), flush=True)
+
+
+def _mark(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def format_report(
+    options: dict[str, Any],
+    timings: dict[str, dict],
+    memory: dict[str, dict],
+    agreement: list[dict],
+) -> str:
+    """Markdown tables: cost ratios to the baseline, fd agreement, and the floors.
+
+    On GPU the peak is ``max_memory_allocated`` of the timed run; on CPU the floor is checked on
+    the memory pass's peak RSS (fixed malloc threshold, see ``_worker_env``), and the timed run's
+    peak RSS (default malloc) is shown beside it.
+    """
+    lines = []
+    base = timings.get("baseline")
+    memory = memory or timings  # GPU: the timed run's CUDA peak
+    mem_base = memory.get("baseline")
+
+    def ratio(value: float, reference: float) -> str:
+        return f"{value / max(reference, 1e-9):.2f}"
+
+    if base is not None:
+        kind = "CUDA peak" if options["device"] == "cuda" else "peak RSS"
+        header = f"| method | step (s), median | x baseline | min (s) | x | {kind} (MB) | x "
+        header += "| above set-up (MB) | x |"
+        rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        if memory is not timings:
+            header += " peak RSS, default malloc (MB) | x |"
+            rule += "---:|---:|"
+        lines += [header, rule]
+        for label, row in timings.items():
+            mem = memory[label]
+            line = (
+                f"| {label} | {row['step_s']:.3f} | {ratio(row['step_s'], base['step_s'])} "
+                f"| {row['min_s']:.3f} | {ratio(row['min_s'], base['min_s'])} "
+                f"| {mem['peak_mb']:.0f} | {ratio(mem['peak_mb'], mem_base['peak_mb'])} "
+                f"| {mem['step_mb']:.0f} | {ratio(mem['step_mb'], mem_base['step_mb'])} |"
+            )
+            if memory is not timings:
+                line += f" {row['peak_mb']:.0f} | {ratio(row['peak_mb'], base['peak_mb'])} |"
+            lines.append(line)
+    if agreement:
+        lines += [
+            "",
+            "| penalty | dtype | fd scheme | h_rel | cosine | rel. error vs exact (same dtype) "
+            "| vs exact fp32 | exact vs exact fp32 | exact, other draw |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in agreement:
+            lines.append(
+                f"| {row['kind']} | {row['dtype']} | {row['scheme']} "
+                f"| {row['fd_step'] or 'default'} | {row['cosine']:.6f} "
+                f"| {row['rel_error']:.2e} | {row['rel_error_vs_fp32_exact']:.2e} "
+                f"| {row['exact_vs_fp32_exact']:.2e} | {row['draw_noise']:.2e} |"
+            )
+    checks = []
+    if base is not None:
+        for label, row in timings.items():
+            if " fd" not in label:
+                continue
+            floor = FLOOR_FD_TIME_FRACTION if "1/4" in label else FLOOR_FD_TIME
+            value = row["step_s"] / base["step_s"]
+            checks.append(f"{label}: median step {value:.2f}x <= {floor}x: {_mark(value <= floor)}")
+            if "1/4" not in label:
+                value = memory[label]["peak_mb"] / mem_base["peak_mb"]
+                floor = FLOOR_FD_MEMORY
+                checks.append(
+                    f"{label}: peak memory {value:.2f}x <= {floor}x: {_mark(value <= floor)}"
+                )
+    for row in agreement:
+        if row["dtype"] == "fp32" and row["fd_step"] is None:
+            floor = FLOOR_FD_ERROR[row["scheme"]]
+            checks.append(
+                f"{row['kind']} fd {row['scheme']} fp32: relative error {row['rel_error']:.1e} <= "
+                f"{floor:.0e}: {_mark(row['rel_error'] <= floor)}"
+            )
+    if checks:
+        lines += ["", "Floors:"] + [f"- {check}" for check in checks]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model-size", choices=tuple(MODEL_SIZES), default="tiny")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="precision of the timed runs (bf16: mixed precision, bf16=true)",
+    )
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument(
+        "--grad-batch-size",
+        type=int,
+        help="rows of the gradient check (default 4 on CPU, 1 on CUDA: exact "
+        "double backward through eager attention is memory-hungry)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per process (1: least hurt by other load)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--schedule",
+        choices=("interleaved", "sequential"),
+        help="method processes side by side, one step of each in turn (CPU "
+        "default), or one after the other (GPU default)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 timed steps, 1 warm-up, seq 128, gradient check on 2 rows",
+    )
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-gradients", action="store_true")
+    parser.add_argument("--methods", nargs="*", help="subset of method labels to time")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)  # fmt: skip
+    if args.grad_batch_size is None:
+        args.grad_batch_size = 4 if args.device == "cpu" else 1
+    if args.quick:
+        args.steps, args.warmup, args.grad_batch_size = 3, 1, 2
+        args.seq_len = min(args.seq_len, 128)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.worker:
+        _worker_main(args.worker)
+        return 0
+    options = {
+        "device": args.device,
+        "model_size": args.model_size,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "grad_batch_size": args.grad_batch_size,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "seed": args.seed,
+        "schedule": args.schedule or ("interleaved" if args.device == "cpu" else "sequential"),
+    }
+    print(f"# overhead: {json.dumps(options)}", flush=True)
+    started = time.time()
+    timings: dict[str, dict] = {}
+    memory: dict[str, dict] = {}
+    chosen = [
+        (label, overrides)
+        for label, overrides in METHODS
+        if not args.methods or label in args.methods or label == "baseline"
+    ]
+    if not args.skip_timing:
+        timings = time_methods(options, chosen)
+    # nothing below is timed: the gradient checks run beside the memory pass
+    jobs = [] if args.skip_gradients else [{"type": "grad", "kind": k} for k in PENALTY_KINDS]
+    grad_workers = [(_start(options, job), job) for job in jobs]
+    if not args.skip_timing and options["device"] == "cpu":
+        memory_options = {**options, "schedule": "sequential", "warmup": 1, "steps": 1}
+        memory = time_methods(memory_options, chosen, compact_malloc=True)
+    agreement: list[dict] = []
+    for worker, job in grad_workers:
+        agreement += _collect(worker, job)
+    print(format_report(options, timings, memory, agreement))
+    print(f"\n({time.time() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
