@@ -51,14 +51,15 @@ FDScheme = Literal["forward", "central"]
 IGNORE_INDEX = -100
 
 # Relative fd step ``h = h_rel * ||X|| / ||v||`` by the dtype the model computes in. Forward
-# differences in float32 reach ~1e-3 relative gradient error at 1e-4 and the central scheme ~1e-4
-# at 1e-3 (measured in benchmarks/overhead.py). In half precision a too-small step drowns in
-# rounding, so the step is larger there.
+# differences in float32 reach ~6e-3 relative gradient error at 1e-4 and the central scheme ~5e-4
+# at 3e-4 (benchmarks/overhead.py, 4-layer 256-wide Llama). In half precision a too-small step
+# drowns in rounding, so the step is larger there, and only the central scheme is accurate
+# enough (forward differences in bfloat16 lose the direction: cosine ~0.6 to the exact gradient).
 DEFAULT_FD_STEP: dict[tuple[torch.dtype, str], float] = {
     (torch.float64, "forward"): 1e-5,
     (torch.float64, "central"): 1e-4,
     (torch.float32, "forward"): 1e-4,
-    (torch.float32, "central"): 1e-3,
+    (torch.float32, "central"): 3e-4,
     (torch.bfloat16, "forward"): 1e-2,
     (torch.bfloat16, "central"): 3e-2,
     (torch.float16, "forward"): 3e-3,
@@ -108,8 +109,13 @@ def sample_targets(
         if n == 0:
             return torch.empty(0, samples, dtype=torch.long, device=logits.device)
         if sampling == "model":
-            probs = torch.softmax(scored.float(), dim=-1)
-            return torch.multinomial(probs, samples, replacement=True, generator=generator)
+            # Inverse-CDF draws: u ~ U(0, total), y' = #{v : cdf_v <= u}. Same law as
+            # torch.multinomial, about 8x faster on CPU for large vocabularies; the cumsum runs in
+            # place so the (N, V) float32 buffer is the only one. Scaling u by the computed total
+            # keeps the sampled law the increments of the computed cdf despite rounding.
+            cdf = torch.softmax(scored.float(), dim=-1).cumsum_(dim=-1)  # (N, V)
+            u = torch.rand(n, samples, generator=generator, device=logits.device) * cdf[:, -1:]
+            return torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
         if sampling == "uniform":
             return torch.randint(
                 vocab, (n, samples), generator=generator, device=logits.device

@@ -156,7 +156,10 @@ def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool) -> Pat
                 f"output_dir {path} exists and is not empty: pass --resume to continue it, "
                 "--overwrite_output_dir to replace it, or choose another directory"
             )
-        shutil.rmtree(path)
+        # Under torchrun / accelerate every rank runs this before the process group exists:
+        # only the global main process deletes (the others would race it), and it writes the run.
+        if os.environ.get("RANK", "0") == "0":
+            shutil.rmtree(path, ignore_errors=True)
     return None
 
 

@@ -100,7 +100,10 @@ class FisherSFTConfig(SFTConfig):
     )
     penalty_fd_scheme: str | None = field(
         default=None,
-        metadata={"help": "fd: 'forward' (one extra forward) or 'central' (two). Default forward."},
+        metadata={
+            "help": "fd: 'forward' (one extra forward) or 'central' (two). Default: central under "
+            "bf16/fp16 (forward differences are too coarse there), forward in float32."
+        },
     )
     penalty_fd_step: float | None = field(
         default=None,
@@ -178,7 +181,10 @@ class FisherSFTConfig(SFTConfig):
             self.penalty_grad = self.penalty_grad or "exact"
             self.penalty_fraction = 1.0 if self.penalty_fraction is None else self.penalty_fraction
             self.penalty_every = self.penalty_every or 1
-            self.penalty_fd_scheme = self.penalty_fd_scheme or "forward"
+            # bf16 resolves as TRL's config does later (None means "unless fp16"); forward
+            # differences in half precision lose the gradient's direction (benchmarks/overhead.py)
+            half = bool(self.fp16) or (self.bf16 is None or bool(self.bf16))
+            self.penalty_fd_scheme = self.penalty_fd_scheme or ("central" if half else "forward")
             self.penalty_fd_backward = self.penalty_fd_backward or "auto"
             if self.penalty_coef < 0:
                 raise FishertuneError(f"penalty_coef must be >= 0, got {self.penalty_coef}")
