@@ -208,42 +208,42 @@ def test_penalty_fraction_rescales_to_an_unbiased_estimate(chat_file, tmp_path):
     assert abs(half.mean() - whole.mean()) < 4 * standard_error + 1e-6
 
 
+PENALTY_LAYOUTS = {
+    "baseline": {},
+    "exact": {"method": "token-f", "penalty_coef": 0.05, "penalty_warmup_steps": 0},
+    "fd": {"method": "token-f", "penalty_coef": 0.05, "penalty_warmup_steps": 0,
+           "penalty_grad": "fd"},
+}  # fmt: skip
+
+
 def test_gradient_accumulation_gives_the_same_update(chat_file, tmp_path):
     """8 rows in one micro-batch or in 4 of 2 make the same SGD step (no clipping, which would
     hide a wrong normalizer). CE matches exactly; the penalty's draws differ between layouts, so
     its part of the update (penalized minus baseline) is compared by norm and direction: a wrong
-    normalizer is off by the factor 4."""
+    normalizer is off by the factor 4. fd mode accumulates part of its gradient by hand."""
     updates = {}
-    for method in ("baseline", "token-f"):
+    for name, extra in PENALTY_LAYOUTS.items():
         for batch_size, accumulation in ((8, 1), (2, 4)):
-            out = tmp_path / f"{method}-{batch_size}"
-            extra = (
-                {} if method == "baseline" else {"penalty_coef": 0.05, "penalty_warmup_steps": 0}
-            )
-            argv = base_args(
-                chat_file,
-                out,
-                method=method,
-                max_steps=1,
-                per_device_train_batch_size=batch_size,
-                gradient_accumulation_steps=accumulation,
-                optim="sgd",
-                learning_rate=1.0,
-                max_grad_norm=0,
-                dataloader_drop_last="true",
-                **extra,
-            )
+            out = tmp_path / f"{name}-{batch_size}"
+            argv = base_args(chat_file, out, max_steps=1, per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=accumulation, optim="sgd",
+                             learning_rate=1.0, max_grad_norm=0, dataloader_drop_last="true",
+                             **{"method": "baseline", **extra})  # fmt: skip
             trainer = build_trainer(*parse_args(argv))
             before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
             trainer.train()
             after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-            updates[method, batch_size] = after - before
+            updates[name, batch_size] = after - before
     torch.testing.assert_close(updates["baseline", 8], updates["baseline", 2], rtol=1e-4, atol=1e-6)
-    one = updates["token-f", 8] - updates["baseline", 8]
-    four = updates["token-f", 2] - updates["baseline", 2]
-    assert one.norm() > updates["baseline", 8].norm()  # the penalty's part is not negligible
-    assert 0.8 < (four.norm() / one.norm()).item() < 1.25
-    assert torch.nn.functional.cosine_similarity(one, four, dim=0) > 0.7
+    for name in ("exact", "fd"):
+        one = updates[name, 8] - updates["baseline", 8]
+        four = updates[name, 2] - updates["baseline", 2]
+        assert one.norm() > updates["baseline", 8].norm()  # the penalty's part is not negligible
+        assert 0.8 < (four.norm() / one.norm()).item() < 1.25, name
+        assert torch.nn.functional.cosine_similarity(one, four, dim=0) > 0.7, name
+    # exact and fd agree with each other too (same layout, same draws)
+    exact, fd = (updates[n, 8] - updates["baseline", 8] for n in ("exact", "fd"))
+    assert torch.nn.functional.cosine_similarity(exact, fd, dim=0) > 0.99
 
 
 def test_resume_reaches_the_same_weights(chat_file, tmp_path):

@@ -68,6 +68,25 @@ def _attention_implementation(model: nn.Module) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
+def _ce_sum(logits: Tensor, labels: Tensor, label_mask: Tensor) -> Tensor:
+    """Cross-entropy summed over the scored positions, in float32."""
+    targets = labels[:, 1:][label_mask[:, :-1]]  # (N,)
+    log_probs = torch.log_softmax(logits[label_mask].float(), dim=-1)  # (N, V)
+    return -log_probs.gather(1, targets[:, None]).sum()
+
+
+@torch.no_grad()
+def _accumulate(params: list[Tensor], grads: list[Tensor | None], scale: float) -> None:
+    """``p.grad += scale * grad``, as a backward of ``scale * loss`` would accumulate it."""
+    for param, grad in zip(params, grads, strict=True):
+        if grad is None:
+            continue
+        if param.grad is None:
+            param.grad = (grad * scale).to(param.dtype)
+        else:
+            param.grad.add_(grad.to(param.grad.dtype), alpha=scale)
+
+
 class FisherSFTTrainer(SFTTrainer):
     """``SFTTrainer`` for the methods baseline, neftune, token-f and logit-f.
 
@@ -205,11 +224,13 @@ class FisherSFTTrainer(SFTTrainer):
     def _backward_now(self, model: nn.Module, loss: Tensor, num_items_in_batch: Any) -> None:
         """Backward of a partial loss inside ``compute_loss`` (fd split mode), scaled as the
         Trainer scales the returned loss; gradients are reduced across ranks later, once."""
-        if not self._loss_is_scaled_for_ga(num_items_in_batch):
-            # set by the training loop; a direct compute_loss call counts one micro-step
-            steps = getattr(self, "current_gradient_accumulation_steps", 1)
-            loss = loss / steps
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss / self._ga_divisor(num_items_in_batch))
+
+    def _ga_divisor(self, num_items_in_batch: Any) -> int:
+        if self._loss_is_scaled_for_ga(num_items_in_batch):
+            return 1
+        # set by the training loop; a direct compute_loss call counts one micro-step
+        return getattr(self, "current_gradient_accumulation_steps", 1)
 
     def _no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         if self.accelerator.num_processes > 1 and hasattr(model, "no_sync"):
@@ -399,17 +420,33 @@ class FisherSFTTrainer(SFTTrainer):
             inputs = self._select_rows(inputs, rows)
             labels = inputs["labels"]
 
-        # 2. penalized rows at X: CE, draws, v = grad_X g (input-only), and -(2/h) g(X).
+        # 2. penalized rows at X: CE, draws, v = grad_X g and the -(2/h) grad_theta g(X) term.
+        # In split mode without a loss scaler ("fused"), the CE of these rows is taken at the
+        # perturbed points below instead (CE(X + h v) = CE(X) + O(h); the central pair's mean is
+        # O(h^2) off), so no backward of CE runs at X: for forward differences one backward of
+        # g gives both v and grad_theta g(X), accumulated by hand once h (which needs ||v||) is
+        # known; for central differences only v is needed. That saves one backward pass.
+        fused = split and self.accelerator.scaler is None
+        forward_scheme = args.penalty_fd_scheme == "forward"
         with self._no_sync(model) if split else contextlib.nullcontext():
             logits = self._forward(model, inputs)
             embeds = self._capture.embeds
             ce_sum, label_mask = self._record_ce_metrics(logits, labels)
             targets = self._draw(logits, label_mask)
             g = fisher_objective(self._kind, logits, label_mask, targets)  # (m,)
-            directions = []
+            params = [p for p in model.parameters() if p.requires_grad]
+            directions, g_grads = [], []
             for s in range(g.shape[0]):
-                (v,) = torch.autograd.grad(g[s], embeds, retain_graph=True)  # (B, L, d)
-                directions.append(v.detach())
+                last_draw = s == g.shape[0] - 1
+                if fused and forward_scheme:
+                    v, *grads = torch.autograd.grad(
+                        g[s], [embeds, *params], retain_graph=not last_draw, allow_unused=True
+                    )
+                    g_grads.append(grads)
+                else:
+                    keep = not fused or not last_draw  # the unfused CE backward needs the graph
+                    (v,) = torch.autograd.grad(g[s], embeds, retain_graph=keep)
+                directions.append(v.detach())  # (B, L, d)
             v_all = torch.stack(directions)  # (m, B, L, d)
             squared = v_all.float().pow(2).flatten(1).sum(1).mean()
             # per-token mean over the whole batch: the rescale stands for the rows left out
@@ -436,12 +473,18 @@ class FisherSFTTrainer(SFTTrainer):
                 for v in directions
             ]
             weight = coef * rescale / (len(directions) * normalizer)
-            part = ce_sum / normalizer
-            if args.penalty_fd_scheme == "forward":
-                # the -(2/h) g(X) half of fd_surrogate; the +(2/h) g(X + h v) half comes below
-                part = part - weight * sum(2.0 / h * g[s] for s, h in enumerate(steps) if h > 0)
-            finish(part, last=False)
-        del logits, g
+            if fused:
+                divisor = self._ga_divisor(num_items_in_batch)
+                for grads, h in zip(g_grads, steps[: len(g_grads)], strict=True):  # forward
+                    if h > 0:
+                        _accumulate(params, grads, -weight * (2.0 / h) / divisor)
+            else:
+                part = ce_sum / normalizer
+                if forward_scheme:
+                    # the -(2/h) g(X) half of fd_surrogate; the +(2/h) g(X + h v) half is below
+                    part = part - weight * sum(2.0 / h * g[s] for s, h in enumerate(steps) if h > 0)
+                finish(part, last=False)
+        del logits, g, g_grads, ce_sum
 
         # 3. perturbed forwards at X + h v (and X - h v for central differences).
         signs = (1.0,) if args.penalty_fd_scheme == "forward" else (1.0, -1.0)
@@ -460,10 +503,12 @@ class FisherSFTTrainer(SFTTrainer):
                     self._kind, logits, label_mask, targets[:, s : s + 1], reference_probs
                 )
                 zero = torch.zeros_like(g_shift)
-                if args.penalty_fd_scheme == "forward":
+                if forward_scheme:
                     part = weight * fd_surrogate(g_shift, zero, steps[s])
                 else:  # central: (1/h)(g(X + h v) - g(X - h v)), one sign per pass
                     part = weight * sign * fd_surrogate(g_shift, zero, steps[s], scheme="central")
+                if fused:
+                    part = part + _ce_sum(logits, labels, label_mask) / (normalizer * len(passes))
                 finish(part, last=last)
             del logits
         return self._with_value(joint_loss, reported)
