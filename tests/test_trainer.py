@@ -167,6 +167,30 @@ def test_fd_gradient_matches_exact(chat_file, tmp_path, kind, scheme, tolerance)
     assert relative < tolerance, f"fd {scheme} relative error {relative:.2e}"
 
 
+def test_fd_runs_with_sdpa_kernels_and_activation_checkpointing(chat_file, tmp_path):
+    """fd needs only first-order autograd: under non-reentrant activation checkpointing and SDPA
+    (whose fused CPU kernel has no double backward) its gradient still matches exact double
+    backward on the eager model without checkpointing."""
+    common = {"method": "logit-f", "penalty_coef": 1.0, "penalty_warmup_steps": 0}
+    exact = trainer_for(chat_file, tmp_path, penalty_grad="exact", **common)
+    fd = trainer_for(chat_file, tmp_path, penalty_grad="fd", penalty_fd_scheme="central",
+                     attn_implementation="sdpa", **common)  # fmt: skip
+    baseline = trainer_for(chat_file, tmp_path, method="baseline")
+    assert fd.model.config._attn_implementation == "sdpa"
+    fd.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert fd.model.is_activation_checkpointing
+    for other in (fd, baseline):
+        other.model.load_state_dict(exact.model.state_dict())
+    batch = _batch(exact)
+    with exact._capture.attached(exact.model.get_input_embeddings()):
+        g_exact = _step_gradient(exact, batch)
+    with fd._capture.attached(fd.model.get_input_embeddings()):
+        g_fd = _step_gradient(fd, batch)
+    g_ce = _step_gradient(baseline, batch)
+    pen_exact, pen_fd = g_exact - g_ce, g_fd - g_ce
+    assert (pen_fd - pen_exact).norm() / pen_exact.norm() < 2e-3
+
+
 def test_penalty_fraction_rescales_to_an_unbiased_estimate(chat_file, tmp_path):
     trainer = trainer_for(
         chat_file,
