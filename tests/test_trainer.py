@@ -177,7 +177,9 @@ def test_fd_runs_with_sdpa_kernels_and_activation_checkpointing(chat_file, tmp_p
                      attn_implementation="sdpa", **common)  # fmt: skip
     baseline = trainer_for(chat_file, tmp_path, method="baseline")
     assert fd.model.config._attn_implementation == "sdpa"
-    fd.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    fd.model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False}
+    )
     assert fd.model.is_activation_checkpointing
     for other in (fd, baseline):
         other.model.load_state_dict(exact.model.state_dict())
@@ -189,6 +191,41 @@ def test_fd_runs_with_sdpa_kernels_and_activation_checkpointing(chat_file, tmp_p
     g_ce = _step_gradient(baseline, batch)
     pen_exact, pen_fd = g_exact - g_ce, g_fd - g_ce
     assert (pen_fd - pen_exact).norm() / pen_exact.norm() < 2e-3
+
+
+@pytest.mark.parametrize("scheme, tolerance", [("forward", 2e-2), ("central", 2e-3)])
+def test_fd_with_lora_dropout_matches_exact(chat_file, tmp_path, scheme, tolerance):
+    """fd differences g(X + h v) - g(X) come from separate forwards: with dropout (LoRA's
+    default 0.05) they must share one dropout mask, else the difference is mask noise / h."""
+    lora = {"use_peft": "true", "lora_r": 4, "lora_dropout": 0.05,
+            "lora_target_modules": ["q_proj", "v_proj"]}  # fmt: skip
+    common = {"method": "token-f", "penalty_coef": 1.0, "penalty_warmup_steps": 0, **lora}
+    exact = trainer_for(chat_file, tmp_path, penalty_grad="exact", **common)
+    fd = trainer_for(chat_file, tmp_path, penalty_grad="fd", penalty_fd_scheme=scheme, **common)
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA's B starts at 0, which would switch its dropout off
+        for name, param in exact.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    fd.model.load_state_dict(exact.model.state_dict())
+    batch = _batch(exact)
+    gradients = []
+    for trainer in (exact, fd):
+        with trainer._capture.attached(trainer.model.get_input_embeddings()):
+            gradients.append(_step_gradient(trainer, batch))
+    g_exact, g_fd = gradients
+    assert (g_fd - g_exact).norm() / g_exact.norm() < tolerance
+
+
+def test_fd_with_a_penalized_fraction_logs_consistent_ce(chat_file, tmp_path):
+    trainer = trainer_for(chat_file, tmp_path, method="token-f", penalty_coef=0.05,
+                          penalty_warmup_steps=0, penalty_grad="fd", penalty_fraction=0.5,
+                          max_steps=2)  # fmt: skip
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "penalty" in entry]
+    assert len(logs) == 2
+    for entry in logs:  # ce_loss is the per-token CE of the whole batch, not a mean of halves
+        assert entry["loss"] == pytest.approx(entry["ce_loss"] + 0.05 * entry["penalty"], rel=1e-4)
 
 
 def test_penalty_fraction_rescales_to_an_unbiased_estimate(chat_file, tmp_path):

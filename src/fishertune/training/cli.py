@@ -258,6 +258,8 @@ def _install_checkpoint_record(trainer: Any) -> None:
 
     def save_and_record(model: Any, trial: Any) -> None:
         save_checkpoint(model, trial)
+        # every rank has written its part (RNG state, optimizer shards) before the record says so
+        trainer.accelerator.wait_for_everyone()
         if trainer.args.should_save:
             folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
             write_json_atomic(folder / CHECKPOINT_RECORD, {"step": trainer.state.global_step})

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import Tensor, nn
 from trl import SFTTrainer
 
@@ -233,7 +234,8 @@ class FisherSFTTrainer(SFTTrainer):
         return getattr(self, "current_gradient_accumulation_steps", 1)
 
     def _no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        if self.accelerator.num_processes > 1 and hasattr(model, "no_sync"):
+        # accelerate picks DDP's no_sync or FSDP2's requires_gradient_sync(False)
+        if self.accelerator.num_processes > 1:
             return self.accelerator.no_sync(model)
         return contextlib.nullcontext()
 
@@ -244,10 +246,31 @@ class FisherSFTTrainer(SFTTrainer):
             return sdpa_kernel([SDPBackend.MATH])
         return contextlib.nullcontext()
 
-    def _forward(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    def _forward(
+        self, model: nn.Module, inputs: dict[str, Tensor], rng_seed: int | None = None
+    ) -> Tensor:
+        """Logits (B, L, V); with ``rng_seed``, dropout masks drawn from that seed.
+
+        The penalty's forwards share one seed: fd differences g(X + h v) - g(X) of forwards with
+        different dropout masks (LoRA's default lora_dropout=0.05, say) would be mask noise / h.
+        The global RNG streams are left as they were.
+        """
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         model_inputs["use_cache"] = False
-        return model(**model_inputs).logits  # (B, L, V)
+        if rng_seed is None:
+            return model(**model_inputs).logits
+        device = inputs["input_ids"].device
+        accelerator = device.type != "cpu"
+        with torch.random.fork_rng(
+            devices=[device] if accelerator else [],
+            device_type=device.type if accelerator else "cuda",
+        ):
+            torch.manual_seed(rng_seed)
+            return model(**model_inputs).logits
+
+    def _rng_seed(self) -> int:
+        generator = self._generator(torch.device("cpu"), purpose=3)
+        return int(torch.randint(2**62, (1,), generator=generator).item())
 
     @staticmethod
     def _select_rows(inputs: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
@@ -258,8 +281,14 @@ class FisherSFTTrainer(SFTTrainer):
     def _record(self, name: str, value: float) -> None:
         self._metrics["train"][name].append(value)
 
-    def _record_ce_metrics(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """CE summed over scored tokens (float32, with graph) and the label mask."""
+    def _record_ce_metrics(
+        self, logits: Tensor, labels: Tensor, pending: list[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """CE summed over scored tokens (float32, with graph) and the label mask.
+
+        Records CE, entropy and token accuracy per token; with ``pending`` the sums are appended
+        there instead and recorded by :meth:`_flush_ce_metrics` (a batch scored in parts).
+        """
         label_mask = label_mask_from_labels(labels)
         targets = labels[:, 1:][label_mask[:, :-1]]  # (N,)
         log_probs = torch.log_softmax(logits[label_mask].float(), dim=-1)  # (N, V)
@@ -269,14 +298,20 @@ class FisherSFTTrainer(SFTTrainer):
             probs = log_probs.exp()
             entropy = -(probs * log_probs).sum()
             correct = (log_probs.argmax(-1) == targets).sum()
-            gathered = self.accelerator.gather_for_metrics(
-                torch.stack([n.float(), entropy, correct.float(), ce_sum.detach()])[None]
-            ).sum(0)
-            total = gathered[0].clamp(min=1.0)
-            self._record("entropy", (gathered[1] / total).item())
-            self._record("mean_token_accuracy", (gathered[2] / total).item())
-            self._record("ce_loss", (gathered[3] / total).item())
+            stats = torch.stack([n.float(), entropy, correct.float(), ce_sum.detach()])
+        if pending is None:
+            self._flush_ce_metrics([stats])
+        else:
+            pending.append(stats)
         return ce_sum, label_mask
+
+    @torch.no_grad()
+    def _flush_ce_metrics(self, stats: list[Tensor]) -> None:
+        gathered = self.accelerator.gather_for_metrics(torch.stack(stats).sum(0)[None]).sum(0)
+        total = gathered[0].clamp(min=1.0)
+        self._record("entropy", (gathered[1] / total).item())
+        self._record("mean_token_accuracy", (gathered[2] / total).item())
+        self._record("ce_loss", (gathered[3] / total).item())
 
     def _count_tokens(self, inputs: dict[str, Tensor]) -> None:
         if "attention_mask" in inputs:
@@ -359,7 +394,7 @@ class FisherSFTTrainer(SFTTrainer):
     ) -> Tensor:
         labels = inputs["labels"]
         with self._attention_context():
-            logits = self._forward(model, inputs)
+            logits = self._forward(model, inputs, rng_seed=self._rng_seed())
             embeds = self._capture.embeds
             ce_sum, label_mask = self._record_ce_metrics(logits, labels)
             normalizer = self._loss_normalizer(label_mask, num_items_in_batch)
@@ -394,6 +429,7 @@ class FisherSFTTrainer(SFTTrainer):
             args.penalty_fd_backward == "auto" and not self.is_deepspeed_enabled
         )
         reported = torch.zeros((), device=labels.device)
+        ce_stats: list[Tensor] = []  # CE metrics of both row groups, recorded once
         joint_loss = torch.zeros((), device=labels.device)
 
         def finish(part: Tensor, last: bool) -> None:
@@ -412,7 +448,7 @@ class FisherSFTTrainer(SFTTrainer):
             rest_inputs = self._select_rows(inputs, rest)
             with self._no_sync(model) if split else contextlib.nullcontext():
                 logits = self._forward(model, rest_inputs)
-                ce_rest, _ = self._record_ce_metrics(logits, rest_inputs["labels"])
+                ce_rest, _ = self._record_ce_metrics(logits, rest_inputs["labels"], ce_stats)
                 part = ce_rest / normalizer
                 reported = reported + part.detach()
                 finish(part, last=False)
@@ -426,12 +462,20 @@ class FisherSFTTrainer(SFTTrainer):
         # O(h^2) off), so no backward of CE runs at X: for forward differences one backward of
         # g gives both v and grad_theta g(X), accumulated by hand once h (which needs ||v||) is
         # known; for central differences only v is needed. That saves one backward pass.
-        fused = split and self.accelerator.scaler is None
+        # p.grad must be the whole local gradient: not so under FSDP (sharded) or DeepSpeed
+        fused = (
+            split
+            and self.accelerator.scaler is None
+            and self.accelerator.distributed_type
+            not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        )
+        rng_seed = self._rng_seed()
         forward_scheme = args.penalty_fd_scheme == "forward"
         with self._no_sync(model) if split else contextlib.nullcontext():
-            logits = self._forward(model, inputs)
+            logits = self._forward(model, inputs, rng_seed)
             embeds = self._capture.embeds
-            ce_sum, label_mask = self._record_ce_metrics(logits, labels)
+            ce_sum, label_mask = self._record_ce_metrics(logits, labels, ce_stats)
+            self._flush_ce_metrics(ce_stats)
             targets = self._draw(logits, label_mask)
             g = fisher_objective(self._kind, logits, label_mask, targets)  # (m,)
             params = [p for p in model.parameters() if p.requires_grad]
@@ -496,7 +540,7 @@ class FisherSFTTrainer(SFTTrainer):
             with context:
                 self._capture.shift = sign * steps[s] * directions[s]
                 try:
-                    logits = self._forward(model, inputs)
+                    logits = self._forward(model, inputs, rng_seed)
                 finally:
                     self._capture.shift = None
                 g_shift = fisher_objective(
