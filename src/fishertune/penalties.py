@@ -117,9 +117,7 @@ def sample_targets(
             u = torch.rand(n, samples, generator=generator, device=logits.device) * cdf[:, -1:]
             return torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
         if sampling == "uniform":
-            return torch.randint(
-                vocab, (n, samples), generator=generator, device=logits.device
-            )
+            return torch.randint(vocab, (n, samples), generator=generator, device=logits.device)
     raise ValueError(f"sampling must be 'model' or 'uniform', got {sampling!r}")
 
 
@@ -255,8 +253,16 @@ def token_fisher(
         Scalar ``R``, float32 (float64 for float64 logits); 0 when no position is scored.
     """
     return _fisher_penalty(
-        "token", embeds, logits, label_mask, samples=samples, sampling=sampling,
-        reduction=reduction, generator=generator, create_graph=create_graph, targets=targets,
+        "token",
+        embeds,
+        logits,
+        label_mask,
+        samples=samples,
+        sampling=sampling,
+        reduction=reduction,
+        generator=generator,
+        create_graph=create_graph,
+        targets=targets,
     )
 
 
@@ -280,8 +286,16 @@ def logit_fisher(
     :func:`token_fisher`.
     """
     return _fisher_penalty(
-        "logit", embeds, logits, label_mask, samples=samples, sampling=sampling,
-        reduction=reduction, generator=generator, create_graph=create_graph, targets=targets,
+        "logit",
+        embeds,
+        logits,
+        label_mask,
+        samples=samples,
+        sampling=sampling,
+        reduction=reduction,
+        generator=generator,
+        create_graph=create_graph,
+        targets=targets,
     )
 
 
