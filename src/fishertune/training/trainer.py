@@ -233,6 +233,19 @@ class FisherSFTTrainer(SFTTrainer):
         # set by the training loop; a direct compute_loss call counts one micro-step
         return getattr(self, "current_gradient_accumulation_steps", 1)
 
+    def _grads_accumulate_locally(self, model: nn.Module) -> bool:
+        """Whether ``p.grad += x`` by hand equals a backward that accumulates ``x``: not under a
+        loss scaler (fp16), FSDP (sharded DTensor gradients, also when ``fully_shard`` was applied
+        outside accelerate) or DeepSpeed (its engine owns the gradients)."""
+        if self.accelerator.scaler is not None or self.accelerator.distributed_type in (
+            DistributedType.FSDP,
+            DistributedType.DEEPSPEED,
+        ):
+            return False
+        from torch.distributed.tensor import DTensor
+
+        return not any(isinstance(p, DTensor) for p in model.parameters())
+
     def _no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         # accelerate picks DDP's no_sync or FSDP2's requires_gradient_sync(False)
         if self.accelerator.num_processes > 1:
@@ -462,13 +475,7 @@ class FisherSFTTrainer(SFTTrainer):
         # O(h^2) off), so no backward of CE runs at X: for forward differences one backward of
         # g gives both v and grad_theta g(X), accumulated by hand once h (which needs ||v||) is
         # known; for central differences only v is needed. That saves one backward pass.
-        # p.grad must be the whole local gradient: not so under FSDP (sharded) or DeepSpeed
-        fused = (
-            split
-            and self.accelerator.scaler is None
-            and self.accelerator.distributed_type
-            not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        )
+        fused = split and self._grads_accumulate_locally(model)
         rng_seed = self._rng_seed()
         forward_scheme = args.penalty_fd_scheme == "forward"
         with self._no_sync(model) if split else contextlib.nullcontext():
