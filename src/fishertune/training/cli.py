@@ -68,7 +68,9 @@ def build_parser() -> Any:
 
     from fishertune.training.config import FisherSFTConfig
 
-    return TrlParser((_script_arguments_class(), FisherSFTConfig, ModelConfig))
+    return TrlParser(
+        (_script_arguments_class(), FisherSFTConfig, ModelConfig), prog="fishertune train"
+    )
 
 
 def parse_args(argv: list[str]) -> tuple[Any, Any, Any]:
