@@ -53,17 +53,15 @@ Judging the exported answers (outside this package, with the judges' own install
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
+from fishertune.files import write_json_atomic
 
-__all__ = ["build_parser", "main", "write_json_atomic"]
+__all__ = ["build_parser", "main"]
 
 OFFLINE = "offline"
 
@@ -121,22 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--answer_max_new_tokens", type=int, default=1024, help="generation budget per judge answer"
     )
     return p
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON to a temporary file next to ``path`` and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _load(model_dir: Path, device: str) -> tuple[Any, Any]:
@@ -266,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         meta["undefined_metrics"] = undefined
     meta["wall_time_s"] = round(time.time() - started, 2)
     write_json_atomic(
-        args.output, {"metrics": metrics, "higher_is_better": directions, "meta": meta}
+        args.output,
+        {"metrics": metrics, "higher_is_better": directions, "meta": meta},
+        allow_nan=False,
     )
     print(_table(metrics))
     for kind, path in meta.get("answers", {}).items():

@@ -32,6 +32,7 @@ from typing import Any
 
 from fishertune.errors import FishertuneError
 from fishertune.experiments.grid import MODEL_SUBDIR, ExperimentConfig, RunSpec, expand_grid
+from fishertune.files import write_json_atomic
 
 __all__ = [
     "EVALUATION_FILE",
@@ -88,14 +89,6 @@ class RunResult:
     message: str | None = None
     log: str | None = None
     wall_time_s: float = 0.0
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file and ``os.replace``, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:

@@ -8,7 +8,6 @@ Flags are TRL's (``trl sft``: ``--dataset_name``, ``--output_dir``, ``--max_step
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
+from fishertune.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +131,6 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if suffix.isdigit() and (child / CHECKPOINT_RECORD).is_file():
             found.append((int(suffix), child))
     return max(found)[1] if found else None
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON so that readers see the old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool) -> Path | None:
@@ -264,7 +257,9 @@ def _install_checkpoint_record(trainer: Any) -> None:
         trainer.accelerator.wait_for_everyone()
         if trainer.args.should_save:
             folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-            write_json_atomic(folder / CHECKPOINT_RECORD, {"step": trainer.state.global_step})
+            write_json_atomic(
+                folder / CHECKPOINT_RECORD, {"step": trainer.state.global_step}, sort_keys=True
+            )
 
     trainer._save_checkpoint = save_and_record
 
@@ -305,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                 "argv": argv,
             },
+            sort_keys=True,
         )
         print(f"saved to {training_args.output_dir}")
     return 0
