@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from fishertune.analysis.cli import parse_alphas
-from fishertune.analysis.measure import analyze, collate
+from fishertune.analysis.measure import analyze
 from fishertune.cli import main as fishertune_main
+from fishertune.data.chat import collate_tokenized
 from fishertune.errors import FishertuneError
 from micro import CausalMix, cross_entropy, exact_fisher_trace, label_mask
 
@@ -49,7 +50,7 @@ class MicroLM(nn.Module):
 
 def exact_references(model: MicroLM) -> dict[str, Tensor | float]:
     """Loss, ``Tr(H_X)``, ``diag(H_X)`` and ``Tr(F_X)`` of the batch of ``ROWS``, exactly."""
-    batch = collate(ROWS, pad_token_id=0)
+    batch = collate_tokenized(ROWS, pad_token_id=0)
     X = model.embed_tokens(batch["input_ids"]).detach()
     mask, labels = batch["attention_mask"], batch["labels"]
 

@@ -52,7 +52,7 @@ def _validation_scores(model: Any, validation: Any, pad_token_id: int) -> dict[s
     ``validation`` is the tokenized split (``input_ids`` + ``assistant_masks``): labels are the
     assistant tokens only, as in training.
     """
-    from fishertune.analysis.measure import collate
+    from fishertune.data.chat import collate_tokenized
     from fishertune.noise import EmbeddingCapture, find_input_embeddings
     from fishertune.penalties import label_mask_from_labels, token_fisher
 
@@ -64,9 +64,8 @@ def _validation_scores(model: Any, validation: Any, pad_token_id: int) -> dict[s
     rows = list(validation)[:VALIDATION_ROWS]
     with capture.attached(find_input_embeddings(model)):
         for start in range(0, len(rows), 16):
-            batch = {
-                k: v.to(device) for k, v in collate(rows[start : start + 16], pad_token_id).items()
-            }
+            batch = collate_tokenized(rows[start : start + 16], pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             with torch.enable_grad():
                 logits = model(**batch, use_cache=False).logits

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from fishertune.data.chat import collate_tokenized, row_labels
 from fishertune.errors import FishertuneError
 from fishertune.estimators import EmbeddingHVP, TraceEstimate, fisher_trace, hutchinson_traces
 from fishertune.noise import NEFTuneNoise, find_input_embeddings
@@ -51,7 +52,6 @@ __all__ = [
     "Estimate",
     "aggregate",
     "analyze",
-    "collate",
 ]
 
 Z_95 = 1.96
@@ -297,41 +297,9 @@ class AnalysisResult:
 # ------------------------------------------------------------------------------------ batching
 
 
-def _row_labels(row: Mapping[str, Any]) -> list[int]:
-    if "labels" in row and row["labels"] is not None:
-        return list(row["labels"])
-    if "assistant_masks" not in row:
-        raise FishertuneError(
-            "tokenized examples need 'input_ids' and 'assistant_masks' (or 'labels'); got "
-            f"fields {sorted(row)}"
-        )
-    return [
-        token if keep else IGNORE_INDEX
-        for token, keep in zip(row["input_ids"], row["assistant_masks"], strict=True)
-    ]
-
-
-def collate(rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
-    """Right-pad tokenized examples into ``input_ids``, ``attention_mask`` and ``labels`` (B, L).
-
-    ``labels`` are the input ids on assistant tokens (``assistant_masks == 1``) and ``-100``
-    elsewhere, padding included.
-    """
-    length = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids = list(row["input_ids"])
-        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[b, : len(ids)] = 1
-        labels[b, : len(ids)] = torch.tensor(_row_labels(row), dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 def _has_scored_token(row: Mapping[str, Any]) -> bool:
     # Position t predicts token t + 1: a label on the first token is never scored.
-    return any(label != IGNORE_INDEX for label in _row_labels(row)[1:])
+    return any(label != IGNORE_INDEX for label in row_labels(row)[1:])
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -576,7 +544,7 @@ def analyze(
         for index, rows in enumerate(groups):
             measurement = _measure_batch(
                 model,
-                collate(rows, pad_id),
+                collate_tokenized(rows, pad_id),
                 index=index,
                 alphas=alphas,
                 probes=probes,

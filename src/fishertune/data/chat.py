@@ -27,14 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
+from fishertune.penalties import IGNORE_INDEX
 
 __all__ = [
     "ALLOWED_ROLES",
     "BUILTIN_TINY_TASKS",
     "TULU_CHAT_TEMPLATE",
     "assistant_spans",
+    "collate_tokenized",
     "ensure_chat_template",
     "load_conversations",
+    "row_labels",
     "stratified_subsample",
     "tiny_tasks_dir",
     "tokenize_conversation",
@@ -513,6 +516,39 @@ def tokenize_dataset(
 
 # --------------------------------------------------------------------------------------------
 # Stratified subsets
+
+
+def row_labels(row: Mapping[str, Any]) -> list[int]:
+    """A tokenized row's labels: its ``labels``, or its input ids on assistant tokens
+    (``assistant_masks == 1``) and ``-100`` elsewhere."""
+    if "labels" in row and row["labels"] is not None:
+        return list(row["labels"])
+    if "assistant_masks" not in row:
+        raise FishertuneError(
+            "tokenized examples need 'input_ids' and 'assistant_masks' (or 'labels'); got "
+            f"fields {sorted(row)}"
+        )
+    return [
+        token if keep else IGNORE_INDEX
+        for token, keep in zip(row["input_ids"], row["assistant_masks"], strict=True)
+    ]
+
+
+def collate_tokenized(rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad tokenized rows into ``input_ids``, ``attention_mask`` and ``labels`` (B, L)
+    tensors; ``labels`` are :func:`row_labels`, ``-100`` on padding."""
+    import torch
+
+    length = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids = list(row["input_ids"])
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[b, : len(ids)] = 1
+        labels[b, : len(ids)] = torch.tensor(row_labels(row), dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def _strata(values: Iterable[Any]) -> dict[Any, list[int]]:

@@ -76,27 +76,23 @@ def validation_loss(model: Any, tokenized: Any, *, batch_size: int = 16, pad_id:
     """
     import torch
 
+    from fishertune.data.chat import collate_tokenized
+    from fishertune.penalties import IGNORE_INDEX
+
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    rows = list(zip(tokenized["input_ids"], tokenized["assistant_masks"], strict=True))
+    rows = list(tokenized)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for row, (row_ids, row_mask) in enumerate(chunk):
-            ids[row, : len(row_ids)] = torch.tensor(row_ids)
-            attention[row, : len(row_ids)] = 1
-            mask[row, : len(row_mask)] = torch.tensor(row_mask, dtype=torch.bool)
+        batch = collate_tokenized(rows[start : start + batch_size], pad_id)
+        ids = batch["input_ids"]
         with torch.no_grad():
             logits = model(
-                input_ids=ids.to(device), attention_mask=attention.to(device)
+                input_ids=ids.to(device), attention_mask=batch["attention_mask"].to(device)
             ).logits.float()  # (B, L, V)
         logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, L-1, V): predicts x_1 .. x_{L-1}
         target = ids[:, 1:].to(device)  # (B, L-1)
         token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, L-1)
-        scored = mask[:, 1:].to(device)
+        scored = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
         total -= float(token_logp[scored].sum())
         count += int(scored.sum())
     if count == 0:
