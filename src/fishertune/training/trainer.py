@@ -69,10 +69,15 @@ def _attention_implementation(model: nn.Module) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
+def _scored_log_probs(logits: Tensor, labels: Tensor, label_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Float32 log-probabilities (N, V) at the scored positions and their targets (N,)."""
+    targets = labels[:, 1:][label_mask[:, :-1]]
+    return torch.log_softmax(logits[label_mask].float(), dim=-1), targets
+
+
 def _ce_sum(logits: Tensor, labels: Tensor, label_mask: Tensor) -> Tensor:
     """Cross-entropy summed over the scored positions, in float32."""
-    targets = labels[:, 1:][label_mask[:, :-1]]  # (N,)
-    log_probs = torch.log_softmax(logits[label_mask].float(), dim=-1)  # (N, V)
+    log_probs, targets = _scored_log_probs(logits, labels, label_mask)
     return -log_probs.gather(1, targets[:, None]).sum()
 
 
@@ -303,8 +308,7 @@ class FisherSFTTrainer(SFTTrainer):
         there instead and recorded by :meth:`_flush_ce_metrics` (a batch scored in parts).
         """
         label_mask = label_mask_from_labels(labels)
-        targets = labels[:, 1:][label_mask[:, :-1]]  # (N,)
-        log_probs = torch.log_softmax(logits[label_mask].float(), dim=-1)  # (N, V)
+        log_probs, targets = _scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
         ce_sum = -log_probs.gather(1, targets[:, None]).sum()
         with torch.no_grad():
             n = label_mask.sum()
