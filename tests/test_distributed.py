@@ -44,7 +44,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP_CONFIG = ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"
-TOPICS = ["apples", "rivers", "stars", "clocks", "maps", "songs", "bridges", "gardens"]
 PENALTY = {"penalty_coef": 0.05, "penalty_warmup_steps": 0}
 
 # name -> (overrides, layout_free)
@@ -193,25 +192,6 @@ def _launch(tmp: Path, data: Path, processes: int, names: list[str]) -> dict[str
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return {name: json.loads((out / f"{name}.json").read_text()) for name in names}
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    rows = []
-    for i in range(48):
-        topic = TOPICS[i % len(TOPICS)]
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"say something about {topic} number {i}"},
-                    {"role": "assistant", "content": f"{topic} are nice, {i} times over"},
-                ],
-                "source": "odd" if i % 2 else "even",
-            }
-        )
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

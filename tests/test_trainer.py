@@ -14,27 +14,6 @@ from fishertune.cli import main as cli_main
 from fishertune.errors import FishertuneError
 from fishertune.training.cli import build_trainer, latest_checkpoint, parse_args
 
-TOPICS = ["apples", "rivers", "stars", "clocks", "maps", "songs", "bridges", "gardens"]
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    rows = []
-    for i in range(48):
-        topic = TOPICS[i % len(TOPICS)]
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"say something about {topic} number {i}"},
-                    {"role": "assistant", "content": f"{topic} are nice, {i} times over"},
-                ],
-                "source": "odd" if i % 2 else "even",
-            }
-        )
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
 
 def base_args(chat_file: Path, output_dir: Path, **overrides: object) -> list[str]:
     options = {
@@ -131,6 +110,19 @@ def _batch(trainer):
     return trainer._prepare_inputs(batch)
 
 
+def _gradients_on_one_batch(*trainers) -> list[torch.Tensor]:
+    """Each trainer's step gradient, all with the first one's weights on its first batch."""
+    first = trainers[0]
+    for other in trainers[1:]:
+        other.model.load_state_dict(first.model.state_dict())
+    batch = _batch(first)
+    gradients = []
+    for trainer in trainers:
+        with trainer._capture.attached(trainer.model.get_input_embeddings()):
+            gradients.append(_step_gradient(trainer, batch))
+    return gradients
+
+
 @pytest.mark.parametrize("kind", ["token-f", "logit-f"])
 @pytest.mark.parametrize("scheme, tolerance", [("forward", 2e-2), ("central", 2e-3)])
 def test_fd_gradient_matches_exact(chat_file, tmp_path, kind, scheme, tolerance):
@@ -152,14 +144,7 @@ def test_fd_gradient_matches_exact(chat_file, tmp_path, kind, scheme, tolerance)
         penalty_fd_scheme=scheme,
     )
     baseline = trainer_for(chat_file, tmp_path, method="baseline")
-    fd.model.load_state_dict(exact.model.state_dict())
-    baseline.model.load_state_dict(exact.model.state_dict())
-    batch = _batch(exact)
-    with exact._capture.attached(exact.model.get_input_embeddings()):
-        g_exact = _step_gradient(exact, batch)
-    with fd._capture.attached(fd.model.get_input_embeddings()):
-        g_fd = _step_gradient(fd, batch)
-    g_ce = _step_gradient(baseline, batch)
+    g_exact, g_fd, g_ce = _gradients_on_one_batch(exact, fd, baseline)
     # compare the penalty's part of the gradient, which the CE part would otherwise dominate
     pen_exact, pen_fd = g_exact - g_ce, g_fd - g_ce
     assert pen_exact.norm() > 0.1 * g_ce.norm()
@@ -181,14 +166,7 @@ def test_fd_runs_with_sdpa_kernels_and_activation_checkpointing(chat_file, tmp_p
         activation_checkpointing_kwargs={"use_reentrant": False}
     )
     assert fd.model.is_activation_checkpointing
-    for other in (fd, baseline):
-        other.model.load_state_dict(exact.model.state_dict())
-    batch = _batch(exact)
-    with exact._capture.attached(exact.model.get_input_embeddings()):
-        g_exact = _step_gradient(exact, batch)
-    with fd._capture.attached(fd.model.get_input_embeddings()):
-        g_fd = _step_gradient(fd, batch)
-    g_ce = _step_gradient(baseline, batch)
+    g_exact, g_fd, g_ce = _gradients_on_one_batch(exact, fd, baseline)
     pen_exact, pen_fd = g_exact - g_ce, g_fd - g_ce
     assert (pen_fd - pen_exact).norm() / pen_exact.norm() < 2e-3
 
@@ -207,13 +185,7 @@ def test_fd_with_lora_dropout_matches_exact(chat_file, tmp_path, scheme, toleran
         for name, param in exact.model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    fd.model.load_state_dict(exact.model.state_dict())
-    batch = _batch(exact)
-    gradients = []
-    for trainer in (exact, fd):
-        with trainer._capture.attached(trainer.model.get_input_embeddings()):
-            gradients.append(_step_gradient(trainer, batch))
-    g_exact, g_fd = gradients
+    g_exact, g_fd = _gradients_on_one_batch(exact, fd)
     assert (g_fd - g_exact).norm() / g_exact.norm() < tolerance
 
 
