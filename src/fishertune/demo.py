@@ -27,22 +27,15 @@ VALIDATION_ROWS = 200
 
 def method_overrides(grid_config: Path = GRID_CONFIG) -> dict[str, dict[str, Any]]:
     """Per-method overrides of the tiny grid (``methods:`` of the experiment YAML)."""
-    import yaml
+    from fishertune.experiments.grid import load_experiment
 
     if not grid_config.is_file():
         raise FishertuneError(f"{grid_config} not found: run the demo from a fishertune checkout")
-    methods = yaml.safe_load(grid_config.read_text()).get("methods") or {}
+    methods = load_experiment(grid_config).methods
     missing = [m for m in METHOD_ORDER if m not in methods]
     if missing:
         raise FishertuneError(f"{grid_config}: methods {missing} are missing")
-    return {name: dict(methods[name] or {}) for name in METHOD_ORDER}
-
-
-def to_flags(overrides: dict[str, Any]) -> list[str]:
-    flags = []
-    for key, value in overrides.items():
-        flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return flags
+    return {name: dict(methods[name]) for name in METHOD_ORDER}
 
 
 @torch.no_grad()
@@ -94,13 +87,14 @@ def run(output_dir: Path, max_steps: int | None, methods: tuple[str, ...]) -> li
     from transformers import set_seed
 
     from fishertune.data.chat import load_conversations, tokenize_dataset
+    from fishertune.experiments.runner import override_flags
     from fishertune.training.cli import build_trainer, load_tokenizer, parse_args
 
     overrides = method_overrides()
     rows = []
     validation = None
     for method in methods:
-        argv = ["--config", str(BASE_CONFIG), *to_flags(overrides[method])]
+        argv = ["--config", str(BASE_CONFIG), *override_flags(overrides[method])]
         argv += ["--output_dir", str(output_dir / method), "--overwrite_output_dir", "true"]
         argv += ["--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none"]
         if max_steps is not None:
