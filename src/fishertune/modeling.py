@@ -8,7 +8,9 @@ import torch
 
 from fishertune.errors import FishertuneError
 
-__all__ = ["load_causal_lm", "tiny_llama"]
+__all__ = ["TINY_MODEL", "load_causal_lm", "tiny_llama"]
+
+TINY_MODEL = "builtin:tiny-llama"  # the name that selects tiny_llama (the offline preset's model)
 
 
 def tiny_llama(

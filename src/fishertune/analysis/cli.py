@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fishertune.errors import FishertuneError
+from fishertune.modeling import TINY_MODEL
 
 __all__ = ["build_parser", "main", "parse_alphas"]
 
-TINY_MODEL = "builtin:tiny-llama"
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
 
@@ -173,7 +173,7 @@ def load_model_and_tokenizer(
         FishertuneError: a local path that is not a saved model folder, or a model or tokenizer
             that cannot be loaded.
     """
-    from fishertune.data.chat import ensure_chat_template
+    from fishertune.data.tokenizer import TINY_TOKENIZER, load_chat_tokenizer
     from fishertune.modeling import load_causal_lm, tiny_llama
 
     if model != TINY_MODEL and _looks_like_path(model):
@@ -183,28 +183,14 @@ def load_model_and_tokenizer(
             raise FishertuneError(f"--model {model}: not a saved model folder ({what})")
         model = str(folder)
     if tokenizer is None and model == TINY_MODEL:
-        from fishertune.data.tokenizer import load_tiny_tokenizer
-
-        tok = load_tiny_tokenizer()
+        tok = load_chat_tokenizer(TINY_TOKENIZER)
     else:
         name = tokenizer or model
         if _looks_like_path(name):
             if not Path(name).expanduser().is_dir():
                 raise FishertuneError(f"--tokenizer {name}: no such folder")
             name = str(Path(name).expanduser())
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise FishertuneError(
-                f"cannot load tokenizer {name!r} (not a local folder, and the hub could not "
-                f"provide it): {first}"
-            ) from err
-    ensure_chat_template(tok)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        tok = load_chat_tokenizer(name)
 
     if model == TINY_MODEL:
         # The tiny preset's architecture (configs/tiny.yaml), randomly initialised.

@@ -21,13 +21,20 @@ from fishertune.data.tasks import (
     reference_answer,
     write_tiny_tasks,
 )
-from fishertune.data.tokenizer import TINY_CHAT_TEMPLATE, build_tiny_tokenizer, load_tiny_tokenizer
+from fishertune.data.tokenizer import (
+    TINY_CHAT_TEMPLATE,
+    TINY_TOKENIZER,
+    build_tiny_tokenizer,
+    load_chat_tokenizer,
+    load_tiny_tokenizer,
+)
 
 __all__ = [
     "BUILTIN_TINY_TASKS",
     "FAMILIES",
     "INSTRUCTION_CHECKERS",
     "TINY_CHAT_TEMPLATE",
+    "TINY_TOKENIZER",
     "TULU_CHAT_TEMPLATE",
     "assistant_spans",
     "build_tiny_tokenizer",
@@ -35,6 +42,7 @@ __all__ = [
     "ensure_chat_template",
     "generate_examples",
     "generate_splits",
+    "load_chat_tokenizer",
     "load_conversations",
     "load_tiny_tokenizer",
     "reference_answer",

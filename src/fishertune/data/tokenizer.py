@@ -20,16 +20,21 @@ import importlib.resources
 from pathlib import Path
 from typing import Any
 
+from fishertune.errors import FishertuneError
+
 __all__ = [
     "TINY_CHAT_TEMPLATE",
     "TINY_SPECIAL_TOKENS",
+    "TINY_TOKENIZER",
     "TINY_VOCAB_SIZE",
     "build_tiny_tokenizer",
+    "load_chat_tokenizer",
     "load_tiny_tokenizer",
     "tiny_tokenizer_dir",
 ]
 
 TINY_VOCAB_SIZE = 1024
+TINY_TOKENIZER = "builtin:tiny-tokenizer"  # the name that selects the shipped tokenizer
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|>")
 # Ids 0..5 in this order.
@@ -132,3 +137,29 @@ def build_tiny_tokenizer(out_dir: str | Path, *, vocab_size: int = TINY_VOCAB_SI
     out.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(str(out))
     return out
+
+
+def load_chat_tokenizer(name: str) -> Any:
+    """A tokenizer ready for chat SFT: the shipped one for :data:`TINY_TOKENIZER`, otherwise
+    ``AutoTokenizer.from_pretrained(name)``; given a chat template if it has none (open-instruct's
+    Tulu template) and EOS as padding if it has no pad token. A tokenizer that cannot be loaded
+    raises a one-line ``FishertuneError``."""
+    from fishertune.data.chat import ensure_chat_template
+
+    if name == TINY_TOKENIZER:
+        tokenizer = load_tiny_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FishertuneError(
+                f"cannot load tokenizer {name!r} (not a local folder, and the hub could not "
+                f"provide it): {first}"
+            ) from err
+    ensure_chat_template(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -122,21 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(model_dir: Path, device: str) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
-    from fishertune.data.chat import ensure_chat_template
+    from fishertune.data.tokenizer import load_chat_tokenizer
     from fishertune.modeling import load_causal_lm
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as err:
+        tokenizer = load_chat_tokenizer(str(model_dir))
+    except FishertuneError as err:
         raise FishertuneError(
-            f"--model {model_dir}: cannot load its tokenizer ({str(err).splitlines()[0]}); save "
-            "the training tokenizer with the model"
+            f"--model {model_dir}: {err}; save the training tokenizer with the model"
         ) from err
-    ensure_chat_template(tokenizer)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model = load_causal_lm(str(model_dir)).to(device)
     model.eval()
     return model, tokenizer

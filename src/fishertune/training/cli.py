@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fishertune.data.tokenizer import TINY_TOKENIZER, load_chat_tokenizer
 from fishertune.errors import FishertuneError
 from fishertune.files import write_json_atomic
+from fishertune.modeling import TINY_MODEL
 
 logger = logging.getLogger(__name__)
 
-TINY_MODEL = "builtin:tiny-llama"
-TINY_TOKENIZER = "builtin:tiny-tokenizer"
 RUN_RECORD = "fishertune_run.json"
 CHECKPOINT_RECORD = "fishertune_checkpoint.json"
 
@@ -159,24 +159,8 @@ def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool) -> Pat
 
 
 def load_tokenizer(script_args: Any, model_args: Any) -> Any:
-    from fishertune.data.chat import ensure_chat_template
-
     name = script_args.tokenizer_name_or_path or model_args.model_name_or_path
-    if name in (TINY_TOKENIZER, TINY_MODEL):
-        from fishertune.data.tokenizer import load_tiny_tokenizer
-
-        tokenizer = load_tiny_tokenizer()
-    else:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        except OSError as err:
-            raise FishertuneError(f"cannot load tokenizer {name!r}: {err}") from err
-    ensure_chat_template(tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_chat_tokenizer(TINY_TOKENIZER if name == TINY_MODEL else name)
 
 
 def load_model(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> Any:
