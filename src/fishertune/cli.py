@@ -1,4 +1,5 @@
-"""``fishertune`` command line: ``train``, ``analyze``, ``evaluate``, ``experiment``, ``demo``.
+"""``fishertune`` command line: ``train``, ``analyze``, ``evaluate``, ``experiment``, ``demo``,
+``presets``; ``fishertune --version``; ``python -m fishertune`` is the same command.
 
 Each subcommand lives in its own module and is imported only when used, so ``fishertune analyze``
 does not pay for TRL's import and ``--help`` is fast.
@@ -17,11 +18,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("fishertune.evaluation.cli", "evaluate a trained model (offline or lm-eval)"),
     "experiment": ("fishertune.experiments.cli", "run a grid of methods x seeds and report"),
     "demo": ("fishertune.demo", "offline tiny preset: train the four methods and compare"),
+    "presets": ("fishertune.presets", "list the shipped presets; print one's path or YAML"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: fishertune COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: fishertune COMMAND [ARGS...] | --version", "", "commands:"]
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines.append("\nrun `fishertune COMMAND --help` for a command's options")
     return "\n".join(lines)
@@ -31,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from fishertune import __version__
+
+        print(f"fishertune {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

@@ -1,12 +1,12 @@
-"""``fishertune experiment --config FILE.yaml``: run a grid of methods x seeds, then report.
+"""``fishertune experiment --config FILE.yaml|GRID``: run a grid of methods x seeds, then report.
 
 Examples::
 
-    fishertune experiment --config configs/experiments/tiny.yaml --dry_run
-    fishertune experiment --config configs/experiments/tiny.yaml            # resumable
-    fishertune experiment --config configs/experiments/tiny.yaml --report_only
+    fishertune experiment --config tiny --dry_run
+    fishertune experiment --config tiny            # resumable
+    fishertune experiment --config tiny --report_only
     # a quick pass over the pipeline: one seed, 20 steps, its own folder
-    fishertune experiment --config configs/experiments/tiny.yaml --seeds 0 --max_steps 20 \\
+    fishertune experiment --config tiny --seeds 0 --max_steps 20 \\
         --output_dir runs/tiny-smoke
 """
 
@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and evaluate every run of an experiment grid, one at a time, skipping "
         "finished ones, then write tables and plots to OUTPUT_DIR/report/.",
     )
-    parser.add_argument("--config", required=True, help="experiment YAML (configs/experiments/)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="experiment YAML, or a shipped grid: tiny, tiny-ablations, paper (a file wins)",
+    )
     parser.add_argument(
         "--dry_run",
         "--dry-run",

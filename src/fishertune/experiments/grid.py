@@ -2,13 +2,13 @@
 
 An experiment YAML names a training preset and the variations to run on it::
 
-    base_config: configs/tiny.yaml          # training YAML given to `fishertune train --config`
+    base_config: tiny                       # training YAML or preset: `fishertune train --config`
     output_dir: runs/tiny                   # one folder per run under OUTPUT_DIR/runs/
     overrides: {max_steps: 40}              # optional, every run
     methods:                                # name -> training overrides
       baseline: {method: baseline}
       neftune: {method: neftune, neftune_alpha: 5}
-      token-f: {method: token-f, base_config: configs/paper/token-f.yaml}  # own preset
+      token-f: {method: token-f, base_config: paper/token-f}  # own preset (or a file)
     seeds: [0, 1, 2]
     ablations:                              # optional: name -> overrides
       no-warmup: {penalty_warmup_steps: 0}
@@ -24,9 +24,9 @@ trained model (``fishertune train --output_dir``) in its ``model/`` sub-folder. 
 are merged with the precedence base YAML < ``overrides`` < method < ablation < seed (the grid's
 seed always wins).
 Relative input paths are resolved against the current directory, then against the experiment
-file's directory, then against its parent directories, so a file under ``configs/experiments/``
-can name ``configs/tiny.yaml`` from anywhere inside the repository; ``output_dir`` is relative to
-the current directory.
+file's directory, then (``base_config``, ``accelerate_config``) as the name of a shipped preset
+(``fishertune presets``), then against the experiment file's parent directories; a file always
+wins over a preset of the same name. ``output_dir`` is relative to the current directory.
 """
 
 from __future__ import annotations
@@ -192,24 +192,46 @@ def _err(path: Path, where: str, message: str) -> FishertuneError:
     return FishertuneError(f"{path}: {where}: {message}")
 
 
-def _resolve(path: Path, where: str, value: Any, *, must_exist: bool = True) -> Path:
+def _resolve(
+    path: Path, where: str, value: Any, *, must_exist: bool = True, preset: str | None = None
+) -> Path:
+    """A path named in the experiment file; ``preset`` (a kind of :mod:`fishertune.presets`)
+    lets the value also be a shipped preset's name (``tiny``, ``paper/token-f``,
+    ``accelerate/deepspeed_zero3``), so the shipped grids work from an installed package."""
     if not isinstance(value, str) or not value:
         raise _err(path, where, f"expected a path string, got {value!r}")
     candidate = Path(value).expanduser()
+    exists = Path.is_file if preset else Path.exists
     if candidate.is_absolute():
-        if must_exist and not candidate.exists():
+        if must_exist and not exists(candidate):
             raise _err(path, where, f"{candidate} does not exist")
         return candidate
     if not must_exist:
         return Path.cwd() / candidate
-    # Experiment files live in configs/experiments/ but name presets relative to the repository
-    # root; trying the file's folder and its parents lets them run from any working directory.
-    roots = [Path.cwd(), path.resolve().parent, *path.resolve().parent.parents]
-    for root in roots:
-        if (root / candidate).exists():
+    here = path.resolve().parent
+    for root in (Path.cwd(), here):
+        if exists(root / candidate):
             return (root / candidate).resolve()
+    if preset is not None:
+        from fishertune.presets import preset_path
+
+        found = preset_path(value, preset)
+        if found is not None:
+            return found.resolve()
+    # Grids kept inside a checkout may name files relative to the repository root: try the
+    # experiment file's parent folders too.
+    for root in here.parents:
+        if exists(root / candidate):
+            return (root / candidate).resolve()
+    known = ""
+    if preset is not None:
+        from fishertune.presets import preset_names
+
+        known = f"; {preset} presets: {', '.join(preset_names(preset))}"
     raise _err(
-        path, where, f"{value} not found (looked in the current directory and above {path.parent})"
+        path,
+        where,
+        f"{value} not found (looked in the current directory and above {path.parent}){known}",
     )
 
 
@@ -353,7 +375,11 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
     for key in ("output_dir", "methods", "seeds"):
         if key not in raw:
             raise _err(path, key, "missing (required)")
-    base = _resolve(path, "base_config", raw["base_config"]) if raw.get("base_config") else None
+    base = (
+        _resolve(path, "base_config", raw["base_config"], preset="train")
+        if raw.get("base_config")
+        else None
+    )
     output_dir = _resolve(path, "output_dir", raw["output_dir"], must_exist=False)
 
     methods_raw = _mapping(path, "methods", raw["methods"])
@@ -366,7 +392,7 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         body = _mapping(path, where, body)
         own = body.pop("base_config", None)
         if own is not None:
-            method_configs[name] = _resolve(path, f"{where}.base_config", own)
+            method_configs[name] = _resolve(path, f"{where}.base_config", own, preset="train")
         elif base is not None:
             method_configs[name] = base
         else:
@@ -408,7 +434,9 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         raise _err(path, "launcher", f"{launcher!r} is not one of {', '.join(LAUNCHERS)}")
     accelerate_config = None
     if raw.get("accelerate_config") is not None:
-        accelerate_config = _resolve(path, "accelerate_config", raw["accelerate_config"])
+        accelerate_config = _resolve(
+            path, "accelerate_config", raw["accelerate_config"], preset="accelerate"
+        )
     num_processes = _positive_int(path, "num_processes", raw.get("num_processes"))
     if launcher == "local" and (accelerate_config or num_processes):
         raise _err(path, "launcher", "accelerate_config / num_processes need launcher: accelerate")
@@ -456,7 +484,7 @@ def load_experiment(
     """Read and validate an experiment YAML file.
 
     Args:
-        path: the YAML file.
+        path: the YAML file, or a shipped grid's name (``tiny``, ``tiny-ablations``, ``paper``).
         output_dir: replaces the file's ``output_dir``.
         seeds: replace the file's ``seeds`` and ``ablation_seeds``.
         overrides: merged over the file's ``overrides`` (below methods and ablations), e.g.
@@ -464,9 +492,17 @@ def load_experiment(
     """
     import yaml
 
+    from fishertune.presets import preset_names, preset_path
+
     path = Path(path)
     if not path.is_file():
-        raise FishertuneError(f"{path}: experiment file not found")
+        found = preset_path(str(path), "experiment")  # `--config tiny`: a file of that name wins
+        if found is None:
+            raise FishertuneError(
+                f"{path}: experiment file not found, and no experiment preset of that name; "
+                f"experiment presets: {', '.join(preset_names('experiment'))}"
+            )
+        path = found
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

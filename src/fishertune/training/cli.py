@@ -1,4 +1,7 @@
-"""``fishertune train --config FILE.yaml [--key value ...]``: fine-tune with a method.
+"""``fishertune train --config FILE.yaml|PRESET [--key value ...]``: fine-tune with a method.
+
+``--config`` takes a YAML file or a shipped preset's name (``tiny``, ``paper/token-f``: see
+``fishertune presets``); a file of that name wins.
 
 Flags are TRL's (``trl sft``: ``--dataset_name``, ``--output_dir``, ``--max_steps``, ``--seed``,
 ``--model_name_or_path`` ...) plus the fields of :class:`FisherSFTConfig` and of
@@ -76,12 +79,15 @@ def build_parser() -> Any:
 def parse_args(argv: list[str]) -> tuple[Any, Any, Any]:
     """Parse YAML + overrides; bad values become a one-line ``FishertuneError``."""
     if "--config" in argv:
+        from fishertune.presets import resolve_config
+
         index = argv.index("--config")
         if index + 1 >= len(argv):
-            raise FishertuneError("--config needs a YAML file")
-        path = Path(argv[index + 1])
-        if not path.is_file():
-            raise FishertuneError(f"config file {path} does not exist")
+            raise FishertuneError(
+                "--config needs a YAML file or a preset name (fishertune presets)"
+            )
+        path = resolve_config(argv[index + 1], "train")  # a file, else a preset (`tiny`)
+        argv = [*argv[: index + 1], str(path), *argv[index + 2 :]]
         _check_config_keys(path)
     parser = build_parser()
     parser.exit_on_error = False  # argparse's usage dump + SystemExit becomes one line below
