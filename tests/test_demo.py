@@ -7,11 +7,26 @@ import math
 import pytest
 
 from fishertune.cli import main as cli_main
+from fishertune.demo import METHOD_ORDER, default_output_dir
 
 
-def test_demo_trains_the_four_methods_and_prints_the_table(tmp_path, capsys):
-    assert cli_main(["demo", "--max_steps", "2", "--output_dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+def test_demo_trains_the_four_methods_and_prints_the_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # any folder: the presets come with the package
+    output_dir = tmp_path / "demo"
+    assert cli_main(["demo", "--max_steps", "2", "--output_dir", str(output_dir)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    # quiet: the table and two lines on stdout; on stderr only the progress bars
+    others = [line for line in out.splitlines() if line and not line.startswith("|")]
+    assert others[0] == f"runs under {output_dir} (per-step logs: METHOD/train.log and tensorboard)"
+    assert len(others) == 2 and others[1].startswith("total wall time")
+    bars = [line.strip() for line in captured.err.replace("\r", "\n").splitlines() if line.strip()]
+    assert bars and all(line.split(":")[0].strip() in METHOD_ORDER for line in bars), bars
+    for method in METHOD_ORDER:
+        log = (output_dir / method / "train.log").read_text()
+        assert "step 2: {" in log and '"ce_loss"' in log  # the per-step logs went here
+        assert list((output_dir / method / "runs").glob("*/events.out.tfevents.*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing in the cwd
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| method | final train CE | val loss")
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table[1:]}
@@ -22,6 +37,21 @@ def test_demo_trains_the_four_methods_and_prints_the_table(tmp_path, capsys):
         penalty = cells[2].strip()
         # the penalty is logged only by the penalty methods
         assert (penalty == "-") == (method in ("baseline", "neftune"))
+
+
+def test_demo_never_clears_a_folder_it_did_not_make(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli_main(["demo", "--max_steps", "1", "--output_dir", str(tmp_path)]) == 2
+    assert "was not made by fishertune demo" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_demo_runs_go_to_the_user_cache_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_output_dir() == tmp_path / "xdg" / "fishertune" / "demo"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_output_dir() == tmp_path / "home" / ".cache" / "fishertune" / "demo"
 
 
 def test_demo_rejects_an_unknown_method(capsys):

@@ -555,7 +555,7 @@ def test_shipped_tiny_experiments_expand_and_parse(tmp_path: Path) -> None:
 def test_shipped_paper_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = yaml.safe_load((REPO / "configs/experiments/paper.yaml").read_text())
     assert set(raw["methods"]) == {"baseline", "neftune", "token-f", "logit-f"}
-    assert raw["methods"]["token-f"] == {"base_config": "configs/paper/token-f.yaml"}
+    assert raw["methods"]["token-f"] == {"base_config": "paper/token-f"}  # a preset name
     assert raw["launcher"] == "accelerate" and raw["num_processes"] == 8
     assert raw["evaluation"]["tasks"] == ["mmlu", "ifeval", "truthfulqa_mc2"]
     # the judge question files are the user's to download: stand-ins in the working directory
