@@ -5,8 +5,8 @@ Fisher trace, the uniform-sampling expectation and the penalty value from dense 
 (``torch.func.jacrev``) over the whole embedding tensor ``X`` (B, L, d), so cross-position
 Jacobians are included.
 
-Conventions follow ``MATH.md``: position ``t`` predicts token ``t + 1``, ``M_t`` is the label mask
-aligned with the logits, ``N = sum(M)``.
+Conventions follow ``docs/method.md``: position ``t`` predicts token ``t + 1``, ``M_t`` is the
+label mask aligned with the logits, ``N = sum(M)``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Fisher-trace penalties on the token embeddings: token-F and logit-F.
 
-Torch only. Notation (``MATH.md``): embeddings ``X`` (B, L, d), logits ``Z = f(X)`` (B, L, V),
-``p_t = softmax(z_t)``, a label mask ``M`` (B, L) aligned with the logits (position ``t`` predicts
-token ``t + 1``), ``N = sum(M)``. For ``m`` draws ``y'_t ~ p_t`` (or ``~ Uniform(V)``) at the
+Torch only. Notation (``docs/method.md``): embeddings ``X`` (B, L, d), logits ``Z = f(X)``
+(B, L, V), ``p_t = softmax(z_t)``, a label mask ``M`` (B, L) aligned with the logits (position
+``t`` predicts token ``t + 1``), ``N = sum(M)``. For ``m`` draws ``y'_t ~ p_t`` (or ``~ Uniform(V)``) at the
 scored positions:
 
 * token-F:  ``g(X) = sum_t M_t log p_t[y'_t]``

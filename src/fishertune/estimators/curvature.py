@@ -1,7 +1,7 @@
 """Curvature of a loss w.r.t. the input embeddings: Hessian-vector products and Fisher traces.
 
 Torch only. ``X`` (B, L, d) are the embeddings, ``loss(X)`` a scalar (the mean cross-entropy of
-``MATH.md``), ``H_X = d^2 loss / dX^2`` (D x D, ``D = B L d``).
+``docs/method.md``), ``H_X = d^2 loss / dX^2`` (D x D, ``D = B L d``).
 
 * :class:`EmbeddingHVP` gives ``v -> H_X v`` by double backward (Pearlmutter's trick):
   ``H_X v = grad_X <grad_X loss(X), v>``. The first gradient is taken once with
