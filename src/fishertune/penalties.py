@@ -2,8 +2,8 @@
 
 Torch only. Notation (``docs/method.md``): embeddings ``X`` (B, L, d), logits ``Z = f(X)``
 (B, L, V), ``p_t = softmax(z_t)``, a label mask ``M`` (B, L) aligned with the logits (position
-``t`` predicts token ``t + 1``), ``N = sum(M)``. For ``m`` draws ``y'_t ~ p_t`` (or ``~ Uniform(V)``) at the
-scored positions:
+``t`` predicts token ``t + 1``), ``N = sum(M)``. For ``m`` draws ``y'_t ~ p_t`` (or
+``~ Uniform(V)``) at the scored positions:
 
 * token-F:  ``g(X) = sum_t M_t log p_t[y'_t]``
 * logit-F:  ``g(X) = sum_t M_t <z_t(X), onehot(y'_t) - stopgrad(p_t)>``
