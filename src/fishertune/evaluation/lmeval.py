@@ -120,6 +120,7 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from fishertune.console import child_stderr_captured
     from fishertune.data.chat import ensure_chat_template
 
     if not tasks:
@@ -165,19 +166,21 @@ def run_lm_eval(
             pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length
         )
 
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        apply_chat_template=apply_chat_template,
-        log_samples=log_samples,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    # lm-eval runs `git describe`, whose "fatal: not a git repository" would reach the terminal
+    with child_stderr_captured():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            apply_chat_template=apply_chat_template,
+            log_samples=log_samples,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     if results is None:  # non-zero ranks under lm-eval's own multi-process mode
         return {"metrics": {}, "higher_is_better": {}, "versions": {}, "n_samples": {}}
     metrics, directions = flatten_results(results)
