@@ -57,8 +57,9 @@ def presets_root() -> Path:
     """The ``configs/`` folder of the installed package, as a real directory.
 
     ``importlib.resources`` rather than ``__file__``, so presets are found wherever the package
-    is installed; ``as_file`` extracts them when the package is not on a file system (a zipped
-    install), for the life of the process, because runs launch subprocesses that read them.
+    is installed. For an ordinary install the folder is returned as it is; ``as_file`` extracts
+    it when the package is not on a file system (a zipped install, Python 3.12+), for the life of
+    the process, because runs launch subprocesses that read the files.
     """
     stack = contextlib.ExitStack()
     atexit.register(stack.close)

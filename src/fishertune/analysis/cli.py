@@ -2,7 +2,7 @@
 
 Examples::
 
-    # the tiny preset, after `fishertune train --config configs/tiny.yaml --output_dir runs/tiny`
+    # the tiny preset, after `fishertune train --config tiny --output_dir runs/tiny`
     fishertune analyze --model runs/tiny --data builtin:tiny-tasks --max_length 128 \\
         --alphas 0.25,0.5,1,5,10,15 --output runs/tiny/analysis
     # any transformers causal LM (bf16 on a GPU, float32 on the CPU)
