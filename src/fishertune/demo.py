@@ -242,6 +242,7 @@ def run(output_dir: Path, max_steps: int | None, methods: tuple[str, ...]) -> li
             except BaseException:
                 progress.close(status="failed")
                 logger.exception("training failed")
+                print(f"{method} failed; its log: {run_dir / LOG_FILE}", file=sys.stderr)
                 raise
             seconds = time.time() - start
             history = trainer.state.log_history
@@ -287,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="training steps per method (the preset's 200 by default; 5 for a quick look)",
     )
-    parser.add_argument("--methods", default=",".join(METHOD_ORDER))
+    parser.add_argument(
+        "--methods", default=",".join(METHOD_ORDER), help="comma-separated subset to train"
+    )
     args = parser.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHOD_ORDER]
