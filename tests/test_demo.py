@@ -46,6 +46,18 @@ def test_demo_never_clears_a_folder_it_did_not_make(tmp_path, capsys):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_rerun_replaces_only_the_demo_s_own_method_folders(tmp_path):
+    from fishertune.demo import _fresh_run_dir
+
+    _fresh_run_dir(tmp_path / "demo", tmp_path / "demo" / "baseline")  # a new folder: made
+    (tmp_path / "demo" / "baseline").mkdir()
+    (tmp_path / "demo" / "baseline" / "old.txt").write_text("previous run")
+    (tmp_path / "demo" / "neftune").mkdir()
+    _fresh_run_dir(tmp_path / "demo", tmp_path / "demo" / "baseline")
+    assert not (tmp_path / "demo" / "baseline").exists()
+    assert (tmp_path / "demo" / "neftune").is_dir()
+
+
 def test_demo_runs_go_to_the_user_cache_by_default(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_output_dir() == tmp_path / "xdg" / "fishertune" / "demo"
