@@ -41,8 +41,14 @@ FT="$VENV/bin/fishertune"
 import fishertune
 assert "site-packages" in fishertune.__file__, fishertune.__file__
 EOF
-"$FT" --version
+"$VENV/bin/python" -m fishertune --version
 "$FT" presets --path accelerate/fsdp | grep -q "site-packages/fishertune/configs/accelerate/fsdp.yaml"
+# the shipped grids name their presets by name: they expand from a wheel too
+"$FT" experiment --config tiny --seeds 0 --dry_run >"$WORK/dry.out" 2>&1 || {
+    cat "$WORK/dry.out"
+    exit 1
+}
+grep -q "site-packages/fishertune/configs/tiny.yaml" "$WORK/dry.out"
 
 "$FT" demo --max_steps 5 >"$WORK/demo.out" 2>"$WORK/demo.err" || {
     cat "$WORK/demo.out" "$WORK/demo.err"
