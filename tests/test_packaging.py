@@ -167,7 +167,7 @@ def test_version_and_python_dash_m(tmp_path) -> None:
         cwd=tmp_path,
         check=True,
     )
-    assert run.stdout.strip() == f"fishertune {line.split('=')[1].strip().strip(chr(34))}"
+    assert run.stdout.strip() == f"fishertune {line.split(chr(34))[1]}"
     usage = subprocess.run(
         [sys.executable, "-m", "fishertune"], capture_output=True, text=True, cwd=tmp_path
     )
@@ -191,3 +191,27 @@ def test_dependency_ranges_bound_transformers_and_trl() -> None:
     # the installed, tested versions are inside the ranges
     for name in ("transformers", "trl"):
         assert Requirement(train[name]).specifier.contains(version(name)), name
+
+
+def test_version_and_presets_answer_without_importing_torch(tmp_path) -> None:
+    """`fishertune presets --path` runs inside `accelerate launch --config_file "$(...)"`: it
+    must not pay for torch's import (seconds)."""
+    code = (
+        "import sys; from fishertune.cli import main; "
+        "main(['--version']); main(['presets', '--path', 'accelerate/fsdp']); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[1].endswith("accelerate/fsdp.yaml")
+
+
+def test_package_exports_resolve() -> None:
+    import fishertune
+    from fishertune.penalties import token_fisher
+
+    assert fishertune.token_fisher is token_fisher
+    for name in fishertune.__all__:
+        assert getattr(fishertune, name) is not None, name
+    with pytest.raises(AttributeError):
+        _ = fishertune.no_such_name
