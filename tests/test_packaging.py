@@ -84,6 +84,7 @@ def test_unknown_names_list_the_presets_that_exist(tmp_path, monkeypatch) -> Non
     with pytest.raises(FishertuneError, match="fishertune experiment --config paper"):
         resolve_config("paper", "train")
     assert preset_path("tiny-ablations", "train") is None
+    assert preset_path("paper/../tiny") is None and preset_path("/etc/tiny") is None
 
 
 def test_train_and_experiment_take_preset_names(tmp_path, monkeypatch, capsys) -> None:

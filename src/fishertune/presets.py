@@ -101,6 +101,8 @@ def _normalize(value: str) -> str:
 def preset_path(name: str, kind: str | None = None) -> Path | None:
     """The file of preset ``name`` of ``kind`` (any kind when ``None``), or ``None``."""
     name = _normalize(name)
+    if not name or name.startswith("/") or ".." in name.split("/"):
+        return None  # names stay inside the presets folder
     root = presets_root()
     candidates = [name]
     if kind is not None and KINDS[kind][0] and not name.startswith(KINDS[kind][0] + "/"):
