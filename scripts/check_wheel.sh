@@ -21,8 +21,13 @@ VENV=${CHECK_WHEEL_VENV:-$WORK/venv}
 # The wheel is built from a copy of the committed and untracked-but-not-ignored files, so that no
 # build/ or egg-info left in the checkout leaks into it, and the checkout is left untouched.
 mkdir -p "$WORK/src"
-git -C "$ROOT" ls-files -co --exclude-standard -z | (cd "$ROOT" && xargs -0 tar -cf -) \
-    | tar -xf - -C "$WORK/src"
+if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$ROOT" ls-files -co --exclude-standard -z | (cd "$ROOT" && xargs -0 tar -cf -) \
+        | tar -xf - -C "$WORK/src"
+else  # an unpacked source tree
+    tar -C "$ROOT" --exclude=./.venv --exclude=./build --exclude=./dist --exclude='*.egg-info' \
+        -cf - . | tar -xf - -C "$WORK/src"
+fi
 "$VENV/bin/python" -m pip wheel --quiet --no-deps --wheel-dir "$WORK/dist" "$WORK/src"
 WHEEL=$(ls "$WORK"/dist/fishertune-*.whl)
 "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "$WHEEL"
