@@ -475,9 +475,13 @@ def validate_train_flags(argv: list[str]) -> None:
     Raises:
         FishertuneError: one line naming the problem.
     """
+    import warnings
+
     from fishertune.training.cli import parse_args
 
-    parse_args([*argv, "--use_cpu", "true"])
+    with warnings.catch_warnings():  # deprecation notes belong in the run's own train.log
+        warnings.simplefilter("ignore")
+        parse_args([*argv, "--use_cpu", "true"])
 
 
 def validate_grid(config: ExperimentConfig, runs: Sequence[RunSpec]) -> None:
@@ -537,16 +541,24 @@ def read_status(output_dir: Path) -> dict[str, dict[str, Any]]:
     return {}
 
 
-def update_status(config: ExperimentConfig, results: Sequence[RunResult]) -> None:
+def update_status(
+    config: ExperimentConfig, results: Sequence[RunResult], *, unless_same_job: bool = False
+) -> None:
     """Replace these runs' entries of ``experiment_status.json``; other runs keep theirs.
 
     Several writers share the file (the runner, and SLURM jobs each recording their own run), so
-    the read-modify-write holds a lock on ``experiment_status.json.lock``.
+    the read-modify-write holds a lock on ``experiment_status.json.lock``. ``unless_same_job``
+    keeps an entry that already speaks of the same job (a job that started before its
+    submission was recorded).
     """
     path = config.output_dir / STATUS_FILE
     with _file_lock(path.with_name(STATUS_FILE + ".lock")):
         entries = read_status(config.output_dir)
-        entries.update({result.name: asdict(result) for result in results})
+        for result in results:
+            old = entries.get(result.name, {})
+            if unless_same_job and result.job_id and old.get("job_id") == result.job_id:
+                continue
+            entries[result.name] = asdict(result)
         order = {run.name: index for index, run in enumerate(expand_grid(config))}
         write_json_atomic(
             path,
@@ -627,13 +639,16 @@ def run_stages(
     *,
     env: dict[str, str] | None = None,
     start: float | None = None,
+    log_tag: str = "",
     **fields: Any,
 ) -> RunResult:
     """Run a run's stages in order with ``launcher``; the first failing one ends the run.
 
     A stage fails when its exit status is not 0 or when it exits 0 without its product
-    (``model/fishertune_run.json``, ``evaluation.json``) complete. ``fields`` go into the result
-    (``launcher``, ``job_id``, ``slurm_log``).
+    (``model/fishertune_run.json``, ``evaluation.json``) complete; the product is checked only
+    for the main log (``log_tag`` empty): another node of a multi-node run finishes before the
+    main one has written it. Stage ``s`` logs to ``s{log_tag}.log`` in the run folder.
+    ``fields`` go into the result (``launcher``, ``job_id``, ``slurm_log``).
     """
     start = time.time() if start is None else start
     checks: dict[str, tuple[Callable[[], bool], str]] = {
@@ -641,13 +656,13 @@ def run_stages(
         "evaluate": (lambda: evaluation_done(run.run_dir), EVALUATION_FILE),
     }
     for stage, command in stages:
-        log_path = run.run_dir / f"{stage}.log"
+        log_path = run.run_dir / f"{stage}{log_tag}.log"
         code = launcher(command, log_path, {**config.env, **(env or {})})
         done, product = checks[stage]
         message = None
         if code != 0:
             message = f"{stage} exited with status {code}"
-        elif not done():
+        elif not log_tag and not done():
             message = f"{stage} exited with status 0 but {product} is missing or incomplete"
         if message is not None:
             return RunResult(
