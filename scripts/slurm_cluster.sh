@@ -77,6 +77,7 @@ ReturnToService=2
 MpiDefault=none
 JobRequeue=1
 KillWait=10
+AuthInfo=cred_expire=10
 MinJobAge=600
 SchedulerParameters=sched_interval=2,bf_interval=2
 NodeName=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN

@@ -694,8 +694,8 @@ def _run_one(
     main_process_port: int | None = None,
 ) -> RunResult:
     start = time.time()
-    stages = pending_stages(config, run)
-    prepare_run(config, run, pending=bool(stages))
+    prepare_run(config, run, pending=bool(pending_stages(config, run)))
+    stages = pending_stages(config, run)  # after the debris of another attempt is gone
     if main_process_port is not None:
         stages = [
             (stage, train_command(config, run, main_process_port=main_process_port))

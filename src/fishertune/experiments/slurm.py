@@ -156,9 +156,10 @@ class RunJob(Checkpointable):
         }
         _STOPPING.clear()
         start = time.time()
+        if node == 0:
+            prepare_run(config, run, pending=bool(pending_stages(config, run)))
         stages = pending_stages(config, run)
         if node == 0:
-            prepare_run(config, run, pending=bool(stages))
             update_status(config, [RunResult(run.name, "running", started=start, **fields)])
         port = _job_port(config.slurm.main_process_port, environment.raw_job_id)
         processes = None
