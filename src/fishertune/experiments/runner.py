@@ -635,14 +635,14 @@ def run_stages(
     config: ExperimentConfig,
     run: RunSpec,
     stages: Sequence[tuple[str, list[str]]],
-    launcher: Launcher,
+    launch: Launcher,
     *,
     env: dict[str, str] | None = None,
     start: float | None = None,
     log_tag: str = "",
     **fields: Any,
 ) -> RunResult:
-    """Run a run's stages in order with ``launcher``; the first failing one ends the run.
+    """Run a run's stages in order with ``launch``; the first failing one ends the run.
 
     A stage fails when its exit status is not 0 or when it exits 0 without its product
     (``model/fishertune_run.json``, ``evaluation.json``) complete; the product is checked only
@@ -657,7 +657,7 @@ def run_stages(
     }
     for stage, command in stages:
         log_path = run.run_dir / f"{stage}{log_tag}.log"
-        code = launcher(command, log_path, {**config.env, **(env or {})})
+        code = launch(command, log_path, {**config.env, **(env or {})})
         done, product = checks[stage]
         message = None
         if code != 0:

@@ -126,6 +126,20 @@ def _job_port(spec_port: int | None, raw_job_id: str) -> int:
     return 20000 + int(digits) % 20000
 
 
+class _RunFailedError(FishertuneError):
+    """A stage of the run failed (already recorded): the SLURM job fails with it."""
+
+
+def _job_fields(environment: Any) -> dict[str, Any]:
+    """The record's ``launcher``, ``job_id`` and ``slurm_log`` (submitit's stdout file) of this
+    job."""
+    try:
+        log = str(environment.paths.stdout)
+    except KeyError:  # no SUBMITIT_FOLDER: submitit's debug executor
+        log = None
+    return {"launcher": "slurm", "job_id": environment.job_id, "slurm_log": log}
+
+
 class RunJob(Checkpointable):
     """The SLURM job of one run: train (one ``accelerate launch`` per node), then evaluate.
 
@@ -146,16 +160,34 @@ class RunJob(Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         """Run the pending stages; node 0 records the outcome. Returns the run's record."""
-        config, run = self.config, self._run()
         environment = submitit.JobEnvironment()
-        node, nodes = environment.node, environment.num_nodes
-        fields = {
-            "launcher": "slurm",
-            "job_id": environment.job_id,
-            "slurm_log": str(environment.paths.stdout),
-        }
-        _STOPPING.clear()
+        fields = _job_fields(environment)
         start = time.time()
+        try:
+            return self._stages(environment, fields, start)
+        except Exception as err:
+            if environment.node == 0 and not isinstance(err, _RunFailedError):
+                # whatever broke, the record must not stay "running"
+                update_status(
+                    self.config,
+                    [
+                        RunResult(
+                            self.run_name,
+                            "failed",
+                            message=f"the job failed: {type(err).__name__}: {err}",
+                            log=fields["slurm_log"],
+                            wall_time_s=round(time.time() - start, 2),
+                            started=start,
+                            **fields,
+                        )
+                    ],
+                )
+            raise
+
+    def _stages(self, environment: Any, fields: dict[str, Any], start: float) -> dict[str, Any]:
+        config, run = self.config, self._run()
+        node, nodes = environment.node, environment.num_nodes
+        _STOPPING.clear()
         if node == 0:
             prepare_run(config, run, pending=bool(pending_stages(config, run)))
         stages = pending_stages(config, run)
@@ -188,13 +220,13 @@ class RunJob(Checkpointable):
                 config, run, stages, launcher, start=start, log_tag=f".node{node}", **fields
             )
             if result.status == "failed":
-                raise FishertuneError(f"run {run.name}, node {node}: {result.message}")
+                raise _RunFailedError(f"run {run.name}, node {node}: {result.message}")
             return {"name": run.name, "status": "completed", "node": node}
         result = run_stages(config, run, stages, launcher, start=start, **fields)
         update_status(config, [result])
         if result.status == "failed":
             # a failed run fails its SLURM job too (sacct shows FAILED); the record has the logs
-            raise FishertuneError(f"run {run.name}: {result.message} (log: {result.log})")
+            raise _RunFailedError(f"run {run.name}: {result.message} (log: {result.log})")
         return dict(vars(result))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -203,7 +235,6 @@ class RunJob(Checkpointable):
         requeue."""
         stop_children()
         with contextlib.suppress(Exception):  # the record is a courtesy; the requeue is not
-            environment = submitit.JobEnvironment()
             update_status(
                 self.config,
                 [
@@ -212,10 +243,8 @@ class RunJob(Checkpointable):
                         "requeued",
                         message="preempted or at its time limit: requeued, resumes from the "
                         "latest complete checkpoint",
-                        launcher="slurm",
-                        job_id=environment.job_id,
-                        slurm_log=str(environment.paths.stdout),
                         started=time.time(),
+                        **_job_fields(submitit.JobEnvironment()),
                     )
                 ],
             )
