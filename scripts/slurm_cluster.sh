@@ -20,6 +20,9 @@ fail() {
     exit 1
 }
 
+# a live process of that name (zombies left by a daemon's double fork do not count)
+alive() { ps -C "$1" -o stat= 2>/dev/null | grep -qv '^Z'; }
+
 node_state() { sinfo -h -n "$HOST" -o %t 2>/dev/null | head -1; }
 
 install() {
@@ -41,7 +44,7 @@ start_munge() {
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     chown munge:munge /etc/munge/munge.key /run/munge /var/log/munge /var/lib/munge
     chmod 400 /etc/munge/munge.key
-    if ! pgrep -x munged >/dev/null; then
+    if ! alive munged; then
         runuser -u munge -- /usr/sbin/munged || fail "munged did not start"
         touch "$STATE/started-munged"
     fi
@@ -95,8 +98,8 @@ start() {
     install
     start_munge
     write_conf
-    pgrep -x slurmctld >/dev/null || slurmctld -f "$CONF" || fail "slurmctld did not start (see $STATE/slurmctld.log)"
-    pgrep -x slurmd >/dev/null || slurmd -f "$CONF" || fail "slurmd did not start (see $STATE/slurmd.log)"
+    alive slurmctld || slurmctld -f "$CONF" || fail "slurmctld did not start (see $STATE/slurmctld.log)"
+    alive slurmd || slurmd -f "$CONF" || fail "slurmd did not start (see $STATE/slurmd.log)"
     for _ in $(seq 60); do
         case "$(node_state)" in
             idle | mix | alloc) break ;;
