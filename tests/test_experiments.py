@@ -34,6 +34,7 @@ from fishertune.experiments.runner import (
     override_flags,
     run_experiment,
     train_command,
+    validate_grid,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -795,6 +796,11 @@ def test_shipped_paper_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert len(runs) == 12 + 2 * 3 * 3
     assert all(r.overrides.get("dataset_fraction") == 0.1 for r in runs if r.ablation)
     assert config.accelerate_config == (REPO / "configs/accelerate/deepspeed_zero3.yaml").resolve()
+    # on SLURM: one node, 8 GPUs, the accelerate launch of ZeRO-3 with 8 processes
+    assert (config.slurm.nodes, config.slurm.gpus_per_node, config.num_processes) == (1, 8, 8)
+    assert config.slurm.time_min == 48 * 60 and config.slurm.sbatch == {"exclusive": True}
+    # every run's configuration is one `fishertune train` accepts, checked on a CPU-only machine
+    validate_grid(config, runs)
 
 
 # ----------------------------------------------------------------------------- end to end
