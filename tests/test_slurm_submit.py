@@ -273,3 +273,23 @@ def test_cli_slurm_options(tmp_path: Path, base_config: Path, capsys) -> None:
     with pytest.raises(Exception, match="--parallel / --gpus are for --launcher local"):
         experiment_cli.main(["--config", str(path), "--launcher", "slurm", "--parallel", "2"])
     assert not (config.output_dir / STATUS_FILE).exists()
+
+
+def test_local_runner_leaves_runs_of_live_slurm_jobs_alone(
+    tmp_path: Path, base_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fishertune.errors import FishertuneError
+    from fishertune.experiments import slurm
+    from fishertune.experiments.runner import RunResult, update_status
+
+    config = parse_experiment(experiment(tmp_path, base_config, seeds=[0]), tmp_path / "e.yaml")
+    update_status(config, [RunResult("token-f-seed0", "running", launcher="slurm", job_id="77_1")])
+    monkeypatch.setattr(slurm, "slurm_states", lambda ids, folder=None: {"77_1": "RUNNING"})
+    launcher = FakeLauncher()
+    with pytest.raises(FishertuneError, match=r"running for token-f-seed0 \(job 77_1\)"):
+        run_experiment(config, launcher=launcher, log=lambda _: None)
+    assert launcher.calls == []
+    # once SLURM no longer runs it, the local runner takes the run over
+    monkeypatch.setattr(slurm, "slurm_states", lambda ids, folder=None: {})
+    results = run_experiment(config, launcher=launcher, log=lambda _: None)
+    assert [r.status for r in results] == ["completed", "completed"]

@@ -773,6 +773,32 @@ def select_runs(config: ExperimentConfig, only: Sequence[str] | None = None) -> 
     return [r for r in runs if r.name in wanted or r.group in wanted]
 
 
+def _refuse_live_slurm_jobs(config: ExperimentConfig, runs: Sequence[RunSpec]) -> None:
+    """Refuse to run here what a SLURM job of this output directory is queued or running for:
+    both would write the same run folder."""
+    records = read_status(config.output_dir)
+    live = {
+        run.name: records[run.name]["job_id"]
+        for run in runs
+        if records.get(run.name, {}).get("launcher") == "slurm"
+        and records[run.name].get("status") in ("submitted", "running", "requeued")
+        and records[run.name].get("job_id")
+    }
+    if not live:
+        return
+    from fishertune.experiments.slurm import ACTIVE_STATES, slurm_states
+
+    states = slurm_states(list(live.values()), config.slurm_dir)
+    active = [
+        f"{name} (job {job})" for name, job in live.items() if states.get(job) in ACTIVE_STATES
+    ]
+    if active:
+        raise FishertuneError(
+            f"SLURM jobs are queued or running for {', '.join(active)} in {config.output_dir}: "
+            "wait for them (--status) or scancel them before running the grid here"
+        )
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -844,6 +870,7 @@ def run_experiment(
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         with RunnerLock(config.output_dir):
+            _refuse_live_slurm_jobs(config, runs)
             return _run_queue(config, runs, launcher, slots, log)
     finally:
         if main_thread:
