@@ -204,6 +204,7 @@ def test_multi_node_job_runs_one_accelerate_launch_per_node(
     assert option(train, "--num_processes") == "16"
     assert option(train, "--num_machines") == "2" and option(train, "--machine_rank") == "1"
     assert option(train, "--main_process_ip") == "gpu07"
+    assert option(train, "--deepspeed_multinode_launcher") == "standard"
     port = option(train, "--main_process_port")
     assert 20000 <= int(port) < 40000
     assert log_path == run.run_dir / "train.node1.log"

@@ -275,6 +275,10 @@ def train_command(
             rendezvous.main_process_ip,
             "--main_process_port",
             str(rendezvous.main_process_port),
+            # each node runs its own launcher (srun): DeepSpeed's default multi-node launcher
+            # (pdsh over ssh) would start the other nodes a second time; ignored without DeepSpeed
+            "--deepspeed_multinode_launcher",
+            "standard",
         ]
     elif main_process_port is not None:
         launch += ["--main_process_port", str(main_process_port)]
