@@ -877,7 +877,7 @@ def run_experiment(
             _refuse_live_slurm_jobs(config, runs)
             return _run_queue(config, runs, launcher, slots, log)
     finally:
-        if main_thread:
+        if main_thread and previous is not None:  # None: a handler installed outside Python
             signal.signal(signal.SIGTERM, previous)
 
 
