@@ -265,7 +265,9 @@ def test_checkpoint_stops_the_training_and_hands_back_the_same_job(
     assert signal.SIGUSR2  # the signal the children of a real job ignore
 
 
-def test_cli_slurm_options(tmp_path: Path, base_config: Path, capsys) -> None:
+def test_cli_slurm_options(
+    tmp_path: Path, base_config: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = write_yaml(tmp_path / "e.yaml", experiment(tmp_path, base_config, seeds=[0]))
     assert experiment_cli.main(["--config", str(path), "--status"]) == 0
     out = capsys.readouterr().out
@@ -273,6 +275,11 @@ def test_cli_slurm_options(tmp_path: Path, base_config: Path, capsys) -> None:
     config = load_experiment(path)
     with pytest.raises(Exception, match="--parallel / --gpus are for --launcher local"):
         experiment_cli.main(["--config", str(path), "--launcher", "slurm", "--parallel", "2"])
+    assert not (config.output_dir / STATUS_FILE).exists()
+    # no SLURM on this machine: one line saying so, nothing recorded
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(Exception, match="--launcher slurm: no SLURM on this machine"):
+        experiment_cli.main(["--config", str(path), "--launcher", "slurm"])
     assert not (config.output_dir / STATUS_FILE).exists()
 
 

@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser (each option also accepts dashes: ``--report-only``)."""
     parser = argparse.ArgumentParser(
         prog="fishertune experiment",
-        description="Train and evaluate every run of an experiment grid, one at a time, skipping "
-        "finished ones, then write tables and plots to OUTPUT_DIR/report/.",
+        description="Train and evaluate every run of an experiment grid, skipping finished ones: "
+        "here (one at a time, or --parallel N) then write tables and plots to "
+        "OUTPUT_DIR/report/, or on SLURM (--launcher slurm, then --status and --report_only).",
     )
     parser.add_argument("--config", required=True, help="experiment YAML (configs/experiments/)")
     parser.add_argument(
