@@ -34,6 +34,7 @@ from fishertune.experiments.runner import (
     override_flags,
     run_experiment,
     train_command,
+    validate_grid,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,6 +209,14 @@ def test_ablation_methods_default_list_and_seeds(tmp_path: Path, base_config: Pa
         ({"num_processes": 8}, "need launcher: accelerate"),
         ({"evaluation": {"taskz": ["offline"]}}, "evaluation: unknown key(s) taskz"),
         ({"env": {"OMP_NUM_THREADS": [1]}}, "env.OMP_NUM_THREADS: expected a string"),
+        ({"slurm": {"partitionz": "gpu"}}, "slurm: unknown key(s) partitionz"),
+        ({"slurm": {"time": "1:2:3:4"}}, "slurm.time: expected minutes or SLURM's"),
+        ({"slurm": {"nodes": 2}}, "slurm.nodes: more than one node needs launcher: accelerate"),
+        ({"slurm": {"gpus_per_node": 0}}, "slurm.gpus_per_node: must be at least 1"),
+        (
+            {"launcher": "accelerate", "num_processes": 8, "slurm": {"gpus_per_node": 4}},
+            "num_processes 8 differs from nodes x gpus_per_node = 1 x 4",
+        ),
         (
             {"methods": {"a-b": {}, "a": {}}, "ablations": {"b": {}}},
             "two runs are both named 'a-b-seed0'",
@@ -222,6 +231,41 @@ def test_bad_experiment_files_name_the_field(
         load_experiment(path)
     assert str(path) in str(info.value)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("time", "minutes"),
+    [(90, 90), ("45", 45), ("10:30", 11), ("48:00:00", 2880), ("2-12", 3600), ("1-00:00:30", 1441)],
+)
+def test_slurm_time_limits_in_slurm_formats(
+    tmp_path: Path, base_config: Path, time: Any, minutes: int
+) -> None:
+    config = parse_experiment(
+        experiment(tmp_path, base_config, slurm={"time": time}), tmp_path / "e.yaml"
+    )
+    assert config.slurm.time_min == minutes
+
+
+def test_slurm_block_and_command_line_overrides(tmp_path: Path, base_config: Path) -> None:
+    raw = experiment(
+        tmp_path,
+        base_config,
+        launcher="accelerate",
+        num_processes=16,
+        slurm={"nodes": 2, "partition": "gpu", "mem": 480, "setup": "module load cuda"},
+    )
+    path = write_yaml(tmp_path / "e.yaml", raw)
+    config = load_experiment(path)
+    # gpus_per_node follows from num_processes / nodes; mem in GB; one setup line
+    assert (config.slurm.nodes, config.slurm.gpus_per_node) == (2, 8)
+    assert config.slurm.mem == "480G" and config.slurm.setup == ("module load cuda",)
+    assert config.slurm_dir == config.output_dir / "slurm"
+    overrides = experiment_cli.parse_set(
+        ["partition=debug", "time=48:00:00", "array_parallelism=2"], "--slurm", raw_keys=("time",)
+    )
+    config = load_experiment(path, slurm=overrides)
+    assert config.slurm.partition == "debug" and config.slurm.time_min == 48 * 60
+    assert config.slurm.array_parallelism == 2 and config.slurm.nodes == 2
 
 
 def test_load_experiment_command_line_changes(tmp_path: Path, base_config: Path) -> None:
@@ -374,6 +418,184 @@ def test_failing_run_is_recorded_and_the_grid_goes_on(tmp_path: Path, base_confi
     ]
     recorded = json.loads((config.output_dir / STATUS_FILE).read_text())["runs"]
     assert {e["status"] for e in recorded} == {"completed", "skipped"}
+
+
+def test_whole_grid_is_validated_before_the_first_run(
+    tmp_path: Path, base_config: Path, capsys
+) -> None:
+    """A bad method or option in the last run is found before the first run trains."""
+    raw = experiment(tmp_path, base_config)
+    raw["methods"]["token-f"]["method"] = "token-ff"
+    config = parse_experiment(raw, tmp_path / "e.yaml")
+    launcher = FakeLauncher()
+    for dry_run in (True, False):
+        with pytest.raises(
+            FishertuneError, match=r"run token-f-seed0 \(method 'token-f'\).*token-ff"
+        ):
+            run_experiment(config, launcher=launcher, dry_run=dry_run, log=lambda _: None)
+    assert launcher.calls == []
+    assert not (config.output_dir / "runs").exists()
+    # an option that belongs to another method, and an unknown option, likewise
+    raw = experiment(tmp_path, base_config)
+    raw["methods"]["baseline"]["penalty_coef"] = 0.1
+    with pytest.raises(FishertuneError, match=r"baseline-seed0.*penalty_coef given with method"):
+        run_experiment(parse_experiment(raw, tmp_path / "e.yaml"), launcher=launcher)
+    raw = experiment(tmp_path, base_config)
+    raw["overrides"]["learning_ratez"] = 0.1
+    path = write_yaml(tmp_path / "e.yaml", raw)
+    assert cli_main(["experiment", "--config", str(path), "--dry_run"]) == 2
+    assert "learning_ratez" in capsys.readouterr().err
+    assert launcher.calls == []
+
+
+def test_failed_attempt_does_not_block_the_corrected_rerun(
+    tmp_path: Path, base_config: Path
+) -> None:
+    raw = experiment(tmp_path, base_config, seeds=[0])
+    config = parse_experiment(raw, tmp_path / "e.yaml")
+    # the first attempt dies early: a partial model folder, no checkpoint
+    launcher = FakeLauncher(fail={("train", "token-f-seed0")})
+    run_experiment(config, launcher=launcher, log=lambda _: None)
+    model_dir = config.runs_dir / "token-f-seed0" / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "partial.bin").write_text("debris")
+    # corrected settings: the debris is cleared and the run trains from scratch
+    raw["methods"]["token-f"]["penalty_coef"] = 0.25
+    corrected = parse_experiment(raw, tmp_path / "e.yaml")
+    retry = FakeLauncher()
+    results = run_experiment(corrected, launcher=retry, log=lambda _: None)
+    assert [r.status for r in results] == ["skipped", "completed"]
+    assert not (model_dir / "partial.bin").exists()
+    train = next(cmd for cmd in retry.commands if "train" in cmd)
+    assert "--overwrite_output_dir" not in train and "--resume" not in train
+    spec = json.loads(
+        (config.runs_dir / "token-f-seed0" / "fishertune_experiment.json").read_text()
+    )
+    assert spec["overrides"]["penalty_coef"] == 0.25
+    # but a folder holding a checkpoint of other settings is never cleared
+    raw["methods"]["token-f"]["penalty_coef"] = 0.5
+    checkpoint = model_dir / "checkpoint-2"
+    (model_dir / "fishertune_run.json").unlink()
+    checkpoint.mkdir()
+    (checkpoint / "fishertune_checkpoint.json").write_text("{}")
+    with pytest.raises(FishertuneError, match=r"token-f-seed0 under .* hold runs trained"):
+        run_experiment(parse_experiment(raw, tmp_path / "e.yaml"), launcher=retry)
+    assert checkpoint.is_dir()
+
+
+def test_one_runner_per_output_directory(tmp_path: Path, base_config: Path) -> None:
+    import os
+    import subprocess
+
+    from fishertune.experiments.runner import LOCK_FILE, RunnerLock
+
+    config = parse_experiment(experiment(tmp_path, base_config, seeds=[0]), tmp_path / "e.yaml")
+    with RunnerLock(config.output_dir):
+        launcher = FakeLauncher()
+        with pytest.raises(FishertuneError, match=rf"PID {os.getpid()} on .* is running on"):
+            run_experiment(config, launcher=launcher, log=lambda _: None)
+        assert launcher.calls == []
+    # a lock file left by a runner that died is taken over
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (config.output_dir / LOCK_FILE).write_text(f"{dead.stdout.strip()} somehost\n")
+    results = run_experiment(config, launcher=FakeLauncher(), log=lambda _: None)
+    assert [r.status for r in results] == ["completed", "completed"]
+
+
+def test_parallel_runs_get_their_own_gpus_in_queue_order(tmp_path: Path, base_config: Path) -> None:
+    import threading
+    import time
+
+    from fishertune.experiments.runner import gpu_slots
+
+    assert gpu_slots(2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
+    assert gpu_slots(3, []) == [None, None, None]  # no GPU: CPU runs side by side
+    with pytest.raises(FishertuneError, match="--parallel 3 with 2 GPU"):
+        gpu_slots(3, ["0", "1", "2", "3"], per_run=2)
+
+    class Concurrent(FakeLauncher):
+        def __init__(self) -> None:
+            super().__init__()
+            self.active: dict[str, str] = {}  # CUDA_VISIBLE_DEVICES -> run
+            self.lock = threading.Lock()
+            self.peak = 0
+            self.devices: dict[str, set[str]] = {}
+
+        def __call__(self, command: list[str], log_path: Path, env: dict[str, str]) -> int:
+            devices = env["CUDA_VISIBLE_DEVICES"]
+            with self.lock:
+                assert devices not in self.active, "two runs on the same GPUs"
+                self.active[devices] = log_path.parent.name
+                self.peak = max(self.peak, len(self.active))
+                self.devices.setdefault(log_path.parent.name, set()).add(devices)
+                code = super().__call__(command, log_path, env)
+            time.sleep(0.05)
+            with self.lock:
+                del self.active[devices]
+            return code
+
+    config = parse_experiment(experiment(tmp_path, base_config), tmp_path / "e.yaml")
+    launcher = Concurrent()
+    lines: list[str] = []
+    results = run_experiment(
+        config, launcher=launcher, parallel=2, gpus=["0", "1", "2", "3"], log=lines.append
+    )
+    assert [r.status for r in results] == ["completed"] * 6
+    assert launcher.peak == 2
+    assert all(len(devices) == 1 for devices in launcher.devices.values())  # a run keeps its GPUs
+    assert {d for ds in launcher.devices.values() for d in ds} == {"0,1", "2,3"}
+    # queued in order: the first two runs start first
+    first_two = [name for stage, name in launcher.calls if stage == "train"][:2]
+    assert sorted(first_two) == ["baseline-seed0", "baseline-seed1"]
+    # a quiet console: one line per run with its status and time, no commands
+    assert len(lines) == 6 and all(": completed in " in line for line in lines)
+    assert not any("fishertune train" in line for line in lines)
+
+
+STOPPABLE_RUNNER = """
+import sys, subprocess
+from pathlib import Path
+from fishertune.experiments.grid import load_experiment
+from fishertune.experiments.runner import run_experiment, subprocess_launcher
+
+def launcher(command, log_path, env):
+    # a 'training' that starts a grandchild and waits: both must die with the runner
+    child = ["-c", "import subprocess, sys, time; "
+             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+             "open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(120)", sys.argv[2]]
+    return subprocess_launcher([sys.executable, *child], log_path, env)
+
+run_experiment(load_experiment(sys.argv[1]), launcher=launcher)
+"""
+
+
+def test_stopping_the_runner_stops_its_children(tmp_path: Path, base_config: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    path = write_yaml(tmp_path / "e.yaml", experiment(tmp_path, base_config, seeds=[0]))
+    pid_file = tmp_path / "grandchild.pid"
+    runner = subprocess.Popen(
+        [sys.executable, "-c", STOPPABLE_RUNNER, str(path), str(pid_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline and runner.poll() is None, runner.stdout.read().decode()
+        time.sleep(0.1)
+    grandchild = int(pid_file.read_text())
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(grandchild, 0)  # the whole process group went
+    status = json.loads((tmp_path / "out" / STATUS_FILE).read_text())["runs"]
+    assert [(e["name"], e["status"]) for e in status] == [("baseline-seed0", "interrupted")]
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -574,6 +796,11 @@ def test_shipped_paper_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert len(runs) == 12 + 2 * 3 * 3
     assert all(r.overrides.get("dataset_fraction") == 0.1 for r in runs if r.ablation)
     assert config.accelerate_config == (REPO / "configs/accelerate/deepspeed_zero3.yaml").resolve()
+    # on SLURM: one node, 8 GPUs, the accelerate launch of ZeRO-3 with 8 processes
+    assert (config.slurm.nodes, config.slurm.gpus_per_node, config.num_processes) == (1, 8, 8)
+    assert config.slurm.time_min == 48 * 60 and config.slurm.sbatch == {"exclusive": True}
+    # every run's configuration is one `fishertune train` accepts, checked on a CPU-only machine
+    validate_grid(config, runs)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -8,6 +8,13 @@ Examples::
     # a quick pass over the pipeline: one seed, 20 steps, its own folder
     fishertune experiment --config tiny --seeds 0 --max_steps 20 \\
         --output_dir runs/tiny-smoke
+    # one machine with 8 GPUs: 4 runs at once, 2 GPUs each
+    fishertune experiment --config GRID.yaml --parallel 4
+    # SLURM: the grid as a job array with the file's slurm: resources; watch it; report at the end
+    fishertune experiment --config configs/experiments/paper.yaml --launcher slurm \\
+        --slurm partition=gpu account=myproject
+    fishertune experiment --config configs/experiments/paper.yaml --status
+    fishertune experiment --config configs/experiments/paper.yaml --report_only
 """
 
 from __future__ import annotations
@@ -20,19 +27,27 @@ from fishertune.errors import FishertuneError
 __all__ = ["build_parser", "main", "parse_set"]
 
 
-def parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``["max_steps=20", "bf16=true"]`` -> ``{"max_steps": 20, "bf16": True}`` (YAML values)."""
+def parse_set(
+    items: list[str] | None, flag: str = "--set", raw_keys: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``["max_steps=20", "bf16=true"]`` -> ``{"max_steps": 20, "bf16": True}`` (YAML values).
+
+    Keys in ``raw_keys`` keep their text (YAML would read SLURM's ``48:00:00`` as a number).
+    """
     import yaml
 
     overrides: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise FishertuneError(f"--set {item!r}: expected KEY=VALUE")
+            raise FishertuneError(f"{flag} {item!r}: expected KEY=VALUE")
+        if key.strip() in raw_keys:
+            overrides[key.strip()] = value
+            continue
         try:
             overrides[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            raise FishertuneError(f"--set {item!r}: invalid value ({err})") from err
+            raise FishertuneError(f"{flag} {item!r}: invalid value ({err})") from err
     return overrides
 
 
@@ -40,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser (each option also accepts dashes: ``--report-only``)."""
     parser = argparse.ArgumentParser(
         prog="fishertune experiment",
-        description="Train and evaluate every run of an experiment grid, one at a time, skipping "
-        "finished ones, then write tables and plots to OUTPUT_DIR/report/.",
+        description="Train and evaluate every run of an experiment grid, skipping finished ones: "
+        "here (one at a time, or --parallel N) then write tables and plots to "
+        "OUTPUT_DIR/report/, or on SLURM (--launcher slurm, then --status and --report_only).",
     )
     parser.add_argument(
         "--config",
@@ -92,6 +108,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="training overrides for every run, below the methods' and ablations' own",
     )
+    parser.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: run here, one after another (or --parallel N at once); slurm: submit the "
+        "unfinished runs as a SLURM job array (submitit) with the file's slurm: resources",
+    )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="local launcher: runs at once, each with its own share of the GPUs "
+        "(CUDA_VISIBLE_DEVICES), queued in the grid's order",
+    )
+    parser.add_argument(
+        "--gpus",
+        default=None,
+        help="local launcher: the GPUs --parallel shares out, e.g. 0,1,2,3 (default: all visible)",
+    )
+    parser.add_argument(
+        "--slurm",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="override the file's slurm: block, e.g. partition=gpu time=4:00:00 "
+        "array_parallelism=4 (keys: partition account qos nodes gpus_per_node cpus_per_task "
+        "mem time array_parallelism sbatch setup max_requeues signal_delay_s job_name folder)",
+    )
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="print where every run stands (state, SLURM job, step, time) and exit",
+    )
     return parser
 
 
@@ -104,18 +152,52 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.report_only and (args.dry_run or args.no_report):
         raise FishertuneError("--report_only cannot be combined with --dry_run or --no_report")
+    if args.status and (args.report_only or args.dry_run):
+        raise FishertuneError("--status cannot be combined with --report_only or --dry_run")
+    if args.launcher == "slurm" and (args.parallel != 1 or args.gpus):
+        raise FishertuneError(
+            "--parallel / --gpus are for --launcher local (SLURM: array_parallelism)"
+        )
     overrides = parse_set(args.set_)
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
     config = load_experiment(
-        args.config, output_dir=args.output_dir, seeds=args.seeds, overrides=overrides
+        args.config,
+        output_dir=args.output_dir,
+        seeds=args.seeds,
+        overrides=overrides,
+        slurm=parse_set(args.slurm, "--slurm", raw_keys=("time",)),
     )
+    if args.status:
+        from fishertune.experiments.slurm import format_status_table, grid_status
+
+        print(format_status_table(grid_status(config, select_runs(config, args.only))))
+        return 0
+    if args.launcher == "slurm" and not args.report_only:
+        from fishertune.experiments.slurm import submit_grid
+
+        results = submit_grid(config, only=args.only, dry_run=args.dry_run)
+        counts: dict[str, int] = {}
+        for result in results:
+            counts[result.status] = counts.get(result.status, 0) + 1
+        print(", ".join(f"{n} {status}" for status, n in counts.items()))
+        if not args.dry_run:
+            shown = f"fishertune experiment --config {args.config}"
+            print(f"watch: {shown} --status; when done: {shown} --report_only")
+        return 0
     failed = []
     if args.report_only:
         # A report must not mix in runs made with other settings (e.g. a --max_steps pass).
         check_stored_specs(config, select_runs(config, args.only))
     else:
-        results = run_experiment(config, dry_run=args.dry_run, only=args.only)
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+        try:
+            results = run_experiment(
+                config, dry_run=args.dry_run, only=args.only, parallel=args.parallel, gpus=gpus
+            )
+        except KeyboardInterrupt:
+            print("stopped: the runs in progress were terminated; run the same command to resume")
+            return 130
         if args.dry_run:
             return 0
         failed = [r for r in results if r.status == "failed"]

@@ -18,6 +18,11 @@ An experiment YAML names a training preset and the variations to run on it::
     launcher: local                         # or accelerate (+ accelerate_config, num_processes)
     env: {OMP_NUM_THREADS: "1"}             # optional: environment of every launched command
     report: {metrics: [offline/val_loss]}   # optional: table columns; default every metric
+    slurm:                                  # optional: resources of `--launcher slurm` jobs
+      partition: gpu
+      nodes: 1
+      gpus_per_node: 8
+      time: "48:00:00"                      # quoted: YAML reads 48:00:00 as a number
 
 Runs are named ``{method}[-{ablation}]-seed{seed}``; each gets ``OUTPUT_DIR/runs/NAME/`` with the
 trained model (``fishertune train --output_dir``) in its ``model/`` sub-folder. Training options
@@ -43,9 +48,11 @@ __all__ = [
     "EVALUATION_KEYS",
     "LAUNCHERS",
     "MODEL_SUBDIR",
+    "SLURM_KEYS",
     "EvaluationSpec",
     "ExperimentConfig",
     "RunSpec",
+    "SlurmSpec",
     "expand_grid",
     "load_experiment",
     "parse_experiment",
@@ -67,6 +74,7 @@ TOP_LEVEL_KEYS = (
     "num_processes",
     "env",
     "report",
+    "slurm",
 )
 EVALUATION_KEYS = (
     "tasks",
@@ -85,6 +93,25 @@ EVALUATION_KEYS = (
     "extra_args",
 )
 REPORT_KEYS = ("metrics",)
+SLURM_KEYS = (
+    "partition",
+    "account",
+    "qos",
+    "nodes",
+    "gpus_per_node",
+    "cpus_per_task",
+    "mem",
+    "time",
+    "array_parallelism",
+    "sbatch",
+    "setup",
+    "max_requeues",
+    "signal_delay_s",
+    "job_name",
+    "folder",
+    "main_process_port",
+)
+_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 # Keys the grid sets itself; a method or ablation giving them would be silently overridden.
 RESERVED_OVERRIDES = ("output_dir", "seed", "config")
 MODEL_SUBDIR = "model"
@@ -109,6 +136,49 @@ class EvaluationSpec:
     mtbench_questions: str | None = None
     answer_max_new_tokens: int | None = None
     extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    """Resources and behaviour of the SLURM job of each run (``--launcher slurm``).
+
+    Attributes:
+        partition, account, qos: ``sbatch --partition/--account/--qos``.
+        nodes: nodes per run; above 1 the run needs ``launcher: accelerate`` (one
+            ``accelerate launch`` per node).
+        gpus_per_node: ``sbatch --gpus-per-node``; with ``launcher: accelerate`` the run starts
+            ``nodes * gpus_per_node`` processes.
+        cpus_per_task: ``sbatch --cpus-per-task`` (one task per node).
+        mem: ``sbatch --mem`` (e.g. ``"480G"``; a number means GB).
+        time_min: time limit in minutes (``time:`` accepts SLURM's ``D-HH:MM:SS`` forms).
+        array_parallelism: at most this many runs of the grid at once (the array's ``%N``).
+        sbatch: further ``#SBATCH`` options, e.g. ``{constraint: h100, exclusive: true}``.
+        setup: shell lines run before the job's command (``module load ...``, ``source venv``).
+        max_requeues: how many times a run that reaches its time limit requeues itself
+            (preemptions always requeue).
+        signal_delay_s: seconds before the time limit at which the job is told to stop and requeue.
+        job_name: the jobs' name (default: the experiment file's stem).
+        folder: where submitit keeps the jobs' scripts, pickles and logs (default
+            ``OUTPUT_DIR/slurm``; must be on a file system the nodes share).
+        main_process_port: port of the multi-node rendezvous (default derived from the job id).
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    time_min: int = 60
+    array_parallelism: int | None = None
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    setup: tuple[str, ...] = ()
+    max_requeues: int = 3
+    signal_delay_s: int = 120
+    job_name: str | None = None
+    folder: Path | None = None
+    main_process_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +246,12 @@ class ExperimentConfig:
     num_processes: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     report_metrics: tuple[str, ...] | None = None
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+
+    @property
+    def slurm_dir(self) -> Path:
+        """submitit's folder for the grid's SLURM jobs (scripts, pickles, logs)."""
+        return self.slurm.folder or self.output_dir / "slurm"
 
     @property
     def runs_dir(self) -> Path:
@@ -353,6 +429,98 @@ def _evaluation(path: Path, value: Any) -> EvaluationSpec:
     )
 
 
+def _slurm_time(path: Path, value: Any) -> int:
+    """Minutes from an integer or SLURM's ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SLURM_TIME.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise _err(
+            path,
+            "slurm.time",
+            f"expected minutes or SLURM's D-HH:MM:SS (quoted in YAML), got {value!r}",
+        )
+    days, first, second, third = (int(g) if g else None for g in match.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = days * 86400 + first * 3600 + (second or 0) * 60 + (third or 0)
+    elif third is not None:  # HH:MM:SS
+        seconds = first * 3600 + second * 60 + third
+    elif second is not None:  # MM:SS
+        seconds = first * 60 + second
+    else:  # MM
+        seconds = first * 60
+    if seconds <= 0:
+        raise _err(path, "slurm.time", f"must be positive, got {value!r}")
+    return max(1, -(-seconds // 60))
+
+
+def _slurm(path: Path, value: Any, *, launcher: str, num_processes: int | None) -> SlurmSpec:
+    raw = _mapping(path, "slurm", value)
+    unknown = sorted(set(raw) - set(SLURM_KEYS))
+    if unknown:
+        raise _err(
+            path, "slurm", f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SLURM_KEYS)}"
+        )
+    strings = {}
+    for key in ("partition", "account", "qos", "job_name"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise _err(path, f"slurm.{key}", f"expected a string, got {raw[key]!r}")
+        strings[key] = raw.get(key)
+    counts = {}
+    for key in ("nodes", "gpus_per_node", "cpus_per_task", "array_parallelism", "max_requeues"):
+        counts[key] = _positive_int(path, f"slurm.{key}", raw.get(key))
+        if key != "max_requeues" and counts[key] == 0:
+            raise _err(path, f"slurm.{key}", "must be at least 1")
+    mem = raw.get("mem")
+    if isinstance(mem, (int, float)) and not isinstance(mem, bool) and mem > 0:
+        mem = f"{int(mem)}G"
+    if mem is not None and not isinstance(mem, str):
+        raise _err(path, "slurm.mem", f"expected e.g. '64G' or a number of GB, got {mem!r}")
+    sbatch = _mapping(path, "slurm.sbatch", raw.get("sbatch"))
+    for key, item in sbatch.items():
+        if not isinstance(item, (str, int, float, bool)):
+            raise _err(path, f"slurm.sbatch.{key}", f"expected a scalar, got {item!r}")
+    setup = raw.get("setup", [])
+    if isinstance(setup, str):
+        setup = [setup]
+    setup = _str_list(path, "slurm.setup", setup) if setup else ()
+    nodes = counts["nodes"] or 1
+    if nodes > 1 and launcher != "accelerate":
+        raise _err(
+            path,
+            "slurm.nodes",
+            "more than one node needs launcher: accelerate (one accelerate launch per node)",
+        )
+    gpus = counts["gpus_per_node"]
+    if num_processes and gpus and nodes * gpus != num_processes:
+        raise _err(
+            path,
+            "slurm",
+            f"num_processes {num_processes} differs from nodes x gpus_per_node = {nodes} x {gpus}",
+        )
+    if num_processes and gpus is None and num_processes % nodes == 0 and num_processes >= nodes:
+        gpus = num_processes // nodes  # ask SLURM for the GPUs that accelerate will use
+    port = _positive_int(path, "slurm.main_process_port", raw.get("main_process_port"))
+    signal_delay = _positive_int(path, "slurm.signal_delay_s", raw.get("signal_delay_s"))
+    return SlurmSpec(
+        **strings,
+        nodes=nodes,
+        gpus_per_node=gpus,
+        cpus_per_task=counts["cpus_per_task"],
+        mem=mem,
+        time_min=_slurm_time(path, raw["time"]) if raw.get("time") is not None else 60,
+        array_parallelism=counts["array_parallelism"],
+        sbatch=sbatch,
+        setup=tuple(setup),
+        max_requeues=3 if counts["max_requeues"] is None else counts["max_requeues"],
+        signal_delay_s=120 if signal_delay is None else signal_delay,
+        folder=_resolve(path, "slurm.folder", raw["folder"], must_exist=False)
+        if raw.get("folder")
+        else None,
+        main_process_port=port,
+    )
+
+
 def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
     """Validate a loaded experiment mapping.
 
@@ -469,6 +637,7 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         num_processes=num_processes,
         env=env,
         report_metrics=report_metrics,
+        slurm=_slurm(path, raw.get("slurm"), launcher=launcher, num_processes=num_processes),
     )
     expand_grid(config)  # name collisions are a configuration error: find them now
     return config
@@ -480,6 +649,7 @@ def load_experiment(
     output_dir: str | Path | None = None,
     seeds: Sequence[int] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    slurm: Mapping[str, Any] | None = None,
 ) -> ExperimentConfig:
     """Read and validate an experiment YAML file.
 
@@ -489,6 +659,7 @@ def load_experiment(
         seeds: replace the file's ``seeds`` and ``ablation_seeds``.
         overrides: merged over the file's ``overrides`` (below methods and ablations), e.g.
             ``{"max_steps": 20}`` for a quick pass over the grid.
+        slurm: merged over the file's ``slurm`` block (e.g. ``{"partition": "debug"}``).
     """
     import yaml
 
@@ -517,6 +688,8 @@ def load_experiment(
                 raw["ablation_seeds"] = list(seeds)
         if overrides and isinstance(raw.get("overrides") or {}, Mapping):
             raw["overrides"] = {**(raw.get("overrides") or {}), **overrides}
+        if slurm and isinstance(raw.get("slurm") or {}, Mapping):
+            raw["slurm"] = {**(raw.get("slurm") or {}), **slurm}
     return parse_experiment(raw, path)
 
 

@@ -5,27 +5,40 @@ settings), the logs ``train.log`` / ``evaluate.log``, ``evaluation.json`` from
 ``fishertune evaluate``, and ``model/``: what ``fishertune train`` saves (weights, tokenizer,
 ``trainer_state.json``, ``fishertune_run.json``, checkpoints).
 
-A stage whose output is complete is not run again, so an interrupted grid is resumed by running the
-same command: a training run cut off after a checkpoint continues from it (``--resume``), one cut
-off before any is started again. A run whose stored training settings differ from the experiment
-file is refused instead of being silently reused; one whose evaluation settings changed is
-evaluated again. A failing run is recorded in ``OUTPUT_DIR/experiment_status.json`` and the grid
-goes on.
+Before anything is launched every run's full training configuration is checked as
+``fishertune train`` would (unknown options, bad values, unknown methods), so a typo in the last
+run of a grid cannot surface hours later. A stage whose output is complete is not run again, so an
+interrupted grid is resumed by running the same command: a training run cut off after a checkpoint
+continues from it (``--resume``), one cut off before any is started again. A run whose stored
+training settings differ from the experiment file is refused when it holds work (a checkpoint or a
+finished training) and cleared when it holds none (the debris of a failed attempt); one whose
+evaluation settings changed is evaluated again. A failing run is recorded in
+``OUTPUT_DIR/experiment_status.json`` and the grid goes on.
 
 Runs are subprocesses rather than calls in this process so that every run starts from a fresh
 CUDA context and RNG state, a crash cannot take the grid down, and the multi-GPU path is the same
-``accelerate launch`` command a user would type.
+``accelerate launch`` command a user would type. Each child runs in its own process group, which
+is killed when the runner is stopped (Ctrl-C, SIGTERM): an ``accelerate launch`` and its workers go
+with it. A lock (``OUTPUT_DIR/.fishertune-runner.lock``, holding the owner's PID) keeps a second
+runner off the same output directory. ``--parallel N`` runs N runs at once, each on its own GPUs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,24 +49,35 @@ from fishertune.files import write_json_atomic
 
 __all__ = [
     "EVALUATION_FILE",
+    "LOCK_FILE",
     "RUN_FILE",
     "SPEC_FILE",
     "STATUS_FILE",
     "Launcher",
+    "Rendezvous",
     "RunResult",
+    "RunnerLock",
     "check_stored_specs",
     "evaluate_command",
     "evaluation_done",
     "format_command",
+    "gpu_slots",
     "override_flags",
     "pending_stages",
+    "prepare_run",
+    "read_status",
     "restart_flags",
     "run_experiment",
     "run_settings",
     "select_runs",
+    "step_reached",
+    "stop_children",
     "subprocess_launcher",
     "train_command",
     "training_done",
+    "update_status",
+    "validate_grid",
+    "validate_train_flags",
     "write_json_atomic",
 ]
 
@@ -61,6 +85,8 @@ RUN_FILE = "fishertune_run.json"
 EVALUATION_FILE = "evaluation.json"
 SPEC_FILE = "fishertune_experiment.json"
 STATUS_FILE = "experiment_status.json"
+LOCK_FILE = ".fishertune-runner.lock"
+CHECKPOINT_RECORD = "fishertune_checkpoint.json"
 
 Launcher = Callable[[list[str], Path, dict[str, str]], int]
 """``launcher(command, log_path, env) -> return code``: runs one stage of one run, with the
@@ -74,12 +100,17 @@ class RunResult:
     Attributes:
         name: the run's name.
         status: ``completed`` (both stages ran or were already done), ``skipped`` (nothing to do),
-            ``failed``, or ``planned`` (dry run).
+            ``failed``, ``interrupted`` (the runner or the job was stopped), ``planned`` (dry run),
+            or under SLURM ``submitted``, ``running``, ``requeued``.
         stage: the stage that failed (``train`` or ``evaluate``), if any.
         returncode: the failing stage's exit status.
         message: why it failed.
         log: the failing stage's log file.
         wall_time_s: seconds spent on this run in this invocation.
+        launcher: ``local`` or ``slurm``.
+        job_id: the SLURM job id (``ARRAY_TASK`` for array jobs).
+        slurm_log: the SLURM job's own log (submitit's stdout file).
+        started: when this attempt started (``time.time()``), for the elapsed time of live runs.
     """
 
     name: str
@@ -89,6 +120,10 @@ class RunResult:
     message: str | None = None
     log: str | None = None
     wall_time_s: float = 0.0
+    launcher: str = "local"
+    job_id: str | None = None
+    slurm_log: str | None = None
+    started: float | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -108,6 +143,37 @@ def evaluation_done(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a complete ``evaluation.json`` (written atomically at the end)."""
     record = _read_json(run_dir / EVALUATION_FILE)
     return isinstance(record, dict) and isinstance(record.get("metrics"), dict)
+
+
+def _checkpoint_steps(model_dir: Path) -> list[int]:
+    # The same rule as fishertune.training.cli.latest_checkpoint (a checkpoint counts once its
+    # record is written), without importing the training stack for a status table.
+    steps = []
+    for child in model_dir.glob("checkpoint-*"):
+        suffix = child.name.split("-", 1)[1]
+        if suffix.isdigit() and (child / CHECKPOINT_RECORD).is_file():
+            steps.append(int(suffix))
+    return steps
+
+
+def step_reached(model_dir: Path) -> int | None:
+    """The training step a run has safely reached: its final step once finished, else its latest
+    complete checkpoint's; ``None`` when it has neither."""
+    record = _read_json(model_dir / RUN_FILE)
+    if isinstance(record, dict) and record.get("status") == "completed":
+        step = record.get("global_step")
+        if isinstance(step, int):
+            return step
+        state = _read_json(model_dir / "trainer_state.json")
+        if isinstance(state, dict) and isinstance(state.get("global_step"), int):
+            return state["global_step"]
+    steps = _checkpoint_steps(model_dir)
+    return max(steps) if steps else None
+
+
+def _holds_work(run: RunSpec) -> bool:
+    """A trained model or a complete checkpoint: something a cleanup would lose."""
+    return training_done(run.model_dir) or bool(_checkpoint_steps(run.model_dir))
 
 
 def _flag_values(key: str, value: Any) -> list[str]:
@@ -149,8 +215,37 @@ def restart_flags(model_dir: Path) -> list[str]:
     return ["--overwrite_output_dir", "true"]
 
 
-def train_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
-    """The ``fishertune train`` command of a run (through ``accelerate launch`` if configured)."""
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the processes of one run spread over several machines meet: ``accelerate launch``'s
+    ``--num_machines``, ``--machine_rank``, ``--main_process_ip`` and ``--main_process_port``."""
+
+    num_machines: int
+    machine_rank: int
+    main_process_ip: str
+    main_process_port: int
+
+
+def train_command(
+    config: ExperimentConfig,
+    run: RunSpec,
+    *,
+    num_processes: int | None = None,
+    rendezvous: Rendezvous | None = None,
+    main_process_port: int | None = None,
+    restart: bool = True,
+) -> list[str]:
+    """The ``fishertune train`` command of a run (through ``accelerate launch`` if configured).
+
+    Args:
+        config: the experiment.
+        run: the run.
+        num_processes: total processes of an ``accelerate launch`` (default: the file's).
+        rendezvous: the machine flags of a multi-node run (one command per node).
+        main_process_port: the rendezvous port of a single-machine ``accelerate launch`` (runs
+            side by side on one machine need different ones).
+        restart: add the flags that continue or restart an interrupted run in ``run.model_dir``.
+    """
     train = [
         "-m",
         "fishertune.cli",
@@ -160,15 +255,33 @@ def train_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
         *override_flags(run.overrides),
         "--output_dir",
         str(run.model_dir),
-        *restart_flags(run.model_dir),
+        *(restart_flags(run.model_dir) if restart else []),
     ]
     if config.launcher == "local":
         return [sys.executable, *train]
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if config.accelerate_config is not None:
         launch += ["--config_file", str(config.accelerate_config)]
-    if config.num_processes is not None:
-        launch += ["--num_processes", str(config.num_processes)]
+    processes = num_processes if num_processes is not None else config.num_processes
+    if processes is not None:
+        launch += ["--num_processes", str(processes)]
+    if rendezvous is not None:
+        launch += [
+            "--num_machines",
+            str(rendezvous.num_machines),
+            "--machine_rank",
+            str(rendezvous.machine_rank),
+            "--main_process_ip",
+            rendezvous.main_process_ip,
+            "--main_process_port",
+            str(rendezvous.main_process_port),
+            # each node runs its own launcher (srun): DeepSpeed's default multi-node launcher
+            # (pdsh over ssh) would start the other nodes a second time; ignored without DeepSpeed
+            "--deepspeed_multinode_launcher",
+            "standard",
+        ]
+    elif main_process_port is not None:
+        launch += ["--main_process_port", str(main_process_port)]
     return [*launch, *train]
 
 
@@ -224,19 +337,89 @@ def format_command(command: Sequence[str], env: dict[str, str] | None = None) ->
     return " ".join([*assignments, shlex.join(shown)])
 
 
+# Children of this process that are running now, so that stopping the runner (from any thread's
+# point of view) can kill each one's process group; set when the runner is being stopped, so that
+# no new child starts after that.
+_CHILDREN: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def _kill_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the child's process group (an ``accelerate launch`` and its workers), then SIGKILL
+    what is left after ``grace_s``."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=wait_s)
+            # the group leader is gone; workers it left behind still share its group id
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def stop_children() -> None:
+    """Kill the process group of every running child and start no new one (until the next
+    :func:`run_experiment`)."""
+    _STOPPING.set()
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for child in children:
+        _kill_group(child)
+
+
+def _ignore_preemption_signal() -> None:
+    # In a SLURM job the preemption / time-limit signal (USR2, submitit's) reaches every process
+    # of the job step; only the job's own handler should act on it (it stops the child and
+    # requeues), so children inherit an ignored disposition (kept across exec).
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def subprocess_launcher(
-    command: list[str], log_path: Path, env: dict[str, str] | None = None
+    command: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    *,
+    ignore_preemption_signal: bool = False,
 ) -> int:
     """Run ``command`` with ``env`` added to the environment and its output appended to
-    ``log_path``; return its exit status."""
+    ``log_path``; return its exit status.
+
+    The child runs in its own session (process group): when this call is interrupted (Ctrl-C,
+    SIGTERM turned into an exception, ``SystemExit`` from a signal handler) or
+    :func:`stop_children` is called, the whole group is terminated, so no training outlives the
+    runner that started it. ``ignore_preemption_signal`` (inside a SLURM job, which has no other
+    threads: ``preexec_fn`` is unsafe with threads) makes the child ignore USR2.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("a") as log:
         log.write(f"\n$ {format_command(command, env)}\n")
         log.flush()
-        return subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, env=full_env, check=False
-        ).returncode
+        if _STOPPING.is_set():
+            log.write("not started: the runner is stopping\n")
+            return -int(signal.SIGTERM)
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+            preexec_fn=_ignore_preemption_signal if ignore_preemption_signal else None,
+        )
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(process)
+        try:
+            return process.wait()
+        except BaseException:
+            _kill_group(process)
+            raise
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(process)
 
 
 def _normalized(value: Any) -> Any:
@@ -256,23 +439,72 @@ def _changed_training(stored: Any, current: dict[str, Any]) -> bool:
     )
 
 
-def check_stored_specs(config: ExperimentConfig, runs: list[RunSpec]) -> None:
-    """Refuse run folders that hold runs trained with other settings than the experiment's.
+def check_stored_specs(config: ExperimentConfig, runs: list[RunSpec]) -> list[RunSpec]:
+    """Refuse run folders that hold work trained with other settings than the experiment's.
+
+    A folder whose stored settings differ but which holds no work (no finished training, no
+    complete checkpoint: what a failed attempt leaves) is not in the way: it is returned, and
+    :func:`prepare_run` clears it when that run is launched.
+
+    Returns:
+        The runs whose folders are such debris.
 
     Raises:
-        FishertuneError: naming the runs whose ``fishertune_experiment.json`` differs.
+        FishertuneError: naming the runs whose ``fishertune_experiment.json`` differs and whose
+            folder holds a trained model or a checkpoint.
     """
     changed = [
-        run.name
+        run
         for run in runs
         if _changed_training(_read_json(run.run_dir / SPEC_FILE), run_settings(config, run))
     ]
-    if changed:
+    kept = [run.name for run in changed if _holds_work(run)]
+    if kept:
         raise FishertuneError(
-            f"run folder(s) {', '.join(changed)} under {config.runs_dir} hold runs trained with "
+            f"run folder(s) {', '.join(kept)} under {config.runs_dir} hold runs trained with "
             f"other settings (see their {SPEC_FILE}); choose another output_dir or delete those "
             "folders"
         )
+    return changed
+
+
+def validate_train_flags(argv: list[str]) -> None:
+    """Check a ``fishertune train`` argument list as ``fishertune train`` would, without training.
+
+    The YAML's keys, every flag's name and value, and the method's options
+    (:meth:`FisherSFTConfig.validate_method`, run by the config's ``__post_init__``) are checked.
+    ``--use_cpu true`` is added: the machine that checks the grid (a SLURM login node) need not
+    have the GPUs that ``bf16`` asks for; the job's own ``fishertune train`` checks the hardware.
+
+    Raises:
+        FishertuneError: one line naming the problem.
+    """
+    import warnings
+
+    from fishertune.training.cli import parse_args
+
+    with warnings.catch_warnings():  # deprecation notes belong in the run's own train.log
+        warnings.simplefilter("ignore")
+        parse_args([*argv, "--use_cpu", "true"])
+
+
+def validate_grid(config: ExperimentConfig, runs: Sequence[RunSpec]) -> None:
+    """Check every run's full training configuration before the first one starts.
+
+    Raises:
+        FishertuneError: naming the first run whose configuration ``fishertune train`` refuses.
+    """
+    for run in runs:
+        command = train_command(config, run, restart=False)
+        argv = command[command.index("train") + 1 :]
+        try:
+            validate_train_flags(argv)
+        except FishertuneError as err:
+            raise FishertuneError(
+                f"{config.path}: run {run.name} (method {run.method!r}"
+                + (f", ablation {run.ablation!r}" if run.ablation else "")
+                + f"): {err}"
+            ) from err
 
 
 def _evaluation_stale(config: ExperimentConfig, run: RunSpec) -> bool:
@@ -293,49 +525,148 @@ def pending_stages(config: ExperimentConfig, run: RunSpec) -> list[tuple[str, li
     return stages
 
 
-def _write_status(config: ExperimentConfig, results: list[RunResult]) -> None:
-    """Update ``experiment_status.json``: runs of earlier invocations keep their entries."""
-    path = config.output_dir / STATUS_FILE
-    previous = _read_json(path)
-    entries: dict[str, dict[str, Any]] = {}
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[Any]:
+    """An exclusive ``flock`` on ``path`` for the ``with`` block (blocking)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield handle
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_status(output_dir: Path) -> dict[str, dict[str, Any]]:
+    """The runs' entries of ``OUTPUT_DIR/experiment_status.json``, by run name."""
+    previous = _read_json(output_dir / STATUS_FILE)
     if isinstance(previous, dict) and isinstance(previous.get("runs"), list):
-        entries = {e["name"]: e for e in previous["runs"] if isinstance(e, dict) and "name" in e}
-    entries.update({result.name: asdict(result) for result in results})
-    order = {run.name: index for index, run in enumerate(expand_grid(config))}
-    write_json_atomic(
-        path,
-        {
-            "experiment": str(config.path),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "runs": sorted(entries.values(), key=lambda e: order.get(e["name"], len(order))),
-        },
-    )
+        return {e["name"]: e for e in previous["runs"] if isinstance(e, dict) and "name" in e}
+    return {}
 
 
-def _run_one(
-    config: ExperimentConfig, run: RunSpec, launcher: Launcher, log: Callable[[str], None]
-) -> RunResult:
-    start = time.perf_counter()
-    stages = pending_stages(config, run)
+def update_status(
+    config: ExperimentConfig, results: Sequence[RunResult], *, unless_same_job: bool = False
+) -> None:
+    """Replace these runs' entries of ``experiment_status.json``; other runs keep theirs.
+
+    Several writers share the file (the runner, and SLURM jobs each recording their own run), so
+    the read-modify-write holds a lock on ``experiment_status.json.lock``. ``unless_same_job``
+    keeps an entry that already speaks of the same job (a job that started before its
+    submission was recorded).
+    """
+    path = config.output_dir / STATUS_FILE
+    with _file_lock(path.with_name(STATUS_FILE + ".lock")):
+        entries = read_status(config.output_dir)
+        for result in results:
+            old = entries.get(result.name, {})
+            if unless_same_job and result.job_id and old.get("job_id") == result.job_id:
+                continue
+            entries[result.name] = asdict(result)
+        order = {run.name: index for index, run in enumerate(expand_grid(config))}
+        write_json_atomic(
+            path,
+            {
+                "experiment": str(config.path),
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "runs": sorted(entries.values(), key=lambda e: order.get(e["name"], len(order))),
+            },
+        )
+
+
+class RunnerLock:
+    """``with RunnerLock(output_dir):`` one runner per output directory.
+
+    An ``flock`` on ``OUTPUT_DIR/.fishertune-runner.lock``, which holds the owner's PID and host so
+    that a refused runner can name it. The kernel drops the lock when its owner dies, so a lock
+    file left by a dead runner is simply taken over.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = Path(output_dir) / LOCK_FILE
+        self._handle: Any = None
+
+    def __enter__(self) -> RunnerLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().split()
+            handle.close()
+            who = f"PID {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+            raise FishertuneError(
+                f"another fishertune experiment ({who}) is running on {self.path.parent}; wait "
+                f"for it to end or stop it (its lock: {self.path})"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.seek(0)
+            self._handle.truncate()
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+def prepare_run(config: ExperimentConfig, run: RunSpec, *, pending: bool) -> None:
+    """Make a run's folder ready for its stages: clear the debris of an attempt with other
+    settings (a folder :func:`check_stored_specs` let through), drop an ``evaluation.json`` that
+    the pending stages will replace, and write the run's settings file."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    if stages:
+    stored = _read_json(run.run_dir / SPEC_FILE)
+    if _changed_training(stored, run_settings(config, run)):
+        if _holds_work(run):  # checked before, but never delete work on a race
+            raise FishertuneError(f"{run.run_dir} holds a run trained with other settings")
+        shutil.rmtree(run.model_dir, ignore_errors=True)
+        shutil.rmtree(run.run_dir / "answers", ignore_errors=True)
+        pending = True
+    if pending:
         # A new training or new evaluation settings make the old scores meaningless; removing them
         # first also means a failed evaluation can never leave old numbers in the report.
         (run.run_dir / EVALUATION_FILE).unlink(missing_ok=True)
     write_json_atomic(run.run_dir / SPEC_FILE, run_settings(config, run))
+
+
+def run_stages(
+    config: ExperimentConfig,
+    run: RunSpec,
+    stages: Sequence[tuple[str, list[str]]],
+    launch: Launcher,
+    *,
+    env: dict[str, str] | None = None,
+    start: float | None = None,
+    log_tag: str = "",
+    **fields: Any,
+) -> RunResult:
+    """Run a run's stages in order with ``launch``; the first failing one ends the run.
+
+    A stage fails when its exit status is not 0 or when it exits 0 without its product
+    (``model/fishertune_run.json``, ``evaluation.json``) complete; the product is checked only
+    for the main log (``log_tag`` empty): another node of a multi-node run finishes before the
+    main one has written it. Stage ``s`` logs to ``s{log_tag}.log`` in the run folder.
+    ``fields`` go into the result (``launcher``, ``job_id``, ``slurm_log``).
+    """
+    start = time.time() if start is None else start
     checks: dict[str, tuple[Callable[[], bool], str]] = {
         "train": (lambda: training_done(run.model_dir), f"{MODEL_SUBDIR}/{RUN_FILE}"),
         "evaluate": (lambda: evaluation_done(run.run_dir), EVALUATION_FILE),
     }
     for stage, command in stages:
-        log_path = run.run_dir / f"{stage}.log"
-        log(f"  {stage}: {format_command(command, config.env)}")
-        code = launcher(command, log_path, dict(config.env))
+        log_path = run.run_dir / f"{stage}{log_tag}.log"
+        code = launch(command, log_path, {**config.env, **(env or {})})
         done, product = checks[stage]
         message = None
         if code != 0:
             message = f"{stage} exited with status {code}"
-        elif not done():
+        elif not log_tag and not done():
             message = f"{stage} exited with status 0 but {product} is missing or incomplete"
         if message is not None:
             return RunResult(
@@ -345,13 +676,87 @@ def _run_one(
                 returncode=code,
                 message=message,
                 log=str(log_path),
-                wall_time_s=round(time.perf_counter() - start, 2),
+                wall_time_s=round(time.time() - start, 2),
+                started=start,
+                **fields,
             )
     return RunResult(
         name=run.name,
         status="completed" if stages else "skipped",
-        wall_time_s=round(time.perf_counter() - start, 2),
+        wall_time_s=round(time.time() - start, 2),
+        started=start,
+        **fields,
     )
+
+
+def _run_one(
+    config: ExperimentConfig,
+    run: RunSpec,
+    launcher: Launcher,
+    *,
+    env: dict[str, str] | None = None,
+    main_process_port: int | None = None,
+) -> RunResult:
+    start = time.time()
+    prepare_run(config, run, pending=bool(pending_stages(config, run)))
+    stages = pending_stages(config, run)  # after the debris of another attempt is gone
+    if main_process_port is not None:
+        stages = [
+            (stage, train_command(config, run, main_process_port=main_process_port))
+            if stage == "train"
+            else (stage, command)
+            for stage, command in stages
+        ]
+    return run_stages(config, run, stages, launcher, env=env, start=start)
+
+
+def gpu_slots(
+    parallel: int, gpus: Sequence[str] | None = None, per_run: int | None = None
+) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` of each of ``parallel`` run slots.
+
+    Args:
+        parallel: runs at once.
+        gpus: the devices to share out (default: ``CUDA_VISIBLE_DEVICES`` if set, else every GPU
+            torch sees).
+        per_run: devices per run (default: an equal share; an ``accelerate`` grid's
+            ``num_processes``).
+
+    Returns:
+        One comma-separated device list per slot, or ``None`` for every slot when there is no
+        GPU (CPU runs share the cores).
+
+    Raises:
+        FishertuneError: when the GPUs cannot give every slot ``per_run`` devices.
+    """
+    if gpus is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            gpus = [g.strip() for g in visible.split(",") if g.strip()]
+        else:
+            import torch
+
+            gpus = [str(i) for i in range(torch.cuda.device_count())]
+    if not gpus:
+        return [None] * parallel
+    per_run = per_run or len(gpus) // parallel
+    if per_run < 1 or per_run * parallel > len(gpus):
+        raise FishertuneError(
+            f"--parallel {parallel} with {per_run or 1} GPU(s) per run needs "
+            f"{parallel * (per_run or 1)} GPUs; {len(gpus)} available ({','.join(gpus)})"
+        )
+    return [",".join(gpus[k * per_run : (k + 1) * per_run]) for k in range(parallel)]
+
+
+def _describe(result: RunResult) -> str:
+    if result.status == "failed":
+        return (
+            f"FAILED at {result.stage} after {result.wall_time_s:.1f} s: {result.message} "
+            f"(log: {result.log})"
+        )
+    if result.status == "skipped":
+        return "finished earlier, skipped"
+    return f"{result.status} in {result.wall_time_s:.1f} s"
 
 
 def select_runs(config: ExperimentConfig, only: Sequence[str] | None = None) -> list[RunSpec]:
@@ -372,6 +777,36 @@ def select_runs(config: ExperimentConfig, only: Sequence[str] | None = None) -> 
     return [r for r in runs if r.name in wanted or r.group in wanted]
 
 
+def _refuse_live_slurm_jobs(config: ExperimentConfig, runs: Sequence[RunSpec]) -> None:
+    """Refuse to run here what a SLURM job of this output directory is queued or running for:
+    both would write the same run folder."""
+    records = read_status(config.output_dir)
+    live = {
+        run.name: records[run.name]["job_id"]
+        for run in runs
+        if records.get(run.name, {}).get("launcher") == "slurm"
+        and records[run.name].get("status") in ("submitted", "running", "requeued")
+        and records[run.name].get("job_id")
+    }
+    if not live:
+        return
+    from fishertune.experiments.slurm import ACTIVE_STATES, slurm_states
+
+    states = slurm_states(list(live.values()), config.slurm_dir)
+    active = [
+        f"{name} (job {job})" for name, job in live.items() if states.get(job) in ACTIVE_STATES
+    ]
+    if active:
+        raise FishertuneError(
+            f"SLURM jobs are queued or running for {', '.join(active)} in {config.output_dir}: "
+            "wait for them (--status) or scancel them before running the grid here"
+        )
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_experiment(
     config: ExperimentConfig,
     *,
@@ -379,8 +814,17 @@ def run_experiment(
     dry_run: bool = False,
     only: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    parallel: int = 1,
+    gpus: Sequence[str] | None = None,
 ) -> list[RunResult]:
-    """Train and evaluate every unfinished run of the grid, one at a time, in order.
+    """Train and evaluate every unfinished run of the grid, in order, ``parallel`` at a time.
+
+    Every selected run's training configuration is validated first (:func:`validate_grid`), dry
+    run included. While runs execute, a :class:`RunnerLock` holds the output directory; when
+    the runner is stopped (Ctrl-C, or SIGTERM, turned into ``SystemExit(143)``) the children's
+    process groups are killed and their runs recorded as ``interrupted`` before the exception
+    goes on. The console gets one line per run (its status and time); the commands and their
+    output go to each run's ``train.log`` / ``evaluate.log``.
 
     Args:
         config: the validated experiment.
@@ -388,33 +832,118 @@ def run_experiment(
         dry_run: only print the commands of the stages that would run.
         only: restrict to these run names or row labels (``method[-ablation]``).
         log: where progress lines go.
+        parallel: runs at once, each with its own ``CUDA_VISIBLE_DEVICES`` (:func:`gpu_slots`),
+            taken from the queue in the grid's order.
+        gpus: the devices ``parallel`` shares out (default: all visible).
 
     Returns:
-        One :class:`RunResult` per selected run; failed runs do not stop the grid.
+        One :class:`RunResult` per selected run, in the grid's order; failed runs do not stop the
+        grid.
 
     Raises:
-        FishertuneError: when ``only`` names no run, or a run folder holds a run trained with
-            other settings (checked for every selected run before anything is launched).
+        FishertuneError: when ``only`` names no run, a run's configuration is invalid, a run
+            folder holds a run trained with other settings (all checked before anything is
+            launched), or another runner holds the output directory.
     """
+    if parallel < 1:
+        raise FishertuneError(f"--parallel must be at least 1, got {parallel}")
     runs = select_runs(config, only)
-    check_stored_specs(config, runs)
-    launcher = launcher or subprocess_launcher
-    results: list[RunResult] = []
-    for index, run in enumerate(runs, 1):
-        prefix = f"[{index}/{len(runs)}] {run.name}"
-        if dry_run:
+    validate_grid(config, runs)
+    debris = {run.name for run in check_stored_specs(config, runs)}
+    if dry_run:
+        results = []
+        for index, run in enumerate(runs, 1):
             stages = pending_stages(config, run)
-            log(f"# {prefix}" + ("" if stages else ": finished, skipped"))
+            note = " (folder of an attempt with other settings: cleared first)"
+            log(
+                f"# [{index}/{len(runs)}] {run.name}"
+                + ("" if stages else ": finished, skipped")
+                + (note if run.name in debris else "")
+            )
             for _, command in stages:
                 log(format_command(command, config.env))
             results.append(RunResult(run.name, "planned" if stages else "skipped"))
-            continue
-        log(prefix)
-        result = _run_one(config, run, launcher, log)
-        if result.status == "failed":
-            log(f"  FAILED: {result.message} (log: {result.log})")
-        elif result.status == "skipped":
-            log("  finished earlier, skipped")
-        results.append(result)
-        _write_status(config, results)
-    return results
+        return results
+    slots: list[str | None] = [None]
+    if parallel > 1:
+        per_run = config.num_processes if config.launcher == "accelerate" else None
+        slots = gpu_slots(parallel, gpus, per_run)
+    launcher = launcher or subprocess_launcher
+    _STOPPING.clear()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        with RunnerLock(config.output_dir):
+            _refuse_live_slurm_jobs(config, runs)
+            return _run_queue(config, runs, launcher, slots, log)
+    finally:
+        if main_thread and previous is not None:  # None: a handler installed outside Python
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_queue(
+    config: ExperimentConfig,
+    runs: list[RunSpec],
+    launcher: Launcher,
+    slots: list[str | None],
+    log: Callable[[str], None],
+) -> list[RunResult]:
+    """Run ``runs`` in order on ``slots`` (one run per slot at a time)."""
+    results: dict[str, RunResult] = {}
+    free = list(range(len(slots)))
+    queue = list(enumerate(runs, 1))
+    running: dict[Future, tuple[int, RunSpec, int, float]] = {}
+    serial: list[tuple[int, RunSpec, int, float]] = []  # the run in flight when not parallel
+
+    def finish(index: int, run: RunSpec, slot: int, result: RunResult) -> None:
+        results[run.name] = result
+        update_status(config, [result])
+        where = f" (GPUs {slots[slot]})" if slots[slot] is not None else ""
+        log(f"[{index}/{len(runs)}] {run.name}: {_describe(result)}{where}")
+
+    pool = ThreadPoolExecutor(max_workers=len(slots)) if len(slots) > 1 else None
+    try:
+        while queue or running:
+            while queue and free:
+                index, run = queue.pop(0)
+                slot = free.pop(0)
+                env = {} if slots[slot] is None else {"CUDA_VISIBLE_DEVICES": slots[slot]}
+                # runs side by side on one machine: distinct accelerate rendezvous ports
+                side_by_side = pool is not None and config.launcher == "accelerate"
+                port = 29500 + slot if side_by_side else None
+                if pool is None:  # in this thread, so that Ctrl-C reaches the launcher directly
+                    serial[:] = [(index, run, slot, time.time())]
+                    finish(index, run, slot, _run_one(config, run, launcher, env=env))
+                    serial.clear()
+                    free.append(slot)
+                    continue
+                future = pool.submit(
+                    _run_one, config, run, launcher, env=env, main_process_port=port
+                )
+                running[future] = (index, run, slot, time.time())
+            if running:
+                # a timeout keeps the main thread responsive to signals
+                done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, run, slot, _ = running.pop(future)
+                    finish(index, run, slot, future.result())
+                    free.append(slot)
+    except BaseException:
+        stop_children()
+        stopped = [
+            RunResult(
+                name=run.name,
+                status="interrupted",
+                message="the runner was stopped; run the same command to resume",
+                wall_time_s=round(time.time() - begun, 2),
+                started=begun,
+            )
+            for index, run, slot, begun in [*running.values(), *serial]
+        ]
+        if stopped:
+            update_status(config, stopped)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return [results[run.name] for run in runs]
