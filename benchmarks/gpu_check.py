@@ -29,7 +29,8 @@ time budget (``--budget-s``, 450 s on CUDA):
 Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--output``, prints the Markdown, and exits 1
 when a check fails (or did not finish within the budget). ``--quick`` shrinks every shape and
 step count: its numbers exercise the code, they measure nothing (on CPU the memory column is the
-worker's cumulative peak RSS), and the floors are reported but not enforced.
+worker's cumulative peak RSS), and the floors are reported but not enforced. It also simulates an
+out-of-memory error for the exact methods above batch 1, so the batch fallback runs too.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "accuracy_model_size": "micro", "accuracy_seq_len": 64, "grad_batch_size": 2,
         "accuracy_kinds": ["token-f"],
         "tiny_steps": 3, "tiny_runs": ["token-f"],
+        # the exact methods "run out of memory" above batch 1: the fallback runs on CPU too
+        "simulate_oom": {"penalty_grad": "exact", "above": 1},
         "long_model_size": "micro", "long_seq_len": 512, "long_steps": 2,
     },
 }  # fmt: skip
@@ -222,6 +225,12 @@ def _train_steps(
     """Train ``steps`` steps of one method on a fresh model at ``batch`` rows; times and peak."""
     clock = step_clock(options["device"])
     model = trainer = None
+    simulate = options.get("simulate_oom")
+    same_mode = simulate and overrides.get("penalty_grad") == simulate["penalty_grad"]
+    if same_mode and batch > simulate["above"]:
+        import torch
+
+        raise torch.OutOfMemoryError(f"simulated out of memory at batch {batch} (--quick)")
     try:
         model = build_model(options, attention)
         trainer = build_trainer(
@@ -250,8 +259,9 @@ def search_job(options: dict[str, Any]) -> dict[str, Any]:
             if not _is_oom(err):
                 raise
             probes.append({"batch": batch, "fits": False, "error": _first_line(err)})
-            free_memory()
-            return False
+        # outside the except block: the traceback's frames (and their tensors) are gone now
+        free_memory()
+        return False
 
     deadline = time.time() + options["search_s"]
     batch = largest_batch(fits, options["batch_cap"], deadline=deadline)
@@ -278,8 +288,10 @@ def time_job(options: dict[str, Any], methods: list[dict[str, Any]], reply: Text
                     row["traceback"] = traceback.format_exc()[-2000:]
                     break
                 oom_at.append(batch)
-                batch //= 2
+            if oom_at and oom_at[-1] == batch:
+                # outside the except block: the traceback's frames (and their tensors) are gone
                 free_memory()
+                batch //= 2
                 continue
             row.update(summarize_steps(result["steps"], options["warmup"]))
             row["peak_gb"] = result["peak_bytes"] / 2**30
