@@ -903,7 +903,8 @@ def main(argv: list[str] | None = None) -> int:
         # --quick: generous, for a loaded CPU machine
         "budget_s": args.budget_s or (600.0 if args.quick else 450.0),
         "overhead_share": 0.55,  # of the budget; accuracy and training run after it, together
-        "search_s": 60.0 if args.quick else 75.0,
+        # the search's own limit; --quick's cap (2) bounds it, and a loaded CPU must not cut it
+        "search_s": 600.0 if args.quick else 75.0,
     }
     selected = args.only or list(CHECKS)
     budget = Budget(options["budget_s"])
