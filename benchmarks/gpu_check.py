@@ -871,7 +871,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--quick", action="store_true", help="micro shapes and few steps (tests)")
-    parser.add_argument("--output", default="gpu-check", help="folder for the JSON and Markdown")
+    parser.add_argument(
+        "--output", default="runs/gpu-check", help="folder for the JSON and Markdown"
+    )
     parser.add_argument(
         "--budget-s", type=float, help="wall-clock budget (default 450 s; 600 s with --quick)"
     )
