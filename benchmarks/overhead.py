@@ -4,16 +4,18 @@
     python benchmarks/overhead.py --quick         # fewer steps, smaller gradient check (~2 min)
     python benchmarks/overhead.py --device cuda --model-size 1b --seq-len 2048 --dtype bf16
 
-Every number comes from the shipped code: each method builds a ``FisherSFTTrainer`` on the same
-model (same config and seed), the same batch and the same seed, and times its
-``training_step`` (forward, penalty, backward: everything that differs between methods; the
-optimizer step is identical for all and left out). Each method runs in its own process so its
+Every number comes from the shipped code: each method trains a ``FisherSFTTrainer`` on the same
+model (same config and seed), the same batch and the same seed, and times each step from
+``on_step_begin`` to ``on_pre_optimizer_step`` (forward, penalty, backward: everything that
+differs between methods; the optimizer update is identical for all and left out). The model, data,
+trainer and callbacks are shared with ``gpu_check.py`` (``harness.py``). Each method runs in its
+own process so its
 peak memory is its own: peak RSS on CPU (``resource.getrusage``),
 ``torch.cuda.max_memory_allocated`` on GPU. Exact modes use eager attention (what
 ``fishertune train`` picks for them); the others use SDPA.
 
 The gradient check compares the penalty's parameter gradient in fd mode with exact double
-backward, for the same draws ``y'``: ``grad(CE + c R) - grad(CE)`` from ``training_step`` with a
+backward, for the same draws ``y'``: ``grad(CE + c R) - grad(CE)`` from one training step with a
 coefficient ``c`` large enough that the CE part cancels to rounding. It also prints the spread of
 exact gradients over a fresh draw of ``y'``, the noise the penalty carries anyway.
 """
@@ -21,16 +23,27 @@ exact gradients over a fresh draw of ``y'``, the noise the penalty carries anywa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from harness import (
+    MODEL_SIZES,
+    PENALTY_KINDS,
+    attention_for,
+    build_model,
+    build_trainer,
+    gradient_agreement,
+    peak_memory_bytes,
+    step_clock,
+)
 
 # (label, overrides of FisherSFTConfig); coefficients only need to be > 0 for timing
 PENALTY = {"penalty_coef": 1e-3, "penalty_warmup_steps": 0}
@@ -51,28 +64,13 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ),
 ]
 
-PENALTY_KINDS = ("token-f", "logit-f")
-
 # Floors the fd mode must meet (ratios to the baseline; relative gradient error in float32).
 FLOOR_FD_TIME = 2.4
 FLOOR_FD_TIME_FRACTION = 1.5
 FLOOR_FD_MEMORY = 1.15
 FLOOR_FD_ERROR = {"forward": 1e-2, "central": 1e-3}
 
-# name -> LlamaConfig fields; "tiny" is the size the project's CPU measurements use
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(
-        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=8192,
-    ),
-    "1b": dict(  # Llama-3.2-1B's shape
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256,
-    ),
-}  # fmt: skip
 
-
-# ---------------------------------------------------------------------- shared set-up
 def _setup_torch(options: dict[str, Any]) -> None:
     import torch
 
@@ -80,204 +78,37 @@ def _setup_torch(options: dict[str, Any]) -> None:
         torch.set_num_threads(options["threads"])
 
 
-def build_model(options: dict[str, Any], attention: str) -> Any:
-    """The benchmark model, identical for every method (same config, same seed)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        **MODEL_SIZES[options["model_size"]],
-        max_position_embeddings=max(options["seq_len"], 256),
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = attention
-    torch.manual_seed(options["seed"])
-    return LlamaForCausalLM(config).to(options["device"])
-
-
-def build_batch(options: dict[str, Any], vocab_size: int, batch_size: int) -> dict[str, Any]:
-    """Random token rows of full length; the first quarter is prompt (label -100)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(options["seed"] + 1)
-    length = options["seq_len"]
-    input_ids = torch.randint(vocab_size, (batch_size, length), generator=generator)
-    labels = input_ids.clone()
-    labels[:, : length // 4] = -100
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "labels": labels,
-    }
-    return {k: v.to(options["device"]) for k, v in batch.items()}
-
-
-def build_trainer(options: dict[str, Any], overrides: dict[str, Any], attention: str) -> Any:
-    """A ``FisherSFTTrainer`` as ``fishertune train`` builds it, prepared for ``training_step``."""
-    from datasets import Dataset
-
-    from fishertune.data.tokenizer import load_tiny_tokenizer
-    from fishertune.training.config import FisherSFTConfig
-    from fishertune.training.trainer import FisherSFTTrainer
-
-    model = build_model(options, attention)
-    args = FisherSFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="fishertune-bench-"),
-        per_device_train_batch_size=options["batch_size"],
-        max_length=options["seq_len"],
-        bf16=options["dtype"] == "bf16",
-        use_cpu=options["device"] == "cpu",
-        activation_checkpointing=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        seed=options["seed"],
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        **overrides,
-    )
-    # the trainer needs a dataset to exist; the benchmark feeds its own batch to training_step
-    rows = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 4})
-    trainer = FisherSFTTrainer(
-        model=model, args=args, train_dataset=rows, processing_class=load_tiny_tokenizer()
-    )
-    # what Trainer.train does before its first step: autocast wrapper for bf16, device placement
-    trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
-    trainer.current_gradient_accumulation_steps = 1
-    return trainer
-
-
-def _attention_for(overrides: dict[str, Any]) -> str:
-    # the CLI's choice: exact double backward needs eager (or SDPA's math kernel)
-    return "eager" if overrides.get("penalty_grad") == "exact" else "sdpa"
-
-
-def _items(batch: dict[str, Any]) -> Any:
-    # what the training loop passes: scored tokens in the (accumulated) batch
-    return (batch["labels"][:, 1:] != -100).sum()
-
-
 # ---------------------------------------------------------------------- timing worker
-def serve_method(options: dict[str, Any], overrides: dict[str, Any]) -> None:
-    """Build one method's trainer, then run one timed ``training_step`` per ``step`` line on
-    stdin; ``stats`` prints the peak memory and ends. One process per method: its peak is its own.
-    """
-    import psutil
-    import torch
-
-    _setup_torch(options)
-    trainer = build_trainer(options, overrides, _attention_for(overrides))
-    model = trainer.model_wrapped
-    batch = build_batch(options, model.config.vocab_size, options["batch_size"])
-    cuda = options["device"] == "cuda"
-    # hooks (NEFTune noise, embedding capture) are attached by train(); attach them the same way
-    with trainer._method_hooks():
-        setup_memory = psutil.Process().memory_info().rss
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            setup_memory = torch.cuda.memory_allocated()
-        print("ready", flush=True)
-        for line in sys.stdin:
-            if line.strip() != "step":
-                break
-            start = time.perf_counter()
-            trainer.training_step(model, batch, _items(batch))
-            model.zero_grad(set_to_none=False)  # keep .grad allocated, as in training
-            if cuda:
-                torch.cuda.synchronize()
-            print(json.dumps(time.perf_counter() - start), flush=True)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"peak_mb": peak / 2**20, "step_mb": (peak - setup_memory) / 2**20}))
-
-
-# ---------------------------------------------------------------------- gradient worker
-def _gradient(trainer: Any, batch: dict[str, Any]) -> Any:
-    """The parameter gradient of one ``training_step``, flattened, float32 on the CPU (a 1B
-    model's gradients would not fit a GPU several times over); the trainer is freed."""
-    import gc
-
-    import torch
-
-    model = trainer.model_wrapped
-    model.zero_grad(set_to_none=True)
-    with trainer._method_hooks():
-        trainer.training_step(model, batch, _items(batch))
-    flat = torch.cat([p.grad.detach().float().flatten().cpu() for p in model.parameters()])
-    del model, trainer
-    gc.collect()  # the trainer holds the model through reference cycles
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return flat
-
-
-def _compare(a: Any, b: Any) -> tuple[float, float]:
-    """Cosine and relative error ``|a - b| / |b|``, accumulated in float64 by chunks."""
-    dot = aa = bb = diff = 0.0
-    for x, y in zip(a.split(1 << 24), b.split(1 << 24), strict=True):
-        x, y = x.double(), y.double()
-        dot += float(x @ y)
-        aa += float(x @ x)
-        bb += float(y @ y)
-        diff += float((x - y).pow(2).sum())
-    return dot / max((aa * bb) ** 0.5, 1e-300), (diff / max(bb, 1e-300)) ** 0.5
-
-
-def gradient_agreement(options: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    """fd vs exact penalty gradients (same draws), float32 and bfloat16, forward and central.
-
-    Rows with ``fd_step`` None use the shipped default step (``DEFAULT_FD_STEP``); the extra
-    float32 central row with 3e-4 shows the step that its h^2 error calls for on this model.
+def serve_method(options: dict[str, Any], overrides: dict[str, Any], reply: TextIO) -> None:
+    """Train one method for ``warmup + steps`` steps, each started by a ``step`` line on stdin
+    and answered with its time (forward, penalty, backward); ``stats`` prints the peak memory.
+    One process per method: its peak is its own. Answers go to ``reply``.
     """
     _setup_torch(options)
-    vocab = MODEL_SIZES[options["model_size"]]["vocab_size"]
-    batch = build_batch(options, vocab, options["grad_batch_size"])
-    ce_cache: dict[str, Any] = {}
 
-    def penalty_gradient(dtype: str, coef: float, draw: int = 0, **penalty: Any) -> Any:
-        run = {**options, "dtype": dtype}
-        if dtype not in ce_cache:
-            ce_cache[dtype] = _gradient(build_trainer(run, {"method": "baseline"}, "eager"), batch)
-        overrides = {"method": kind, "penalty_coef": coef, "penalty_warmup_steps": 0, **penalty}
-        trainer = build_trainer(run, overrides, "eager")
-        # the draws y' come from a generator seeded by args.seed; the model's initialization is
-        # seeded separately (build_model), so this changes the draws only
-        trainer.args.seed = options["seed"] + draw
-        return (_gradient(trainer, batch) - ce_cache[dtype]) / coef
+    def gate() -> None:
+        line = sys.stdin.readline().strip()
+        if line != "step":
+            raise SystemExit(f"expected 'step' on stdin, got {line!r}")
 
-    # choose c so that c |grad R| = 1e3 |grad CE|: the CE part then cancels to rounding, also in
-    # bf16 where the two CE gradients differ by bf16 rounding
-    probe = penalty_gradient("fp32", 1.0, penalty_grad="exact")
-    coef = 1e3 * float(ce_cache["fp32"].norm() / probe.norm())
-    rows = []
-    exact = {}
-    for dtype in ("fp32", "bf16"):
-        exact[dtype] = penalty_gradient(dtype, coef, penalty_grad="exact")
-        other_draw = penalty_gradient(dtype, coef, draw=1, penalty_grad="exact")
-        variants = [("forward", None), ("central", None)]
-        if dtype == "fp32":
-            variants.append(("central", 3e-4))
-        for scheme, step in variants:
-            fd = penalty_gradient(
-                dtype, coef, penalty_grad="fd", penalty_fd_scheme=scheme, penalty_fd_step=step
-            )
-            cosine, error = _compare(fd, exact[dtype])
-            rows.append(
-                {
-                    "kind": kind,
-                    "dtype": dtype,
-                    "scheme": scheme,
-                    "fd_step": step,
-                    "cosine": cosine,
-                    "rel_error": error,
-                    "rel_error_vs_fp32_exact": _compare(fd, exact["fp32"])[1],
-                    "exact_vs_fp32_exact": _compare(exact[dtype], exact["fp32"])[1],
-                    "draw_noise": _compare(other_draw, exact[dtype])[1],
-                }
-            )
-    return rows
+    def answer(record: dict[str, float]) -> None:
+        print(json.dumps(record["fwd_bwd_s"]), file=reply, flush=True)
+
+    clock = step_clock(options["device"], before_step=gate, after_step=answer)
+    trainer = build_trainer(
+        options,
+        overrides,
+        build_model(options, attention_for(overrides)),
+        batch_size=options["batch_size"],
+        max_steps=options["warmup"] + options["steps"],
+        callbacks=[clock],
+    )
+    print("ready", file=reply, flush=True)
+    trainer.train()
+    sys.stdin.readline()  # "stats"
+    peak = peak_memory_bytes(options["device"])
+    stats = {"peak_mb": peak / 2**20, "step_mb": (peak - clock.setup_bytes) / 2**20}
+    print(json.dumps(stats), file=reply, flush=True)
 
 
 # ---------------------------------------------------------------------- driver
@@ -376,10 +207,14 @@ def _worker_main(payload: str) -> None:
     disable_progress_bar()
     spec = json.loads(payload)
     job, options = spec["job"], spec["options"]
-    if job["type"] == "time":
-        serve_method(options, job["overrides"])
-    else:
-        print(json.dumps(gradient_agreement(options, job["kind"])), flush=True)
+    reply = sys.stdout
+    # the Trainer prints its final metrics (a dict) to stdout: keep stdout for the answers
+    with contextlib.redirect_stdout(sys.stderr):
+        if job["type"] == "time":
+            serve_method(options, job["overrides"], reply)
+        else:
+            _setup_torch(options)
+            print(json.dumps(gradient_agreement(options, job["kind"])), file=reply, flush=True)
 
 
 def _mark(ok: bool) -> str:

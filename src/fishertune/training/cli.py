@@ -191,7 +191,8 @@ def load_model(script_args: Any, training_args: Any, model_args: Any, tokenizer:
         dtype=model_args.dtype or "auto",
         attn_implementation=attention,
         revision=model_args.model_revision,
-        trust_remote_code=model_args.trust_remote_code,
+        # TRL 1.16's ModelConfig no longer has the field
+        trust_remote_code=getattr(model_args, "trust_remote_code", False),
     )
 
 
