@@ -258,3 +258,16 @@ def test_ddp_does_not_search_for_unused_parameters_by_default(chat_file, tmp_pat
     assert args.ddp_find_unused_parameters is False
     argv = base_args(chat_file, tmp_path / "o", ddp_find_unused_parameters="true")
     assert validate_train_argv(argv)[1].ddp_find_unused_parameters is True
+
+
+def test_split_fd_backward_is_refused_under_deepspeed(chat_file, tmp_path):
+    """Split mode calls backward inside compute_loss, which DeepSpeed's engine would scale by the
+    accumulation steps again and may follow with an optimizer step: refused, joint allowed."""
+    trainer = trainer_for(chat_file, tmp_path, penalty_grad="fd", penalty_fd_backward="split",
+                          **PENALTY)  # fmt: skip
+    trainer._check_supported()  # fine without DeepSpeed
+    trainer.is_deepspeed_enabled = True  # what Trainer sets from the accelerate state
+    with pytest.raises(FishertuneError, match="penalty_fd_backward=split does not work under"):
+        trainer._check_supported()
+    trainer.args.penalty_fd_backward = "joint"
+    trainer._check_supported()

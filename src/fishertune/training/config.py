@@ -94,8 +94,8 @@ class FisherSFTConfig(SFTConfig):
     penalty_every: int | None = field(
         default=None,
         metadata={
-            "help": "Apply the penalty every k-th optimizer step with coefficient k * lambda "
-            "(same expectation). Default 1."
+            "help": "Apply the penalty every k-th optimizer step with the summed coefficients "
+            "of that step and the k - 1 skipped ones (exact total, warm-up included). Default 1."
         },
     )
     penalty_fd_scheme: str | None = field(
