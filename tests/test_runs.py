@@ -218,6 +218,8 @@ def test_resume_names_its_checkpoint_and_reports_the_whole_run(chat_file, tmp_pa
     history = json.loads((straight / "trainer_state.json").read_text())["log_history"]
     losses = [e["loss"] for e in history if "loss" in e and "train_loss" not in e]
     assert len(losses) == 6 and a["train_loss"] == pytest.approx(sum(losses) / 6, rel=1e-9)
+    resumed = json.loads((interrupted / "trainer_state.json").read_text())["log_history"]
+    assert resumed[-1]["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +244,7 @@ def test_validate_train_argv_checks_everything_cheaply(chat_file, tmp_path):
         (base_args(chat_file, out, penalty_coef=1), "penalty_coef given with method='baseline'"),
         (base_args(blank, out), "blank.jsonl: no conversations"),
         (base_args(chat_file, occupied), "exists and is not empty"),
+        (base_args(chat_file, occupied / "keep.txt"), "keep.txt is a file, not a folder"),
     ]
     for argv, message in cases:
         with pytest.raises(FishertuneError, match=message) as info:

@@ -353,6 +353,8 @@ def plan_output_dir(script_args: Any, training_args: Any, model_args: Any) -> Ou
     path = Path(training_args.output_dir)
     settings = run_settings(script_args, training_args, model_args)
     plan = OutputPlan(settings=settings)
+    if path.exists() and not path.is_dir():
+        raise FishertuneError(f"output_dir {path} is a file, not a folder")
     non_empty = path.is_dir() and any(path.iterdir())
     if script_args.resume:
         record = read_run_record(path) or {}
@@ -573,10 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.train(
             resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None
         )
-        metrics = dict(result.metrics)
-        # transformers averages over this call's steps only; the whole run's mean comes from
-        # totals carried through the checkpoints
-        metrics["train_loss"] = trainer.run_train_loss()
+        metrics = dict(result.metrics)  # train_loss: the whole run's (run_totals, restored above)
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())
         trainer.save_model(training_args.output_dir)

@@ -224,8 +224,22 @@ class FisherSFTTrainer(SFTTrainer):
                 self._noise = None
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``train``; ``train_loss`` is the mean objective per step of the whole
+        run when :attr:`run_totals` cover it (transformers averages this call's steps only,
+        which after a resume leaves out the steps before it)."""
+        from transformers.trainer_utils import TrainOutput
+
         with self._method_hooks():
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
+        totals = self.run_totals
+        if totals["steps"] + totals["skipped_steps"] != self.state.global_step:
+            return output
+        whole = self.run_train_loss()
+        for entry in reversed(self.state.log_history):
+            if "train_loss" in entry:
+                entry["train_loss"] = whole
+                break
+        return TrainOutput(output.global_step, whole, {**output.metrics, "train_loss": whole})
 
     # ------------------------------------------------------------------ helpers
     def _generator(self, device: torch.device, purpose: int) -> torch.Generator:
