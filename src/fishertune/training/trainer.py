@@ -510,9 +510,7 @@ class FisherSFTTrainer(SFTTrainer):
             generator=self._generator(logits.device, purpose=0),
         )
 
-    def _record_penalty(
-        self, squared_norm: Tensor, label_mask: Tensor, rescale: float, coef: float
-    ) -> None:
+    def _record_penalty(self, squared_norm: Tensor, rescale: float, coef: float) -> None:
         """Add ``||v||^2`` (times the rows' rescale) and its weighted term to the step's sums;
         logged per scored token, whatever the loss reduction, comparable across runs."""
         with torch.no_grad():
@@ -546,7 +544,7 @@ class FisherSFTTrainer(SFTTrainer):
                     (v,) = torch.autograd.grad(g[s], embeds, create_graph=True, retain_graph=True)
                     squared = squared + v.float().pow(2).sum()
                 squared = squared / g.shape[0]
-        self._record_penalty(squared, label_mask, rescale, coef)
+        self._record_penalty(squared, rescale, coef)
         return (ce_sum + coef * rescale * squared) / normalizer
 
     def _fd_loss(
@@ -624,7 +622,7 @@ class FisherSFTTrainer(SFTTrainer):
             v_all = torch.stack(directions)  # (m, B, L, d)
             squared = v_all.float().pow(2).flatten(1).sum(1).mean()
             # per-token mean over the whole batch: the rescale stands for the rows left out
-            self._record_penalty(squared, full_mask, rescale, coef)
+            self._record_penalty(squared, rescale, coef)
             reported = reported + (ce_sum.detach() + coef * rescale * squared) / normalizer
             reference_probs = (
                 torch.softmax(logits[label_mask].detach().float(), dim=-1)
