@@ -552,7 +552,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     main_process = trainer.accelerator.is_main_process
     replacement = None
-    previous = read_run_record(output_dir) if plan.checkpoint else None
     record: dict[str, Any] = {
         "status": "running",
         "method": training_args.method,
@@ -582,12 +581,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.save_state()
         if main_process:
             trainer.processing_class.save_pretrained(training_args.output_dir)
-            earlier = (previous or {}).get("wall_time_s", 0.0) if plan.checkpoint else 0.0
             record.update(
                 status="completed",
                 global_step=trainer.state.global_step,
                 skipped_steps=trainer.run_totals["skipped_steps"],
-                wall_time_s=round(earlier + time.time() - start, 2),
+                wall_time_s=round(trainer.run_totals["wall_time_s"], 2),  # all sessions
                 metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
             )
             _write_record(training_args.output_dir, record)

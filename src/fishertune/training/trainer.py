@@ -40,6 +40,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,7 +147,8 @@ class FisherSFTTrainer(SFTTrainer):
         self._step_stats: Tensor | None = None
         self._vocab_size = 0
         # whole-run totals (a resumed run continues them from its checkpoint's record)
-        self.run_totals = {"loss_sum": 0.0, "steps": 0, "skipped_steps": 0}
+        self.run_totals = {"loss_sum": 0.0, "steps": 0, "skipped_steps": 0, "wall_time_s": 0.0}
+        self._clock = (time.time(), 0.0)  # (start of this train() call, wall time before it)
         self._check_launch()
         self._check_supported()
         self.add_callback(OptimizerStepHook(self._check_step))
@@ -229,8 +231,10 @@ class FisherSFTTrainer(SFTTrainer):
         which after a resume leaves out the steps before it)."""
         from transformers.trainer_utils import TrainOutput
 
+        self._clock = (time.time(), self.run_totals["wall_time_s"])
         with self._method_hooks():
             output = super().train(*args, **kwargs)
+        self._tick()
         totals = self.run_totals
         if totals["steps"] + totals["skipped_steps"] != self.state.global_step:
             return output
@@ -435,6 +439,7 @@ class FisherSFTTrainer(SFTTrainer):
             )
         self.run_totals["loss_sum"] += loss
         self.run_totals["steps"] += 1
+        self._tick()
         self._record("ce_loss", values["ce_loss"])
         self._record("entropy", total[_ENTROPY] / tokens)
         self._record("mean_token_accuracy", total[_CORRECT] / tokens)
@@ -442,6 +447,10 @@ class FisherSFTTrainer(SFTTrainer):
             self._record("penalty_term", total[_PENALTY_TERM] / tokens)
             if "penalty" in values:
                 self._record("penalty", values["penalty"])
+
+    def _tick(self) -> None:
+        started, before = self._clock
+        self.run_totals["wall_time_s"] = round(before + time.time() - started, 3)
 
     def run_train_loss(self) -> float:
         """Mean objective per optimizer step over the whole run, resumed parts included."""
