@@ -173,6 +173,36 @@ def test_overwrite_replaces_a_run_only_once_the_new_one_is_safe(chat_file, tmp_p
     assert not siblings(out) and digest(out) != before
 
 
+@pytest.mark.slow
+def test_sigterm_during_a_replacement_puts_the_old_run_back(chat_file, tmp_path):
+    """A scheduler's stop (SIGTERM) before the new run's first checkpoint: the old run is back
+    in place, nothing is left aside, and the exit status says terminated."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    assert cli_main(["train", *base_args(chat_file, out, max_steps=1)]) == 0
+    before = digest(out)
+    argv = [*base_args(chat_file, out, max_steps=100000), "--overwrite_output_dir", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "fishertune.cli", "train", *argv]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 240
+    for line in process.stdout:  # training has started once the old run is aside
+        if "previous run moved" in line or time.time() > deadline:
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, rest[-2000:]
+    assert digest(out) == before and not siblings(out)
+
+
 def test_resume_refuses_other_settings_and_a_completed_run_is_a_no_op(chat_file, tmp_path, capsys):
     out = tmp_path / "run"
     argv = base_args(chat_file, out, max_steps=2, **SAVING)

@@ -27,7 +27,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -289,7 +291,11 @@ _MODEL_SETTINGS = (
 
 def _data_fingerprint(source: str) -> str | None:
     """sha256 of a local data file (of each file of a folder), so a resume on other data is
-    refused even under the same name."""
+    refused even under the same name; a built-in dataset by its generator's version."""
+    if source.startswith("builtin:"):
+        from fishertune.data.tasks import TASKS_VERSION
+
+        return f"{source}@{TASKS_VERSION}"
     path = Path(source).expanduser()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     if not path.exists() or not files:
@@ -355,6 +361,13 @@ def plan_output_dir(script_args: Any, training_args: Any, model_args: Any) -> Ou
     plan = OutputPlan(settings=settings)
     if path.exists() and not path.is_dir():
         raise FishertuneError(f"output_dir {path} is a file, not a folder")
+    for aside in sorted(path.parent.glob(f".{path.name}.replaced-*")):
+        logger.warning(
+            "%s holds the run that was in %s before an interrupted --overwrite_output_dir: "
+            "move it back or delete it",
+            aside,
+            path,
+        )
     non_empty = path.is_dir() and any(path.iterdir())
     if script_args.resume:
         record = read_run_record(path) or {}
@@ -519,6 +532,19 @@ def _checkpoint_record_callback(trainer: Any, on_first: Callable[[], None] | Non
     return CheckpointRecord()
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, SystemExit) and err.code == 128 + signal.SIGTERM:
+        return "terminated (SIGTERM)"
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _write_record(output_dir: str, payload: dict[str, Any]) -> None:
     write_json_atomic(Path(output_dir) / RUN_RECORD, payload, sort_keys=True)
 
@@ -559,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         "settings": plan.settings,
         "argv": argv,
     }
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so the run is marked failed and a
+    # replaced run is put back instead of the process vanishing mid-way
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         if plan.replace and main_process:
             replacement = _Replacement(output_dir)
@@ -598,10 +628,9 @@ def main(argv: list[str] | None = None) -> int:
             if replacement is not None and latest_checkpoint(output_dir) is None:
                 replacement.restore()
             else:
-                message = str(err).splitlines()[0] if str(err) else type(err).__name__
                 record.update(
                     status="failed",
-                    error=message,
+                    error=_describe(err),
                     global_step=trainer.state.global_step,
                     wall_time_s=round(time.time() - start, 2),
                 )
@@ -611,5 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         # destroy the process group (and finish trackers) on every rank, also after an error
         trainer.accelerator.end_training()
