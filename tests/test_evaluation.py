@@ -486,7 +486,9 @@ def test_nonfinite_model_or_loss_is_an_error(tmp_path, tok, capsys) -> None:
         assert not out.exists()
 
 
-def test_hub_only_lm_eval_task_offline_is_one_line(saved_model, tmp_path, monkeypatch, capsys):
+def test_hub_only_lm_eval_task_offline_is_one_line(
+    saved_model, mc_task, tmp_path, monkeypatch, capsys
+):
     """lm-eval's built-in tasks fetch their data from the hub: offline that is one line saying
     so, not a ConnectionError traceback (the error below is the one datasets raises)."""
     import lm_eval
@@ -496,7 +498,9 @@ def test_hub_only_lm_eval_task_offline_is_one_line(saved_model, tmp_path, monkey
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
     out = tmp_path / "e.json"
-    argv = ["evaluate", "--model", str(saved_model), "--tasks", "mmlu", "--output", str(out)]
+    # (--include_path only shares the task index built for the other lm-eval tests)
+    argv = ["evaluate", "--model", str(saved_model), "--tasks", "mmlu", "--output", str(out),
+            "--include_path", str(mc_task)]  # fmt: skip
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: lm-eval task mmlu: its data comes from the Hugging Face hub")
