@@ -25,6 +25,7 @@ from fishertune.data import (
     tokenize_conversation,
     tokenize_dataset,
 )
+from fishertune.data.chat import check_conversations
 from fishertune.data.tasks import INSTRUCTION_CHECKERS, loose_variants
 from fishertune.data.tokenizer import tiny_tokenizer_dir
 from fishertune.errors import FishertuneError
@@ -420,7 +421,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path) -> None:
             write(tmp_path / "e.jsonl", json.dumps({"messages": [{"role": "user"}]}) + "\n"),
             r"e\.jsonl line 1: messages\[0\] must be an object with 'role' and 'content'",
         ),
-        (write(tmp_path / "f.json", "[1, 2"), r"f\.json: invalid JSON"),
+        (write(tmp_path / "f.json", "[1, 2"), r"f\.json line 1: invalid JSON"),
         (write(tmp_path / "g.csv", "a,b"), r"unsupported file type '\.csv'"),
     ]
     parquet = tmp_path / "h.parquet"
@@ -430,6 +431,41 @@ def test_bad_inputs_give_one_clear_line(tmp_path) -> None:
         with pytest.raises(FishertuneError, match=pattern) as info:
             load_conversations(source)
         assert "\n" not in str(info.value), str(info.value)
+
+
+def test_empty_undecodable_and_bom_files(tmp_path) -> None:
+    """No rows, bytes that are not UTF-8: one line naming file and line; a UTF-8 BOM (written
+    by editors on Windows) loads like the same file without it."""
+    good = json.dumps(ROWS[0])
+    cases = [
+        (
+            write(tmp_path / "zero.jsonl", ""),
+            r"zero\.jsonl: no conversations: .* empty \(0 bytes\)",
+        ),
+        (write(tmp_path / "blank.jsonl", "\n  \n\n"), r"blank\.jsonl: .* only blank lines"),
+        (write(tmp_path / "zero.json", ""), r"zero\.json: no conversations"),
+        (write(tmp_path / "list.json", "[]"), r"list\.json: no conversations: the list is empty"),
+    ]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(f"{good}\n".encode() + '{"messages": "caf\xe9"}\n'.encode("latin-1"))
+    cases.append((str(latin), r"latin\.jsonl line 2 column 18: byte 0xe9 is not UTF-8"))
+    whole = tmp_path / "latin.json"
+    whole.write_bytes(b"[\n" + good.encode() + b",\n\xff]")
+    cases.append((str(whole), r"latin\.json line 3 column 1: byte 0xff is not UTF-8"))
+    for source, pattern in cases:
+        for check in (load_conversations, check_conversations):
+            with pytest.raises(FishertuneError, match=pattern) as info:
+                check(source)
+            assert "\n" not in str(info.value), str(info.value)
+    bom = b"\xef\xbb\xbf"
+    for name, text in (
+        ("bom.jsonl", "\n".join(json.dumps(r) for r in ROWS)),
+        ("bom.json", json.dumps(ROWS)),
+    ):
+        path = tmp_path / name
+        path.write_bytes(bom + text.encode())
+        check_conversations(str(path))
+        assert load_conversations(str(path))["messages"] == [r["messages"] for r in ROWS]
 
 
 def test_hub_name_goes_to_datasets_and_fails_cleanly(monkeypatch) -> None:

@@ -468,3 +468,44 @@ def test_cli_errors_are_one_line(tmp_path, saved_model, capsys) -> None:
     assert cli_main(argv) == 2
     assert "--batch_size must be positive" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_nonfinite_model_or_loss_is_an_error(tmp_path, tok, capsys) -> None:
+    """A diverged model (NaN weights) or one whose outputs overflow (finite weights, non-finite
+    val_loss) exits non-zero with one line, and no score file looks like a result."""
+    cases = {"nan": ("hold NaN or inf", math.nan), "huge": ("non-finite offline/", 3e38)}
+    for name, (message, value) in cases.items():
+        model = make_model(tok)
+        with torch.no_grad():
+            model.model.norm.weight.fill_(value)
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out = tmp_path / f"{name}.json"
+        argv = ["evaluate", "--model", str(folder), "--output", str(out), "--limit", "2",
+                "--max_new_tokens", "2"]  # fmt: skip
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: --model") and message in err, err
+        assert not out.exists()
+
+
+def test_hub_only_lm_eval_task_offline_is_one_line(
+    saved_model, mc_task, tmp_path, monkeypatch, capsys
+):
+    """lm-eval's built-in tasks fetch their data from the hub: offline that is one line saying
+    so, not a ConnectionError traceback (the error below is the one datasets raises)."""
+    import lm_eval
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'cais/mmlu' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    out = tmp_path / "e.json"
+    # (--include_path only shares the task index built for the other lm-eval tests)
+    argv = ["evaluate", "--model", str(saved_model), "--tasks", "mmlu", "--output", str(out),
+            "--include_path", str(mc_task)]  # fmt: skip
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: lm-eval task mmlu: its data comes from the Hugging Face hub")
+    assert "cais/mmlu" in err and not out.exists()

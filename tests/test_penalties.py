@@ -286,6 +286,49 @@ def test_model_sampling_frequencies_follow_softmax():
     assert ((freq - 0.2).abs() < 4 * math.sqrt(0.2 * 0.8 / draws)).all()
 
 
+def test_low_probability_tail_is_drawn_at_its_rate_at_llama3_vocabulary():
+    """V = 128256: two tokens hold 1 - 1e-4, the other 128254 share 1e-4 (7.8e-10 each, far
+    below float32's spacing of 6e-8 near 1). Their total is drawn at rate 1e-4, and spread over
+    them as the law says: ~200 draws among 128k tokens almost never repeat one (expected
+    repeated pairs 0.16), while a float32 CDF piles the tail's mass on the few tokens where its
+    rounded value steps (or, without double accumulation, never draws the tail at all)."""
+    vocab, tail_mass = 128256, 1e-4
+    probs = torch.full((vocab,), tail_mass / (vocab - 2), dtype=torch.float64)
+    probs[0], probs[1] = 0.5, 0.5 - tail_mass
+    from fishertune.penalties import _inverse_cdf_draws
+
+    # the float32 softmax sample_targets takes, then its draws with in-block steps of 4 tokens to
+    # keep the 2e6 draws fast; the precision at stake is the running total's, across blocks
+    probs32 = torch.softmax(probs.log().float(), dim=-1).expand(10, vocab).contiguous()
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.cat(
+        [_inverse_cdf_draws(probs32, 20000, generator, block=4) for _ in range(10)]
+    ).flatten()
+    tail = draws[draws >= 2]
+    expected = tail_mass * draws.numel()  # 200
+    assert abs(tail.numel() - expected) < 4 * math.sqrt(expected)
+    repeats = tail.numel() - tail.unique().numel()
+    assert repeats <= 3, repeats
+
+
+@pytest.mark.parametrize("block", [4, 7, 16])
+def test_two_level_draws_follow_the_law_for_any_block_size(block):
+    """The in-block step and a shorter last block (V = 10 is no multiple of 4, 7 or 16)."""
+    from fishertune.penalties import _inverse_cdf_draws
+
+    p = torch.tensor([0.3, 0.0, 0.05, 0.1, 0.2, 0.0, 0.15, 0.1, 0.04, 0.06])
+    draws = 40000
+    targets = _inverse_cdf_draws(
+        p.expand(3, 10).contiguous(), draws, torch.Generator().manual_seed(1), block=block
+    )
+    assert targets.shape == (3, draws)
+    for row in targets:
+        freq = torch.bincount(row, minlength=10).double() / draws
+        se = (p.double() * (1 - p.double()) / draws).sqrt()
+        assert ((freq - p.double()).abs() <= 4 * se + 1e-12).all()
+        assert freq[1] == 0 and freq[5] == 0  # zero-probability tokens are never drawn
+
+
 # --------------------------------------------------------------------------------------------
 # reductions, samples, empty batches, padding
 

@@ -7,7 +7,12 @@ import math
 
 import pytest
 
-from fishertune.schedules import neftune_equivalent_coef, neftune_scale, warmup_coefficient
+from fishertune.schedules import (
+    every_k_coefficient,
+    neftune_equivalent_coef,
+    neftune_scale,
+    warmup_coefficient,
+)
 
 
 def test_warmup_is_a_linear_ramp():
@@ -56,3 +61,20 @@ def test_neftune_scale_rejects_empty_shapes():
         neftune_scale(5.0, 0, 16)
     with pytest.raises(ValueError, match="positive"):
         neftune_equivalent_coef(5.0, 16, 0)
+
+
+@pytest.mark.parametrize("every", [1, 2, 4, 7])
+def test_penalty_every_k_sums_the_skipped_coefficients(every):
+    """Over any block of k steps the applied coefficients add up to those of penalizing every
+    step, warm-up included; k * lambda(s) on every k-th step would give 0.995 of it for k = 4
+    over a 600-step warm-up."""
+    coef, warmup, steps = 2e-6, 600, 1400  # a whole number of blocks for k = 1, 2, 4, 7
+    applied = [every_k_coefficient(s, coef, warmup, every) for s in range(steps)]
+    per_step = [warmup_coefficient(s, coef, warmup) for s in range(steps)]
+    assert all(a == 0 for s, a in enumerate(applied) if s % every)
+    for start in range(0, steps, every):
+        block = slice(start, start + every)
+        assert math.fsum(applied[block]) == pytest.approx(math.fsum(per_step[block]), rel=1e-12)
+    if every == 4:
+        naive = sum(every * per_step[s] for s in range(0, warmup, every))
+        assert naive / math.fsum(per_step[:warmup]) == pytest.approx(0.995, abs=1e-3)

@@ -217,6 +217,7 @@ def test_penalty_fraction_rescales_to_an_unbiased_estimate(chat_file, tmp_path):
         for step in range(24):
             trainer.state.global_step = step
             trainer.compute_loss(trainer.model, dict(batch))
+            trainer._check_step(trainer.model)  # the optimizer-step hook logs the step's sums
             trainer.model.zero_grad()
             values.append(trainer._metrics["train"]["penalty"][-1])
     full = trainer_for(
@@ -234,6 +235,7 @@ def test_penalty_fraction_rescales_to_an_unbiased_estimate(chat_file, tmp_path):
         for step in range(24):
             full.state.global_step = step
             full.compute_loss(full.model, dict(batch))
+            full._check_step(full.model)  # the optimizer-step hook logs the step's sums
             full.model.zero_grad()
             full_values.append(full._metrics["train"]["penalty"][-1])
     half, whole = torch.tensor(values), torch.tensor(full_values)

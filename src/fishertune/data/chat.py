@@ -34,6 +34,7 @@ __all__ = [
     "BUILTIN_TINY_TASKS",
     "TULU_CHAT_TEMPLATE",
     "assistant_spans",
+    "check_conversations",
     "collate_tokenized",
     "ensure_chat_template",
     "load_conversations",
@@ -119,11 +120,37 @@ def validate_messages(row: Any, where: str) -> None:
         raise FishertuneError(f"{where}: 'messages' has no assistant turn")
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _decode(raw: bytes, name: str, lineno: int | None) -> str:
+    """UTF-8 text of ``raw`` (one line, or the whole file), a leading BOM dropped; an invalid
+    byte becomes one error naming the file, line and column."""
+    if lineno in (None, 1) and raw.startswith(_BOM):  # editors on Windows write one
+        raw = raw[len(_BOM) :]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = lineno or raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise FishertuneError(
+            f"{name} line {line} column {column}: byte 0x{raw[err.start]:02x} is not UTF-8 text; "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _no_rows(path: Path, name: str) -> FishertuneError:
+    what = "is empty (0 bytes)" if path.stat().st_size == 0 else "holds only blank lines"
+    return FishertuneError(f"{name}: no conversations: the file {what}")
+
+
 def _validate_jsonl(path: Path, name: str) -> None:
     # Read line by line before handing the file to `datasets`, whose JSON reader reports a
     # malformed line as a pyarrow error without the line number.
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    rows = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode(raw, name, lineno)
             if not line.strip():
                 continue
             try:
@@ -131,18 +158,23 @@ def _validate_jsonl(path: Path, name: str) -> None:
             except json.JSONDecodeError as err:
                 raise FishertuneError(f"{name} line {lineno}: invalid JSON ({err})") from None
             validate_messages(row, f"{name} line {lineno}")
+            rows += 1
+    if rows == 0:
+        raise _no_rows(path, name)
 
 
 def _validate_json(path: Path, name: str) -> str | None:
     """Validate a .json file; return the field holding the rows when it is ``{field: [...]}``."""
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path.read_bytes(), name, None)
+    if not text.strip():
+        raise _no_rows(path, name)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several JSON values: JSON Lines in a .json file
             _validate_jsonl(path, name)
             return None
-        raise FishertuneError(f"{name}: invalid JSON ({err})") from None
+        raise FishertuneError(f"{name} line {err.lineno}: invalid JSON ({err.msg})") from None
     field = None
     if isinstance(data, Mapping) and "messages" not in data:
         lists = [k for k, v in data.items() if isinstance(v, list)]
@@ -153,6 +185,8 @@ def _validate_json(path: Path, name: str) -> str | None:
         field = lists[0]
         data = data[field]
     rows = data if isinstance(data, list) else [data]
+    if not rows:
+        raise FishertuneError(f"{name}: no conversations: the list is empty")
     for i, row in enumerate(rows):
         validate_messages(row, f"{name} row {i}")
     return field
@@ -168,6 +202,8 @@ def _validate_dataset(dataset: Any, name: str) -> None:
         for messages in batch["messages"]:
             validate_messages({"messages": messages}, f"{name} row {index}")
             index += 1
+    if index == 0:
+        raise FishertuneError(f"{name}: no conversations (0 rows)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +346,49 @@ def load_conversations(source: str, split: str = "train") -> Any:
         ) from err
     _validate_dataset(dataset, f"{source} (split {split})")
     return dataset
+
+
+def check_conversations(source: str, split: str = "train") -> None:
+    """Check a data source as :func:`load_conversations` would, without loading it into
+    ``datasets``: a local JSON / JSONL file (or a folder's ``<split>`` file) is read and every row
+    validated; a built-in name and split are checked; a hub name is not contacted.
+
+    Raises:
+        FishertuneError: as :func:`load_conversations`, one line naming file, line and field.
+    """
+    if source.startswith("builtin:"):
+        from fishertune.data.tasks import SPLITS
+
+        if source != BUILTIN_TINY_TASKS:
+            raise FishertuneError(
+                f"unknown built-in dataset {source!r} (known: {BUILTIN_TINY_TASKS})"
+            )
+        if split not in SPLITS:
+            raise FishertuneError(
+                f"{BUILTIN_TINY_TASKS} has no split {split!r} (splits: {', '.join(SPLITS)})"
+            )
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = next(
+            (path / f"{split}{s}" for s in _FILE_SUFFIXES if (path / f"{split}{s}").is_file()), path
+        )
+        name = str(path)
+    else:
+        name = source
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            _validate_jsonl(path, name)
+        elif suffix == ".json":
+            _validate_json(path, name)
+        elif suffix != ".parquet":
+            raise FishertuneError(
+                f"{name}: unsupported file type {suffix or '(none)'!r} "
+                f"(expected one of {', '.join(_FILE_SUFFIXES)})"
+            )
+    elif not path.exists() and _looks_like_path(source):
+        raise FishertuneError(f"data file not found: {source}")
 
 
 # --------------------------------------------------------------------------------------------

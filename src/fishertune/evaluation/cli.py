@@ -29,7 +29,8 @@ Output file (written atomically: a temporary file in the same folder, then renam
 Metric names are ``task/metric`` (``task/metric:filter`` for an lm-eval filter other than
 ``none``); every value in ``metrics`` is a finite float. A metric that is undefined on the data
 (IFEval accuracy on a test subset with no instruction) is left out and named in
-``meta["undefined_metrics"]``.
+``meta["undefined_metrics"]`` (and a warning is printed). A non-finite offline loss, or a model
+with NaN / inf weights, is an error: the command exits non-zero and writes nothing.
 
 Judging the exported answers (outside this package, with the judges' own installs):
 
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -133,7 +135,20 @@ def _load(model_dir: Path, device: str) -> tuple[Any, Any]:
         ) from err
     model = load_causal_lm(str(model_dir)).to(device)
     model.eval()
+    _check_finite_weights(model, model_dir)
     return model, tokenizer
+
+
+def _check_finite_weights(model: Any, model_dir: Path) -> None:
+    """Refuse a model with NaN or inf weights (a diverged run): its scores would mean nothing."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FishertuneError(
+            f"--model {model_dir}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); "
+            "the training run diverged: evaluate an earlier checkpoint"
+        )
 
 
 def _table(metrics: dict[str, float]) -> str:
@@ -235,7 +250,20 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         meta["answers"] = {k: str(v) for k, v in written.items()}
-    # NaN (e.g. IFEval accuracy on a test subset without instructions) is not JSON: list it apart.
+    # A non-finite offline loss (val_loss, perplexity) means the model's outputs are not finite:
+    # a failure, unlike an accuracy with no example to score.
+    broken = sorted(
+        k
+        for k, v in metrics.items()
+        if k.startswith(f"{OFFLINE}/") and directions.get(k) is False and not math.isfinite(v)
+    )
+    if broken:
+        raise FishertuneError(
+            f"--model {args.model}: non-finite {', '.join(broken)} (the model's outputs are not "
+            f"finite); nothing written to {args.output}"
+        )
+    # NaN from lm-eval (IFEval accuracy on a test subset without instructions) is undefined, not
+    # a number, and not JSON: listed apart, and said.
     undefined = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
     if undefined:
@@ -247,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         allow_nan=False,
     )
     print(_table(metrics))
+    if undefined:
+        print(f"warning: undefined (not finite) metrics: {', '.join(undefined)}", file=sys.stderr)
     for kind, path in meta.get("answers", {}).items():
         print(f"{kind} answers: {path}")
     print(f"wrote {args.output}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,26 +165,34 @@ def run_lm_eval(
             pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length
         )
 
-    # lm-eval runs `git describe`, whose "fatal: not a git repository" would reach the terminal
-    with child_stderr_captured():
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=manager,
-            apply_chat_template=apply_chat_template,
-            log_samples=log_samples,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+    try:
+        # lm-eval runs `git describe`, whose "fatal: not a git repository" would reach the terminal
+        with child_stderr_captured():
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                apply_chat_template=apply_chat_template,
+                log_samples=log_samples,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+    except _hub_errors() as err:
+        # lm-eval's built-in tasks (mmlu, ifeval, truthfulqa) fetch their data from the hub
+        raise FishertuneError(
+            f"lm-eval task {', '.join(tasks)}: its data comes from the Hugging Face hub and "
+            f"could not be fetched ({_first_line(err)}); run once where the hub is reachable "
+            "(the data is then cached), or use --tasks offline or local tasks (--include_path)"
+        ) from err
     if results is None:  # non-zero ranks under lm-eval's own multi-process mode
         return {"metrics": {}, "higher_is_better": {}, "versions": {}, "n_samples": {}}
     metrics, directions = flatten_results(results)
     out: dict[str, Any] = {
-        "metrics": {k: v for k, v in metrics.items() if not math.isnan(v)},
+        "metrics": metrics,  # NaN kept: the caller says which metrics are undefined
         "higher_is_better": directions,
         "versions": {k: str(v) for k, v in results.get("versions", {}).items()},
         "n_samples": {
@@ -196,6 +203,29 @@ def run_lm_eval(
     if log_samples:
         out["samples"] = results.get("samples", {})
     return out
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What ``datasets`` / ``huggingface_hub`` raise when the hub cannot provide a dataset."""
+    errors: list[type[BaseException]] = [ConnectionError]
+    try:
+        from datasets.exceptions import DatasetNotFoundError
+
+        errors.append(DatasetNotFoundError)
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        errors.append(OfflineModeIsEnabled)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 @functools.lru_cache(maxsize=8)

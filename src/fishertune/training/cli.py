@@ -6,17 +6,36 @@
 Flags are TRL's (``trl sft``: ``--dataset_name``, ``--output_dir``, ``--max_steps``, ``--seed``,
 ``--model_name_or_path`` ...) plus the fields of :class:`FisherSFTConfig` and of
 :class:`FisherScriptArguments` below; precedence is defaults < YAML < command line (``TrlParser``).
+
+Run management (what ``fishertune train`` guarantees):
+
+* Everything is validated (arguments, data, model) before anything in ``output_dir`` changes. With
+  ``--overwrite_output_dir`` the previous run is moved aside to a hidden sibling folder and deleted
+  only once the new run has written its first complete checkpoint (or finished); a run that fails
+  before that puts the previous one back.
+* ``fishertune_run.json`` holds the run's settings (method, data and its checksum, seed, model,
+  every option that changes the math) and its status: ``running``, then ``completed`` or
+  ``failed`` (with the error). A failed run exits non-zero and never saves a final model.
+* ``--resume`` continues from the latest complete checkpoint (named in the log) with the same
+  settings only (a difference is refused, naming it), reaches the same weights as an
+  uninterrupted run, and reports ``train_loss`` over the whole run; on a completed run it does
+  nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +76,10 @@ def _script_arguments_class() -> type:
         )
         overwrite_output_dir: bool = field(
             default=False,
-            metadata={"help": "Delete an existing, non-empty output_dir before training."},
+            metadata={
+                "help": "Replace an existing, non-empty output_dir: the old run is moved aside "
+                "and deleted once the new one has written its first checkpoint."
+            },
         )
         tiny_hidden_size: int = field(default=128, metadata={"help": f"{TINY_MODEL}: hidden size."})
         tiny_num_layers: int = field(default=2, metadata={"help": f"{TINY_MODEL}: layers."})
@@ -77,7 +99,10 @@ def build_parser() -> Any:
 
 
 def parse_args(argv: list[str]) -> tuple[Any, Any, Any]:
-    """Parse YAML + overrides; bad values become a one-line ``FishertuneError``."""
+    """Parse YAML + overrides; bad values become a one-line ``FishertuneError`` that names the
+    YAML file and line when the value came from there."""
+    lines: dict[str, int] = {}
+    path = None
     if "--config" in argv:
         from fishertune.presets import resolve_config
 
@@ -88,33 +113,46 @@ def parse_args(argv: list[str]) -> tuple[Any, Any, Any]:
             )
         path = resolve_config(argv[index + 1], "train")  # a file, else a preset (`tiny`)
         argv = [*argv[: index + 1], str(path), *argv[index + 2 :]]
-        _check_config_keys(path)
+        lines = _check_config_keys(path)
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+
+    def where(message: str, name: str | None = None) -> str:
+        # the option's YAML line, unless the command line overrides it
+        if name is None:
+            name = next((k for k in lines if message.startswith((k, f"--{k}"))), None)
+        if path is not None and name in lines and name not in given:
+            return f"{path} line {lines[name]}: {message}"
+        return message
+
     parser = build_parser()
     parser.exit_on_error = False  # argparse's usage dump + SystemExit becomes one line below
     try:
         return parser.parse_args_and_config(argv)
-    except FishertuneError:
-        raise
+    except FishertuneError as err:
+        raise FishertuneError(where(str(err))) from err
     except argparse.ArgumentError as err:
-        raise FishertuneError(str(err)) from err
+        name = (err.argument_name or "").split("/")[0].lstrip("-") or None
+        message = str(err)
+        if name in lines and name not in given:
+            message = f"{name}: {err.message}"
+        raise FishertuneError(where(message, name)) from err
     except (ValueError, TypeError) as err:
-        raise FishertuneError(str(err).splitlines()[0]) from err
+        raise FishertuneError(where(str(err).splitlines()[0])) from err
 
 
-def _check_config_keys(path: Path) -> None:
-    """Name the unknown YAML key and its line instead of argparse's generic message."""
+def _check_config_keys(path: Path) -> dict[str, int]:
+    """Name the unknown YAML key and its line instead of argparse's generic message; return the
+    line of each key."""
     import yaml
 
     from fishertune.training.config import FisherSFTConfig
 
     try:
-        node = yaml.compose(path.read_text())
-    except yaml.YAMLError as err:
-        raise FishertuneError(f"{path}: invalid YAML ({err})") from err
+        node = yaml.compose(path.read_text(encoding="utf-8-sig"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise FishertuneError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from err
     if node is None or not isinstance(node, yaml.MappingNode):
         raise FishertuneError(f"{path}: must be a YAML mapping of option: value")
-    from dataclasses import fields
-
     from trl import ModelConfig
 
     known = {
@@ -122,11 +160,72 @@ def _check_config_keys(path: Path) -> None:
         for cls in (_script_arguments_class(), FisherSFTConfig, ModelConfig)
         for f in fields(cls)
     } | {"env"}
+    lines = {}
     for key_node, _ in node.value:
         if key_node.value not in known:
             raise FishertuneError(
                 f"{path} line {key_node.start_mark.line + 1}: unknown option {key_node.value!r}"
             )
+        lines[key_node.value] = key_node.start_mark.line + 1
+    return lines
+
+
+def check_values(script_args: Any, training_args: Any) -> None:
+    """Sizes and rates that TRL / transformers accept but cannot train with."""
+    positive = {
+        "max_length": training_args.max_length,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "tiny_hidden_size": script_args.tiny_hidden_size,
+        "tiny_num_layers": script_args.tiny_num_layers,
+        "tiny_num_heads": script_args.tiny_num_heads,
+    }
+    for name, value in positive.items():
+        if value is not None and value < 1:
+            raise FishertuneError(f"{name} must be >= 1, got {value}")
+    if training_args.max_steps == 0 or (
+        training_args.max_steps < 0 and training_args.num_train_epochs <= 0
+    ):
+        raise FishertuneError(
+            f"nothing to train: max_steps={training_args.max_steps}, "
+            f"num_train_epochs={training_args.num_train_epochs}"
+        )
+    if training_args.learning_rate < 0:
+        raise FishertuneError(f"learning_rate must be >= 0, got {training_args.learning_rate}")
+    fraction = script_args.dataset_fraction
+    if fraction is not None and not 0 < fraction <= 1:
+        raise FishertuneError(f"dataset_fraction must be in (0, 1], got {fraction}")
+    if script_args.resume and script_args.overwrite_output_dir:
+        raise FishertuneError("--resume and --overwrite_output_dir exclude each other")
+
+
+def validate_train_argv(argv: list[str], *, check_output_dir: bool = True) -> tuple[Any, Any, Any]:
+    """Validate a ``fishertune train`` argument list without loading a model or training.
+
+    Parses it (YAML + overrides, the method's option checks of
+    :class:`~fishertune.training.config.FisherSFTConfig`), checks sizes and rates, reads every
+    row of a local data file (train split, and the test split when evaluation is on), and with
+    ``check_output_dir`` checks that ``output_dir`` can be used as asked (``--resume`` with the
+    same settings, ``--overwrite_output_dir``, or empty). Changes nothing on disk.
+
+    Returns:
+        ``(script_args, training_args, model_args)``.
+
+    Raises:
+        FishertuneError: one line naming the file, line or option at fault.
+    """
+    from fishertune.data.chat import check_conversations
+
+    script_args, training_args, model_args = parse_args(argv)
+    check_values(script_args, training_args)
+    if not script_args.dataset_name:
+        raise FishertuneError("dataset_name is required (a hub name, a local file or folder)")
+    check_conversations(script_args.dataset_name, script_args.dataset_train_split)
+    if training_args.eval_strategy != "no":
+        check_conversations(script_args.dataset_name, script_args.dataset_test_split)
+    if check_output_dir:
+        plan_output_dir(script_args, training_args, model_args)
+    return script_args, training_args, model_args
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -139,29 +238,197 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
-def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool) -> Path | None:
-    """Refuse to overwrite a previous run silently; return the checkpoint to resume from."""
-    path = Path(output_dir)
+# Options that change what a run computes: a resume must give the same ones (bit-identical runs).
+_SCRIPT_SETTINGS = (
+    "dataset_name",
+    "dataset_config",
+    "dataset_train_split",
+    "dataset_fraction",
+    "dataset_subsample_seed",
+    "tokenizer_name_or_path",
+    "tiny_hidden_size",
+    "tiny_num_layers",
+    "tiny_num_heads",
+)
+_TRAINING_SETTINGS = (
+    "method",
+    "loss_reduction",
+    "seed",
+    "data_seed",
+    "max_length",
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "optim",
+    "optim_args",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "num_train_epochs",
+    "bf16",
+    "fp16",
+    "packing",
+    "assistant_only_loss",
+    "completion_only_loss",
+    "average_tokens_across_devices",
+    "on_nonfinite",
+)
+_MODEL_SETTINGS = (
+    "model_name_or_path",
+    "model_revision",
+    "dtype",
+    "attn_implementation",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_rslora",
+    "use_dora",
+)
+
+
+def _data_fingerprint(source: str) -> str | None:
+    """sha256 of a local data file (of each file of a folder), so a resume on other data is
+    refused even under the same name; a built-in dataset by its generator's version."""
+    if source.startswith("builtin:"):
+        from fishertune.data.tasks import TASKS_VERSION
+
+        return f"{source}@{TASKS_VERSION}"
+    path = Path(source).expanduser()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if not path.exists() or not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else "").encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def run_settings(script_args: Any, training_args: Any, model_args: Any) -> dict[str, Any]:
+    """What a resume must keep: the method and its options, data (with a checksum of local
+    files), seed, model, and every option that changes the updates; JSON values."""
+    from fishertune.training.config import NEFTUNE_FIELDS, PENALTY_FIELDS
+
+    groups = (
+        (script_args, _SCRIPT_SETTINGS),
+        (training_args, _TRAINING_SETTINGS + PENALTY_FIELDS + NEFTUNE_FIELDS),
+        (model_args, _MODEL_SETTINGS),
+    )
+    settings = {name: getattr(args, name, None) for args, names in groups for name in names}
+    settings["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
+    settings["data_sha256"] = _data_fingerprint(script_args.dataset_name or "")
+    return json.loads(json.dumps(settings, default=str))
+
+
+def read_run_record(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(output_dir) / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise FishertuneError(f"{path}: unreadable run record ({err})") from err
+
+
+def _differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [
+        f"{name}={recorded.get(name)!r} (now {current.get(name)!r})"
+        for name in sorted(set(recorded) | set(current))
+        if recorded.get(name) != current.get(name)
+    ]
+
+
+@dataclass
+class OutputPlan:
+    """What to do with ``output_dir``: resume from ``checkpoint``, replace a previous run,
+    nothing (``done``: the run completed), or start in an empty folder."""
+
+    checkpoint: Path | None = None
+    replace: bool = False
+    done: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_output_dir(script_args: Any, training_args: Any, model_args: Any) -> OutputPlan:
+    """Decide, without changing anything, how this run uses ``output_dir``."""
+    path = Path(training_args.output_dir)
+    settings = run_settings(script_args, training_args, model_args)
+    plan = OutputPlan(settings=settings)
+    if path.exists() and not path.is_dir():
+        raise FishertuneError(f"output_dir {path} is a file, not a folder")
+    for aside in sorted(path.parent.glob(f".{path.name}.replaced-*")):
+        logger.warning(
+            "%s holds the run that was in %s before an interrupted --overwrite_output_dir: "
+            "move it back or delete it",
+            aside,
+            path,
+        )
     non_empty = path.is_dir() and any(path.iterdir())
-    if resume:
-        checkpoint = latest_checkpoint(path)
-        if checkpoint is None:
+    if script_args.resume:
+        record = read_run_record(path) or {}
+        recorded = record.get("settings")
+        if recorded is not None:
+            differences = _differences(recorded, settings)
+            if differences:
+                raise FishertuneError(
+                    f"--resume: {path} was started with other settings: "
+                    f"{'; '.join(differences)}; resume with the same ones or start a new "
+                    "output_dir"
+                )
+        if record.get("status") == "completed":
+            plan.done = (
+                f"{path}: the run already completed ({record.get('global_step')} steps); "
+                "nothing to resume"
+            )
+            return plan
+        plan.checkpoint = latest_checkpoint(path)
+        if plan.checkpoint is None:
             raise FishertuneError(
                 f"--resume: no complete checkpoint in {path} (set save_steps and run without "
                 "--resume first)"
             )
-        return checkpoint
+        return plan
     if non_empty:
-        if not overwrite:
+        if not script_args.overwrite_output_dir:
             raise FishertuneError(
                 f"output_dir {path} exists and is not empty: pass --resume to continue it, "
                 "--overwrite_output_dir to replace it, or choose another directory"
             )
-        # Under torchrun / accelerate every rank runs this before the process group exists:
-        # only the global main process deletes (the others would race it), and it writes the run.
-        if os.environ.get("RANK", "0") == "0":
-            shutil.rmtree(path, ignore_errors=True)
-    return None
+        plan.replace = True
+    return plan
+
+
+class _Replacement:
+    """The previous run, moved aside to a hidden sibling until the new one has a checkpoint."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.aside = output_dir.parent / f".{output_dir.name}.replaced-{stamp}-{os.getpid()}"
+        os.replace(output_dir, self.aside)
+        logger.info("previous run moved to %s until this one writes a checkpoint", self.aside)
+
+    def commit(self) -> None:
+        if self.aside.exists():
+            shutil.rmtree(self.aside)
+            logger.info("previous run in %s replaced", self.output_dir)
+
+    def restore(self) -> None:
+        if self.aside.exists():
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+            os.replace(self.aside, self.output_dir)
+            print(f"the previous run in {self.output_dir} was kept", file=sys.stderr)
 
 
 def load_tokenizer(script_args: Any, model_args: Any) -> Any:
@@ -217,12 +484,22 @@ def load_datasets(script_args: Any, training_args: Any, tokenizer: Any) -> tuple
     return train, evaluation
 
 
-def build_trainer(script_args: Any, training_args: Any, model_args: Any) -> Any:
-    """Tokenizer, data, model and trainer from parsed arguments (presets are checked with it)."""
+def build_trainer(
+    script_args: Any,
+    training_args: Any,
+    model_args: Any,
+    *,
+    on_first_checkpoint: Callable[[], None] | None = None,
+) -> Any:
+    """Tokenizer, data, model and trainer from parsed arguments (presets are checked with it).
+
+    ``on_first_checkpoint`` runs on the main process once the first complete checkpoint exists.
+    """
     from trl import get_peft_config
 
     from fishertune.training.trainer import FisherSFTTrainer
 
+    check_values(script_args, training_args)
     tokenizer = load_tokenizer(script_args, model_args)
     train, evaluation = load_datasets(script_args, training_args, tokenizer)
     model = load_model(script_args, training_args, model_args, tokenizer)
@@ -234,25 +511,49 @@ def build_trainer(script_args: Any, training_args: Any, model_args: Any) -> Any:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    _install_checkpoint_record(trainer)
+    trainer.add_callback(_checkpoint_record_callback(trainer, on_first_checkpoint))
     return trainer
 
 
-def _install_checkpoint_record(trainer: Any) -> None:
-    """Mark each checkpoint complete once transformers has written all of it."""
-    save_checkpoint = trainer._save_checkpoint
+def _checkpoint_record_callback(trainer: Any, on_first: Callable[[], None] | None) -> Any:
+    from transformers import TrainerCallback
 
-    def save_and_record(model: Any, trial: Any) -> None:
-        save_checkpoint(model, trial)
-        # every rank has written its part (RNG state, optimizer shards) before the record says so
-        trainer.accelerator.wait_for_everyone()
-        if trainer.args.should_save:
-            folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-            write_json_atomic(
-                folder / CHECKPOINT_RECORD, {"step": trainer.state.global_step}, sort_keys=True
-            )
+    class CheckpointRecord(TrainerCallback):
+        """Marks each checkpoint complete once transformers has written all of it, with the
+        run's totals so far (a resumed run continues them); ``on_first`` runs after the first."""
 
-    trainer._save_checkpoint = save_and_record
+        def __init__(self) -> None:
+            self.on_first = on_first
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # every rank has written its part (RNG state, optimizer shards) before the record
+            trainer.accelerator.wait_for_everyone()
+            if args.should_save:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                record = {"step": state.global_step, **trainer.run_totals}
+                write_json_atomic(folder / CHECKPOINT_RECORD, record, sort_keys=True)
+                if self.on_first is not None:
+                    self.on_first()
+            self.on_first = None
+
+    return CheckpointRecord()
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, SystemExit) and err.code == 128 + signal.SIGTERM:
+        return "terminated (SIGTERM)"
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _write_record(output_dir: str, payload: dict[str, Any]) -> None:
+    write_json_atomic(Path(output_dir) / RUN_RECORD, payload, sort_keys=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,36 +563,91 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     script_args, training_args, model_args = parse_args(argv)
-    checkpoint = prepare_output_dir(
-        training_args.output_dir,
-        resume=script_args.resume,
-        overwrite=script_args.overwrite_output_dir,
-    )
+    check_values(script_args, training_args)
+    plan = plan_output_dir(script_args, training_args, model_args)
+    if plan.done:
+        print(plan.done)
+        return 0
     from transformers import set_seed
+
+    from fishertune.training.guard import TrainingDivergedError
 
     set_seed(training_args.seed)
     start = time.time()
-    trainer = build_trainer(script_args, training_args, model_args)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics = dict(result.metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
-    if trainer.accelerator.is_main_process:
-        trainer.processing_class.save_pretrained(training_args.output_dir)
-        write_json_atomic(
-            Path(training_args.output_dir) / RUN_RECORD,
-            {
-                "status": "completed",
-                "method": training_args.method,
-                "seed": training_args.seed,
-                "global_step": trainer.state.global_step,
-                "wall_time_s": round(time.time() - start, 2),
-                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                "argv": argv,
-            },
-            sort_keys=True,
+    output_dir = Path(training_args.output_dir)
+    # arguments, data and model are validated here, before anything in output_dir changes
+    on_first: list[Callable[[], None]] = []
+    trainer = build_trainer(
+        script_args,
+        training_args,
+        model_args,
+        on_first_checkpoint=lambda: [hook() for hook in on_first],
+    )
+    main_process = trainer.accelerator.is_main_process
+    replacement = None
+    record: dict[str, Any] = {
+        "status": "running",
+        "method": training_args.method,
+        "seed": training_args.seed,
+        "settings": plan.settings,
+        "argv": argv,
+    }
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so the run is marked failed and a
+    # replaced run is put back instead of the process vanishing mid-way
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        if plan.replace and main_process:
+            replacement = _Replacement(output_dir)
+        trainer.accelerator.wait_for_everyone()
+        if replacement is not None:
+            on_first.append(replacement.commit)  # once the new run has a checkpoint of its own
+        if plan.checkpoint is not None:
+            saved = json.loads((plan.checkpoint / CHECKPOINT_RECORD).read_text())
+            trainer.run_totals.update({k: saved[k] for k in trainer.run_totals if k in saved})
+            logger.info("resuming from %s (step %s)", plan.checkpoint, saved.get("step"))
+        if main_process:
+            _write_record(training_args.output_dir, record)
+        result = trainer.train(
+            resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None
         )
-        print(f"saved to {training_args.output_dir}")
-    return 0
+        metrics = dict(result.metrics)  # train_loss: the whole run's (run_totals, restored above)
+        if trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+        trainer.save_model(training_args.output_dir)
+        trainer.save_state()
+        if main_process:
+            trainer.processing_class.save_pretrained(training_args.output_dir)
+            record.update(
+                status="completed",
+                global_step=trainer.state.global_step,
+                skipped_steps=trainer.run_totals["skipped_steps"],
+                wall_time_s=round(trainer.run_totals["wall_time_s"], 2),  # all sessions
+                metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            )
+            _write_record(training_args.output_dir, record)
+            if replacement is not None:
+                replacement.commit()
+            print(f"saved to {training_args.output_dir}")
+        return 0
+    except BaseException as err:
+        if main_process:
+            if replacement is not None and latest_checkpoint(output_dir) is None:
+                replacement.restore()
+            else:
+                record.update(
+                    status="failed",
+                    error=_describe(err),
+                    global_step=trainer.state.global_step,
+                    wall_time_s=round(time.time() - start, 2),
+                )
+                _write_record(training_args.output_dir, record)
+        if isinstance(err, TrainingDivergedError):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        # destroy the process group (and finish trackers) on every rank, also after an error
+        trainer.accelerator.end_training()

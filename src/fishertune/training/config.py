@@ -94,8 +94,8 @@ class FisherSFTConfig(SFTConfig):
     penalty_every: int | None = field(
         default=None,
         metadata={
-            "help": "Apply the penalty every k-th optimizer step with coefficient k * lambda "
-            "(same expectation). Default 1."
+            "help": "Apply the penalty every k-th optimizer step with the summed coefficients "
+            "of that step and the k - 1 skipped ones (exact total, warm-up included). Default 1."
         },
     )
     penalty_fd_scheme: str | None = field(
@@ -137,8 +137,32 @@ class FisherSFTConfig(SFTConfig):
         metadata={"help": "'uniform' (the paper) or 'gaussian' (same variance). Default uniform."},
     )
 
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "A step with a non-finite loss, penalty or gradient norm: 'stop' training "
+            "(status failed, the last checkpoint kept) or 'skip' the update (counted in the "
+            "'skipped_steps' log).",
+            "choices": ("stop", "skip"),
+        },
+    )
+    divergence_max_ce: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop when a step's CE per token exceeds this many nats (default 4 ln V, "
+            "4x a uniform predictor's; 0 turns the check off)."
+        },
+    )
+
     def __post_init__(self) -> None:
         self.validate_method()
+        _choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        if self.ddp_find_unused_parameters is None:
+            # every trainable parameter of a causal LM gets a gradient in each step (also the
+            # penalty's passes, and LoRA's adapters; frozen weights do not count): skip DDP's
+            # extra graph traversal and its "found no unused parameters" warning. A model with
+            # parameters outside the forward needs ddp_find_unused_parameters=true.
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
         if self.method in PENALTY_METHODS and self.activation_checkpointing:
             kwargs = dict(self.activation_checkpointing_kwargs or {})

@@ -26,13 +26,21 @@ Penalty gradients:
 Randomness (the penalty's draws, NEFTune's noise, the penalized rows) comes from generators seeded
 by ``(seed, optimizer step, micro-step, rank)``, so a resumed run draws exactly what an
 uninterrupted one would.
+
+Metrics are summed over all micro-steps (and ranks) of an optimizer step and logged once per step,
+weighted by tokens as the loss is: with the ``mean`` reduction the logged ``loss`` (the objective)
+equals ``ce_loss + penalty_term`` (``penalty_term`` = applied coefficient x ``penalty``) under any
+gradient accumulation. Before each optimizer step :mod:`fishertune.training.guard` checks those
+numbers and the gradient norm: a non-finite, diverged or collapsed step stops training.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,12 +58,26 @@ from fishertune.penalties import (
     label_mask_from_labels,
     sample_targets,
 )
-from fishertune.schedules import warmup_coefficient
+from fishertune.schedules import every_k_coefficient, warmup_coefficient
 from fishertune.training.config import PENALTY_METHODS, FisherSFTConfig
+from fishertune.training.guard import (
+    OptimizerStepHook,
+    TrainingDivergedError,
+    diagnose,
+    divergence_limit,
+)
 
-__all__ = ["FisherSFTTrainer"]
+__all__ = ["FisherSFTTrainer", "TrainingDivergedError"]
+
+logger = logging.getLogger(__name__)
 
 TWICE_DIFFERENTIABLE_ATTENTION = ("eager", "sdpa")
+
+# Per-optimizer-step sums (one float64 vector per rank, gathered once per step):
+# scored tokens, entropy, correct argmax, CE, penalty (x rescale), coefficient x penalty, penalized
+# micro-steps, and the loss the training step returned (what transformers logs as `loss`).
+(_TOKENS, _ENTROPY, _CORRECT, _CE, _PENALTY, _PENALTY_TERM, _PENALIZED, _LOSS) = range(8)
+_STATS = 8
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -93,6 +115,17 @@ def _accumulate(params: list[Tensor], grads: list[Tensor | None], scale: float) 
             param.grad.add_(grad.to(param.grad.dtype), alpha=scale)
 
 
+def _gradient_norm(model: nn.Module) -> float:
+    """Total 2-norm of the (already reduced) gradients; inf or nan if any entry is."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
 class FisherSFTTrainer(SFTTrainer):
     """``SFTTrainer`` for the methods baseline, neftune, token-f and logit-f.
 
@@ -111,8 +144,14 @@ class FisherSFTTrainer(SFTTrainer):
         self._noise: NEFTuneNoise | None = None
         self._micro_step = 0
         self._micro_step_of = -1
+        self._step_stats: Tensor | None = None
+        self._vocab_size = 0
+        # whole-run totals (a resumed run continues them from its checkpoint's record)
+        self.run_totals = {"loss_sum": 0.0, "steps": 0, "skipped_steps": 0, "wall_time_s": 0.0}
+        self._clock = (time.time(), 0.0)  # (start of this train() call, wall time before it)
         self._check_launch()
         self._check_supported()
+        self.add_callback(OptimizerStepHook(self._check_step))
 
     # ------------------------------------------------------------------ set-up checks
     def _check_launch(self) -> None:
@@ -130,6 +169,18 @@ class FisherSFTTrainer(SFTTrainer):
         args = self.args
         if args.method not in PENALTY_METHODS:
             return
+        if self.is_deepspeed_enabled and args.penalty_fd_backward == "split":
+            # split calls accelerator.backward inside compute_loss: DeepSpeed's engine would
+            # scale by the accumulation steps again and may step the optimizer mid-micro-step
+            raise FishertuneError(
+                "penalty_fd_backward=split does not work under DeepSpeed (its engine owns backward "
+                "and the optimizer step): use penalty_fd_backward=joint or auto"
+            )
+        if self.is_deepspeed_enabled and args.on_nonfinite == "skip":
+            raise FishertuneError(
+                "on_nonfinite=skip does not work under DeepSpeed (its engine owns the gradients): "
+                "use on_nonfinite=stop"
+            )
         ddp_static = getattr(args, "ddp_static_graph", None)
         if ddp_static:
             raise FishertuneError(
@@ -175,8 +226,24 @@ class FisherSFTTrainer(SFTTrainer):
                 self._noise = None
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``train``; ``train_loss`` is the mean objective per step of the whole
+        run when :attr:`run_totals` cover it (transformers averages this call's steps only,
+        which after a resume leaves out the steps before it)."""
+        from transformers.trainer_utils import TrainOutput
+
+        self._clock = (time.time(), self.run_totals["wall_time_s"])
         with self._method_hooks():
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
+        self._tick()
+        totals = self.run_totals
+        if totals["steps"] + totals["skipped_steps"] != self.state.global_step:
+            return output
+        whole = self.run_train_loss()
+        for entry in reversed(self.state.log_history):
+            if "train_loss" in entry:
+                entry["train_loss"] = whole
+                break
+        return TrainOutput(output.global_step, whole, {**output.metrics, "train_loss": whole})
 
     # ------------------------------------------------------------------ helpers
     def _generator(self, device: torch.device, purpose: int) -> torch.Generator:
@@ -193,13 +260,13 @@ class FisherSFTTrainer(SFTTrainer):
         return generator
 
     def current_penalty_coef(self) -> float:
-        """``lambda(step)``: warmed-up coefficient, times ``penalty_every`` on penalized steps."""
+        """Coefficient applied at this step: ``lambda(step)``, or with ``penalty_every = k`` the
+        sum of ``lambda`` over this step and the ``k - 1`` unpenalized ones after it (0 on those),
+        see :func:`fishertune.schedules.every_k_coefficient`."""
         args = self.args
-        step = self.state.global_step
-        if step % args.penalty_every:
-            return 0.0
-        coef = warmup_coefficient(step, args.penalty_coef, args.penalty_warmup_steps)
-        return coef * args.penalty_every
+        return every_k_coefficient(
+            self.state.global_step, args.penalty_coef, args.penalty_warmup_steps, args.penalty_every
+        )
 
     def _loss_normalizer(self, label_mask: Tensor, num_items_in_batch: Any) -> Tensor:
         """Denominator shared by CE and penalty, as transformers/TRL compute it.
@@ -299,36 +366,95 @@ class FisherSFTTrainer(SFTTrainer):
     def _record(self, name: str, value: float) -> None:
         self._metrics["train"][name].append(value)
 
-    def _record_ce_metrics(
-        self, logits: Tensor, labels: Tensor, pending: list[Tensor] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """CE summed over scored tokens (float32, with graph) and the label mask.
+    def _add_stats(self, index: int, value: Tensor | float) -> None:
+        """Add to this optimizer step's sums (on device: no synchronization per micro-step)."""
+        if self._step_stats is None:
+            self._step_stats = torch.zeros(_STATS, dtype=torch.float64, device=self.args.device)
+        self._step_stats[index] += value.detach().double() if isinstance(value, Tensor) else value
 
-        Records CE, entropy and token accuracy per token; with ``pending`` the sums are appended
-        there instead and recorded by :meth:`_flush_ce_metrics` (a batch scored in parts).
-        """
+    def _record_ce_metrics(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """CE summed over scored tokens (float32, with graph) and the label mask; adds the CE,
+        entropy, accuracy and token count to the step's sums."""
         label_mask = label_mask_from_labels(labels)
         log_probs, targets = _scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
         ce_sum = -log_probs.gather(1, targets[:, None]).sum()
+        self._vocab_size = logits.shape[-1]
         with torch.no_grad():
-            n = label_mask.sum()
             probs = log_probs.exp()
-            entropy = -(probs * log_probs).sum()
-            correct = (log_probs.argmax(-1) == targets).sum()
-            stats = torch.stack([n.float(), entropy, correct.float(), ce_sum.detach()])
-        if pending is None:
-            self._flush_ce_metrics([stats])
-        else:
-            pending.append(stats)
+            self._add_stats(_TOKENS, label_mask.sum())
+            self._add_stats(_ENTROPY, -(probs * log_probs).sum())
+            self._add_stats(_CORRECT, (log_probs.argmax(-1) == targets).sum())
+            self._add_stats(_CE, ce_sum)
         return ce_sum, label_mask
 
-    @torch.no_grad()
-    def _flush_ce_metrics(self, stats: list[Tensor]) -> None:
-        gathered = self.accelerator.gather_for_metrics(torch.stack(stats).sum(0)[None]).sum(0)
-        total = gathered[0].clamp(min=1.0)
-        self._record("entropy", (gathered[1] / total).item())
-        self._record("mean_token_accuracy", (gathered[2] / total).item())
-        self._record("ce_loss", (gathered[3] / total).item())
+    def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Tensor:
+        """transformers' step; the loss it returns (what the ``loss`` log sums) joins the step's
+        sums, so the guard and the whole-run ``train_loss`` see the objective itself."""
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        self._add_stats(_LOSS, loss)
+        return loss
+
+    def _check_step(self, model: nn.Module) -> None:
+        """Once per optimizer step, before the update: gather the step's sums across ranks, log
+        them, and stop (or skip) a non-finite, diverged or collapsed step (:mod:`.guard`)."""
+        stats = self._step_stats
+        self._step_stats = None
+        if stats is None:
+            stats = torch.zeros(_STATS, dtype=torch.float64, device=self.args.device)
+        gathered = self.accelerator.gather(stats[None]).view(-1, _STATS)
+        total = gathered.sum(0).tolist()
+        loss = gathered[:, _LOSS].mean().item()  # transformers logs the mean over ranks
+        tokens = max(total[_TOKENS], 1.0)
+        values = {"loss": loss, "ce_loss": total[_CE] / tokens}
+        if total[_PENALIZED] > 0:
+            values["penalty"] = total[_PENALTY] / tokens
+        grad_norm = None
+        if self.accelerator.scaler is None and not self.is_deepspeed_enabled:
+            # a loss scaler skips overflowing fp16 steps itself; DeepSpeed keeps its own grads
+            grad_norm = _gradient_norm(model)
+        step = self.state.global_step + 1
+        non_finite, broken = diagnose(
+            values,
+            grad_norm,
+            ce_limit=divergence_limit(self._vocab_size, self.args.divergence_max_ce),
+            tokens=total[_TOKENS],
+        )
+        if non_finite and self.args.on_nonfinite == "skip" and not broken:
+            model.zero_grad(set_to_none=True)  # the optimizer leaves every parameter as it was
+            self.run_totals["skipped_steps"] += 1
+            self._metrics["train"]["skipped_steps"] = [self.run_totals["skipped_steps"]]
+            logger.warning(
+                "step %d: non-finite %s: step skipped (%d so far)",
+                step,
+                ", ".join(non_finite),
+                self.run_totals["skipped_steps"],
+            )
+            return
+        if non_finite or broken:
+            what = f"non-finite {', '.join(non_finite)}" if non_finite else broken[0]
+            raise TrainingDivergedError(
+                f"step {step}: {what}; training stopped before this update (checkpoints "
+                "written so far are kept): lower the learning rate or the penalty coefficient"
+                + ("" if broken else ", or set on_nonfinite=skip")
+            )
+        self.run_totals["loss_sum"] += loss
+        self.run_totals["steps"] += 1
+        self._tick()
+        self._record("ce_loss", values["ce_loss"])
+        self._record("entropy", total[_ENTROPY] / tokens)
+        self._record("mean_token_accuracy", total[_CORRECT] / tokens)
+        if self._kind is not None:
+            self._record("penalty_term", total[_PENALTY_TERM] / tokens)
+            if "penalty" in values:
+                self._record("penalty", values["penalty"])
+
+    def _tick(self) -> None:
+        started, before = self._clock
+        self.run_totals["wall_time_s"] = round(before + time.time() - started, 3)
+
+    def run_train_loss(self) -> float:
+        """Mean objective per optimizer step over the whole run, resumed parts included."""
+        return self.run_totals["loss_sum"] / max(self.run_totals["steps"], 1)
 
     def _count_tokens(self, inputs: dict[str, Tensor]) -> None:
         if "attention_mask" in inputs:
@@ -365,7 +491,12 @@ class FisherSFTTrainer(SFTTrainer):
             # Penalizing k of B rows at random is unbiased for the whole batch after a B / k
             # rescale of the penalty.
             rescale = labels.shape[0] / rows.numel()
-            self._record("penalty_coef", coef / self.args.penalty_every)
+            self._record(
+                "penalty_coef",
+                warmup_coefficient(
+                    self.state.global_step, self.args.penalty_coef, self.args.penalty_warmup_steps
+                ),
+            )
             loss_fn = self._exact_loss if self.args.penalty_grad == "exact" else self._fd_loss
             loss = loss_fn(model, inputs, num_items_in_batch, coef, rows, rescale)
         self._micro_step += 1
@@ -388,17 +519,14 @@ class FisherSFTTrainer(SFTTrainer):
             generator=self._generator(logits.device, purpose=0),
         )
 
-    def _record_penalty(self, squared_norm: Tensor, label_mask: Tensor, rescale: float) -> None:
-        """Log ``R`` as a per-token mean, whatever the loss reduction, comparable across runs."""
+    def _record_penalty(self, squared_norm: Tensor, rescale: float, coef: float) -> None:
+        """Add ``||v||^2`` (times the rows' rescale) and its weighted term to the step's sums;
+        logged per scored token, whatever the loss reduction, comparable across runs."""
         with torch.no_grad():
-            gathered = (
-                self.accelerator.gather_for_metrics(
-                    torch.stack([squared_norm.detach().float() * rescale, label_mask.sum().float()])
-                )
-                .view(-1, 2)
-                .sum(0)
-            )
-            self._record("penalty", (gathered[0] / gathered[1].clamp(min=1.0)).item())
+            value = squared_norm.detach().double() * rescale
+            self._add_stats(_PENALTY, value)
+            self._add_stats(_PENALTY_TERM, coef * value)
+            self._add_stats(_PENALIZED, 1.0)
 
     def _exact_loss(
         self,
@@ -425,7 +553,7 @@ class FisherSFTTrainer(SFTTrainer):
                     (v,) = torch.autograd.grad(g[s], embeds, create_graph=True, retain_graph=True)
                     squared = squared + v.float().pow(2).sum()
                 squared = squared / g.shape[0]
-        self._record_penalty(squared, label_mask, rescale)
+        self._record_penalty(squared, rescale, coef)
         return (ce_sum + coef * rescale * squared) / normalizer
 
     def _fd_loss(
@@ -446,7 +574,6 @@ class FisherSFTTrainer(SFTTrainer):
             args.penalty_fd_backward == "auto" and not self.is_deepspeed_enabled
         )
         reported = torch.zeros((), device=labels.device)
-        ce_stats: list[Tensor] = []  # CE metrics of both row groups, recorded once
         joint_loss = torch.zeros((), device=labels.device)
 
         def finish(part: Tensor, last: bool) -> None:
@@ -465,7 +592,7 @@ class FisherSFTTrainer(SFTTrainer):
             rest_inputs = self._select_rows(inputs, rest)
             with self._no_sync(model) if split else contextlib.nullcontext():
                 logits = self._forward(model, rest_inputs)
-                ce_rest, _ = self._record_ce_metrics(logits, rest_inputs["labels"], ce_stats)
+                ce_rest, _ = self._record_ce_metrics(logits, rest_inputs["labels"])
                 part = ce_rest / normalizer
                 reported = reported + part.detach()
                 finish(part, last=False)
@@ -485,8 +612,7 @@ class FisherSFTTrainer(SFTTrainer):
         with self._no_sync(model) if split else contextlib.nullcontext():
             logits = self._forward(model, inputs, rng_seed)
             embeds = self._capture.embeds
-            ce_sum, label_mask = self._record_ce_metrics(logits, labels, ce_stats)
-            self._flush_ce_metrics(ce_stats)
+            ce_sum, label_mask = self._record_ce_metrics(logits, labels)
             targets = self._draw(logits, label_mask)
             g = fisher_objective(self._kind, logits, label_mask, targets)  # (m,)
             params = [p for p in model.parameters() if p.requires_grad]
@@ -505,7 +631,7 @@ class FisherSFTTrainer(SFTTrainer):
             v_all = torch.stack(directions)  # (m, B, L, d)
             squared = v_all.float().pow(2).flatten(1).sum(1).mean()
             # per-token mean over the whole batch: the rescale stands for the rows left out
-            self._record_penalty(squared, full_mask, rescale)
+            self._record_penalty(squared, rescale, coef)
             reported = reported + (ce_sum.detach() + coef * rescale * squared) / normalizer
             reference_probs = (
                 torch.softmax(logits[label_mask].detach().float(), dim=-1)

@@ -1,0 +1,306 @@
+"""Run management of `fishertune train`: divergence guard, overwrite, resume, validation, logs.
+
+Every run is the real CLI (or trainer) on a 2-layer, 32-wide Llama for a few steps, CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fishertune.cli import main as cli_main
+from fishertune.errors import FishertuneError
+from fishertune.training.cli import RUN_RECORD, latest_checkpoint, validate_train_argv
+from fishertune.training.guard import TrainingDivergedError, diagnose, divergence_limit
+from test_trainer import base_args, trainer_for
+
+PENALTY = {"method": "token-f", "penalty_coef": 0.05, "penalty_warmup_steps": 0}
+SAVING = {"save_strategy": "steps", "save_steps": 1}
+
+
+def record(folder: Path) -> dict:
+    return json.loads((folder / RUN_RECORD).read_text())
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every file of a folder by content, to show that nothing in it changed."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def siblings(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+# --------------------------------------------------------------------------------------------
+# divergence guard
+
+
+def test_diagnose_names_the_quantity():
+    limit = divergence_limit(1024, None)
+    assert limit == pytest.approx(4 * math.log(1024))
+    assert divergence_limit(1024, 0) == math.inf and divergence_limit(1024, 50.0) == 50.0
+    finite = {"loss": 2.0, "ce_loss": 2.0, "penalty": 1.0}
+    assert diagnose(finite, 1.0, ce_limit=limit, tokens=10) == ([], [])
+    nan_penalty = {**finite, "penalty": math.nan}
+    assert diagnose(nan_penalty, math.inf, ce_limit=limit, tokens=10)[0] == [
+        "penalty",
+        "grad_norm",
+    ]
+    high = {"loss": 4e5, "ce_loss": 4e5}
+    assert "diverged: ce_loss 4e+05" in diagnose(high, 1.0, ce_limit=limit, tokens=10)[1][0]
+    stuck = {"loss": math.log(1024), "ce_loss": math.log(1024)}
+    assert "collapsed" in diagnose(stuck, 0.0, ce_limit=limit, tokens=10)[1][0]
+    assert diagnose(stuck, 0.0, ce_limit=limit, tokens=0) == ([], [])  # nothing scored
+    assert diagnose(stuck, None, ce_limit=limit, tokens=10) == ([], [])  # norm not checked
+
+
+@pytest.mark.parametrize("grad", ["fd", "exact"])
+def test_divergence_stops_the_run_as_failed_and_keeps_the_good_checkpoints(
+    chat_file, tmp_path, capsys, grad
+):
+    out = tmp_path / "run"
+    argv = base_args(chat_file, out, learning_rate=1e3, max_steps=6, penalty_grad=grad,
+                     **PENALTY, **SAVING)  # fmt: skip
+    assert cli_main(["train", *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after datasets' progress bars
+    assert err.startswith("error: step "), err
+    assert "non-finite" in err or "diverged" in err or "collapsed" in err
+    failed_step = int(err.split()[2].rstrip(":"))
+    run = record(out)
+    assert run["status"] == "failed" and run["error"] == err.removeprefix("error: ")
+    assert not (out / "model.safetensors").exists()  # no final model
+    last = latest_checkpoint(out)
+    assert last is not None and int(last.name.split("-")[1]) == failed_step - 1
+    for checkpoint in out.glob("checkpoint-*"):
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(w.isfinite().all() for w in weights.values()), checkpoint
+
+
+def _poison(trainer, step: int) -> None:
+    """Make the loss of optimizer step ``step`` (0-based) NaN, as an overflow would."""
+    compute_loss = trainer.compute_loss
+
+    def poisoned(model, inputs, *args, **kwargs):
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        return loss * math.nan if trainer.state.global_step == step and model.training else loss
+
+    trainer.compute_loss = poisoned
+
+
+def test_skip_mode_drops_the_nonfinite_update_and_counts_it(chat_file, tmp_path):
+    trainer = trainer_for(chat_file, tmp_path, on_nonfinite="skip", max_steps=3)
+    _poison(trainer, step=1)
+    snapshots = []
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            snapshots.append([p.detach().clone() for p in model.parameters()])
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    assert trainer.run_totals["skipped_steps"] == 1 and trainer.state.global_step == 3
+    for before, after in zip(snapshots[0], snapshots[1], strict=True):
+        assert torch.equal(before, after)  # step 2 changed nothing
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2], strict=True))
+    assert all(p.isfinite().all() for p in trainer.model.parameters())
+    assert [e["skipped_steps"] for e in trainer.state.log_history if "skipped_steps" in e][-1] == 1
+
+
+def test_stop_mode_raises_before_the_nonfinite_update(chat_file, tmp_path):
+    trainer = trainer_for(chat_file, tmp_path, max_steps=3)
+    _poison(trainer, step=1)
+    with pytest.raises(TrainingDivergedError, match=r"^step 2: non-finite loss, grad_norm;"):
+        trainer.train()
+    assert all(p.isfinite().all() for p in trainer.model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# logged numbers
+
+
+@pytest.mark.parametrize("grad", ["exact", "fd"])
+def test_logged_loss_is_the_objective_under_gradient_accumulation(chat_file, tmp_path, grad):
+    """B = 2 x 4 micro-steps: the logged loss (what the optimizer minimizes) equals the logged
+    CE plus the penalty term, both weighted by tokens over the whole accumulated batch."""
+    trainer = trainer_for(chat_file, tmp_path, per_device_train_batch_size=2,
+                          gradient_accumulation_steps=4, max_steps=3, penalty_grad=grad,
+                          **PENALTY)  # fmt: skip
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "ce_loss" in e]
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["loss"] == pytest.approx(entry["ce_loss"] + entry["penalty_term"], rel=1e-6)
+        assert entry["penalty_term"] == pytest.approx(entry["penalty_coef"] * entry["penalty"])
+        assert entry["penalty_term"] > 1e-4 * entry["loss"]  # the identity is not vacuous
+
+
+# --------------------------------------------------------------------------------------------
+# overwrite and resume
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_one_is_safe(chat_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = base_args(chat_file, out, max_steps=2, **SAVING)
+    assert cli_main(["train", *argv]) == 0
+    before = digest(out)
+    # bad data: refused before anything in output_dir changes
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = base_args(empty, out, max_steps=2)
+    assert cli_main(["train", *bad, "--overwrite_output_dir", "true"]) == 2
+    assert "empty.jsonl: no conversations" in capsys.readouterr().err
+    # a new run that fails before its first checkpoint: the old run comes back
+    diverging = base_args(chat_file, out, max_steps=3, learning_rate=1e3, **PENALTY)
+    assert cli_main(["train", *diverging, "--overwrite_output_dir", "true"]) == 1
+    assert "previous run" in capsys.readouterr().err
+    assert digest(out) == before and not siblings(out)
+    # a good one replaces it
+    assert cli_main(["train", *base_args(chat_file, out, max_steps=3, seed=1),
+                     "--overwrite_output_dir", "true"]) == 0  # fmt: skip
+    assert record(out)["status"] == "completed" and record(out)["seed"] == 1
+    assert not siblings(out) and digest(out) != before
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_replacement_puts_the_old_run_back(chat_file, tmp_path):
+    """A scheduler's stop (SIGTERM) before the new run's first checkpoint: the old run is back
+    in place, nothing is left aside, and the exit status says terminated."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    assert cli_main(["train", *base_args(chat_file, out, max_steps=1)]) == 0
+    before = digest(out)
+    argv = [*base_args(chat_file, out, max_steps=100000), "--overwrite_output_dir", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "fishertune.cli", "train", *argv]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 240
+    for line in process.stdout:  # training has started once the old run is aside
+        if "previous run moved" in line or time.time() > deadline:
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, rest[-2000:]
+    assert digest(out) == before and not siblings(out)
+
+
+def test_resume_refuses_other_settings_and_a_completed_run_is_a_no_op(chat_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = base_args(chat_file, out, max_steps=2, **SAVING)
+    assert cli_main(["train", *argv]) == 0
+    before = digest(out)
+    capsys.readouterr()
+    assert cli_main(["train", *argv, "--resume", "true"]) == 0
+    assert "already completed (2 steps); nothing to resume" in capsys.readouterr().out
+    assert digest(out) == before
+    other = tmp_path / "other.jsonl"
+    other.write_text(chat_file.read_text().replace("nice", "fine"))
+    changes = [
+        (base_args(other, out, max_steps=2, **SAVING), "data_sha256="),
+        (base_args(chat_file, out, max_steps=2, method="neftune", **SAVING), "method='baseline'"),
+        (base_args(chat_file, out, max_steps=2, seed=3, **SAVING), "seed=0 (now 3)"),
+    ]
+    for changed, named in changes:
+        assert cli_main(["train", *changed, "--resume", "true"]) == 2
+        err = capsys.readouterr().err
+        assert "started with other settings" in err and named in err and err.count("\n") == 1
+    assert digest(out) == before
+
+
+def test_resume_names_its_checkpoint_and_reports_the_whole_run(chat_file, tmp_path, caplog):
+    common = {**PENALTY, "penalty_warmup_steps": 2, "max_steps": 6, "save_strategy": "steps",
+              "save_steps": 3}  # fmt: skip
+    straight = tmp_path / "straight"
+    assert cli_main(["train", *base_args(chat_file, straight, **common)]) == 0
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    import shutil
+
+    shutil.copytree(straight / "checkpoint-3", interrupted / "checkpoint-3")
+    run = record(straight)
+    run["status"] = "running"  # killed after checkpoint-3
+    (interrupted / RUN_RECORD).write_text(json.dumps(run))
+    with caplog.at_level(logging.INFO):
+        argv = ["train", *base_args(chat_file, interrupted, **common), "--resume", "true"]
+        assert cli_main(argv) == 0
+    assert f"resuming from {interrupted / 'checkpoint-3'} (step 3)" in caplog.text
+    a, b = record(straight)["metrics"], record(interrupted)["metrics"]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
+    history = json.loads((straight / "trainer_state.json").read_text())["log_history"]
+    losses = [e["loss"] for e in history if "loss" in e and "train_loss" not in e]
+    assert len(losses) == 6 and a["train_loss"] == pytest.approx(sum(losses) / 6, rel=1e-9)
+    resumed = json.loads((interrupted / "trainer_state.json").read_text())["log_history"]
+    assert resumed[-1]["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# validation without training
+
+
+def test_validate_train_argv_checks_everything_cheaply(chat_file, tmp_path):
+    out = tmp_path / "out"
+    validate_train_argv(base_args(chat_file, out))
+    assert not out.exists()  # nothing written
+    config = tmp_path / "bad.yaml"
+    config.write_text("method: baseline\nwarmup_steps: many\n")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("work")
+    cases = [
+        (["--config", str(config), *base_args(chat_file, out)], "bad.yaml line 2: warmup_steps"),
+        (base_args(chat_file, out, max_length=0), "max_length must be >= 1, got 0"),
+        (base_args(chat_file, out, method="dropout"), "invalid choice: 'dropout'"),
+        (base_args(chat_file, out, penalty_coef=1), "penalty_coef given with method='baseline'"),
+        (base_args(blank, out), "blank.jsonl: no conversations"),
+        (base_args(chat_file, occupied), "exists and is not empty"),
+        (base_args(chat_file, occupied / "keep.txt"), "keep.txt is a file, not a folder"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(FishertuneError, match=message) as info:
+            validate_train_argv(argv)
+        assert "\n" not in str(info.value)
+    # a YAML value the command line overrides is not blamed on the YAML
+    with pytest.raises(FishertuneError, match=r"^argument --warmup_steps"):
+        validate_train_argv(["--config", str(config), *base_args(chat_file, out),
+                             "--warmup_steps", "few"])  # fmt: skip
+
+
+def test_ddp_does_not_search_for_unused_parameters_by_default(chat_file, tmp_path):
+    _, args, _ = validate_train_argv(base_args(chat_file, tmp_path / "o"))
+    assert args.ddp_find_unused_parameters is False
+    argv = base_args(chat_file, tmp_path / "o", ddp_find_unused_parameters="true")
+    assert validate_train_argv(argv)[1].ddp_find_unused_parameters is True
+
+
+def test_split_fd_backward_is_refused_under_deepspeed(chat_file, tmp_path):
+    """Split mode calls backward inside compute_loss, which DeepSpeed's engine would scale by the
+    accumulation steps again and may follow with an optimizer step: refused, joint allowed."""
+    trainer = trainer_for(chat_file, tmp_path, penalty_grad="fd", penalty_fd_backward="split",
+                          **PENALTY)  # fmt: skip
+    trainer._check_supported()  # fine without DeepSpeed
+    trainer.is_deepspeed_enabled = True  # what Trainer sets from the accelerate state
+    with pytest.raises(FishertuneError, match="penalty_fd_backward=split does not work under"):
+        trainer._check_supported()
+    trainer.args.penalty_fd_backward = "joint"
+    trainer._check_supported()
