@@ -471,8 +471,9 @@ def check_stored_specs(config: ExperimentConfig, runs: list[RunSpec]) -> list[Ru
 def validate_train_flags(argv: list[str]) -> None:
     """Check a ``fishertune train`` argument list as ``fishertune train`` would, without training.
 
-    The YAML's keys, every flag's name and value, and the method's options
-    (:meth:`FisherSFTConfig.validate_method`, run by the config's ``__post_init__``) are checked.
+    :func:`fishertune.training.cli.validate_train_argv` checks the YAML's keys, every flag's name
+    and value, the method's options, sizes and rates, and every row of a local data file; the
+    run folder itself is the runner's to check (debris of failed attempts is cleared at launch).
     ``--use_cpu true`` is added: the machine that checks the grid (a SLURM login node) need not
     have the GPUs that ``bf16`` asks for; the job's own ``fishertune train`` checks the hardware.
 
@@ -481,11 +482,11 @@ def validate_train_flags(argv: list[str]) -> None:
     """
     import warnings
 
-    from fishertune.training.cli import parse_args
+    from fishertune.training.cli import validate_train_argv
 
     with warnings.catch_warnings():  # deprecation notes belong in the run's own train.log
         warnings.simplefilter("ignore")
-        parse_args([*argv, "--use_cpu", "true"])
+        validate_train_argv([*argv, "--use_cpu", "true"], check_output_dir=False)
 
 
 def validate_grid(config: ExperimentConfig, runs: Sequence[RunSpec]) -> None:
