@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fishertune.data.tokenizer import TINY_TOKENIZER, load_chat_tokenizer
+from fishertune.data.tokenizer import TINY_TOKENIZER
 from fishertune.errors import FishertuneError
 from fishertune.files import write_json_atomic
 from fishertune.modeling import TINY_MODEL
@@ -55,6 +55,13 @@ def _script_arguments_class() -> type:
         overwrite_output_dir: bool = field(
             default=False,
             metadata={"help": "Delete an existing, non-empty output_dir before training."},
+        )
+        save_merged_model: bool = field(
+            default=False,
+            metadata={
+                "help": "With use_peft: also save the base with the adapter merged in, in the "
+                "loaded dtype, to OUTPUT_DIR/merged (a plain transformers model)."
+            },
         )
         tiny_hidden_size: int = field(default=128, metadata={"help": f"{TINY_MODEL}: hidden size."})
         tiny_num_layers: int = field(default=2, metadata={"help": f"{TINY_MODEL}: layers."})
@@ -158,35 +165,64 @@ def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool) -> Pat
     return None
 
 
-def load_tokenizer(script_args: Any, model_args: Any) -> Any:
-    name = script_args.tokenizer_name_or_path or model_args.model_name_or_path
-    return load_chat_tokenizer(TINY_TOKENIZER if name == TINY_MODEL else name)
+def load_tokenizer(script_args: Any, model_args: Any, trust_remote_code: bool = False) -> Any:
+    from fishertune.modeling import load_tokenizer as load
+
+    return load(
+        model_args.model_name_or_path or TINY_MODEL,
+        script_args.tokenizer_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def check_model_options(script_args: Any, model_args: Any) -> None:
+    """Refuse, one line each, the ``trl sft`` model options ``fishertune train`` cannot honour."""
+    for name in ("load_in_4bit", "load_in_8bit"):
+        if getattr(model_args, name, False):
+            raise FishertuneError(
+                f"{name}: quantized (QLoRA) training is not supported (the penalties "
+                "differentiate through every layer); use --use_peft true on a bf16 model"
+            )
+    if script_args.save_merged_model and not model_args.use_peft:
+        raise FishertuneError("save_merged_model needs use_peft=true (no adapter to merge)")
 
 
 def load_model(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> Any:
-    from fishertune.modeling import load_causal_lm, tiny_llama
+    """The model to fine-tune, in ``--dtype`` (the dtype it is saved back in).
+
+    A LoRA run folder as ``--model_name_or_path`` is loaded with its adapter merged into its
+    base: fine-tuning continues from the adapted model (fully, or with a new adapter under
+    ``--use_peft``). Exact penalty gradients default to eager attention (double backward).
+    """
+    from fishertune.modeling import load_model as load
 
     exact = training_args.method in ("token-f", "logit-f") and training_args.penalty_grad == "exact"
-    attention = model_args.attn_implementation or ("eager" if exact else None)
-    if model_args.model_name_or_path in (None, TINY_MODEL):
-        return tiny_llama(
-            len(tokenizer),
-            hidden_size=script_args.tiny_hidden_size,
-            num_layers=script_args.tiny_num_layers,
-            num_heads=script_args.tiny_num_heads,
-            seed=training_args.seed,
-            attn_implementation=attention or "sdpa",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return load_causal_lm(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype or "auto",
-        attn_implementation=attention,
+    return load(
+        model_args.model_name_or_path or TINY_MODEL,
+        tokenizer,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation or ("eager" if exact else None),
         revision=model_args.model_revision,
-        trust_remote_code=model_args.trust_remote_code,
+        trust_remote_code=training_args.trust_remote_code,
+        merge_adapter=True,
+        tiny_sizes={
+            "hidden_size": script_args.tiny_hidden_size,
+            "num_layers": script_args.tiny_num_layers,
+            "num_heads": script_args.tiny_num_heads,
+        },
+        seed=training_args.seed,
     )
+
+
+def save_merged_model(trainer: Any, folder: Path) -> None:
+    """The trained adapter merged into its base (``merge_and_unload``), saved with the tokenizer
+    in the dtype the base was loaded in."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    merged = model.merge_and_unload()
+    if trainer.accelerator.is_main_process:
+        merged.save_pretrained(folder)
+        trainer.processing_class.save_pretrained(folder)
 
 
 def load_datasets(script_args: Any, training_args: Any, tokenizer: Any) -> tuple[Any, Any]:
@@ -216,7 +252,8 @@ def build_trainer(script_args: Any, training_args: Any, model_args: Any) -> Any:
 
     from fishertune.training.trainer import FisherSFTTrainer
 
-    tokenizer = load_tokenizer(script_args, model_args)
+    check_model_options(script_args, model_args)
+    tokenizer = load_tokenizer(script_args, model_args, training_args.trust_remote_code)
     train, evaluation = load_datasets(script_args, training_args, tokenizer)
     model = load_model(script_args, training_args, model_args, tokenizer)
     trainer = FisherSFTTrainer(
@@ -271,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(trainer.evaluate())
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
+    if script_args.save_merged_model:
+        save_merged_model(trainer, Path(training_args.output_dir) / "merged")
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)
         write_json_atomic(
