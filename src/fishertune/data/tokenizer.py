@@ -143,8 +143,8 @@ def load_chat_tokenizer(
     name: str, *, revision: str | None = None, trust_remote_code: bool = False
 ) -> Any:
     """A tokenizer ready for chat SFT: the shipped one for :data:`TINY_TOKENIZER`, otherwise
-    ``AutoTokenizer.from_pretrained(name, revision=, trust_remote_code=)``; given a chat template if it has none (open-instruct's
-    Tulu template) and EOS as padding if it has no pad token. A tokenizer that cannot be loaded
+    ``AutoTokenizer.from_pretrained(name, revision=, trust_remote_code=)``; given a chat
+    template if it has none (open-instruct's Tulu template) and EOS as padding if it has no pad token. A tokenizer that cannot be loaded
     raises a one-line ``FishertuneError``."""
     from fishertune.data.chat import ensure_chat_template
 
