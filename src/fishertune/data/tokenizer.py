@@ -144,8 +144,8 @@ def load_chat_tokenizer(
 ) -> Any:
     """A tokenizer ready for chat SFT: the shipped one for :data:`TINY_TOKENIZER`, otherwise
     ``AutoTokenizer.from_pretrained(name, revision=, trust_remote_code=)``; given a chat
-    template if it has none (open-instruct's Tulu template) and EOS as padding if it has no pad token. A tokenizer that cannot be loaded
-    raises a one-line ``FishertuneError``."""
+    template if it has none (open-instruct's Tulu template) and EOS as padding if it has no pad
+    token. A tokenizer that cannot be loaded raises a one-line ``FishertuneError``."""
     from fishertune.data.chat import ensure_chat_template
 
     if name == TINY_TOKENIZER:
