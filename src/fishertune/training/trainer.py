@@ -144,6 +144,22 @@ def _tokenize_conversations(arguments: dict[str, Any], config: FisherSFTConfig) 
         arguments["eval_dataset"] = tokenized if isinstance(evaluation, dict) else tokenized[""]
 
 
+def _cast_state_dict(state_dict: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Floating tensors cast to ``dtype``; tensors that share storage (tied embeddings) stay
+    shared, so ``save_pretrained`` still writes a tied weight once."""
+    cast: dict[tuple[int, tuple[int, ...], tuple[int, ...]], Tensor] = {}
+    out = {}
+    for key, value in state_dict.items():
+        if not torch.is_floating_point(value):
+            out[key] = value
+            continue
+        ident = (value.data_ptr(), tuple(value.shape), tuple(value.stride()))
+        if ident not in cast:
+            cast[ident] = value.to(dtype)
+        out[key] = cast[ident]
+    return out
+
+
 class FisherSFTTrainer(SFTTrainer):
     """``SFTTrainer`` for the methods baseline, neftune, token-f and logit-f.
 
@@ -241,9 +257,7 @@ class FisherSFTTrainer(SFTTrainer):
         model = self.accelerator.unwrap_model(self.model)
         if state_dict is None:
             state_dict = model.state_dict()
-        state_dict = {
-            k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state_dict.items()
-        }
+        state_dict = _cast_state_dict(state_dict, dtype)
         super()._save(output_dir, state_dict)
         if self.args.should_save and hasattr(model, "config"):
             # save_pretrained records the in-memory dtype (float32) in config.json; the weights
@@ -318,6 +332,13 @@ class FisherSFTTrainer(SFTTrainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         with self._method_hooks():
             return super().train(*args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        # The final backward recomputes checkpointed layers (activation checkpointing): it must
+        # pick the same SDPA kernel as the forward did, or the recomputed tensors differ
+        # ("Recomputed values ... have different metadata"), seen with exact mode + SDPA.
+        with self._attention_context():
+            return super().training_step(*args, **kwargs)
 
     # ------------------------------------------------------------------ helpers
     def _generator(self, device: torch.device, purpose: int) -> torch.Generator:
