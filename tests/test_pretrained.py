@@ -288,6 +288,34 @@ def test_lora_run_folder_is_a_model_everywhere(models, chat_file, tmp_path):
         torch.testing.assert_close(after[key], value, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("start", ["tiny", "lora-run"])
+def test_an_adapter_on_an_unnamed_base_reloads(models, chat_file, tmp_path, start):
+    """The random tiny model and a merged LoRA run exist under no name: a new adapter on them
+    names a copy saved in its run folder, so the run reloads with both changes."""
+    if start == "tiny":
+        model = "builtin:tiny-llama"
+        extra = {"tiny_hidden_size": 32, "tiny_num_heads": 2, "dtype": "float32"}
+    else:
+        first = tmp_path / "first"
+        argv = train_argv(models["llama32"], chat_file, first, dtype="float32", use_peft="true",
+                          save_merged_model="true")  # fmt: skip
+        assert cli_main(argv) == 0
+        model, extra = first, {"dtype": "float32"}
+    run = tmp_path / "second"
+    argv = train_argv(model, chat_file, run, use_peft="true", save_merged_model="true", **extra)
+    assert cli_main(argv) == 0
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == (run / "base").resolve()
+    if start == "lora-run":  # the saved base is the first run merged
+        for key, value in weights(first / "merged").items():
+            torch.testing.assert_close(weights(run / "base")[key], value)
+    ids = torch.tensor([[1, 4, 30, 31, 32, 5, 40]])
+    reference = load_causal_lm(str(run / "merged")).eval()(ids).logits
+    reloaded = load_causal_lm(str(run)).eval()(ids).logits
+    torch.testing.assert_close(reloaded, reference, rtol=1e-4, atol=1e-4)
+    evaluate_and_analyze(run, tmp_path)
+
+
 def test_lora_on_a_bf16_base_keeps_the_base_frozen_in_bf16(models, chat_file, tmp_path):
     from fishertune.training.cli import build_trainer, parse_args
 

@@ -215,6 +215,26 @@ def load_model(script_args: Any, training_args: Any, model_args: Any, tokenizer:
     )
 
 
+def _save_unnamed_base(model: Any, tokenizer: Any, model_args: Any, training_args: Any) -> None:
+    """Give a new adapter a base it can be reloaded from.
+
+    An adapter records its base by name (``adapter_config.json``). The random tiny model and a
+    LoRA run merged into its base exist under no name (the merged model would otherwise name the
+    first base, and reloading would silently drop the first adapter), so they are saved to
+    ``OUTPUT_DIR/base`` and the adapter names that folder.
+    """
+    from fishertune.modeling import is_adapter_folder
+
+    name = model_args.model_name_or_path or TINY_MODEL
+    if name != TINY_MODEL and not is_adapter_folder(name):
+        return
+    base = (Path(training_args.output_dir) / "base").resolve()
+    if os.environ.get("RANK", "0") == "0":  # the others would race it (see prepare_output_dir)
+        model.save_pretrained(base)
+        tokenizer.save_pretrained(base)
+    model.name_or_path = str(base)  # what PEFT writes as base_model_name_or_path
+
+
 def save_merged_model(trainer: Any, folder: Path) -> None:
     """The trained adapter merged into its base (``merge_and_unload``), saved with the tokenizer
     in the dtype the base was loaded in."""
@@ -256,6 +276,8 @@ def build_trainer(script_args: Any, training_args: Any, model_args: Any) -> Any:
     tokenizer = load_tokenizer(script_args, model_args, training_args.trust_remote_code)
     train, evaluation = load_datasets(script_args, training_args, tokenizer)
     model = load_model(script_args, training_args, model_args, tokenizer)
+    if model_args.use_peft:
+        _save_unnamed_base(model, tokenizer, model_args, training_args)
     trainer = FisherSFTTrainer(
         model=model,
         args=training_args,
