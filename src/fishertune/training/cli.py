@@ -275,6 +275,11 @@ def build_trainer(script_args: Any, training_args: Any, model_args: Any) -> Any:
     check_model_options(script_args, model_args)
     tokenizer = load_tokenizer(script_args, model_args, training_args.trust_remote_code)
     train, evaluation = load_datasets(script_args, training_args, tokenizer)
+    if not training_args.assistant_only:  # TRL then scores every token, as the library does
+        train, evaluation = (
+            ds.remove_columns("assistant_masks") if ds is not None else None
+            for ds in (train, evaluation)
+        )
     model = load_model(script_args, training_args, model_args, tokenizer)
     if model_args.use_peft:
         _save_unnamed_base(model, tokenizer, model_args, training_args)

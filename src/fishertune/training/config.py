@@ -74,8 +74,9 @@ class FisherSFTConfig(SFTConfig):
             "help": "A conversational dataset ('messages') given to the trainer is tokenized with "
             "its chat template and scored on assistant tokens only, each turn's end-of-turn "
             "token included (fishertune.data.chat.tokenize_dataset, as `fishertune train` does; "
-            "works for any template). false: TRL's own processing (every token). TRL's "
-            "assistant_only_loss=true is taken as this option."
+            "works for any template). false: every token is scored (TRL's own processing; "
+            "`fishertune train` drops its assistant mask). TRL's assistant_only_loss=true is "
+            "taken as this option."
         },
     )
     penalty_coef: float | None = field(
