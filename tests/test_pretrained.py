@@ -138,8 +138,11 @@ def assert_trained_and_reloadable(initial: Path, out: Path, dtype: torch.dtype) 
     assert set(after) == set(before)
     assert {t.dtype for t in after.values()} == {dtype}  # saved in the dtype it was loaded in
     assert json.loads((out / "config.json").read_text())["dtype"] == str(dtype).split(".")[1]
-    changed = sum(int((after[k] != before[k]).sum()) for k in before)
-    assert changed > 0.5 * sum(t.numel() for t in before.values())
+    # the layers move everywhere; embedding rows of tokens absent from the data do not (most of
+    # an untied tiny model's weights are its two 1024-row tables)
+    layers = [k for k in before if ".layers." in k or ".h." in k]
+    changed = sum(int((after[k] != before[k]).sum()) for k in layers)
+    assert changed > 0.9 * sum(before[k].numel() for k in layers)
     model = load_causal_lm(str(out), dtype="auto")
     assert model.dtype == dtype
     ids = torch.tensor([[1, 4, 30, 31, 5]])
@@ -542,3 +545,33 @@ def test_experiment_grid_fine_tunes_a_saved_model(models, tmp_path):
     lora_model = config.runs_dir / "lora-token-f-seed0" / "model"
     assert (lora_model / "adapter_config.json").is_file()
     assert scores["meta"]["model"] == str(lora_model.resolve())
+
+
+def test_lora_run_scored_by_lm_eval(models, chat_file, tmp_path):
+    """lm-eval scores a LoRA run folder as the model in memory and, with --model_args, as its
+    base with ``peft=`` the adapter (lm-eval loading it): both run, with the same accuracy."""
+    run = tmp_path / "lora"
+    argv = train_argv(models["llama32"], chat_file, run, dtype="float32", use_peft="true",
+                      lora_target_modules="all-linear")  # fmt: skip
+    assert cli_main(argv) == 0
+    docs = [{"question": f"what is {i} plus {i}?", "choices": [str(2 * i), str(i), "seven"],
+             "label": 0} for i in range(6)]  # fmt: skip
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    scores = []
+    for extra in ([], ["--model_args", "dtype=float32"]):
+        output = tmp_path / f"eval{len(scores)}.json"
+        argv = ["evaluate", "--model", str(run), "--tasks", "tiny_mc", "--include_path",
+                str(tasks), "--output", str(output), "--device", "cpu", *extra]  # fmt: skip
+        assert cli_main(argv) == 0
+        scores.append(json.loads(output.read_text())["metrics"])
+    assert scores[0]["tiny_mc/acc"] == scores[1]["tiny_mc/acc"]
