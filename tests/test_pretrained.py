@@ -574,3 +574,39 @@ def test_lora_run_scored_by_lm_eval(models, chat_file, tmp_path):
         assert cli_main(argv) == 0
         scores.append(json.loads(output.read_text())["metrics"])
     assert scores[0]["tiny_mc/acc"] == scores[1]["tiny_mc/acc"]
+
+
+def test_chat_template_file_is_used_for_the_data(models, chat_file, tmp_path, capsys):
+    """TRL's chat_template_path: the data is tokenized with that template (in the CLI and the
+    library alike), and the saved tokenizer carries it."""
+    from fishertune.training.cli import build_trainer, parse_args
+
+    template = tmp_path / "template.jinja"
+    template.write_text(
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\nA: ' }}"
+        "{% else %}{{ m['content'] + eos_token }}{% if not loop.last %}{{ '\\n' }}{% endif %}"
+        "{% endif %}{% endfor %}"
+    )
+    argv = train_argv(models["llama"], chat_file, tmp_path / "run", chat_template_path=template)
+    trainer = build_trainer(*parse_args(argv[1:]))
+    tokenizer = trainer.processing_class
+    first = tokenizer.decode(trainer.train_dataset[0]["input_ids"])
+    assert first.startswith("Q: say something about") and "\nA: " in first
+    scored = _scored_text(tokenizer, trainer.train_dataset[0])  # " apples" is one token here
+    assert [text.strip() for text in scored] == ["apples are nice, 0 times over</s>"]
+    assert tokenizer.chat_template == template.read_text()
+
+    from fishertune.data.chat import load_conversations
+    from fishertune.training import FisherSFTConfig, FisherSFTTrainer
+
+    model, library_tokenizer = load_model_and_tokenizer(str(models["llama"]))
+    args = FisherSFTConfig(output_dir=str(tmp_path / "lib"), max_length=64, report_to="none",
+                           use_cpu=True, chat_template_path=str(template))  # fmt: skip
+    library = FisherSFTTrainer(model=model, args=args, processing_class=library_tokenizer,
+                               train_dataset=load_conversations(str(chat_file)))  # fmt: skip
+    assert library.train_dataset["labels"] == trainer.train_dataset["labels"]
+
+    argv = train_argv(models["llama"], chat_file, tmp_path / "bad", chat_template_path="gpt2")
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: chat_template_path gpt2: give a .jinja or .j2 template file")

@@ -36,6 +36,7 @@ __all__ = [
     "load_model_and_tokenizer",
     "load_tokenizer",
     "resolve_dtype",
+    "set_chat_template_file",
     "tiny_llama",
 ]
 
@@ -216,15 +217,41 @@ def _tokenizer_source(model: str, folder: Path | None) -> str:
     raise FishertuneError(f"model {model}: no tokenizer in the folder; pass a tokenizer name")
 
 
+def set_chat_template_file(tokenizer: Any, path: str) -> Any:
+    """Give ``tokenizer`` the chat template in a ``.jinja`` / ``.j2`` file (TRL's
+    ``chat_template_path``), before any conversation is tokenized with it.
+
+    TRL also accepts a tokenizer name there, whose template it copies while adding its special
+    tokens and resizing the model's embeddings: that changes the model, and is refused here.
+    """
+    file = Path(path).expanduser()
+    if not (file.is_file() and file.suffix in (".jinja", ".j2")):
+        raise FishertuneError(
+            f"chat_template_path {path}: give a .jinja or .j2 template file (copying another "
+            "tokenizer's template, which adds tokens to the model, is not supported)"
+        )
+    tokenizer.chat_template = file.read_text(encoding="utf-8")
+    return tokenizer
+
+
 def load_tokenizer(
     model: str,
     tokenizer: str | None = None,
     *,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    chat_template_path: str | None = None,
 ) -> Any:
     """The chat tokenizer of ``model``: ``tokenizer`` if given, else the model folder's own, a
-    LoRA folder's base's, or the shipped tiny tokenizer for :data:`TINY_MODEL`."""
+    LoRA folder's base's, or the shipped tiny tokenizer for :data:`TINY_MODEL`; with the
+    template of ``chat_template_path`` if given."""
+    tok = _load_tokenizer(model, tokenizer, revision=revision, trust_remote_code=trust_remote_code)
+    return set_chat_template_file(tok, chat_template_path) if chat_template_path else tok
+
+
+def _load_tokenizer(
+    model: str, tokenizer: str | None, *, revision: str | None, trust_remote_code: bool
+) -> Any:
     from fishertune.data.tokenizer import TINY_TOKENIZER, load_chat_tokenizer
 
     if tokenizer is not None:

@@ -83,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fishertune evaluate",
         description="Evaluate a saved model: offline tasks, lm-eval tasks, judge answer files.",
     )
-    p.add_argument("--model", required=True, help="saved model folder (model + tokenizer)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="saved model folder (model + tokenizer), or a LoRA run folder (its base is loaded "
+        "with the adapter)",
+    )
     p.add_argument(
         "--tasks",
         default=OFFLINE,

@@ -165,14 +165,16 @@ def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool) -> Pat
     return None
 
 
-def load_tokenizer(script_args: Any, model_args: Any, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(script_args: Any, model_args: Any, training_args: Any = None) -> Any:
+    """The tokenizer the data is tokenized with (``chat_template_path`` applied first)."""
     from fishertune.modeling import load_tokenizer as load
 
     return load(
         model_args.model_name_or_path or TINY_MODEL,
         script_args.tokenizer_name_or_path,
         revision=model_args.model_revision,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=bool(getattr(training_args, "trust_remote_code", False)),
+        chat_template_path=getattr(training_args, "chat_template_path", None),
     )
 
 
@@ -273,7 +275,7 @@ def build_trainer(script_args: Any, training_args: Any, model_args: Any) -> Any:
     from fishertune.training.trainer import FisherSFTTrainer
 
     check_model_options(script_args, model_args)
-    tokenizer = load_tokenizer(script_args, model_args, training_args.trust_remote_code)
+    tokenizer = load_tokenizer(script_args, model_args, training_args)
     train, evaluation = load_datasets(script_args, training_args, tokenizer)
     if not training_args.assistant_only:  # TRL then scores every token, as the library does
         train, evaluation = (

@@ -121,6 +121,8 @@ def _tokenize_conversations(arguments: dict[str, Any], config: FisherSFTConfig) 
     eval_sets = evaluation if isinstance(evaluation, dict) else {"": evaluation}
     if not conversational(train) and not any(map(conversational, eval_sets.values())):
         return
+    from fishertune.modeling import set_chat_template_file
+
     tokenizer = arguments.get("processing_class")
     if tokenizer is None:
         model = arguments.get("model")
@@ -132,6 +134,8 @@ def _tokenize_conversations(arguments: dict[str, Any], config: FisherSFTConfig) 
         ensure_chat_template(tokenizer)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+    if config.chat_template_path is not None:  # TRL sets it later: the data needs it now
+        set_chat_template_file(tokenizer, config.chat_template_path)
     # TRL's max_length None means no truncation
     max_length = config.max_length or 2**31 - 1
     if conversational(train):
