@@ -242,6 +242,26 @@ def test_bf16_checkpoint_trains_like_float32_master_weights(models, chat_file, t
     assert master > 0.5 and pure < 0.1, (master, pure)
 
 
+def test_resume_of_a_bf16_model_continues_from_float32_master_weights(models, chat_file, tmp_path):
+    """Checkpoints hold the float32 master weights (the final model is bf16): a resumed run ends
+    exactly where an uninterrupted one does."""
+    import shutil
+
+    common = {"learning_rate": 5e-6, "max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+    straight = tmp_path / "straight"
+    assert cli_main(train_argv(models["llama"], chat_file, straight, **common)) == 0
+    checkpoint = load_file(straight / "checkpoint-2" / "model.safetensors")
+    assert {t.dtype for t in checkpoint.values()} == {torch.float32}
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    argv = train_argv(models["llama"], chat_file, resumed, **common)
+    assert cli_main([*argv, "--resume", "true"]) == 0
+    a, b = weights(straight), weights(resumed)
+    assert {t.dtype for t in b.values()} == {torch.bfloat16}
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_pure_bf16_is_warned(models, chat_file, tmp_path, caplog):
     argv = train_argv(models["llama"], chat_file, tmp_path / "run", max_steps=1,
                       master_weights="model")  # fmt: skip

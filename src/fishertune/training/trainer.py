@@ -23,6 +23,11 @@ Penalty gradients:
   one graph is in memory; the non-final backward runs under ``no_sync`` so DDP/FSDP reduce the
   accumulated gradient once.
 
+Precision: the trainable parameters are cast up to float32 at construction (``master_weights``)
+and bf16/fp16 act as autocast; the final ``save_model`` writes the dtype the model was loaded in,
+checkpoints the float32 weights. A conversational dataset is tokenized for assistant-only loss
+(``assistant_only``) exactly as ``fishertune train`` tokenizes it.
+
 Randomness (the penalty's draws, NEFTune's noise, the penalized rows) comes from generators seeded
 by ``(seed, optimizer step, micro-step, rank)``, so a resumed run draws exactly what an
 uninterrupted one would.
