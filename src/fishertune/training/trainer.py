@@ -253,10 +253,21 @@ class FisherSFTTrainer(SFTTrainer):
         the dtype the model was loaded in. Checkpoints keep the float32 master weights, so a
         resumed run continues from exactly where it stopped."""
         self._final_save = not _internal_call
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        sharded = self.is_fsdp_enabled and plugin is not None
+        sharded = sharded and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+        if self._final_save and sharded:
+            # transformers saves no model at all under FSDP's SHARDED_STATE_DICT (the checkpoint
+            # type configs/accelerate/fsdp.yaml uses): the final model is gathered in full, the
+            # switch accelerate's set_state_dict_type documents for "train sharded, save full".
+            previous = plugin.state_dict_type
+            plugin.set_state_dict_type("FULL_STATE_DICT")
         try:
             super().save_model(output_dir, _internal_call)
         finally:
             self._final_save = False
+            if not _internal_call and sharded:
+                plugin.set_state_dict_type(previous)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         dtype = self._save_dtype if self._final_save else None
