@@ -334,7 +334,6 @@ def test_an_adapter_on_an_unnamed_base_reloads(models, chat_file, tmp_path, star
     reference = load_causal_lm(str(run / "merged")).eval()(ids).logits
     reloaded = load_causal_lm(str(run)).eval()(ids).logits
     torch.testing.assert_close(reloaded, reference, rtol=1e-4, atol=1e-4)
-    evaluate_and_analyze(run, tmp_path)
 
 
 def test_lora_on_a_bf16_base_keeps_the_base_frozen_in_bf16(models, chat_file, tmp_path):
@@ -566,6 +565,7 @@ def test_experiment_grid_fine_tunes_a_saved_model(models, tmp_path):
     assert scores["meta"]["model"] == str(lora_model.resolve())
 
 
+@pytest.mark.slow  # lm-eval indexes its task registry: about 30 s
 def test_lora_run_scored_by_lm_eval(models, chat_file, tmp_path):
     """lm-eval scores a LoRA run folder as the model in memory and, with --model_args, as its
     base with ``peft=`` the adapter (lm-eval loading it): both run, with the same accuracy."""
