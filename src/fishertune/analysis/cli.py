@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--model",
         required=True,
-        help=f"saved model folder, hub name, or {TINY_MODEL} (random tiny Llama, shipped "
-        "tokenizer)",
+        help=f"saved model folder, LoRA run folder (base + adapter), hub name, or {TINY_MODEL} "
+        "(random tiny Llama, shipped tokenizer)",
     )
     add(
         "--data",
