@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--model",
         required=True,
-        help=f"saved model folder, hub name, or {TINY_MODEL} (random tiny Llama, shipped "
-        "tokenizer)",
+        help=f"saved model folder, LoRA run folder (base + adapter), hub name, or {TINY_MODEL} "
+        "(random tiny Llama, shipped tokenizer)",
     )
     add(
         "--data",
@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention kernel; it must support double backward (default: eager; sdpa is "
         "forced to its math kernel)",
     )
+    add(
+        "--merge_adapter",
+        action="store_true",
+        help="LoRA run folder: merge the adapter into its base before measuring",
+    )
+    add("--revision", default=None, help="hub revision of the model")
+    add("--trust_remote_code", action="store_true", help="allow a hub model's own code to run")
     add("--output", default="analysis", help="output folder (default: ./analysis)")
     add("--no_progress", action="store_true", help="no progress bar")
     return parser
@@ -148,14 +155,6 @@ def _check_sizes(args: argparse.Namespace) -> None:
             raise FishertuneError(f"--{name} must be >= {low}, got {value}")
 
 
-def _looks_like_path(name: str) -> bool:
-    return (
-        name.startswith((".", "/", "~"))
-        or Path(name).expanduser().exists()
-        or (name.count("/") != 1 and "/" in name)
-    )
-
-
 def _torch_dtype(name: str, device: Any) -> Any:
     import torch
 
@@ -165,50 +164,44 @@ def _torch_dtype(name: str, device: Any) -> Any:
 
 
 def load_model_and_tokenizer(
-    model: str, tokenizer: str | None, *, device: Any, dtype: Any, attn_implementation: str
+    model: str,
+    tokenizer: str | None,
+    *,
+    device: Any,
+    dtype: Any,
+    attn_implementation: str,
+    merge_adapter: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
-    """The model (eval mode, on ``device`` in ``dtype``) and its tokenizer with a chat template.
+    """The model (eval mode, on ``device`` in ``dtype``) and its tokenizer with a chat template,
+    through :func:`fishertune.modeling.load_model_and_tokenizer` (a LoRA run folder loads its
+    base with the adapter). :data:`TINY_MODEL` is the tiny preset's architecture, random.
 
     Raises:
         FishertuneError: a local path that is not a saved model folder, or a model or tokenizer
             that cannot be loaded.
     """
-    from fishertune.data.tokenizer import TINY_TOKENIZER, load_chat_tokenizer
-    from fishertune.modeling import load_causal_lm, tiny_llama
+    from fishertune.modeling import load_model_and_tokenizer as load
 
-    if model != TINY_MODEL and _looks_like_path(model):
-        folder = Path(model).expanduser()
-        if not (folder / "config.json").is_file():
-            what = "no such folder" if not folder.exists() else "no config.json in it"
-            raise FishertuneError(f"--model {model}: not a saved model folder ({what})")
-        model = str(folder)
-    if tokenizer is None and model == TINY_MODEL:
-        tok = load_chat_tokenizer(TINY_TOKENIZER)
-    else:
-        name = tokenizer or model
-        if _looks_like_path(name):
-            if not Path(name).expanduser().is_dir():
-                raise FishertuneError(f"--tokenizer {name}: no such folder")
-            name = str(Path(name).expanduser())
-        tok = load_chat_tokenizer(name)
-
-    if model == TINY_MODEL:
-        # The tiny preset's architecture (configs/tiny.yaml), randomly initialised.
-        lm = tiny_llama(
-            len(tok),
-            hidden_size=128,
-            num_layers=2,
-            num_heads=4,
+    try:
+        lm, tok = load(
+            model,
+            tokenizer,
+            dtype=dtype,
             attn_implementation=attn_implementation,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            merge_adapter=merge_adapter,
+            # the tiny preset's architecture (configs/tiny.yaml)
+            tiny_sizes={"hidden_size": 128, "num_layers": 2, "num_heads": 4},
         )
-        lm = lm.to(device=device, dtype=dtype)
-    else:
-        lm = load_causal_lm(model, dtype=dtype, attn_implementation=attn_implementation)
-        lm = lm.to(device)
-    return lm.eval(), tok
+    except FishertuneError as err:
+        # "model X: ..." names the option it came from
+        text = str(err)
+        named = text.startswith(("model ", "tokenizer "))
+        raise FishertuneError(f"--{text}" if named else text) from err
+    return lm.to(device).eval(), tok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         dtype=dtype,
         attn_implementation=args.attn_implementation,
+        merge_adapter=args.merge_adapter,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
     )
     result = analyze(
         model,

@@ -139,11 +139,13 @@ def build_tiny_tokenizer(out_dir: str | Path, *, vocab_size: int = TINY_VOCAB_SI
     return out
 
 
-def load_chat_tokenizer(name: str) -> Any:
+def load_chat_tokenizer(
+    name: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> Any:
     """A tokenizer ready for chat SFT: the shipped one for :data:`TINY_TOKENIZER`, otherwise
-    ``AutoTokenizer.from_pretrained(name)``; given a chat template if it has none (open-instruct's
-    Tulu template) and EOS as padding if it has no pad token. A tokenizer that cannot be loaded
-    raises a one-line ``FishertuneError``."""
+    ``AutoTokenizer.from_pretrained(name, revision=, trust_remote_code=)``; given a chat
+    template if it has none (open-instruct's Tulu template) and EOS as padding if it has no pad
+    token. A tokenizer that cannot be loaded raises a one-line ``FishertuneError``."""
     from fishertune.data.chat import ensure_chat_template
 
     if name == TINY_TOKENIZER:
@@ -152,7 +154,10 @@ def load_chat_tokenizer(name: str) -> Any:
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            extra = {"revision": revision} if revision is not None else {}
+            tokenizer = AutoTokenizer.from_pretrained(
+                name, trust_remote_code=trust_remote_code, **extra
+            )
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise FishertuneError(

@@ -62,6 +62,7 @@ from typing import Any
 
 from fishertune.errors import FishertuneError
 from fishertune.files import write_json_atomic
+from fishertune.modeling import ADAPTER_CONFIG, DTYPES, is_adapter_folder
 
 __all__ = ["build_parser", "main"]
 
@@ -84,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fishertune evaluate",
         description="Evaluate a saved model: offline tasks, lm-eval tasks, judge answer files.",
     )
-    p.add_argument("--model", required=True, help="saved model folder (model + tokenizer)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="saved model folder (model + tokenizer), or a LoRA run folder (its base is loaded "
+        "with the adapter)",
+    )
     p.add_argument(
         "--tasks",
         default=OFFLINE,
@@ -107,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model_args", default=None, help="lm-eval HFLM arguments k=v,... (loads from --model)"
     )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype to load the model in (default auto: the dtype it was saved in)",
+    )
+    p.add_argument(
+        "--merge_adapter",
+        action="store_true",
+        help="LoRA run folder: merge the adapter into its base (faster generation)",
+    )
+    p.add_argument(
+        "--trust_remote_code", action="store_true", help="allow the model's own code to run"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if any)")
     p.add_argument(
         "--include_path", action="append", default=[], help="folder of lm-eval task YAMLs"
@@ -123,17 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(model_dir: Path, device: str) -> tuple[Any, Any]:
-    from fishertune.data.tokenizer import load_chat_tokenizer
-    from fishertune.modeling import load_causal_lm
+def _load(args: argparse.Namespace, model_dir: Path, device: str) -> tuple[Any, Any]:
+    from fishertune.modeling import load_model_and_tokenizer
 
     try:
-        tokenizer = load_chat_tokenizer(str(model_dir))
+        model, tokenizer = load_model_and_tokenizer(
+            str(model_dir),
+            dtype=args.dtype,
+            merge_adapter=args.merge_adapter,
+            trust_remote_code=args.trust_remote_code,
+        )
     except FishertuneError as err:
-        raise FishertuneError(
-            f"--model {model_dir}: {err}; save the training tokenizer with the model"
-        ) from err
-    model = load_causal_lm(str(model_dir)).to(device)
+        raise FishertuneError(f"--model {model_dir}: {err}") from err
+    model.to(device)
     model.eval()
     _check_finite_weights(model, model_dir)
     return model, tokenizer
@@ -164,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.time()
     model_dir = Path(args.model).expanduser()
-    if not (model_dir / "config.json").is_file():
-        raise FishertuneError(f"--model {args.model}: not a saved model folder (no config.json)")
+    if not (model_dir / "config.json").is_file() and not is_adapter_folder(model_dir):
+        raise FishertuneError(
+            f"--model {args.model}: not a saved model folder (no config.json or {ADAPTER_CONFIG})"
+        )
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks and not (args.alpacaeval_questions or args.mtbench_questions):
         raise FishertuneError("--tasks is empty and no question file is given: nothing to do")
@@ -185,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     set_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = _load(model_dir, device)
+    model, tokenizer = _load(args, model_dir, device)
 
     metrics: dict[str, float] = {}
     directions: dict[str, bool] = {}
@@ -215,10 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     if lm_tasks:
         from fishertune.evaluation.lmeval import run_lm_eval
 
-        # With --model_args lm-eval loads the folder itself (dtype, parallelize...); otherwise it
-        # scores the model already in memory.
+        # With --model_args lm-eval loads the folder itself (dtype, parallelize...), a LoRA run
+        # as its base with peft=ADAPTER; otherwise it scores the model already in memory.
+        lm_model: Any = model_dir if args.model_args else model
+        model_args = args.model_args
+        if model_args and is_adapter_folder(model_dir):
+            from fishertune.modeling import adapter_base
+
+            lm_model = adapter_base(model_dir)[0]
+            model_args = f"{model_args},peft={model_dir.resolve()}"
         result = run_lm_eval(
-            model_dir if args.model_args else model,
+            lm_model,
             lm_tasks,
             tokenizer=tokenizer,
             include_path=args.include_path,
@@ -227,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             max_length=args.max_length,
             device=device,
-            model_args=args.model_args,
+            model_args=model_args,
             seed=args.seed,
         )
         metrics.update(result["metrics"])

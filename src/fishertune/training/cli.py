@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fishertune.data.tokenizer import TINY_TOKENIZER, load_chat_tokenizer
+from fishertune.data.tokenizer import TINY_TOKENIZER
 from fishertune.errors import FishertuneError
 from fishertune.files import write_json_atomic
 from fishertune.modeling import TINY_MODEL
@@ -79,6 +79,13 @@ def _script_arguments_class() -> type:
             metadata={
                 "help": "Replace an existing, non-empty output_dir: the old run is moved aside "
                 "and deleted once the new one has written its first checkpoint."
+            },
+        )
+        save_merged_model: bool = field(
+            default=False,
+            metadata={
+                "help": "With use_peft: also save the base with the adapter merged in, in the "
+                "loaded dtype, to OUTPUT_DIR/merged (a plain transformers model)."
             },
         )
         tiny_hidden_size: int = field(default=128, metadata={"help": f"{TINY_MODEL}: hidden size."})
@@ -218,6 +225,7 @@ def validate_train_argv(argv: list[str], *, check_output_dir: bool = True) -> tu
 
     script_args, training_args, model_args = parse_args(argv)
     check_values(script_args, training_args)
+    check_model_options(script_args, model_args)
     if not script_args.dataset_name:
         raise FishertuneError("dataset_name is required (a hub name, a local file or folder)")
     check_conversations(script_args.dataset_name, script_args.dataset_train_split)
@@ -431,36 +439,86 @@ class _Replacement:
             print(f"the previous run in {self.output_dir} was kept", file=sys.stderr)
 
 
-def load_tokenizer(script_args: Any, model_args: Any) -> Any:
-    name = script_args.tokenizer_name_or_path or model_args.model_name_or_path
-    return load_chat_tokenizer(TINY_TOKENIZER if name == TINY_MODEL else name)
+def load_tokenizer(script_args: Any, model_args: Any, training_args: Any = None) -> Any:
+    """The tokenizer the data is tokenized with (``chat_template_path`` applied first)."""
+    from fishertune.modeling import load_tokenizer as load
+
+    return load(
+        model_args.model_name_or_path or TINY_MODEL,
+        script_args.tokenizer_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=bool(getattr(training_args, "trust_remote_code", False)),
+        chat_template_path=getattr(training_args, "chat_template_path", None),
+    )
+
+
+def check_model_options(script_args: Any, model_args: Any) -> None:
+    """Refuse, one line each, the ``trl sft`` model options ``fishertune train`` cannot honour."""
+    for name in ("load_in_4bit", "load_in_8bit"):
+        if getattr(model_args, name, False):
+            raise FishertuneError(
+                f"{name}: quantized (QLoRA) training is not supported (the penalties "
+                "differentiate through every layer); use --use_peft true on a bf16 model"
+            )
+    if script_args.save_merged_model and not model_args.use_peft:
+        raise FishertuneError("save_merged_model needs use_peft=true (no adapter to merge)")
 
 
 def load_model(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> Any:
-    from fishertune.modeling import load_causal_lm, tiny_llama
+    """The model to fine-tune, in ``--dtype`` (the dtype it is saved back in).
+
+    A LoRA run folder as ``--model_name_or_path`` is loaded with its adapter merged into its
+    base: fine-tuning continues from the adapted model (fully, or with a new adapter under
+    ``--use_peft``). Exact penalty gradients default to eager attention (double backward).
+    """
+    from fishertune.modeling import load_model as load
 
     exact = training_args.method in ("token-f", "logit-f") and training_args.penalty_grad == "exact"
-    attention = model_args.attn_implementation or ("eager" if exact else None)
-    if model_args.model_name_or_path in (None, TINY_MODEL):
-        return tiny_llama(
-            len(tokenizer),
-            hidden_size=script_args.tiny_hidden_size,
-            num_layers=script_args.tiny_num_layers,
-            num_heads=script_args.tiny_num_heads,
-            seed=training_args.seed,
-            attn_implementation=attention or "sdpa",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return load_causal_lm(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype or "auto",
-        attn_implementation=attention,
+    return load(
+        model_args.model_name_or_path or TINY_MODEL,
+        tokenizer,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation or ("eager" if exact else None),
         revision=model_args.model_revision,
-        # TRL 1.16's ModelConfig no longer has the field
-        trust_remote_code=getattr(model_args, "trust_remote_code", False),
+        trust_remote_code=training_args.trust_remote_code,
+        merge_adapter=True,
+        tiny_sizes={
+            "hidden_size": script_args.tiny_hidden_size,
+            "num_layers": script_args.tiny_num_layers,
+            "num_heads": script_args.tiny_num_heads,
+        },
+        seed=training_args.seed,
     )
+
+
+def _save_unnamed_base(model: Any, tokenizer: Any, model_args: Any, training_args: Any) -> None:
+    """Give a new adapter a base it can be reloaded from.
+
+    An adapter records its base by name (``adapter_config.json``). The random tiny model and a
+    LoRA run merged into its base exist under no name (the merged model would otherwise name the
+    first base, and reloading would silently drop the first adapter), so they are saved to
+    ``OUTPUT_DIR/base`` and the adapter names that folder.
+    """
+    from fishertune.modeling import is_adapter_folder
+
+    name = model_args.model_name_or_path or TINY_MODEL
+    if name != TINY_MODEL and not is_adapter_folder(name):
+        return
+    base = (Path(training_args.output_dir) / "base").resolve()
+    if os.environ.get("RANK", "0") == "0":  # the others would race it (see prepare_output_dir)
+        model.save_pretrained(base)
+        tokenizer.save_pretrained(base)
+    model.name_or_path = str(base)  # what PEFT writes as base_model_name_or_path
+
+
+def save_merged_model(trainer: Any, folder: Path) -> None:
+    """The trained adapter merged into its base (``merge_and_unload``), saved with the tokenizer
+    in the dtype the base was loaded in."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    merged = model.merge_and_unload()
+    if trainer.accelerator.is_main_process:
+        merged.save_pretrained(folder)
+        trainer.processing_class.save_pretrained(folder)
 
 
 def load_datasets(script_args: Any, training_args: Any, tokenizer: Any) -> tuple[Any, Any]:
@@ -500,9 +558,17 @@ def build_trainer(
     from fishertune.training.trainer import FisherSFTTrainer
 
     check_values(script_args, training_args)
-    tokenizer = load_tokenizer(script_args, model_args)
+    check_model_options(script_args, model_args)
+    tokenizer = load_tokenizer(script_args, model_args, training_args)
     train, evaluation = load_datasets(script_args, training_args, tokenizer)
+    if not training_args.assistant_only:  # TRL then scores every token, as the library does
+        train, evaluation = (
+            ds.remove_columns("assistant_masks") if ds is not None else None
+            for ds in (train, evaluation)
+        )
     model = load_model(script_args, training_args, model_args, tokenizer)
+    if model_args.use_peft:
+        _save_unnamed_base(model, tokenizer, model_args, training_args)
     trainer = FisherSFTTrainer(
         model=model,
         args=training_args,
@@ -616,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics.update(trainer.evaluate())
         trainer.save_model(training_args.output_dir)
         trainer.save_state()
+        if script_args.save_merged_model:
+            save_merged_model(trainer, output_dir / "merged")
         if main_process:
             trainer.processing_class.save_pretrained(training_args.output_dir)
             record.update(

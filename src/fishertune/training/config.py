@@ -56,6 +56,29 @@ class FisherSFTConfig(SFTConfig):
             "choices": ("mean", "sum"),
         },
     )
+    master_weights: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype of the weights the optimizer updates. 'float32' (default): trainable "
+            "parameters are cast up to float32 whatever dtype the model was loaded in, bf16/fp16 "
+            "act as autocast for compute (under DeepSpeed its engine keeps float32 masters), and "
+            "the final save_model writes the loaded dtype again. 'model': keep the model's own "
+            "dtype: pure bf16 training, where updates below bf16's resolution (2^-8 of a weight) "
+            "are rounded away; warned at start.",
+            "choices": ("float32", "model"),
+        },
+    )
+    assistant_only: bool = field(
+        default=True,
+        metadata={
+            "help": "A conversational dataset ('messages') given to the trainer is tokenized with "
+            "its chat template and scored on assistant tokens only, each turn's end-of-turn "
+            "token included (fishertune.data.chat.tokenize_dataset, as `fishertune train` does; "
+            "works for any template). false: every token is scored (TRL's own processing; "
+            "`fishertune train` drops its assistant mask). TRL's assistant_only_loss=true is "
+            "taken as this option."
+        },
+    )
     penalty_coef: float | None = field(
         default=None,
         metadata={"help": "Penalty coefficient lambda (token-f/logit-f; paper: 2e-6 / 1e-6)."},
@@ -163,6 +186,12 @@ class FisherSFTConfig(SFTConfig):
             # extra graph traversal and its "found no unused parameters" warning. A model with
             # parameters outside the forward needs ddp_find_unused_parameters=true.
             self.ddp_find_unused_parameters = False
+        _choice("master_weights", self.master_weights, ("float32", "model"))
+        if self.assistant_only_loss:
+            # TRL's own masking needs {% generation %} markers in the template (or its built-in
+            # replacement for a few known templates); ours works on any template and is the one
+            # the CLI uses, so the library and the CLI score the same tokens.
+            self.assistant_only, self.assistant_only_loss = True, False
         super().__post_init__()
         if self.method in PENALTY_METHODS and self.activation_checkpointing:
             kwargs = dict(self.activation_checkpointing_kwargs or {})

@@ -23,6 +23,11 @@ Penalty gradients:
   one graph is in memory; the non-final backward runs under ``no_sync`` so DDP/FSDP reduce the
   accumulated gradient once.
 
+Precision: the trainable parameters are cast up to float32 at construction (``master_weights``)
+and bf16/fp16 act as autocast; the final ``save_model`` writes the dtype the model was loaded in,
+checkpoints the float32 weights. A conversational dataset is tokenized for assistant-only loss
+(``assistant_only``) exactly as ``fishertune train`` tokenizes it.
+
 Randomness (the penalty's draws, NEFTune's noise, the penalized rows) comes from generators seeded
 by ``(seed, optimizer step, micro-step, rank)``, so a resumed run draws exactly what an
 uninterrupted one would.
@@ -37,6 +42,7 @@ numbers and the gradient norm: a non-finite, diverged or collapsed step stops tr
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -126,6 +132,73 @@ def _gradient_norm(model: nn.Module) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
+def _tokenize_conversations(arguments: dict[str, Any], config: FisherSFTConfig) -> None:
+    """Tokenize conversational datasets among ``arguments`` (``SFTTrainer.__init__``'s, bound)
+    for assistant-only training, as ``fishertune train`` does, in place.
+
+    A ``datasets.Dataset`` with a ``messages`` column and no ``input_ids`` goes through
+    :func:`fishertune.data.chat.tokenize_dataset` (``input_ids`` and ``assistant_masks``, from
+    which TRL builds the labels): the loss then covers assistant tokens and each turn's
+    end-of-turn token, whatever the chat template. The tokenizer (``processing_class``, or the
+    model's when not given) gets a chat template and a pad token as the CLI's does.
+    """
+    from datasets import Dataset
+
+    from fishertune.data.chat import tokenize_dataset
+    from fishertune.data.tokenizer import load_chat_tokenizer
+
+    def conversational(dataset: Any) -> bool:
+        return isinstance(dataset, Dataset) and (
+            "messages" in dataset.column_names and "input_ids" not in dataset.column_names
+        )
+
+    train, evaluation = arguments.get("train_dataset"), arguments.get("eval_dataset")
+    eval_sets = evaluation if isinstance(evaluation, dict) else {"": evaluation}
+    if not conversational(train) and not any(map(conversational, eval_sets.values())):
+        return
+    from fishertune.modeling import set_chat_template_file
+
+    tokenizer = arguments.get("processing_class")
+    if tokenizer is None:
+        model = arguments.get("model")
+        name = model if isinstance(model, str) else model.config._name_or_path
+        tokenizer = arguments["processing_class"] = load_chat_tokenizer(name)
+    else:
+        from fishertune.data.chat import ensure_chat_template
+
+        ensure_chat_template(tokenizer)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if config.chat_template_path is not None:  # TRL sets it later: the data needs it now
+        set_chat_template_file(tokenizer, config.chat_template_path)
+    # TRL's max_length None means no truncation
+    max_length = config.max_length or 2**31 - 1
+    if conversational(train):
+        arguments["train_dataset"] = tokenize_dataset(train, tokenizer, max_length)
+    tokenized = {
+        key: tokenize_dataset(ds, tokenizer, max_length) if conversational(ds) else ds
+        for key, ds in eval_sets.items()
+    }
+    if evaluation is not None:
+        arguments["eval_dataset"] = tokenized if isinstance(evaluation, dict) else tokenized[""]
+
+
+def _cast_state_dict(state_dict: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Floating tensors cast to ``dtype``; tensors that share storage (tied embeddings) stay
+    shared, so ``save_pretrained`` still writes a tied weight once."""
+    cast: dict[tuple[int, tuple[int, ...], tuple[int, ...]], Tensor] = {}
+    out = {}
+    for key, value in state_dict.items():
+        if not torch.is_floating_point(value):
+            out[key] = value
+            continue
+        ident = (value.data_ptr(), tuple(value.shape), tuple(value.stride()))
+        if ident not in cast:
+            cast[ident] = value.to(dtype)
+        out[key] = cast[ident]
+    return out
+
+
 class FisherSFTTrainer(SFTTrainer):
     """``SFTTrainer`` for the methods baseline, neftune, token-f and logit-f.
 
@@ -136,9 +209,21 @@ class FisherSFTTrainer(SFTTrainer):
     args: FisherSFTConfig
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        # SFTTrainer's parameters are all positional-or-keyword: bind them by name
+        signature = inspect.signature(SFTTrainer.__init__)
+        arguments = dict(signature.bind(None, *args, **kwargs).arguments)
+        arguments.pop("self")
+        config = arguments.get("args")
+        if config is not None and not isinstance(config, FisherSFTConfig):
+            raise FishertuneError("FisherSFTTrainer needs args=FisherSFTConfig(...)")
+        if config is not None and config.assistant_only:
+            _tokenize_conversations(arguments, config)
+        super().__init__(**arguments)
         if not isinstance(self.args, FisherSFTConfig):
             raise FishertuneError("FisherSFTTrainer needs args=FisherSFTConfig(...)")
+        self._save_dtype: torch.dtype | None = None
+        self._final_save = False
+        self._set_up_master_weights()
         self._kind = {"token-f": "token", "logit-f": "logit"}.get(self.args.method)
         self._capture = EmbeddingCapture()
         self._noise: NEFTuneNoise | None = None
@@ -152,6 +237,93 @@ class FisherSFTTrainer(SFTTrainer):
         self._check_launch()
         self._check_supported()
         self.add_callback(OptimizerStepHook(self._check_step))
+
+    # ------------------------------------------------------------------ precision
+    def _set_up_master_weights(self) -> None:
+        """Keep the weights the optimizer updates in float32 (``master_weights='float32'``).
+
+        An AdamW step at lr 5e-6 moves a weight by about 5e-6 of its scale, far below bf16's
+        spacing (2^-8 relative): parameters stored in bf16 would round most updates away (85% of
+        the weights changed after 20 steps in float32, 6.5% in bf16, on the tiny model). As
+        everywhere in the field (torch AMP, FSDP2's MixedPrecisionPolicy, DeepSpeed's bf16
+        optimizer), the parameters stay float32 and bf16 is the autocast compute dtype. Frozen
+        weights (a LoRA base) keep their dtype. Under DeepSpeed the engine keeps float32 masters
+        of its own (and ZeRO-3 has already partitioned the parameters), so nothing is cast here.
+        """
+        model = _unwrap(self.model)
+        half = [
+            p
+            for p in model.parameters()
+            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+        ]
+        if not half:
+            return
+        if self.args.master_weights == "model":
+            logger.warning(
+                "master_weights=model: training %d parameter tensors in %s. Updates smaller than "
+                "its resolution (2^-8 of a weight for bf16) are rounded away: at small learning "
+                "rates most weights never change. Use master_weights=float32 (the default) to "
+                "train float32 weights with %s autocast.",
+                len(half),
+                half[0].dtype,
+                half[0].dtype,
+            )
+            return
+        if self.is_deepspeed_enabled:
+            return
+        if not hasattr(model, "peft_config"):  # PEFT saves adapters only: their dtype stays
+            self._save_dtype = half[0].dtype
+        # Replacing `.data` keeps each Parameter object (and so tied weights and the references
+        # hooks hold) while changing its storage dtype: what PEFT's cast_adapter_dtype and
+        # accelerate's FSDP2 upcast do.
+        for param in half:
+            param.data = param.data.float()
+        logger.info(
+            "master weights: %d trainable parameter tensors cast from %s to float32",
+            len(half),
+            self._save_dtype or "half precision",
+        )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as transformers does; the final save (not a checkpoint) writes the weights in
+        the dtype the model was loaded in. Checkpoints keep the float32 master weights, so a
+        resumed run continues from exactly where it stopped."""
+        self._final_save = not _internal_call
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        sharded = self.is_fsdp_enabled and plugin is not None
+        sharded = sharded and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+        if self._final_save and sharded:
+            # transformers saves no model at all under FSDP's SHARDED_STATE_DICT (the checkpoint
+            # type configs/accelerate/fsdp.yaml uses): the final model is gathered in full, the
+            # switch accelerate's set_state_dict_type documents for "train sharded, save full".
+            previous = plugin.state_dict_type
+            plugin.set_state_dict_type("FULL_STATE_DICT")
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._final_save = False
+            if not _internal_call and sharded:
+                plugin.set_state_dict_type(previous)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        dtype = self._save_dtype if self._final_save else None
+        if dtype is None:
+            super()._save(output_dir, state_dict)
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None:
+            state_dict = model.state_dict()
+        state_dict = _cast_state_dict(state_dict, dtype)
+        super()._save(output_dir, state_dict)
+        if self.args.should_save and hasattr(model, "config"):
+            # save_pretrained records the in-memory dtype (float32) in config.json; the weights
+            # written are `dtype`, which is what `dtype="auto"` must load them as
+            in_memory = model.config.dtype
+            model.config.dtype = dtype
+            try:
+                model.config.save_pretrained(output_dir or self.args.output_dir)
+            finally:
+                model.config.dtype = in_memory
 
     # ------------------------------------------------------------------ set-up checks
     def _check_launch(self) -> None:
@@ -389,8 +561,14 @@ class FisherSFTTrainer(SFTTrainer):
 
     def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Tensor:
         """transformers' step; the loss it returns (what the ``loss`` log sums) joins the step's
-        sums, so the guard and the whole-run ``train_loss`` see the objective itself."""
-        loss = super().training_step(model, inputs, *args, **kwargs)
+        sums, so the guard and the whole-run ``train_loss`` see the objective itself.
+
+        The final backward recomputes checkpointed layers (activation checkpointing): it must
+        pick the same SDPA kernel as the forward did, or the recomputed tensors differ
+        ("Recomputed values ... have different metadata"), seen with exact mode + SDPA.
+        """
+        with self._attention_context():
+            loss = super().training_step(model, inputs, *args, **kwargs)
         self._add_stats(_LOSS, loss)
         return loss
 
