@@ -52,7 +52,10 @@ def write_yaml(path: Path, payload: dict[str, Any]) -> Path:
 
 @pytest.fixture
 def base_config(tmp_path: Path) -> Path:
-    return write_yaml(tmp_path / "base.yaml", {"method": "baseline", "max_steps": 10})
+    return write_yaml(
+        tmp_path / "base.yaml",
+        {"method": "baseline", "max_steps": 10, "dataset_name": "builtin:tiny-tasks"},
+    )
 
 
 def experiment(tmp_path: Path, base_config: Path, **changes: Any) -> dict[str, Any]:

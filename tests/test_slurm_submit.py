@@ -38,7 +38,10 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture
 def base_config(tmp_path: Path) -> Path:
-    return write_yaml(tmp_path / "base.yaml", {"method": "baseline", "max_steps": 10})
+    return write_yaml(
+        tmp_path / "base.yaml",
+        {"method": "baseline", "max_steps": 10, "dataset_name": "builtin:tiny-tasks"},
+    )
 
 
 def no_slurm(job_ids: Any) -> dict[str, str]:
