@@ -180,7 +180,11 @@ def load_causal_lm(
             trust_remote_code=trust_remote_code,
         )
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=adapter_trainable)
-        return model.merge_and_unload() if merge_adapter else model
+        if not merge_adapter:
+            return model
+        # PEFT froze the base when it attached the adapter; merged, it is a plain model again,
+        # trainable as any loaded one (a full fine-tune from it would otherwise train nothing)
+        return model.merge_and_unload().requires_grad_(True)
     if folder is not None and not (folder / "config.json").is_file():
         raise FishertuneError(
             f"model {name_or_path}: not a saved model folder (no config.json or {ADAPTER_CONFIG})"
