@@ -32,6 +32,7 @@ from fishertune.experiments.runner import (
     STATUS_FILE,
     evaluate_command,
     override_flags,
+    read_status,
     run_experiment,
     train_command,
     validate_grid,
@@ -355,6 +356,45 @@ def test_grid_runs_then_resumes_without_relaunching(tmp_path: Path, base_config:
     relaunch = FakeLauncher()
     run_experiment(config, launcher=relaunch, only=["token-f-seed0"], log=lambda _: None)
     assert relaunch.calls == [("evaluate", "token-f-seed0")]
+
+
+def test_a_launch_that_raises_fails_that_run_only(tmp_path: Path, base_config: Path) -> None:
+    """An OSError while launching one run (a missing executable, a full disk) is that run's
+    failure; the other runs of the grid still run."""
+    config = parse_experiment(experiment(tmp_path, base_config), tmp_path / "e.yaml")
+    fake = FakeLauncher()
+
+    def launcher(command: list[str], log_path: Path, env: dict[str, str]) -> int:
+        if log_path.parent.name == "baseline-seed1":
+            raise FileNotFoundError("accelerate: command not found")
+        return fake(command, log_path, env)
+
+    results = run_experiment(config, launcher=launcher, log=lambda _: None)
+    status = {r.name: r.status for r in results}
+    assert status.pop("baseline-seed1") == "failed"
+    assert set(status.values()) == {"completed"} and len(status) == 5
+    failed = read_status(config.output_dir)["baseline-seed1"]
+    assert "command not found" in failed["message"]
+
+
+def test_moved_preset_with_the_same_content_is_not_a_change(
+    tmp_path: Path, base_config: Path
+) -> None:
+    """Runs are matched to their preset by content: a checkout or environment that moved (an
+    installed preset's path changes with the venv) does not make finished runs "other settings";
+    an edited preset does."""
+    config = parse_experiment(experiment(tmp_path, base_config), tmp_path / "e.yaml")
+    run_experiment(config, launcher=FakeLauncher(), only=["token-f-seed0"], log=lambda _: None)
+    moved = tmp_path / "elsewhere" / "base.yaml"
+    moved.parent.mkdir()
+    moved.write_bytes(base_config.read_bytes())
+    config = parse_experiment(experiment(tmp_path, moved), tmp_path / "e.yaml")
+    again = FakeLauncher()
+    run_experiment(config, launcher=again, only=["token-f-seed0"], log=lambda _: None)
+    assert again.calls == []
+    moved.write_text(moved.read_text() + "learning_rate: 0.5\n")
+    with pytest.raises(FishertuneError, match=r"token-f-seed0"):
+        run_experiment(config, launcher=FakeLauncher(), only=["token-f-seed0"], log=lambda _: None)
 
 
 def test_run_with_changed_training_settings_is_refused(tmp_path: Path, base_config: Path) -> None:

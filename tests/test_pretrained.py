@@ -334,6 +334,15 @@ def test_an_adapter_on_an_unnamed_base_reloads(models, chat_file, tmp_path, star
     reference = load_causal_lm(str(run / "merged")).eval()(ids).logits
     reloaded = load_causal_lm(str(run)).eval()(ids).logits
     torch.testing.assert_close(reloaded, reference, rtol=1e-4, atol=1e-4)
+    if start == "tiny":
+        # replacing the run: the new adapter's base is the new run's, not the old folder's
+        # (which is deleted once the new run is safe), and nothing is left beside the folder
+        argv = [*argv, "--overwrite_output_dir", "true", "--seed", "1"]
+        assert cli_main(argv) == 0
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+        reference = load_causal_lm(str(run / "merged")).eval()(ids).logits
+        reloaded = load_causal_lm(str(run)).eval()(ids).logits
+        torch.testing.assert_close(reloaded, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_lora_on_a_bf16_base_keeps_the_base_frozen_in_bf16(models, chat_file, tmp_path):

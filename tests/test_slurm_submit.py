@@ -304,3 +304,13 @@ def test_local_runner_leaves_runs_of_live_slurm_jobs_alone(
     monkeypatch.setattr(slurm, "slurm_states", lambda ids, folder=None: {})
     results = run_experiment(config, launcher=launcher, log=lambda _: None)
     assert [r.status for r in results] == ["completed", "completed"]
+
+
+def test_unknown_slurm_state_is_an_error_not_a_finished_job(monkeypatch, tmp_path):
+    """squeue failing must not read as "the job is gone": that would resubmit a live run."""
+    from fishertune.errors import FishertuneError
+    from fishertune.experiments.slurm import slurm_states
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no squeue here
+    with pytest.raises(FishertuneError, match=r"squeue failed .*jobs 12_0, 12_1"):
+        slurm_states(["12_0", "12_1"], tmp_path)

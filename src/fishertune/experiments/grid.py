@@ -36,6 +36,7 @@ wins over a preset of the same name. ``output_dir`` is relative to the current d
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -222,6 +223,8 @@ class RunSpec:
             "ablation": self.ablation,
             "seed": self.seed,
             "base_config": str(self.base_config),
+            # the preset's content, not its path: an installed preset moves with the environment
+            "base_config_sha256": hashlib.sha256(Path(self.base_config).read_bytes()).hexdigest(),
             "overrides": self.overrides,
         }
 

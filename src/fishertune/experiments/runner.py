@@ -434,9 +434,11 @@ def run_settings(config: ExperimentConfig, run: RunSpec) -> dict[str, Any]:
 
 
 def _changed_training(stored: Any, current: dict[str, Any]) -> bool:
-    return isinstance(stored, dict) and any(
-        stored.get(key) != current[key] for key in ("base_config", "overrides")
-    )
+    if not isinstance(stored, dict):
+        return False
+    # the preset by content (records written before the hash existed: by path)
+    preset = "base_config_sha256" if "base_config_sha256" in stored else "base_config"
+    return any(stored.get(key) != current[key] for key in (preset, "overrides"))
 
 
 def check_stored_specs(config: ExperimentConfig, runs: list[RunSpec]) -> list[RunSpec]:
@@ -691,6 +693,29 @@ def run_stages(
 
 
 def _run_one(
+    config: ExperimentConfig,
+    run: RunSpec,
+    launcher: Launcher,
+    *,
+    env: dict[str, str] | None = None,
+    main_process_port: int | None = None,
+) -> RunResult:
+    """One run's pending stages; a fault of this run (a folder it cannot use, a launch that
+    fails) is its ``failed`` result, so the grid goes on."""
+    start = time.time()
+    try:
+        return _run_stages(config, run, launcher, env=env, main_process_port=main_process_port)
+    except (FishertuneError, OSError) as err:
+        return RunResult(
+            name=run.name,
+            status="failed",
+            message=str(err).splitlines()[0] if str(err) else type(err).__name__,
+            wall_time_s=round(time.time() - start, 2),
+            started=start,
+        )
+
+
+def _run_stages(
     config: ExperimentConfig,
     run: RunSpec,
     launcher: Launcher,

@@ -302,7 +302,7 @@ def slurm_states(job_ids: Sequence[str], folder: Path | None = None) -> dict[str
     if not job_ids:
         return {}
     states: dict[str, str] = {}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
+    try:
         output = subprocess.run(
             ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"],
             capture_output=True,
@@ -310,10 +310,17 @@ def slurm_states(job_ids: Sequence[str], folder: Path | None = None) -> dict[str
             timeout=60,
             check=True,
         ).stdout
-        for line in output.splitlines():
-            job_id, _, state = line.strip().partition("|")
-            if job_id in job_ids:
-                states[job_id] = state
+    except (OSError, subprocess.SubprocessError) as err:
+        # unknown is not "gone": treating it so would resubmit a job into a live run's folder
+        detail = (str(getattr(err, "stderr", None) or "").strip() or str(err)).splitlines()
+        raise FishertuneError(
+            f"squeue failed ({detail[0] if detail else type(err).__name__}): cannot tell "
+            f"whether SLURM jobs {', '.join(job_ids)} are queued or running"
+        ) from err
+    for line in output.splitlines():
+        job_id, _, state = line.strip().partition("|")
+        if job_id in job_ids:
+            states[job_id] = state
     rest = [job_id for job_id in job_ids if job_id not in states]
     if rest and submitit is not None and folder is not None:
         quiet = logging.getLogger("submitit")

@@ -287,6 +287,9 @@ _TRAINING_SETTINGS = (
     "completion_only_loss",
     "average_tokens_across_devices",
     "on_nonfinite",
+    "master_weights",
+    "assistant_only",
+    "chat_template_path",
 )
 _MODEL_SETTINGS = (
     "model_name_or_path",
@@ -491,13 +494,24 @@ def load_model(script_args: Any, training_args: Any, model_args: Any, tokenizer:
     )
 
 
-def _save_unnamed_base(model: Any, tokenizer: Any, model_args: Any, training_args: Any) -> None:
+def _staged_base(output_dir: str | os.PathLike) -> Path:
+    """Where a new run's unnamed base waits until the run owns ``output_dir`` (beside it: the
+    folder may still hold a previous run that is only replaced once this one is validated)."""
+    path = Path(output_dir).resolve()
+    return path.parent / f".{path.name}.base-staging"
+
+
+def _save_unnamed_base(
+    model: Any, tokenizer: Any, model_args: Any, training_args: Any, *, resume: bool
+) -> None:
     """Give a new adapter a base it can be reloaded from.
 
     An adapter records its base by name (``adapter_config.json``). The random tiny model and a
     LoRA run merged into its base exist under no name (the merged model would otherwise name the
-    first base, and reloading would silently drop the first adapter), so they are saved to
-    ``OUTPUT_DIR/base`` and the adapter names that folder.
+    first base, and reloading would silently drop the first adapter), so they are saved as
+    ``OUTPUT_DIR/base`` and the adapter names that folder. The save goes to
+    :func:`_staged_base` first; :func:`_place_staged_base` moves it in once the run owns the
+    folder. A resumed run keeps the base it saved when it started.
     """
     from fishertune.modeling import is_adapter_folder
 
@@ -505,10 +519,20 @@ def _save_unnamed_base(model: Any, tokenizer: Any, model_args: Any, training_arg
     if name != TINY_MODEL and not is_adapter_folder(name):
         return
     base = (Path(training_args.output_dir) / "base").resolve()
-    if os.environ.get("RANK", "0") == "0":  # the others would race it (see prepare_output_dir)
-        model.save_pretrained(base)
-        tokenizer.save_pretrained(base)
+    if not resume and os.environ.get("RANK", "0") == "0":  # the others would race it
+        staged = _staged_base(training_args.output_dir)
+        shutil.rmtree(staged, ignore_errors=True)
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
     model.name_or_path = str(base)  # what PEFT writes as base_model_name_or_path
+
+
+def _place_staged_base(output_dir: Path) -> None:
+    staged = _staged_base(output_dir)
+    if staged.is_dir():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(output_dir / "base", ignore_errors=True)
+        os.replace(staged, output_dir / "base")
 
 
 def save_merged_model(trainer: Any, folder: Path) -> None:
@@ -568,7 +592,7 @@ def build_trainer(
         )
     model = load_model(script_args, training_args, model_args, tokenizer)
     if model_args.use_peft:
-        _save_unnamed_base(model, tokenizer, model_args, training_args)
+        _save_unnamed_base(model, tokenizer, model_args, training_args, resume=script_args.resume)
     trainer = FisherSFTTrainer(
         model=model,
         args=training_args,
@@ -577,6 +601,13 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    if script_args.save_merged_model and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        # merge_and_unload on sharded parameters would write a wrong or empty model
+        raise FishertuneError(
+            "save_merged_model is not supported with FSDP or DeepSpeed (sharded parameters): "
+            "merge after training, e.g. fishertune.modeling.load_model_and_tokenizer(RUN_DIR, "
+            "merge_adapter=True) then save_pretrained"
+        )
     trainer.add_callback(_checkpoint_record_callback(trainer, on_first_checkpoint))
     return trainer
 
@@ -665,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if plan.replace and main_process:
             replacement = _Replacement(output_dir)
+        if main_process:
+            _place_staged_base(output_dir)
         trainer.accelerator.wait_for_everyone()
         if replacement is not None:
             on_first.append(replacement.commit)  # once the new run has a checkpoint of its own
@@ -700,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BaseException as err:
         if main_process:
+            shutil.rmtree(_staged_base(output_dir), ignore_errors=True)
             if replacement is not None and latest_checkpoint(output_dir) is None:
                 replacement.restore()
             else:
@@ -715,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        if main_thread:  # None: the previous handler was not set from Python
+            signal.signal(signal.SIGTERM, previous_sigterm or signal.SIG_DFL)
         # destroy the process group (and finish trackers) on every rank, also after an error
         trainer.accelerator.end_training()
