@@ -218,5 +218,16 @@ def main(argv: list[str] | None = None) -> int:
                 metrics=config.report_metrics,
                 title=config.path.stem,
             )
+            if config.study == "equivalence":
+                from fishertune.experiments.equivalence import write_equivalence_report
+
+                try:
+                    written.update(
+                        write_equivalence_report(
+                            config.runs_dir, names, config.report_dir, title=config.path.stem
+                        )
+                    )
+                except FishertuneError as err:  # e.g. the base not measured yet
+                    print(f"no equivalence report: {err}")
             print(f"report: {', '.join(str(p) for p in written.values())}")
     return 1 if failed else 0
