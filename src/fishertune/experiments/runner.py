@@ -922,8 +922,8 @@ def run_experiment(
         raise FishertuneError(f"--parallel must be at least 1, got {parallel}")
     runs = select_runs(config, only)
     base = config.base_run
-    if base is not None and runs and runs[0].name != BASE_RUN and pending_stages(config, base):
-        runs = [base, *runs]  # the selected runs start from the base model: make it first
+    if base is not None and runs and runs[0].name != BASE_RUN and not training_done(base.model_dir):
+        runs = [base, *runs]  # the selected runs start from the base model: train it first
     validate_grid(config, runs)
     debris = {run.name for run in check_stored_specs(config, runs)}
     if dry_run:
