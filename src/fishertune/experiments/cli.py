@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         required=True,
-        help="experiment YAML, or a shipped grid: tiny, tiny-ablations, paper (a file wins)",
+        help="experiment YAML, or a shipped grid: tiny, tiny-ablations, equivalence, paper (a file "
+        "wins)",
     )
     parser.add_argument(
         "--dry_run",

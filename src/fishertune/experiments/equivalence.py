@@ -144,6 +144,7 @@ def load_study(runs_dir: str | Path, names: Sequence[str]) -> tuple[dict[str, An
         "val_loss": float(base_metrics.get("offline/val_loss", math.nan)),
         "exact_match": float(base_metrics.get("offline/exact_match", math.nan)),
         "curvature": _curvature_values(final),
+        "se": {key: float(final[key]["se_estimator"]) for key in ("trace_f", "trace_h", "gap")},
     }
     start = _point(0, final)
     runs = []
@@ -294,16 +295,14 @@ def summarize(base: dict[str, Any], runs: Sequence[StudyRun]) -> dict[str, Any]:
     }
 
 
-def _fmt(cell: dict[str, Any], digits: int = 3) -> str:
+def _fmt(cell: dict[str, Any], key: str) -> str:
+    """Losses and rates with 3 decimals; traces with 4 significant digits (std with 2)."""
     if cell["n"] == 0 or not math.isfinite(cell["mean"]):
         return "–"
-
-    def number(value: float) -> str:  # 3 decimals for losses, 3 significant digits for traces
-        return f"{value:.{digits}g}" if abs(value) >= 100 else f"{value:.{digits}f}"
-
-    text = number(cell["mean"])
+    trace = key in ("trace_f", "trace_h", "gap")
+    text = f"{cell['mean']:.4g}" if trace else f"{cell['mean']:.3f}"
     if cell["std"] is not None:
-        text += f" ± {number(cell['std'])}"
+        text += f" ± {cell['std']:.2g}" if trace else f" ± {cell['std']:.3f}"
     return text
 
 
@@ -312,6 +311,9 @@ def _verdict_text(summary: dict[str, Any]) -> list[str]:
     levels = summary["levels"]
     for pen in PENALTIES:
         upto = summary["agree_up_to"][pen]
+        if not any(pen in lv.get("agreement", {}) for lv in levels):
+            lines.append(f"- {LABELS[pen]}: no finished runs to compare with NEFTune.")
+            continue
         first_bad = next(
             (
                 lv
@@ -373,8 +375,10 @@ def format_markdown(summary: dict[str, Any], *, title: str = "Equivalence study"
         f"# {title}\n",
         f"Base model: rms(X) = {base['rms']:.4g}, L = {base['length']}, d = "
         f"{base['hidden_size']}, val loss {base['val_loss']:.4f}, exact match "
-        f"{base['exact_match']:.3f}; Tr(F_X) = {base['curvature']['trace_f']:.4g}, Tr(H_X) = "
-        f"{base['curvature']['trace_h']:.4g} on the measured validation batches.\n",
+        f"{base['exact_match']:.3f}; on the measured validation batches Tr(F_X) = "
+        f"{base['curvature']['trace_f']:.4g} ± {base['se']['trace_f']:.2g}, Tr(H_X) = "
+        f"{base['curvature']['trace_h']:.4g} ± {base['se']['trace_h']:.2g} (± 1 standard error "
+        "of the estimators, over probes and draws).\n",
         "Cells: mean ± std over seeds (sample std). Δ val loss is against the baseline's mean. "
         "Tr(F_X), Tr(H_X) and their gap are measured on the same validation batches for every "
         "run (fishertune analyze's estimators).\n",
@@ -388,7 +392,7 @@ def format_markdown(summary: dict[str, Any], *, title: str = "Equivalence study"
         )
         lines = [header, rule]
         for kind, cells in level["rows"].items():
-            values = " | ".join(_fmt(cells[key]) for key, _ in QUANTITIES)
+            values = " | ".join(_fmt(cells[key], key) for key, _ in QUANTITIES)
             lines.append(f"| {LABELS[kind]} | {values} | {cells['val_loss']['n']} |")
         parts.append("\n".join(lines) + "\n")
         parts.append(
@@ -396,6 +400,26 @@ def format_markdown(summary: dict[str, Any], *, title: str = "Equivalence study"
             f"{level['penalty_term_base']:.3g}, gap term lambda_eq (Tr(H_X) - Tr(F_X)) = "
             f"{level['gap_term_base']:.3g}.\n"
         )
+    parts.append("## Agreement by level\n")
+    lines = [
+        "| a/rms | penalty | Δ val loss (pen − NEFTune) | spread | agree | Δ Tr(F_X) | spread "
+        "| agree | Δ Tr(H_X) | spread | agree |",
+        "|" + "---|" * 11,
+    ]
+    for level in summary["levels"]:
+        for pen, comps in level.get("agreement", {}).items():
+            cells = []
+            for key in ("val_loss", "trace_f", "trace_h"):
+                comp = comps[key]
+                number = "{:+.4f}" if key == "val_loss" else "{:+.4g}"
+                spread = "{:.4f}" if key == "val_loss" else "{:.3g}"
+                cells += [
+                    number.format(comp["difference"]),
+                    spread.format(comp["spread"]),
+                    "yes" if comp["within"] else "**no**",
+                ]
+            lines.append(f"| {level['ratio']:g} | {LABELS[pen]} | " + " | ".join(cells) + " |")
+    parts.append("\n".join(lines) + "\n")
     parts.append("## Reading\n")
     parts.append(
         "Agreement: the means of a penalty and NEFTune differ by at most the combined seed "

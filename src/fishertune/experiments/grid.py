@@ -796,7 +796,8 @@ def load_experiment(
     """Read and validate an experiment YAML file.
 
     Args:
-        path: the YAML file, or a shipped grid's name (``tiny``, ``tiny-ablations``, ``paper``).
+        path: the YAML file, or a shipped grid's name (``tiny``, ``tiny-ablations``,
+            ``equivalence``, ``paper``).
         output_dir: replaces the file's ``output_dir``.
         seeds: replace the file's ``seeds`` and ``ablation_seeds``.
         overrides: merged over the file's ``overrides`` (below methods and ablations), e.g.
