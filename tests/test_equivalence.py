@@ -317,5 +317,10 @@ def test_shortened_equivalence_grid_end_to_end(tmp_path: Path) -> None:
         "| logit-F",
     ]
     assert "token-F vs NEFTune, validation loss" in text and "Gauss-Newton gap" in text
+    assert "## Agreement by level" in text and "## Paired by seed" in text
+    # one seed: the paired difference is the plain difference of the two runs
+    assert level["paired_vs_neftune"]["token-f"]["mean"] == pytest.approx(
+        level["rows"]["token-f"]["val_loss"]["mean"] - neftune["val_loss"]["mean"]
+    )
     for name in ("val_loss", "curvature", "trajectories"):
         assert (report_dir / f"equivalence_{name}.png").read_bytes()[:8] == PNG_MAGIC

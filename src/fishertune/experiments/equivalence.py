@@ -221,6 +221,12 @@ def _compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | bool]:
     return {"difference": diff, "spread": spread, "within": abs(diff) <= spread}
 
 
+def _paired(first: Sequence[StudyRun], second: Sequence[StudyRun], key: str) -> dict[str, Any]:
+    """Mean ± std over seeds of ``first - second`` for the seeds both have."""
+    by_seed = {r.seed: r.values[key] for r in second}
+    return _cell([r.values[key] - by_seed[r.seed] for r in first if r.seed in by_seed])
+
+
 def summarize(base: dict[str, Any], runs: Sequence[StudyRun]) -> dict[str, Any]:
     """Per-level tables, agreements and the Gauss-Newton terms (see the module docstring)."""
     baseline = [r for r in runs if r.kind == "baseline"]
@@ -258,6 +264,17 @@ def summarize(base: dict[str, Any], runs: Sequence[StudyRun]) -> dict[str, Any]:
             "penalty_term_base": lam * base["curvature"]["trace_f"],
             "gap_term_base": lam * base["curvature"]["gap"],
         }
+        # Paired by seed: runs of the same seed share the data order and start from the same base
+        # model, so per-seed differences remove the variation the methods have in common.
+        level["paired_vs_baseline"] = {
+            kind: _paired(m, baseline, "val_loss") for kind, m in members.items() if m
+        }
+        if members.get("neftune"):
+            level["paired_vs_neftune"] = {
+                pen: _paired(members[pen], members["neftune"], "val_loss")
+                for pen in PENALTIES
+                if members.get(pen)
+            }
         if "neftune" in rows:
             nef = rows["neftune"]
             level["neftune_moves"] = {
@@ -296,14 +313,16 @@ def summarize(base: dict[str, Any], runs: Sequence[StudyRun]) -> dict[str, Any]:
 
 
 def _fmt(cell: dict[str, Any], key: str) -> str:
-    """Losses and rates with 3 decimals; traces with 4 significant digits (std with 2)."""
+    """Losses and rates with 3 decimals (paired differences 4); traces with 4 significant digits
+    (their std with 2)."""
     if cell["n"] == 0 or not math.isfinite(cell["mean"]):
         return "–"
-    trace = key in ("trace_f", "trace_h", "gap")
-    text = f"{cell['mean']:.4g}" if trace else f"{cell['mean']:.3f}"
-    if cell["std"] is not None:
-        text += f" ± {cell['std']:.2g}" if trace else f" ± {cell['std']:.3f}"
-    return text
+    if key in ("trace_f", "trace_h", "gap"):
+        mean, std = f"{cell['mean']:.4g}", "{:.2g}"
+    else:
+        places = 4 if key == "paired" else 3
+        mean, std = f"{cell['mean']:.{places}f}", f"{{:.{places}f}}"
+    return mean if cell["std"] is None else f"{mean} ± {std.format(cell['std'])}"
 
 
 def _verdict_text(summary: dict[str, Any]) -> list[str]:
@@ -419,6 +438,24 @@ def format_markdown(summary: dict[str, Any], *, title: str = "Equivalence study"
                     "yes" if comp["within"] else "**no**",
                 ]
             lines.append(f"| {level['ratio']:g} | {LABELS[pen]} | " + " | ".join(cells) + " |")
+    parts.append("\n".join(lines) + "\n")
+    parts.append(
+        "## Paired by seed\n\nValidation-loss change against the run of the same seed (same data "
+        "order, same base model), mean ± std over seeds: the noise and the penalties against the "
+        "baseline, and each penalty against NEFTune.\n"
+    )
+    lines = [
+        "| a/rms | NEFTune − baseline | token-F − baseline | logit-F − baseline "
+        "| token-F − NEFTune | logit-F − NEFTune |",
+        "|" + "---|" * 6,
+    ]
+    for level in summary["levels"]:
+        against = level.get("paired_vs_baseline", {})
+        versus = level.get("paired_vs_neftune", {})
+        cells = [_fmt(against[k], "val_loss") if k in against else "–" for k in KINDS[1:]] + [
+            _fmt(versus[k], "val_loss") if k in versus else "–" for k in PENALTIES
+        ]
+        lines.append(f"| {level['ratio']:g} | " + " | ".join(cells) + " |")
     parts.append("\n".join(lines) + "\n")
     parts.append("## Reading\n")
     parts.append(
