@@ -452,8 +452,8 @@ def format_markdown(summary: dict[str, Any], *, title: str = "Equivalence study"
     for level in summary["levels"]:
         against = level.get("paired_vs_baseline", {})
         versus = level.get("paired_vs_neftune", {})
-        cells = [_fmt(against[k], "val_loss") if k in against else "–" for k in KINDS[1:]] + [
-            _fmt(versus[k], "val_loss") if k in versus else "–" for k in PENALTIES
+        cells = [_fmt(against[k], "paired") if k in against else "–" for k in KINDS[1:]] + [
+            _fmt(versus[k], "paired") if k in versus else "–" for k in PENALTIES
         ]
         lines.append(f"| {level['ratio']:g} | " + " | ".join(cells) + " |")
     parts.append("\n".join(lines) + "\n")
