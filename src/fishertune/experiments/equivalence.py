@@ -62,6 +62,7 @@ QUANTITIES = (
     ("exact_match", "exact match"),
 )
 LABELS = {"baseline": "baseline", "neftune": "NEFTune", "token-f": "token-F", "logit-f": "logit-F"}
+COLORS = {"baseline": "0.35", "neftune": "C1", "token-f": "C2", "logit-f": "C3"}
 
 
 @dataclass
@@ -466,34 +467,41 @@ def format_markdown(summary: dict[str, Any], *, title: str = "Equivalence study"
     return "\n".join(parts)
 
 
+def _level_axis(ax: Any, summary: dict[str, Any]) -> None:
+    ax.set_xscale("log")
+    ratios = [lv["ratio"] for lv in summary["levels"]]
+    ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+    ax.minorticks_off()
+    ax.set_xlabel("noise level a / rms(X)")
+
+
 def _plot_val_loss(summary: dict[str, Any], path: Path) -> Path:
+    """Per-seed differences to the baseline run of the same seed (paired), mean ± std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    base_sd = summary["baseline"]["val_loss"]["std"] or 0.0
-    ax.axhspan(-base_sd, base_sd, color="0.85", label="baseline ± std")
-    ax.axhline(0.0, color="0.4", lw=0.8)
-    for kind in KINDS[1:]:
+    ax.axhline(0.0, color=COLORS["baseline"], lw=0.8, label="baseline")
+    for offset, kind in zip((-0.03, 0.0, 0.03), KINDS[1:], strict=True):
         points = [
-            (lv["ratio"], lv["rows"][kind]["delta_val_loss"])
+            (lv["ratio"], lv["paired_vs_baseline"][kind])
             for lv in summary["levels"]
-            if kind in lv["rows"]
+            if kind in lv.get("paired_vs_baseline", {})
         ]
         if points:
             ax.errorbar(
-                [p[0] for p in points],
+                [p[0] * 10**offset for p in points],  # side by side, not on top of each other
                 [p[1]["mean"] for p in points],
                 yerr=[p[1]["std"] or 0.0 for p in points],
                 marker="o",
                 capsize=3,
+                color=COLORS[kind],
                 label=LABELS[kind],
             )
-    ax.set_xscale("log")
-    ax.set_xlabel("noise level a / rms(X)")
-    ax.set_ylabel("val loss − baseline val loss")
+    _level_axis(ax, summary)
+    ax.set_ylabel("val loss − baseline val loss (same seed)")
     ax.set_title("Validation loss change vs baseline (mean ± std over seeds)")
     ax.legend()
     fig.tight_layout()
@@ -512,8 +520,8 @@ def _plot_curvature(summary: dict[str, Any], path: Path) -> Path:
     for ax, key, label in zip(axes, ("trace_f", "trace_h"), ("Tr(F_X)", "Tr(H_X)"), strict=True):
         cell = summary["baseline"][key]
         sd = cell["std"] or 0.0
-        ax.axhspan(cell["mean"] - sd, cell["mean"] + sd, color="0.85", label="baseline ± std")
-        ax.axhline(cell["mean"], color="0.4", lw=0.8)
+        ax.axhspan(cell["mean"] - sd, cell["mean"] + sd, color="0.88", label="baseline ± std")
+        ax.axhline(cell["mean"], color=COLORS["baseline"], lw=0.8)
         for kind in KINDS[1:]:
             points = [
                 (lv["ratio"], lv["rows"][kind][key])
@@ -527,10 +535,10 @@ def _plot_curvature(summary: dict[str, Any], path: Path) -> Path:
                     yerr=[p[1]["std"] or 0.0 for p in points],
                     marker="o",
                     capsize=3,
+                    color=COLORS[kind],
                     label=LABELS[kind],
                 )
-        ax.set_xscale("log")
-        ax.set_xlabel("noise level a / rms(X)")
+        _level_axis(ax, summary)
         ax.set_ylabel(f"{label} (validation, final model)")
         ax.set_title(label)
         ax.legend(fontsize=8)
@@ -571,12 +579,12 @@ def _plot_trajectories(summary: dict[str, Any], path: Path) -> Path | None:
             if not members:
                 continue
             steps, means, stds = _trajectory_band(members)
-            line = ax.plot(steps, means, marker="o", label=LABELS[kind])[0]
+            ax.plot(steps, means, marker="o", color=COLORS[kind], label=LABELS[kind])
             ax.fill_between(
                 steps,
                 [m - s for m, s in zip(means, stds, strict=True)],
                 [m + s for m, s in zip(means, stds, strict=True)],
-                color=line.get_color(),
+                color=COLORS[kind],
                 alpha=0.15,
             )
         ax.set_xlabel("fine-tuning step (0 = base model)")
