@@ -310,7 +310,7 @@ def test_shortened_equivalence_grid_end_to_end(tmp_path: Path) -> None:
     assert "## a/rms = 0.5 (alpha = " in text and "## Reading" in text
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
-    table = [lines[start]] + lines[start + 2 : start + 6]
+    table = [lines[start], *lines[start + 2 : start + 6]]
     assert table[0].startswith("| method | val loss | Δ val loss | Tr(F_X) | Tr(H_X) |")
     assert [line.split(" | ")[0] for line in table[1:]] == [
         "| baseline",
