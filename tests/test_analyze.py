@@ -277,6 +277,7 @@ def test_analyze_command_writes_consistent_reports(saved_llama, tmp_path, capsys
         (["--model", "{root}/model", "--alphas", "1,five"], "--alphas"),
         (["--model", "{root}/model", "--probes", "1"], "--probes must be >= 2"),
         (["--model", "{root}/model", "--data", "{root}/nope.jsonl"], "data file not found"),
+        (["--model", "{root}/model", "--target_noise_ratio", "-1"], "--target_noise_ratio"),
     ],
 )
 def test_bad_input_gives_one_line(saved_llama, tmp_path, capsys, args, message):
@@ -286,3 +287,30 @@ def test_bad_input_gives_one_line(saved_llama, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err
     assert len(err.splitlines()) == 1
+
+
+def test_target_noise_ratio_gives_the_alpha_at_that_ratio(saved_llama, tmp_path, capsys):
+    """The printed alpha, fed back to analyze as an alpha, sits at the requested a/rms."""
+    common = [
+        "analyze", "--model", str(saved_llama / "model"),
+        "--data", str(saved_llama / "chats.jsonl"), "--batches", "1", "--batch_size", "3",
+        "--probes", "2", "--noise_samples", "2", "--max_length", "48", "--no_progress",
+    ]  # fmt: skip
+    assert fishertune_main([*common, "--target_noise_ratio", "0.3", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("target a/rms = 0.3:"))
+    alpha = float(line.split("alpha = ")[1].split()[0])
+    report = json.loads((tmp_path / "analysis.json").read_text())
+    target = report["target_noise_ratio"]
+    length, d, rms = report["typical_length"], report["hidden_size"], report["embedding_rms"]
+    # independent arithmetic: a = alpha / sqrt(L d) = 0.3 rms, lambda_eq = a^2 / 6
+    assert target["alpha"] == pytest.approx(0.3 * rms * math.sqrt(length * d), rel=1e-12)
+    assert alpha == pytest.approx(target["alpha"], rel=1e-3)  # printed with 4 digits
+    assert target["lambda_equiv"] == pytest.approx((0.3 * rms) ** 2 / 6, rel=1e-12)
+    # the same data and seed measured at that alpha: analyze's own a/rms column reads 0.3
+    again = tmp_path / "again"
+    assert (
+        fishertune_main([*common, "--alphas", repr(target["alpha"]), "--output", str(again)]) == 0
+    )
+    summary = json.loads((again / "analysis.json").read_text())["alphas"][0]
+    assert summary["scale_over_rms"] == pytest.approx(0.3, rel=1e-9)

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from fishertune.schedules import (
+    alpha_for_noise_ratio,
     every_k_coefficient,
     neftune_equivalent_coef,
     neftune_scale,
@@ -61,6 +62,16 @@ def test_neftune_scale_rejects_empty_shapes():
         neftune_scale(5.0, 0, 16)
     with pytest.raises(ValueError, match="positive"):
         neftune_equivalent_coef(5.0, 16, 0)
+
+
+def test_alpha_for_noise_ratio_inverts_the_noise_scale():
+    # the tiny preset's numbers: rms 0.0506, L 25, d 128 -> a/rms = 2 at alpha 5.728
+    alpha = alpha_for_noise_ratio(2.0, 0.0506, 25, 128)
+    assert alpha == pytest.approx(2.0 * 0.0506 * math.sqrt(3200), rel=1e-12)
+    assert neftune_scale(alpha, 25, 128) / 0.0506 == pytest.approx(2.0, rel=1e-12)
+    assert neftune_equivalent_coef(alpha, 25, 128) == pytest.approx((2 * 0.0506) ** 2 / 6)
+    with pytest.raises(ValueError):
+        alpha_for_noise_ratio(-1.0, 0.05, 25, 128)
 
 
 @pytest.mark.parametrize("every", [1, 2, 4, 7])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "alpha_for_noise_ratio",
     "every_k_coefficient",
     "neftune_equivalent_coef",
     "neftune_scale",
@@ -64,3 +65,18 @@ def neftune_equivalent_coef(alpha: float, seq_len: int, hidden_size: int) -> flo
     ``lambda_equiv = a^2 / 6 = alpha^2 / (6 L d)``.
     """
     return neftune_scale(alpha, seq_len, hidden_size) ** 2 / 6.0
+
+
+def alpha_for_noise_ratio(ratio: float, rms: float, seq_len: int, hidden_size: int) -> float:
+    """NEFTune alpha whose noise half-width is ``ratio`` times the embeddings' rms.
+
+    ``a = alpha / sqrt(L d) = ratio * rms``, so ``alpha = ratio * rms * sqrt(L d)``. The Taylor
+    relation ``E[loss(X + eps)] - loss(X) ~= (a^2 / 6) Tr(H_X)`` holds when ``a / rms`` is small
+    (below about 0.1 in the project's measurements); at ``a / rms`` near 1 the noise is as large
+    as the signal.
+    """
+    if ratio < 0 or rms < 0:
+        raise ValueError(f"ratio and rms must be >= 0, got {ratio}, {rms}")
+    if seq_len <= 0 or hidden_size <= 0:
+        raise ValueError(f"seq_len and hidden_size must be positive, got {seq_len}, {hidden_size}")
+    return ratio * rms * math.sqrt(seq_len * hidden_size)

@@ -142,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--revision", default=None, help="hub revision of the model")
     add("--trust_remote_code", action="store_true", help="allow a hub model's own code to run")
+    add(
+        "--target_noise_ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="also print the alpha that puts NEFTune's noise at a/rms = R on this model and data "
+        "(a = alpha / sqrt(L d), L the median length, rms the embeddings' rms), and its "
+        "matched coefficient alpha^2 / (6 L d); the Taylor relation holds for R well below 1",
+    )
     add("--output", default="analysis", help="output folder (default: ./analysis)")
     add("--no_progress", action="store_true", help="no progress bar")
     return parser
@@ -204,11 +213,41 @@ def load_model_and_tokenizer(
     return lm.to(device).eval(), tok
 
 
+def _target(result: Any, ratio: float) -> dict[str, float]:
+    """The alpha with ``a / rms = ratio`` at the measured rms, median length ``L`` (rounded, as
+    the alphas' summaries use) and hidden size ``d``, and its matched coefficient."""
+    from fishertune.schedules import alpha_for_noise_ratio, neftune_equivalent_coef
+
+    length = int(result.extra["typical_length"])
+    alpha = alpha_for_noise_ratio(ratio, result.embedding_rms, length, result.hidden_size)
+    return {
+        "ratio": ratio,
+        "alpha": alpha,
+        "scale": ratio * result.embedding_rms,
+        "embedding_rms": result.embedding_rms,
+        "length": length,
+        "hidden_size": result.hidden_size,
+        "lambda_equiv": neftune_equivalent_coef(alpha, length, result.hidden_size),
+    }
+
+
+def _target_line(target: dict[str, float]) -> str:
+    return (
+        f"target a/rms = {target['ratio']:g}: alpha = {target['alpha']:.4g} "
+        f"(a = alpha / sqrt(L d) = {target['scale']:.3e}, rms(X) = {target['embedding_rms']:.3e}, "
+        f"L = {target['length']}, d = {target['hidden_size']}); matched coefficient "
+        f"lambda_eq = alpha^2 / (6 L d) = {target['lambda_equiv']:.4g}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``fishertune analyze``; returns the exit status."""
     args = build_parser().parse_args(argv)
     alphas = parse_alphas(args.alphas)
     _check_sizes(args)
+    ratio = args.target_noise_ratio
+    if ratio is not None and (not math.isfinite(ratio) or ratio <= 0):
+        raise FishertuneError(f"--target_noise_ratio must be a positive number, got {ratio}")
     output = Path(args.output).expanduser()
     if output.exists() and not output.is_dir():
         raise FishertuneError(f"--output {args.output}: exists and is not a folder")
@@ -261,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             "attn_implementation": args.attn_implementation,
         },
     )
+    if ratio is not None:
+        result.extra["target_noise_ratio"] = _target(result, ratio)
     table = format_table(result)
+    if ratio is not None:
+        table += "\n" + _target_line(result.extra["target_noise_ratio"])
     paths = write_reports(result, output)
     (output / "analysis.txt").write_text(table + "\n")
     print(table)

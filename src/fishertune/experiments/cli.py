@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         required=True,
-        help="experiment YAML, or a shipped grid: tiny, tiny-ablations, paper (a file wins)",
+        help="experiment YAML, or a shipped grid: tiny, tiny-ablations, equivalence, paper (a file "
+        "wins)",
     )
     parser.add_argument(
         "--dry_run",
@@ -218,5 +219,16 @@ def main(argv: list[str] | None = None) -> int:
                 metrics=config.report_metrics,
                 title=config.path.stem,
             )
+            if config.study == "equivalence":
+                from fishertune.experiments.equivalence import write_equivalence_report
+
+                try:
+                    written.update(
+                        write_equivalence_report(
+                            config.runs_dir, names, config.report_dir, title=config.path.stem
+                        )
+                    )
+                except FishertuneError as err:  # e.g. the base not measured yet
+                    print(f"no equivalence report: {err}")
             print(f"report: {', '.join(str(p) for p in written.values())}")
     return 1 if failed else 0

@@ -18,6 +18,9 @@ An experiment YAML names a training preset and the variations to run on it::
     launcher: local                         # or accelerate (+ accelerate_config, num_processes)
     env: {OMP_NUM_THREADS: "1"}             # optional: environment of every launched command
     report: {metrics: [offline/val_loss]}   # optional: table columns; default every metric
+    base:                                   # optional: a model trained once, which every
+      max_steps: 500                        #   run fine-tunes (training overrides)
+    measure: {batches: 2, probes: 4}        # optional: Tr(F_X), Tr(H_X) of every run
     slurm:                                  # optional: resources of `--launcher slurm` jobs
       partition: gpu
       nodes: 1
@@ -28,6 +31,15 @@ Runs are named ``{method}[-{ablation}]-seed{seed}``; each gets ``OUTPUT_DIR/runs
 trained model (``fishertune train --output_dir``) in its ``model/`` sub-folder. Training options
 are merged with the precedence base YAML < ``overrides`` < method < ablation < seed (the grid's
 seed always wins).
+
+A ``base:`` block adds a first run named ``base`` (folder ``OUTPUT_DIR/runs/base``), trained with
+base YAML < ``overrides`` < the block (its own ``base_config`` and ``seed``, default 0, allowed),
+evaluated and measured like any run; every other run then starts from its saved model
+(``model_name_or_path`` = ``OUTPUT_DIR/runs/base/model``, set by the grid, so no method may set it).
+A ``measure:`` block adds a third stage to every run (:mod:`fishertune.experiments.curvature`):
+the estimators of ``fishertune analyze`` (CE, ``Tr(F_X)``, ``Tr(H_X)``) on validation data, for
+the final model and each saved checkpoint, into the run's ``curvature.json``.
+
 Relative input paths are resolved against the current directory, then against the experiment
 file's directory, then (``base_config``, ``accelerate_config``) as the name of a shipped preset
 (``fishertune presets``), then against the experiment file's parent directories; a file always
@@ -46,12 +58,15 @@ from typing import Any
 from fishertune.errors import FishertuneError
 
 __all__ = [
+    "BASE_RUN",
     "EVALUATION_KEYS",
     "LAUNCHERS",
+    "MEASURE_KEYS",
     "MODEL_SUBDIR",
     "SLURM_KEYS",
     "EvaluationSpec",
     "ExperimentConfig",
+    "MeasureSpec",
     "RunSpec",
     "SlurmSpec",
     "expand_grid",
@@ -76,6 +91,8 @@ TOP_LEVEL_KEYS = (
     "env",
     "report",
     "slurm",
+    "base",
+    "measure",
 )
 EVALUATION_KEYS = (
     "tasks",
@@ -93,7 +110,19 @@ EVALUATION_KEYS = (
     "answer_max_new_tokens",
     "extra_args",
 )
-REPORT_KEYS = ("metrics",)
+REPORT_KEYS = ("metrics", "study")
+STUDIES = ("equivalence",)
+MEASURE_KEYS = (
+    "batches",
+    "batch_size",
+    "probes",
+    "fisher_draws",
+    "max_length",
+    "split",
+    "checkpoints",
+    "seed",
+)
+BASE_RUN = "base"
 SLURM_KEYS = (
     "partition",
     "account",
@@ -137,6 +166,31 @@ class EvaluationSpec:
     mtbench_questions: str | None = None
     answer_max_new_tokens: int | None = None
     extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """What the ``measure`` stage computes on every run (:mod:`fishertune.experiments.curvature`).
+
+    Attributes:
+        batches, batch_size: validation batches measured (the same ones for every run and
+            checkpoint: they are drawn with ``seed``).
+        probes: Rademacher probes per batch for ``Tr(H_X)`` (Hutchinson).
+        fisher_draws: token-F draws ``y' ~ p`` per batch for ``Tr(F_X)`` (default ``probes``).
+        max_length: truncation of the conversations.
+        split: the data split measured (the training data set's).
+        checkpoints: also measure every saved ``checkpoint-N`` (the curvature trajectory).
+        seed: seeds the batches, probes and draws.
+    """
+
+    batches: int = 2
+    batch_size: int = 8
+    probes: int = 4
+    fisher_draws: int | None = None
+    max_length: int = 128
+    split: str = "validation"
+    checkpoints: bool = True
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -250,6 +304,9 @@ class ExperimentConfig:
     env: dict[str, str] = field(default_factory=dict)
     report_metrics: tuple[str, ...] | None = None
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    base_run: RunSpec | None = None
+    measure: MeasureSpec | None = None
+    study: str | None = None
 
     @property
     def slurm_dir(self) -> Path:
@@ -524,6 +581,67 @@ def _slurm(path: Path, value: Any, *, launcher: str, num_processes: int | None) 
     )
 
 
+def _measure(path: Path, value: Any) -> MeasureSpec | None:
+    if value is None:
+        return None
+    raw = _mapping(path, "measure", value)
+    unknown = sorted(set(raw) - set(MEASURE_KEYS))
+    if unknown:
+        raise _err(
+            path,
+            "measure",
+            f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(MEASURE_KEYS)}",
+        )
+    values: dict[str, Any] = {}
+    for key, low in (("batches", 1), ("batch_size", 1), ("probes", 2), ("fisher_draws", 2),
+                     ("max_length", 2), ("seed", 0)):  # fmt: skip
+        if key in raw:
+            item = raw[key]
+            if not isinstance(item, int) or isinstance(item, bool) or item < low:
+                raise _err(path, f"measure.{key}", f"expected an integer >= {low}, got {item!r}")
+            values[key] = item
+    if "split" in raw:
+        if not isinstance(raw["split"], str) or not raw["split"]:
+            raise _err(path, "measure.split", f"expected a split name, got {raw['split']!r}")
+        values["split"] = raw["split"]
+    if "checkpoints" in raw:
+        if not isinstance(raw["checkpoints"], bool):
+            raise _err(
+                path, "measure.checkpoints", f"expected true/false, got {raw['checkpoints']!r}"
+            )
+        values["checkpoints"] = raw["checkpoints"]
+    return MeasureSpec(**values)
+
+
+def _base_run(
+    path: Path, value: Any, base: Path | None, overrides: dict[str, Any], runs_dir: Path
+) -> RunSpec | None:
+    """The ``base:`` block as the grid's first run (see the module docstring)."""
+    if value is None:
+        return None
+    body = _mapping(path, "base", value)
+    own = body.pop("base_config", None)
+    seed = body.pop("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _err(path, "base.seed", f"expected an integer, got {seed!r}")
+    if own is not None:
+        config = _resolve(path, "base.base_config", own, preset="train")
+    elif base is not None:
+        config = base
+    else:
+        raise _err(path, "base", "no base_config: give one at the top level or in the block")
+    merged = {**overrides, **_overrides(path, "base", body), "seed": seed}
+    return RunSpec(
+        name=BASE_RUN,
+        method=BASE_RUN,
+        ablation=None,
+        seed=seed,
+        base_config=config,
+        overrides=merged,
+        run_dir=runs_dir / BASE_RUN,
+    )
+
+
 def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
     """Validate a loaded experiment mapping.
 
@@ -623,6 +741,25 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
     report_metrics = (
         _str_list(path, "report.metrics", report["metrics"]) if "metrics" in report else None
     )
+    study = report.get("study")
+    if study is not None and study not in STUDIES:
+        raise _err(path, "report.study", f"{study!r} is not one of {', '.join(STUDIES)}")
+    overrides = _overrides(path, "overrides", raw.get("overrides"))
+    base_run = _base_run(path, raw.get("base"), base, overrides, output_dir / "runs")
+    if base_run is not None:
+        if BASE_RUN in methods:
+            raise _err(path, f"methods.{BASE_RUN}", "the name is taken by the base: stage")
+        for where, body in (
+            [("overrides", overrides)]
+            + [(f"methods.{name}", body) for name, body in methods.items()]
+            + [(f"ablations.{name}", body) for name, body in ablations.items()]
+        ):
+            if "model_name_or_path" in body:
+                raise _err(
+                    path,
+                    f"{where}.model_name_or_path",
+                    "set by the grid to the base: stage's model; remove it",
+                )
     config = ExperimentConfig(
         path=path,
         base_config=base,
@@ -630,7 +767,7 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         methods=methods,
         method_configs=method_configs,
         seeds=seeds,
-        overrides=_overrides(path, "overrides", raw.get("overrides")),
+        overrides=overrides,
         ablations=ablations,
         ablation_methods=ablation_methods,
         ablation_seeds=ablation_seeds,
@@ -641,7 +778,12 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         env=env,
         report_metrics=report_metrics,
         slurm=_slurm(path, raw.get("slurm"), launcher=launcher, num_processes=num_processes),
+        base_run=base_run,
+        measure=_measure(path, raw.get("measure")),
+        study=study,
     )
+    if study == "equivalence" and (base_run is None or config.measure is None):
+        raise _err(path, "report.study", "the equivalence study needs a base: and a measure: block")
     expand_grid(config)  # name collisions are a configuration error: find them now
     return config
 
@@ -657,7 +799,8 @@ def load_experiment(
     """Read and validate an experiment YAML file.
 
     Args:
-        path: the YAML file, or a shipped grid's name (``tiny``, ``tiny-ablations``, ``paper``).
+        path: the YAML file, or a shipped grid's name (``tiny``, ``tiny-ablations``,
+            ``equivalence``, ``paper``).
         output_dir: replaces the file's ``output_dir``.
         seeds: replace the file's ``seeds`` and ``ablation_seeds``.
         overrides: merged over the file's ``overrides`` (below methods and ablations), e.g.
@@ -697,15 +840,17 @@ def load_experiment(
 
 
 def expand_grid(config: ExperimentConfig) -> list[RunSpec]:
-    """All runs of an experiment: main runs (methods x seeds), then ablation runs.
+    """All runs of an experiment: the ``base`` run if any, main runs (methods x seeds), then
+    ablation runs.
 
-    Overrides are merged base < ``overrides`` < method < ablation < seed.
+    Overrides are merged base < ``overrides`` < method < ablation < seed; with a ``base:``
+    stage every run but the base gets ``model_name_or_path`` = the base's saved model.
 
     Raises:
         FishertuneError: when two runs would share a name (e.g. method ``a-b`` and method ``a``
             with ablation ``b``).
     """
-    runs: list[RunSpec] = []
+    runs: list[RunSpec] = [] if config.base_run is None else [config.base_run]
     variants: list[tuple[str, str | None, tuple[int, ...]]] = [
         (method, None, config.seeds) for method in config.methods
     ]
@@ -717,6 +862,8 @@ def expand_grid(config: ExperimentConfig) -> list[RunSpec]:
             if ablation is not None:
                 overrides.update(config.ablations[ablation])
             overrides["seed"] = seed
+            if config.base_run is not None:
+                overrides["model_name_or_path"] = str(config.base_run.model_dir)
             stem = method if ablation is None else f"{method}-{ablation}"
             name = f"{stem}-seed{seed}"
             runs.append(

@@ -44,12 +44,19 @@ from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
-from fishertune.experiments.grid import MODEL_SUBDIR, ExperimentConfig, RunSpec, expand_grid
+from fishertune.experiments.grid import (
+    BASE_RUN,
+    MODEL_SUBDIR,
+    ExperimentConfig,
+    RunSpec,
+    expand_grid,
+)
 from fishertune.files import write_json_atomic
 
 __all__ = [
     "EVALUATION_FILE",
     "LOCK_FILE",
+    "MEASURE_FILE",
     "RUN_FILE",
     "SPEC_FILE",
     "STATUS_FILE",
@@ -62,6 +69,8 @@ __all__ = [
     "evaluation_done",
     "format_command",
     "gpu_slots",
+    "measure_command",
+    "measure_done",
     "override_flags",
     "pending_stages",
     "prepare_run",
@@ -83,6 +92,7 @@ __all__ = [
 
 RUN_FILE = "fishertune_run.json"
 EVALUATION_FILE = "evaluation.json"
+MEASURE_FILE = "curvature.json"
 SPEC_FILE = "fishertune_experiment.json"
 STATUS_FILE = "experiment_status.json"
 LOCK_FILE = ".fishertune-runner.lock"
@@ -143,6 +153,12 @@ def evaluation_done(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a complete ``evaluation.json`` (written atomically at the end)."""
     record = _read_json(run_dir / EVALUATION_FILE)
     return isinstance(record, dict) and isinstance(record.get("metrics"), dict)
+
+
+def measure_done(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a complete ``curvature.json`` (the ``measure`` stage's)."""
+    record = _read_json(run_dir / MEASURE_FILE)
+    return isinstance(record, dict) and isinstance(record.get("final"), dict)
 
 
 def _checkpoint_steps(model_dir: Path) -> list[int]:
@@ -325,6 +341,42 @@ def evaluate_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
     return [*command, *spec.extra_args]
 
 
+def measure_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
+    """The ``measure`` stage of a run: :mod:`fishertune.experiments.curvature` on its model (and
+    its checkpoints), settings from the grid's ``measure:`` block."""
+    spec = config.measure
+    if spec is None:
+        raise FishertuneError(f"{config.path}: no measure: block")
+    command = [
+        sys.executable,
+        "-m",
+        "fishertune.experiments.curvature",
+        "--model",
+        str(run.model_dir),
+        "--output",
+        str(run.run_dir / MEASURE_FILE),
+        "--data",
+        str(run.overrides.get("dataset_name", "builtin:tiny-tasks")),
+        "--split",
+        spec.split,
+        "--batches",
+        str(spec.batches),
+        "--batch_size",
+        str(spec.batch_size),
+        "--probes",
+        str(spec.probes),
+        "--max_length",
+        str(spec.max_length),
+        "--seed",
+        str(spec.seed),
+    ]
+    if spec.fisher_draws is not None:
+        command += ["--fisher_draws", str(spec.fisher_draws)]
+    if spec.checkpoints:
+        command += ["--checkpoints"]
+    return command
+
+
 def format_command(command: Sequence[str], env: dict[str, str] | None = None) -> str:
     """Shell-quoted command line as a user would type it (``accelerate launch``, ``fishertune``),
     preceded by the ``env`` assignments."""
@@ -430,7 +482,10 @@ def _normalized(value: Any) -> Any:
 def run_settings(config: ExperimentConfig, run: RunSpec) -> dict[str, Any]:
     """What ``fishertune_experiment.json`` stores: the run's identity, training overrides and
     evaluation settings."""
-    return _normalized({**run.to_json(), "evaluation": asdict(config.evaluation)})
+    settings = {**run.to_json(), "evaluation": asdict(config.evaluation)}
+    if config.measure is not None:
+        settings["measure"] = asdict(config.measure)
+    return _normalized(settings)
 
 
 def _changed_training(stored: Any, current: dict[str, Any]) -> bool:
@@ -525,7 +580,18 @@ def pending_stages(config: ExperimentConfig, run: RunSpec) -> list[tuple[str, li
         stages.append(("train", train_command(config, run)))
     if not trained or not evaluation_done(run.run_dir) or _evaluation_stale(config, run):
         stages.append(("evaluate", evaluate_command(config, run)))
+    if config.measure is not None and (
+        not trained or not measure_done(run.run_dir) or _measure_stale(config, run)
+    ):
+        stages.append(("measure", measure_command(config, run)))
     return stages
+
+
+def _measure_stale(config: ExperimentConfig, run: RunSpec) -> bool:
+    """A ``curvature.json`` made with other ``measure:`` settings than the experiment's."""
+    stored = _read_json(run.run_dir / SPEC_FILE)
+    current = run_settings(config, run).get("measure")
+    return isinstance(stored, dict) and stored.get("measure") != current
 
 
 @contextlib.contextmanager
@@ -631,10 +697,16 @@ def prepare_run(config: ExperimentConfig, run: RunSpec, *, pending: bool) -> Non
         shutil.rmtree(run.model_dir, ignore_errors=True)
         shutil.rmtree(run.run_dir / "answers", ignore_errors=True)
         pending = True
+        stages = {"train", "evaluate", "measure"}
+    else:
+        stages = {stage for stage, _ in pending_stages(config, run)} if pending else set()
     if pending:
         # A new training or new evaluation settings make the old scores meaningless; removing them
         # first also means a failed evaluation can never leave old numbers in the report.
-        (run.run_dir / EVALUATION_FILE).unlink(missing_ok=True)
+        if stages & {"train", "evaluate"}:
+            (run.run_dir / EVALUATION_FILE).unlink(missing_ok=True)
+        if stages & {"train", "measure"}:
+            (run.run_dir / MEASURE_FILE).unlink(missing_ok=True)
     write_json_atomic(run.run_dir / SPEC_FILE, run_settings(config, run))
 
 
@@ -661,6 +733,7 @@ def run_stages(
     checks: dict[str, tuple[Callable[[], bool], str]] = {
         "train": (lambda: training_done(run.model_dir), f"{MODEL_SUBDIR}/{RUN_FILE}"),
         "evaluate": (lambda: evaluation_done(run.run_dir), EVALUATION_FILE),
+        "measure": (lambda: measure_done(run.run_dir), MEASURE_FILE),
     }
     for stage, command in stages:
         log_path = run.run_dir / f"{stage}{log_tag}.log"
@@ -874,6 +947,9 @@ def run_experiment(
     if parallel < 1:
         raise FishertuneError(f"--parallel must be at least 1, got {parallel}")
     runs = select_runs(config, only)
+    base = config.base_run
+    if base is not None and runs and runs[0].name != BASE_RUN and not training_done(base.model_dir):
+        runs = [base, *runs]  # the selected runs start from the base model: train it first
     validate_grid(config, runs)
     debris = {run.name for run in check_stored_specs(config, runs)}
     if dry_run:
@@ -901,7 +977,26 @@ def run_experiment(
     try:
         with RunnerLock(config.output_dir):
             _refuse_live_slurm_jobs(config, runs)
-            return _run_queue(config, runs, launcher, slots, log)
+            if base is None or runs[0].name != BASE_RUN or len(runs) == 1:
+                return _run_queue(config, runs, launcher, slots, log)
+            # The base stage alone first (every other run loads its model), then the rest.
+            first = _run_queue(config, runs[:1], launcher, slots[:1], log, total=len(runs))
+            if first[0].status == "failed":
+                blocked = [
+                    RunResult(
+                        run.name,
+                        "failed",
+                        stage="base",
+                        message=f"not started: the base stage failed ({first[0].message})",
+                        log=first[0].log,
+                    )
+                    for run in runs[1:]
+                ]
+                update_status(config, blocked)
+                log(f"the base stage failed: {len(blocked)} runs not started")
+                return first + blocked
+            rest = _run_queue(config, runs[1:], launcher, slots, log, offset=1, total=len(runs))
+            return first + rest
     finally:
         if main_thread and previous is not None:  # None: a handler installed outside Python
             signal.signal(signal.SIGTERM, previous)
@@ -913,11 +1008,16 @@ def _run_queue(
     launcher: Launcher,
     slots: list[str | None],
     log: Callable[[str], None],
+    *,
+    offset: int = 0,
+    total: int | None = None,
 ) -> list[RunResult]:
-    """Run ``runs`` in order on ``slots`` (one run per slot at a time)."""
+    """Run ``runs`` in order on ``slots`` (one run per slot at a time); progress lines number
+    them from ``offset + 1`` out of ``total`` (default ``len(runs)``)."""
     results: dict[str, RunResult] = {}
     free = list(range(len(slots)))
-    queue = list(enumerate(runs, 1))
+    queue = list(enumerate(runs, offset + 1))
+    total = len(runs) if total is None else total
     running: dict[Future, tuple[int, RunSpec, int, float]] = {}
     serial: list[tuple[int, RunSpec, int, float]] = []  # the run in flight when not parallel
 
@@ -925,7 +1025,7 @@ def _run_queue(
         results[run.name] = result
         update_status(config, [result])
         where = f" (GPUs {slots[slot]})" if slots[slot] is not None else ""
-        log(f"[{index}/{len(runs)}] {run.name}: {_describe(result)}{where}")
+        log(f"[{index}/{total}] {run.name}: {_describe(result)}{where}")
 
     pool = ThreadPoolExecutor(max_workers=len(slots)) if len(slots) > 1 else None
     try:

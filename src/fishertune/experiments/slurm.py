@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
-from fishertune.experiments.grid import ExperimentConfig, RunSpec, expand_grid
+from fishertune.experiments.grid import BASE_RUN, ExperimentConfig, RunSpec, expand_grid
 from fishertune.experiments.runner import (
     _STOPPING,
     EVALUATION_FILE,
@@ -50,6 +50,7 @@ from fishertune.experiments.runner import (
     check_stored_specs,
     evaluate_command,
     evaluation_done,
+    measure_done,
     pending_stages,
     prepare_run,
     read_status,
@@ -210,7 +211,7 @@ class RunJob(Checkpointable):
             ),
             "evaluate": evaluate_command(config, run),
         }
-        stages = [(stage, commands[stage]) for stage, _ in stages]
+        stages = [(stage, commands.get(stage, command)) for stage, command in stages]
         launcher = self.launcher or functools.partial(
             subprocess_launcher, ignore_preemption_signal=True
         )
@@ -372,7 +373,8 @@ class RunView:
 def _finished(config: ExperimentConfig, run: RunSpec) -> bool:
     stored = _read_json(run.run_dir / SPEC_FILE)
     same = isinstance(stored, dict) and stored == run_settings(config, run)
-    return same and training_done(run.model_dir) and evaluation_done(run.run_dir)
+    measured = config.measure is None or measure_done(run.run_dir)
+    return same and training_done(run.model_dir) and evaluation_done(run.run_dir) and measured
 
 
 def grid_status(
@@ -522,6 +524,16 @@ def submit_grid(
             )
         else:
             todo.append(run)
+    base = config.base_run
+    if (
+        base is not None
+        and any(run.name != BASE_RUN for run in todo)
+        and (views.get(BASE_RUN) or grid_status(config, [base], states)[0]).state != "completed"
+    ):
+        raise FishertuneError(
+            f"{config.path}: the base stage is not finished and every run starts from its model: "
+            f"submit it first (--only {BASE_RUN}), then the grid once it is done (--status)"
+        )
     for index, run in enumerate(runs, 1):
         if run.name in results:
             result = results[run.name]

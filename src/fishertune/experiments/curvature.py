@@ -1,0 +1,185 @@
+"""The ``measure`` stage of an experiment run: input-space curvature on validation data.
+
+For a run's final model and (``--checkpoints``) each of its saved ``checkpoint-N`` folders, it
+calls :func:`fishertune.analysis.measure.analyze` -- the estimators of ``fishertune analyze``, not
+a copy of them -- on the same validation batches (drawn with ``--seed``, so every run and every
+checkpoint is measured on the same tokens with the same probes and draws) and records:
+
+* ``loss``: the mean CE over the assistant tokens of those batches;
+* ``trace_f``: ``Tr(F_X)``, the token-F estimator (mean over scored tokens);
+* ``trace_h``: ``Tr(H_X)`` by Hutchinson (Rademacher probes through Hessian-vector products);
+* ``gap``: ``Tr(H_X) - Tr(F_X)``, the Gauss-Newton residual;
+* ``embedding_rms``, ``median_length`` (the ``L`` of ``a = alpha / sqrt(L d)``), ``hidden_size``.
+
+Each aggregate is stored with its between-batch and estimator standard errors. The output
+``curvature.json`` (written atomically, last) has ``final`` (the trained model) and
+``trajectory`` (one entry per checkpoint, by step, then the final model)::
+
+    python -m fishertune.experiments.curvature --model runs/x/model \\
+        --output runs/x/curvature.json --data builtin:tiny-tasks --split validation \\
+        --batches 2 --batch_size 8 --probes 4 --checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fishertune.errors import FishertuneError
+from fishertune.files import write_json_atomic
+
+__all__ = ["main", "measure_model", "model_folders"]
+
+
+def model_folders(model_dir: Path, *, checkpoints: bool) -> list[tuple[int | None, Path]]:
+    """``(step, folder)`` of each complete checkpoint (by step) and then the final model.
+
+    The final model's step is read from its ``trainer_state.json`` (``None`` if absent).
+    """
+    found: list[tuple[int | None, Path]] = []
+    if checkpoints:
+        for child in model_dir.glob("checkpoint-*"):
+            suffix = child.name.split("-", 1)[1]
+            if suffix.isdigit() and (child / "config.json").is_file():
+                found.append((int(suffix), child))
+        found.sort(key=lambda item: item[0])
+    state = model_dir / "trainer_state.json"
+    step = None
+    if state.is_file():
+        try:
+            step = int(json.loads(state.read_text()).get("global_step"))
+        except (ValueError, TypeError, OSError):
+            step = None
+    # a checkpoint at the final step holds the final model: measured once, as the final model
+    found = [(s, folder) for s, folder in found if s != step]
+    found.append((step, model_dir))
+    return found
+
+
+def measure_model(
+    folder: Path,
+    tokenizer: Any,
+    data: Any,
+    *,
+    batches: int,
+    batch_size: int,
+    probes: int,
+    fisher_draws: int | None,
+    seed: int,
+) -> dict[str, Any]:
+    """CE, ``Tr(F_X)``, ``Tr(H_X)`` and the gap of the model saved in ``folder`` (float32, CPU or
+    the default device, eager attention for the double backward), on tokenized ``data``."""
+    import torch
+
+    from fishertune.analysis.cli import load_model_and_tokenizer
+    from fishertune.analysis.measure import analyze
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_model_and_tokenizer(
+        str(folder), str(tokenizer), device=device, dtype=torch.float32, attn_implementation="eager"
+    )
+    result = analyze(
+        model,
+        tok,
+        data,
+        # One alpha and the minimum of noise pairs: only the curvature terms are used here.
+        alphas=[1.0],
+        batches=batches,
+        batch_size=batch_size,
+        probes=probes,
+        noise_samples=2,
+        seed=seed,
+        fisher_draws=fisher_draws,
+        show_progress=False,
+    )
+    out = result.to_dict()
+    return {
+        "loss": out["loss"],
+        "trace_f": out["trace_fisher"],
+        "trace_h": out["trace_hessian"],
+        "gap": out["gauss_newton_gap"],
+        "embedding_rms": out["embedding_rms"],
+        "median_length": out["median_length"],
+        "typical_length": out["typical_length"],
+        "hidden_size": out["hidden_size"],
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fishertune.experiments.curvature",
+        description="Measure CE, Tr(F_X), Tr(H_X) of a trained model (and its checkpoints) on "
+        "validation data with fishertune analyze's estimators.",
+    )
+    add = parser.add_argument
+    add("--model", required=True, help="the run's model folder (fishertune train --output_dir)")
+    add("--output", required=True, help="curvature.json to write")
+    add("--data", default="builtin:tiny-tasks", help="conversations (as fishertune analyze)")
+    add("--split", default="validation")
+    add("--batches", type=int, default=2)
+    add("--batch_size", type=int, default=8)
+    add("--probes", type=int, default=4)
+    add("--fisher_draws", type=int, default=None)
+    add("--max_length", type=int, default=128)
+    add("--seed", type=int, default=0)
+    add("--checkpoints", action="store_true", help="also measure every checkpoint-N")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure and write ``--output``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise FishertuneError(f"--model {model_dir}: not a saved model folder (no config.json)")
+
+    from fishertune.data.chat import ensure_chat_template, load_conversations, tokenize_dataset
+    from fishertune.data.tokenizer import load_chat_tokenizer
+
+    start = time.time()
+    # Tokenized once with the final model's tokenizer: every folder sees the same token ids.
+    tokenizer = load_chat_tokenizer(str(model_dir))
+    ensure_chat_template(tokenizer)
+    data = tokenize_dataset(
+        load_conversations(args.data, split=args.split), tokenizer, args.max_length
+    )
+    settings = {
+        "batches": args.batches,
+        "batch_size": args.batch_size,
+        "probes": args.probes,
+        "fisher_draws": args.fisher_draws,
+        "seed": args.seed,
+    }
+    trajectory = []
+    for step, folder in model_folders(model_dir, checkpoints=args.checkpoints):
+        entry = measure_model(folder, model_dir, data, **settings)
+        trajectory.append({"step": step, "folder": folder.name, **entry})
+        print(
+            f"step {step}: loss {entry['loss']['mean']:.4f} Tr(F_X) {entry['trace_f']['mean']:.4g}"
+            f" Tr(H_X) {entry['trace_h']['mean']:.4g}",
+            flush=True,
+        )
+    record = {
+        "model": str(model_dir),
+        "data": args.data,
+        "split": args.split,
+        "max_length": args.max_length,
+        **settings,
+        "final": trajectory[-1],
+        "trajectory": trajectory,
+        "wall_time_s": round(time.time() - start, 2),
+    }
+    write_json_atomic(Path(args.output), record)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except FishertuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
