@@ -58,7 +58,10 @@ def staged(tmp_path: Path, base_config: Path, **changes: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def base_config(tmp_path: Path) -> Path:
-    return write_yaml(tmp_path / "base.yaml", {"method": "baseline", "max_steps": 10})
+    return write_yaml(
+        tmp_path / "base.yaml",
+        {"method": "baseline", "max_steps": 10, "dataset_name": "builtin:tiny-tasks"},
+    )
 
 
 def test_base_stage_runs_first_and_every_run_starts_from_its_model(
