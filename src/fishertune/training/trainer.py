@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -57,14 +56,10 @@ from trl import SFTTrainer
 
 from fishertune.errors import FishertuneError
 from fishertune.noise import EmbeddingCapture, NEFTuneNoise, find_input_embeddings
-from fishertune.penalties import (
-    fd_step_size,
-    fd_surrogate,
-    fisher_objective,
-    label_mask_from_labels,
-    sample_targets,
-)
+from fishertune.penalties import label_mask_from_labels, sample_targets, scored_log_probs
+from fishertune.penalty_grad import FDSettings, Passes, exact_penalty, fd_penalty_loss, penalty_rows
 from fishertune.schedules import every_k_coefficient, warmup_coefficient
+from fishertune.streams import Stream, stream_generator
 from fishertune.training.config import PENALTY_METHODS, FisherSFTConfig
 from fishertune.training.guard import (
     OptimizerStepHook,
@@ -95,30 +90,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _attention_implementation(model: nn.Module) -> str | None:
     config = getattr(_unwrap(model), "config", None)
     return getattr(config, "_attn_implementation", None)
-
-
-def _scored_log_probs(logits: Tensor, labels: Tensor, label_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Float32 log-probabilities (N, V) at the scored positions and their targets (N,)."""
-    targets = labels[:, 1:][label_mask[:, :-1]]
-    return torch.log_softmax(logits[label_mask].float(), dim=-1), targets
-
-
-def _ce_sum(logits: Tensor, labels: Tensor, label_mask: Tensor) -> Tensor:
-    """Cross-entropy summed over the scored positions, in float32."""
-    log_probs, targets = _scored_log_probs(logits, labels, label_mask)
-    return -log_probs.gather(1, targets[:, None]).sum()
-
-
-@torch.no_grad()
-def _accumulate(params: list[Tensor], grads: list[Tensor | None], scale: float) -> None:
-    """``p.grad += scale * grad``, as a backward of ``scale * loss`` would accumulate it."""
-    for param, grad in zip(params, grads, strict=True):
-        if grad is None:
-            continue
-        if param.grad is None:
-            param.grad = (grad * scale).to(param.dtype)
-        else:
-            param.grad.add_(grad.to(param.grad.dtype), alpha=scale)
 
 
 def _gradient_norm(model: nn.Module) -> float:
@@ -418,18 +389,16 @@ class FisherSFTTrainer(SFTTrainer):
         return TrainOutput(output.global_step, whole, {**output.metrics, "train_loss": whole})
 
     # ------------------------------------------------------------------ helpers
-    def _generator(self, device: torch.device, purpose: int) -> torch.Generator:
-        """A generator seeded by (seed, optimizer step, micro-step, rank, purpose): resumable."""
-        step = self.state.global_step
-        if self._micro_step_of != step:
-            self._micro_step_of, self._micro_step = step, 0
-        key = (self.args.seed, step, self._micro_step, self.accelerator.process_index, purpose)
-        seed = 0
-        for part in key:
-            seed = (seed * 1_000_003 + int(part)) % (2**62)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-        return generator
+    def _stream(self, stream: Stream, device: torch.device) -> torch.Generator:
+        """This micro-step's generator for ``stream`` (:mod:`fishertune.streams`): resumable."""
+        return stream_generator(
+            device,
+            self.args.seed,
+            self.state.global_step,
+            self._micro_step,
+            self.accelerator.process_index,
+            stream,
+        )
 
     def current_penalty_coef(self) -> float:
         """Coefficient applied at this step: ``lambda(step)``, or with ``penalty_every = k`` the
@@ -465,11 +434,6 @@ class FisherSFTTrainer(SFTTrainer):
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
             self.compute_loss_func is not None
         )
-
-    def _backward_now(self, model: nn.Module, loss: Tensor, num_items_in_batch: Any) -> None:
-        """Backward of a partial loss inside ``compute_loss`` (fd split mode), scaled as the
-        Trainer scales the returned loss; gradients are reduced across ranks later, once."""
-        self.accelerator.backward(loss / self._ga_divisor(num_items_in_batch))
 
     def _ga_divisor(self, num_items_in_batch: Any) -> int:
         if self._loss_is_scaled_for_ga(num_items_in_batch):
@@ -526,7 +490,7 @@ class FisherSFTTrainer(SFTTrainer):
             return model(**model_inputs).logits
 
     def _rng_seed(self) -> int:
-        generator = self._generator(torch.device("cpu"), purpose=3)
+        generator = self._stream(Stream.DROPOUT, torch.device("cpu"))
         return int(torch.randint(2**62, (1,), generator=generator).item())
 
     @staticmethod
@@ -548,16 +512,19 @@ class FisherSFTTrainer(SFTTrainer):
         """CE summed over scored tokens (float32, with graph) and the label mask; adds the CE,
         entropy, accuracy and token count to the step's sums."""
         label_mask = label_mask_from_labels(labels)
-        log_probs, targets = _scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
-        ce_sum = -log_probs.gather(1, targets[:, None]).sum()
-        self._vocab_size = logits.shape[-1]
-        with torch.no_grad():
-            probs = log_probs.exp()
-            self._add_stats(_TOKENS, label_mask.sum())
-            self._add_stats(_ENTROPY, -(probs * log_probs).sum())
-            self._add_stats(_CORRECT, (log_probs.argmax(-1) == targets).sum())
-            self._add_stats(_CE, ce_sum)
-        return ce_sum, label_mask
+        log_probs, targets = scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
+        self._record_scored(log_probs, targets, label_mask)
+        return -log_probs.gather(1, targets[:, None]).sum(), label_mask
+
+    @torch.no_grad()
+    def _record_scored(self, log_probs: Tensor, targets: Tensor, label_mask: Tensor) -> None:
+        """Adds the CE, entropy, accuracy and token count of these scored positions to the
+        step's sums (log_probs (N, V), targets (N,))."""
+        self._vocab_size = log_probs.shape[-1]
+        self._add_stats(_TOKENS, label_mask.sum())
+        self._add_stats(_ENTROPY, -(log_probs.exp() * log_probs).sum())
+        self._add_stats(_CORRECT, (log_probs.argmax(-1) == targets).sum())
+        self._add_stats(_CE, -log_probs.gather(1, targets[:, None]).sum())
 
     def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Tensor:
         """transformers' step; the loss it returns (what the ``loss`` log sums) joins the step's
@@ -652,13 +619,19 @@ class FisherSFTTrainer(SFTTrainer):
     ) -> Tensor | tuple[Tensor, Any]:
         if not model.training or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._micro_step_of != self.state.global_step:
+            self._micro_step_of, self._micro_step = self.state.global_step, 0
         labels = inputs["labels"]
         if self._noise is not None:
             self._noise.set_batch(inputs.get("attention_mask"), inputs.get("position_ids"))
-            self._noise.generator = self._generator(labels.device, purpose=1)
+            self._noise.generator = self._stream(Stream.NEFTUNE, labels.device)
         self._count_tokens(inputs)
         coef = self.current_penalty_coef() if self._kind is not None else 0.0
-        rows = self._penalty_rows(labels.shape[0], labels.device) if coef > 0 else None
+        rows = None
+        if coef > 0:
+            generator = self._stream(Stream.PENALTY_ROWS, torch.device("cpu"))
+            fraction = self.args.penalty_fraction
+            rows = penalty_rows(labels.shape[0], fraction, generator, labels.device)
         if rows is None or not label_mask_from_labels(labels)[rows].any():
             # No penalty on this micro-step (baseline, neftune, warm-up at 0, a skipped step of
             # penalty_every, or no scored token in the penalized rows): plain CE.
@@ -680,21 +653,13 @@ class FisherSFTTrainer(SFTTrainer):
         self._micro_step += 1
         return loss
 
-    def _penalty_rows(self, batch_size: int, device: torch.device) -> Tensor:
-        fraction = self.args.penalty_fraction
-        if fraction >= 1.0:
-            return torch.arange(batch_size, device=device)
-        count = max(1, math.ceil(fraction * batch_size))
-        generator = self._generator(torch.device("cpu"), purpose=2)
-        return torch.randperm(batch_size, generator=generator)[:count].sort().values.to(device)
-
     def _draw(self, logits: Tensor, label_mask: Tensor) -> Tensor:
         return sample_targets(
             logits,
             label_mask,
             samples=self.args.penalty_samples,
             sampling=self.args.penalty_sampling,
-            generator=self._generator(logits.device, purpose=0),
+            generator=self._stream(Stream.PENALTY_TARGETS, logits.device),
         )
 
     def _record_penalty(self, squared_norm: Tensor, rescale: float, coef: float) -> None:
@@ -715,22 +680,17 @@ class FisherSFTTrainer(SFTTrainer):
         rows: Tensor,
         rescale: float,
     ) -> Tensor:
+        """``(CE + coef * rescale * S) / N`` with ``S`` differentiable (double backward) over
+        the penalized ``rows``; one forward of the whole batch."""
         labels = inputs["labels"]
         with self._attention_context():
             logits = self._forward(model, inputs, rng_seed=self._rng_seed())
-            embeds = self._capture.embeds
             ce_sum, label_mask = self._record_ce_metrics(logits, labels)
             normalizer = self._loss_normalizer(label_mask, num_items_in_batch)
             penalty_mask = torch.zeros_like(label_mask)
             penalty_mask[rows] = label_mask[rows]
             targets = self._draw(logits, penalty_mask)
-            squared = embeds.new_zeros((), dtype=torch.float32)
-            if targets.shape[0]:
-                g = fisher_objective(self._kind, logits, penalty_mask, targets)  # (m,)
-                for s in range(g.shape[0]):
-                    (v,) = torch.autograd.grad(g[s], embeds, create_graph=True, retain_graph=True)
-                    squared = squared + v.float().pow(2).sum()
-                squared = squared / g.shape[0]
+            squared = exact_penalty(self._kind, self._capture.embeds, logits, penalty_mask, targets)
         self._record_penalty(squared, rescale, coef)
         return (ce_sum + coef * rescale * squared) / normalizer
 
@@ -743,136 +703,72 @@ class FisherSFTTrainer(SFTTrainer):
         rows: Tensor,
         rescale: float,
     ) -> Tensor:
+        """CE of the rows left out (their own forward, so the penalty's passes cost in proportion
+        to the penalized fraction), then :func:`fishertune.penalty_grad.fd_penalty_loss` on the
+        penalized rows, given the forward with the embedding shift and ``accelerator.backward``
+        (split mode: under ``no_sync``, scaled as the Trainer scales the returned loss)."""
         args = self.args
         labels = inputs["labels"]
-        batch_size = labels.shape[0]
-        full_mask = label_mask_from_labels(labels)
-        normalizer = self._loss_normalizer(full_mask, num_items_in_batch)
+        normalizer = self._loss_normalizer(label_mask_from_labels(labels), num_items_in_batch)
         split = args.penalty_fd_backward == "split" or (
             args.penalty_fd_backward == "auto" and not self.is_deepspeed_enabled
         )
-        reported = torch.zeros((), device=labels.device)
-        joint_loss = torch.zeros((), device=labels.device)
+        divisor = self._ga_divisor(num_items_in_batch)
 
-        def finish(part: Tensor, last: bool) -> None:
-            nonlocal joint_loss
-            if split and not last:
-                with self._no_sync(model):
-                    self._backward_now(model, part, num_items_in_batch)
-            else:
-                joint_loss = joint_loss + part
+        def backward(part: Tensor) -> None:
+            self.accelerator.backward(part / divisor)
 
-        # 1. rows without penalty: CE only, in their own forward so that the penalty's passes
-        #    below cost in proportion to the penalized fraction.
-        if rows.numel() < batch_size:
-            rest = torch.ones(batch_size, dtype=torch.bool, device=labels.device)
+        rest_part = None
+        if rows.numel() < labels.shape[0]:
+            rest = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
             rest[rows] = False
             rest_inputs = self._select_rows(inputs, rest)
             with self._no_sync(model) if split else contextlib.nullcontext():
                 logits = self._forward(model, rest_inputs)
-                ce_rest, _ = self._record_ce_metrics(logits, rest_inputs["labels"])
-                part = ce_rest / normalizer
-                reported = reported + part.detach()
-                finish(part, last=False)
+                rest_part = self._record_ce_metrics(logits, rest_inputs["labels"])[0] / normalizer
+                if split:
+                    backward(rest_part)
             del logits
             inputs = self._select_rows(inputs, rows)
-            labels = inputs["labels"]
-
-        # 2. penalized rows at X: CE, draws, v = grad_X g and the -(2/h) grad_theta g(X) term.
-        # In split mode without a loss scaler ("fused"), the CE of these rows is taken at the
-        # perturbed points below instead (CE(X + h v) = CE(X) + O(h); the central pair's mean is
-        # O(h^2) off), so no backward of CE runs at X: for forward differences one backward of
-        # g gives both v and grad_theta g(X), accumulated by hand once h (which needs ||v||) is
-        # known; for central differences only v is needed. That saves one backward pass.
-        fused = split and self._grads_accumulate_locally(model)
         rng_seed = self._rng_seed()
-        forward_scheme = args.penalty_fd_scheme == "forward"
-        with self._no_sync(model) if split else contextlib.nullcontext():
-            logits = self._forward(model, inputs, rng_seed)
-            embeds = self._capture.embeds
-            ce_sum, label_mask = self._record_ce_metrics(logits, labels)
-            targets = self._draw(logits, label_mask)
-            g = fisher_objective(self._kind, logits, label_mask, targets)  # (m,)
-            params = [p for p in model.parameters() if p.requires_grad]
-            directions, g_grads = [], []
-            for s in range(g.shape[0]):
-                last_draw = s == g.shape[0] - 1
-                if fused and forward_scheme:
-                    v, *grads = torch.autograd.grad(
-                        g[s], [embeds, *params], retain_graph=not last_draw, allow_unused=True
-                    )
-                    g_grads.append(grads)
-                else:
-                    keep = not fused or not last_draw  # the unfused CE backward needs the graph
-                    (v,) = torch.autograd.grad(g[s], embeds, retain_graph=keep)
-                directions.append(v.detach())  # (B, L, d)
-            v_all = torch.stack(directions)  # (m, B, L, d)
-            squared = v_all.float().pow(2).flatten(1).sum(1).mean()
-            # per-token mean over the whole batch: the rescale stands for the rows left out
-            self._record_penalty(squared, rescale, coef)
-            reported = reported + (ce_sum.detach() + coef * rescale * squared) / normalizer
-            reference_probs = (
-                torch.softmax(logits[label_mask].detach().float(), dim=-1)
-                if self._kind == "logit"
+
+        def forward(shift: Tensor | None) -> tuple[Tensor, Tensor]:
+            self._capture.shift = shift
+            try:
+                return self._forward(model, inputs, rng_seed), self._capture.embeds
+            finally:
+                self._capture.shift = None
+
+        fused = split and self._grads_accumulate_locally(model)
+        device_type = labels.device.type
+        passes = Passes(
+            forward,
+            backward if split else None,
+            no_sync=lambda: self._no_sync(model),
+            on_scored=self._record_scored,
+            params=[p for p in model.parameters() if p.requires_grad] if fused else [],
+            grad_divisor=divisor,
+        )
+        settings = FDSettings(
+            scheme=args.penalty_fd_scheme,
+            relative_step=args.penalty_fd_step,
+            compute_dtype=(
+                torch.get_autocast_dtype(device_type)
+                if torch.is_autocast_enabled(device_type)
                 else None
-            )
-            compute_dtype = (
-                torch.get_autocast_dtype(embeds.device.type)
-                if torch.is_autocast_enabled(embeds.device.type)
-                else embeds.dtype
-            )
-            steps = [
-                fd_step_size(
-                    embeds,
-                    v,
-                    relative_step=args.penalty_fd_step,
-                    scheme=args.penalty_fd_scheme,
-                    dtype=compute_dtype,
-                )
-                for v in directions
-            ]
-            weight = coef * rescale / (len(directions) * normalizer)
-            if fused:
-                divisor = self._ga_divisor(num_items_in_batch)
-                for grads, h in zip(g_grads, steps[: len(g_grads)], strict=True):  # forward
-                    if h > 0:
-                        _accumulate(params, grads, -weight * (2.0 / h) / divisor)
-            else:
-                part = ce_sum / normalizer
-                if forward_scheme:
-                    # the -(2/h) g(X) half of fd_surrogate; the +(2/h) g(X + h v) half is below
-                    part = part - weight * sum(2.0 / h * g[s] for s, h in enumerate(steps) if h > 0)
-                finish(part, last=False)
-        del logits, g, g_grads, ce_sum
-
-        # 3. perturbed forwards at X + h v (and X - h v for central differences).
-        signs = (1.0,) if args.penalty_fd_scheme == "forward" else (1.0, -1.0)
-        passes = [(s, sign) for s in range(len(directions)) for sign in signs]
-        for index, (s, sign) in enumerate(passes):
-            # every pass runs, even with h = 0 (v = 0), so the last one can carry the gradient sync
-            last = index == len(passes) - 1
-            context = self._no_sync(model) if split and not last else contextlib.nullcontext()
-            with context:
-                self._capture.shift = sign * steps[s] * directions[s]
-                try:
-                    logits = self._forward(model, inputs, rng_seed)
-                finally:
-                    self._capture.shift = None
-                g_shift = fisher_objective(
-                    self._kind, logits, label_mask, targets[:, s : s + 1], reference_probs
-                )
-                zero = torch.zeros_like(g_shift)
-                if forward_scheme:
-                    part = weight * fd_surrogate(g_shift, zero, steps[s])
-                else:  # central: (1/h)(g(X + h v) - g(X - h v)), one sign per pass
-                    part = weight * sign * fd_surrogate(g_shift, zero, steps[s], scheme="central")
-                if fused:
-                    part = part + _ce_sum(logits, labels, label_mask) / (normalizer * len(passes))
-                finish(part, last=last)
-            del logits
-        return self._with_value(joint_loss, reported)
-
-    @staticmethod
-    def _with_value(loss: Tensor, value: Tensor) -> Tensor:
-        """``loss``'s gradient with ``value`` as its value (for the Trainer's loss log)."""
-        return loss - loss.detach() + value.detach()
+            ),
+            fused=fused,
+        )
+        result = fd_penalty_loss(
+            self._kind,
+            passes,
+            inputs["labels"],
+            self._draw,
+            weight=coef * rescale,
+            normalizer=normalizer,
+            settings=settings,
+        )
+        self._record_penalty(result.squared, rescale, coef)
+        if rest_part is None or split:
+            return result.loss if rest_part is None else result.loss + rest_part.detach()
+        return rest_part + result.loss
