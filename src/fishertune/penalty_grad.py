@@ -254,79 +254,111 @@ def fd_penalty_loss(
     Returns:
         The loss still to backpropagate, the objective's value and ``S``.
     """
-    split = passes.backward is not None
-    fused = settings.fused and split
-    forward_scheme = settings.scheme == "forward"
-    label_mask = label_mask_from_labels(labels)
-    joint: list[Tensor] = []
+    run = _FiniteDifference(kind, passes, labels, settings, weight, normalizer)
+    value, squared = run.unperturbed_pass(targets_for)
+    run.shifted_passes()
+    loss = sum(run.joint[1:], run.joint[0])
+    return PenaltyLoss(loss - loss.detach() + value, value, squared)
 
-    def finish(part: Tensor, last: bool) -> None:
-        if split and not last:
-            passes.backward(part)
+
+class _FiniteDifference:
+    """The state one :func:`fd_penalty_loss` call shares between its passes."""
+
+    def __init__(
+        self,
+        kind: Kind,
+        passes: Passes,
+        labels: Tensor,
+        settings: FDSettings,
+        weight: float,
+        normalizer: Tensor,
+    ) -> None:
+        self.kind, self.passes, self.labels, self.settings = kind, passes, labels, settings
+        self.weight, self.normalizer = weight, normalizer
+        self.split = passes.backward is not None
+        self.fused = settings.fused and self.split
+        self.forward_scheme = settings.scheme == "forward"
+        self.label_mask = label_mask_from_labels(labels)
+        self.joint: list[Tensor] = []  # the parts left for the caller's backward
+
+    def finish(self, part: Tensor, last: bool) -> None:
+        if self.split and not last:
+            self.passes.backward(part)
         else:
-            joint.append(part)
+            self.joint.append(part)
 
-    # 1. the unperturbed forward: CE, draws, v = grad_X g and (unless fused) the -(2/h) g(X) term
-    with passes.no_sync() if split else contextlib.nullcontext():
-        logits, embeds = passes.forward(None)
-        ce_sum = passes.scored_ce(logits, labels, label_mask)
-        targets = targets_for(logits, label_mask)
-        with_params = fused and forward_scheme
-        g, directions, g_grads = _directions(
-            kind, passes, logits, embeds, label_mask, targets, fused, with_params
-        )
-        squared = penalty_from_direction(torch.stack(directions), label_mask, "sum")
-        value = (ce_sum.detach() + weight * squared) / normalizer
-        reference_probs = (
-            torch.softmax(logits[label_mask].detach().float(), dim=-1) if kind == "logit" else None
-        )
-        steps = [
-            fd_step_size(
-                embeds,
-                v,
-                relative_step=settings.relative_step,
-                scheme=settings.scheme,
-                dtype=settings.compute_dtype,
+    def unperturbed_pass(
+        self, targets_for: Callable[[Tensor, Tensor], Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The forward at ``X``: CE, draws, ``v = grad_X g`` and the steps; the ``-(2/h) g(X)``
+        term (or, fused, its gradient by hand). Returns the objective's value and ``S``."""
+        passes, settings, label_mask = self.passes, self.settings, self.label_mask
+        with passes.no_sync() if self.split else contextlib.nullcontext():
+            logits, embeds = passes.forward(None)
+            ce_sum = passes.scored_ce(logits, self.labels, label_mask)
+            self.targets = targets_for(logits, label_mask)
+            with_params = self.fused and self.forward_scheme
+            g, self.directions, g_grads = _directions(
+                self.kind, passes, logits, embeds, label_mask, self.targets, self.fused, with_params
             )
-            for v in directions
-        ]
-        draw_weight = weight / (len(directions) * normalizer)
-        if fused:
-            for grads, h in zip(g_grads, steps[: len(g_grads)], strict=True):  # forward scheme
-                if h > 0:
-                    accumulate_gradients(
-                        passes.params, grads, -draw_weight * (2.0 / h) / passes.grad_divisor
-                    )
-        else:
-            part = ce_sum / normalizer
-            if forward_scheme:
-                # the -(2/h) g(X) half of fd_surrogate; the +(2/h) g(X + h v) half is below
-                reference = sum(2.0 / h * g[s] for s, h in enumerate(steps) if h > 0)
-                part = part - draw_weight * reference
-            finish(part, last=False)
-    del logits, g, g_grads, ce_sum
-
-    # 2. perturbed forwards at X + h v (and X - h v for central differences)
-    signs = (1.0,) if forward_scheme else (1.0, -1.0)
-    shifts = [(s, sign) for s in range(len(directions)) for sign in signs]
-    for index, (s, sign) in enumerate(shifts):
-        # every pass runs, even with h = 0 (v = 0), so the last one can carry the gradient sync
-        last = index == len(shifts) - 1
-        with passes.no_sync() if split and not last else contextlib.nullcontext():
-            logits, _ = passes.forward(sign * steps[s] * directions[s])
-            g_shift = fisher_objective(
-                kind, logits, label_mask, targets[:, s : s + 1], reference_probs
+            squared = penalty_from_direction(torch.stack(self.directions), label_mask, "sum")
+            value = (ce_sum.detach() + self.weight * squared) / self.normalizer
+            self.reference_probs = (
+                torch.softmax(logits[label_mask].detach().float(), dim=-1)
+                if self.kind == "logit"
+                else None
             )
-            zero = torch.zeros_like(g_shift)
-            if forward_scheme:
-                part = draw_weight * fd_surrogate(g_shift, zero, steps[s])
-            else:  # central: (1/h)(g(X + h v) - g(X - h v)), one sign per pass
-                part = draw_weight * sign * fd_surrogate(g_shift, zero, steps[s], scheme="central")
-            if fused:
-                part = part + scored_cross_entropy(logits, labels, label_mask) / (
-                    normalizer * len(shifts)
+            self.steps = [
+                fd_step_size(
+                    embeds,
+                    v,
+                    relative_step=settings.relative_step,
+                    scheme=settings.scheme,
+                    dtype=settings.compute_dtype,
                 )
-            finish(part, last=last)
-        del logits
-    loss = sum(joint[1:], joint[0])
-    return PenaltyLoss(loss - loss.detach() + value.detach(), value.detach(), squared.detach())
+                for v in self.directions
+            ]
+            self.draw_weight = self.weight / (len(self.directions) * self.normalizer)
+            if self.fused:
+                for grads, h in zip(g_grads, self.steps[: len(g_grads)], strict=True):  # forward
+                    if h > 0:
+                        scale = -self.draw_weight * (2.0 / h) / passes.grad_divisor
+                        accumulate_gradients(passes.params, grads, scale)
+            else:
+                part = ce_sum / self.normalizer
+                if self.forward_scheme:
+                    # the -(2/h) g(X) half of fd_surrogate; the +(2/h) g(X + h v) half is below
+                    reference = sum(2.0 / h * g[s] for s, h in enumerate(self.steps) if h > 0)
+                    part = part - self.draw_weight * reference
+                self.finish(part, last=False)
+        return value.detach(), squared.detach()
+
+    def shifted_passes(self) -> None:
+        """Forwards at ``X + h v`` (and ``X - h v`` for central differences), one per draw and
+        sign; the last one's part is left to the caller (it carries the gradient sync)."""
+        signs = (1.0,) if self.forward_scheme else (1.0, -1.0)
+        shifts = [(s, sign) for s in range(len(self.directions)) for sign in signs]
+        for index, (s, sign) in enumerate(shifts):
+            # every pass runs, even with h = 0 (v = 0), so the last one can carry the sync
+            last = index == len(shifts) - 1
+            step = self.steps[s]
+            with self.passes.no_sync() if self.split and not last else contextlib.nullcontext():
+                logits, _ = self.passes.forward(sign * step * self.directions[s])
+                g_shift = fisher_objective(
+                    self.kind,
+                    logits,
+                    self.label_mask,
+                    self.targets[:, s : s + 1],
+                    self.reference_probs,
+                )
+                zero = torch.zeros_like(g_shift)
+                if self.forward_scheme:
+                    part = self.draw_weight * fd_surrogate(g_shift, zero, step)
+                else:  # central: (1/h)(g(X + h v) - g(X - h v)), one sign per pass
+                    surrogate = fd_surrogate(g_shift, zero, step, scheme="central")
+                    part = self.draw_weight * sign * surrogate
+                if self.fused:
+                    ce = scored_cross_entropy(logits, self.labels, self.label_mask)
+                    part = part + ce / (self.normalizer * len(shifts))
+                self.finish(part, last=last)
+            del logits

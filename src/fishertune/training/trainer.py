@@ -47,6 +47,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,36 +61,22 @@ from fishertune.penalties import label_mask_from_labels, sample_targets, scored_
 from fishertune.penalty_grad import FDSettings, Passes, exact_penalty, fd_penalty_loss, penalty_rows
 from fishertune.schedules import every_k_coefficient, warmup_coefficient
 from fishertune.streams import Stream, stream_generator
-from fishertune.training.config import PENALTY_METHODS, FisherSFTConfig
+from fishertune.training.checkpoints import CheckpointRecord, restore_totals
+from fishertune.training.checks import attention_implementation, check_launch, check_supported
+from fishertune.training.config import FisherSFTConfig
+from fishertune.training.data import tokenize_conversations
 from fishertune.training.guard import (
     OptimizerStepHook,
     TrainingDivergedError,
-    diagnose,
+    check_step,
     divergence_limit,
 )
+from fishertune.training.precision import MasterWeights
+from fishertune.training.stats import StepSums, Sum
 
 __all__ = ["FisherSFTTrainer", "TrainingDivergedError"]
 
 logger = logging.getLogger(__name__)
-
-TWICE_DIFFERENTIABLE_ATTENTION = ("eager", "sdpa")
-
-# Per-optimizer-step sums (one float64 vector per rank, gathered once per step):
-# scored tokens, entropy, correct argmax, CE, penalty (x rescale), coefficient x penalty, penalized
-# micro-steps, and the loss the training step returned (what transformers logs as `loss`).
-(_TOKENS, _ENTROPY, _CORRECT, _CE, _PENALTY, _PENALTY_TERM, _PENALIZED, _LOSS) = range(8)
-_STATS = 8
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
-
-
-def _attention_implementation(model: nn.Module) -> str | None:
-    config = getattr(_unwrap(model), "config", None)
-    return getattr(config, "_attn_implementation", None)
 
 
 def _gradient_norm(model: nn.Module) -> float:
@@ -103,74 +90,7 @@ def _gradient_norm(model: nn.Module) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
-def _tokenize_conversations(arguments: dict[str, Any], config: FisherSFTConfig) -> None:
-    """Tokenize conversational datasets among ``arguments`` (``SFTTrainer.__init__``'s, bound)
-    for assistant-only training, as ``fishertune train`` does, in place.
-
-    A ``datasets.Dataset`` with a ``messages`` column and no ``input_ids`` goes through
-    :func:`fishertune.data.chat.tokenize_dataset` (``input_ids`` and ``assistant_masks``, from
-    which TRL builds the labels): the loss then covers assistant tokens and each turn's
-    end-of-turn token, whatever the chat template. The tokenizer (``processing_class``, or the
-    model's when not given) gets a chat template and a pad token as the CLI's does.
-    """
-    from datasets import Dataset
-
-    from fishertune.data.chat import tokenize_dataset
-    from fishertune.data.tokenizer import load_chat_tokenizer
-
-    def conversational(dataset: Any) -> bool:
-        return isinstance(dataset, Dataset) and (
-            "messages" in dataset.column_names and "input_ids" not in dataset.column_names
-        )
-
-    train, evaluation = arguments.get("train_dataset"), arguments.get("eval_dataset")
-    eval_sets = evaluation if isinstance(evaluation, dict) else {"": evaluation}
-    if not conversational(train) and not any(map(conversational, eval_sets.values())):
-        return
-    from fishertune.modeling import set_chat_template_file
-
-    tokenizer = arguments.get("processing_class")
-    if tokenizer is None:
-        model = arguments.get("model")
-        name = model if isinstance(model, str) else model.config._name_or_path
-        tokenizer = arguments["processing_class"] = load_chat_tokenizer(name)
-    else:
-        from fishertune.data.chat import ensure_chat_template
-
-        ensure_chat_template(tokenizer)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    if config.chat_template_path is not None:  # TRL sets it later: the data needs it now
-        set_chat_template_file(tokenizer, config.chat_template_path)
-    # TRL's max_length None means no truncation
-    max_length = config.max_length or 2**31 - 1
-    if conversational(train):
-        arguments["train_dataset"] = tokenize_dataset(train, tokenizer, max_length)
-    tokenized = {
-        key: tokenize_dataset(ds, tokenizer, max_length) if conversational(ds) else ds
-        for key, ds in eval_sets.items()
-    }
-    if evaluation is not None:
-        arguments["eval_dataset"] = tokenized if isinstance(evaluation, dict) else tokenized[""]
-
-
-def _cast_state_dict(state_dict: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """Floating tensors cast to ``dtype``; tensors that share storage (tied embeddings) stay
-    shared, so ``save_pretrained`` still writes a tied weight once."""
-    cast: dict[tuple[int, tuple[int, ...], tuple[int, ...]], Tensor] = {}
-    out = {}
-    for key, value in state_dict.items():
-        if not torch.is_floating_point(value):
-            out[key] = value
-            continue
-        ident = (value.data_ptr(), tuple(value.shape), tuple(value.stride()))
-        if ident not in cast:
-            cast[ident] = value.to(dtype)
-        out[key] = cast[ident]
-    return out
-
-
-class FisherSFTTrainer(SFTTrainer):
+class FisherSFTTrainer(MasterWeights, SFTTrainer):
     """``SFTTrainer`` for the methods baseline, neftune, token-f and logit-f.
 
     Takes the same arguments as ``trl.SFTTrainer``; ``args`` must be a
@@ -188,166 +108,27 @@ class FisherSFTTrainer(SFTTrainer):
         if config is not None and not isinstance(config, FisherSFTConfig):
             raise FishertuneError("FisherSFTTrainer needs args=FisherSFTConfig(...)")
         if config is not None and config.assistant_only:
-            _tokenize_conversations(arguments, config)
+            tokenize_conversations(arguments, config)
         super().__init__(**arguments)
         if not isinstance(self.args, FisherSFTConfig):
             raise FishertuneError("FisherSFTTrainer needs args=FisherSFTConfig(...)")
-        self._save_dtype: torch.dtype | None = None
-        self._final_save = False
         self._set_up_master_weights()
         self._kind = {"token-f": "token", "logit-f": "logit"}.get(self.args.method)
         self._capture = EmbeddingCapture()
         self._noise: NEFTuneNoise | None = None
         self._micro_step = 0
         self._micro_step_of = -1
-        self._step_stats: Tensor | None = None
-        self._vocab_size = 0
+        self._sums = StepSums(self.args.device)
+        self._train_metrics: dict[str, list[float]] = {}
+        self._tokens_seen = 0
         # whole-run totals (a resumed run continues them from its checkpoint's record)
         self.run_totals = {"loss_sum": 0.0, "steps": 0, "skipped_steps": 0, "wall_time_s": 0.0}
         self._clock = (time.time(), 0.0)  # (start of this train() call, wall time before it)
-        self._check_launch()
-        self._check_supported()
+        check_launch(self.accelerator)
+        check_supported(self.args, self.accelerator, self.model, self.is_deepspeed_enabled)
         self.add_callback(OptimizerStepHook(self._check_step))
-
-    # ------------------------------------------------------------------ precision
-    def _set_up_master_weights(self) -> None:
-        """Keep the weights the optimizer updates in float32 (``master_weights='float32'``).
-
-        An AdamW step at lr 5e-6 moves a weight by about 5e-6 of its scale, far below bf16's
-        spacing (2^-8 relative): parameters stored in bf16 would round most updates away (85% of
-        the weights changed after 20 steps in float32, 6.5% in bf16, on the tiny model). As
-        everywhere in the field (torch AMP, FSDP2's MixedPrecisionPolicy, DeepSpeed's bf16
-        optimizer), the parameters stay float32 and bf16 is the autocast compute dtype. Frozen
-        weights (a LoRA base) keep their dtype. Under DeepSpeed the engine keeps float32 masters
-        of its own (and ZeRO-3 has already partitioned the parameters), so nothing is cast here.
-        """
-        model = _unwrap(self.model)
-        half = [
-            p
-            for p in model.parameters()
-            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
-        ]
-        if not half:
-            return
-        if self.args.master_weights == "model":
-            logger.warning(
-                "master_weights=model: training %d parameter tensors in %s. Updates smaller than "
-                "its resolution (2^-8 of a weight for bf16) are rounded away: at small learning "
-                "rates most weights never change. Use master_weights=float32 (the default) to "
-                "train float32 weights with %s autocast.",
-                len(half),
-                half[0].dtype,
-                half[0].dtype,
-            )
-            return
-        if self.is_deepspeed_enabled:
-            return
-        if not hasattr(model, "peft_config"):  # PEFT saves adapters only: their dtype stays
-            self._save_dtype = half[0].dtype
-        # Replacing `.data` keeps each Parameter object (and so tied weights and the references
-        # hooks hold) while changing its storage dtype: what PEFT's cast_adapter_dtype and
-        # accelerate's FSDP2 upcast do.
-        for param in half:
-            param.data = param.data.float()
-        logger.info(
-            "master weights: %d trainable parameter tensors cast from %s to float32",
-            len(half),
-            self._save_dtype or "half precision",
-        )
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as transformers does; the final save (not a checkpoint) writes the weights in
-        the dtype the model was loaded in. Checkpoints keep the float32 master weights, so a
-        resumed run continues from exactly where it stopped."""
-        self._final_save = not _internal_call
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        sharded = self.is_fsdp_enabled and plugin is not None
-        sharded = sharded and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
-        if self._final_save and sharded:
-            # transformers saves no model at all under FSDP's SHARDED_STATE_DICT (the checkpoint
-            # type configs/accelerate/fsdp.yaml uses): the final model is gathered in full, the
-            # switch accelerate's set_state_dict_type documents for "train sharded, save full".
-            previous = plugin.state_dict_type
-            plugin.set_state_dict_type("FULL_STATE_DICT")
-        try:
-            super().save_model(output_dir, _internal_call)
-        finally:
-            self._final_save = False
-            if not _internal_call and sharded:
-                plugin.set_state_dict_type(previous)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        dtype = self._save_dtype if self._final_save else None
-        if dtype is None:
-            super()._save(output_dir, state_dict)
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        if state_dict is None:
-            state_dict = model.state_dict()
-        state_dict = _cast_state_dict(state_dict, dtype)
-        super()._save(output_dir, state_dict)
-        if self.args.should_save and hasattr(model, "config"):
-            # save_pretrained records the in-memory dtype (float32) in config.json; the weights
-            # written are `dtype`, which is what `dtype="auto"` must load them as
-            in_memory = model.config.dtype
-            model.config.dtype = dtype
-            try:
-                model.config.save_pretrained(output_dir or self.args.output_dir)
-            finally:
-                model.config.dtype = in_memory
-
-    # ------------------------------------------------------------------ set-up checks
-    def _check_launch(self) -> None:
-        # accelerate 1.15 leaves torchrun-launched processes undistributed when use_cpu=false on
-        # a machine without an accelerator: each would train alone on the whole data (measured)
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched > 1 and self.accelerator.num_processes != launched:
-            raise FishertuneError(
-                f"launched as {launched} processes but accelerate runs "
-                f"{self.accelerator.num_processes} ({self.accelerator.distributed_type}): on CPU "
-                "set use_cpu=true so the processes train together over gloo"
-            )
-
-    def _check_supported(self) -> None:
-        args = self.args
-        if args.method not in PENALTY_METHODS:
-            return
-        if self.is_deepspeed_enabled and args.penalty_fd_backward == "split":
-            # split calls accelerator.backward inside compute_loss: DeepSpeed's engine would
-            # scale by the accumulation steps again and may step the optimizer mid-micro-step
-            raise FishertuneError(
-                "penalty_fd_backward=split does not work under DeepSpeed (its engine owns backward "
-                "and the optimizer step): use penalty_fd_backward=joint or auto"
-            )
-        if self.is_deepspeed_enabled and args.on_nonfinite == "skip":
-            raise FishertuneError(
-                "on_nonfinite=skip does not work under DeepSpeed (its engine owns the gradients): "
-                "use on_nonfinite=stop"
-            )
-        ddp_static = getattr(args, "ddp_static_graph", None)
-        if ddp_static:
-            raise FishertuneError(
-                "ddp_static_graph=true gives wrong gradients for the penalty (measured); set "
-                "ddp_static_graph=false"
-            )
-        if args.penalty_grad == "exact":
-            attention = _attention_implementation(self.model)
-            if attention not in TWICE_DIFFERENTIABLE_ATTENTION:
-                raise FishertuneError(
-                    f"penalty_grad=exact needs twice-differentiable attention, but the model uses "
-                    f"attn_implementation={attention!r}: load it with attn_implementation='eager' "
-                    "or 'sdpa' (run with the math kernel), or use penalty_grad=fd"
-                )
-            if args.torch_compile:
-                raise FishertuneError(
-                    "penalty_grad=exact does not work with torch_compile (no double backward "
-                    "through compiled graphs); use penalty_grad=fd"
-                )
-            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-            if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
-                raise FishertuneError(
-                    "DeepSpeed ZeRO-3 does not support second-order autograd: use penalty_grad=fd"
-                )
+        self.checkpoint_record = CheckpointRecord(self.accelerator, lambda: self.run_totals)
+        self.add_callback(self.checkpoint_record)
 
     # ------------------------------------------------------------------ hooks lifecycle
     @contextlib.contextmanager
@@ -371,9 +152,15 @@ class FisherSFTTrainer(SFTTrainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``train``; ``train_loss`` is the mean objective per step of the whole
         run when :attr:`run_totals` cover it (transformers averages this call's steps only,
-        which after a resume leaves out the steps before it)."""
-        from transformers.trainer_utils import TrainOutput
+        which after a resume leaves out the steps before it). A resumed run continues the
+        totals from its checkpoint's record."""
+        from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if resume is True:
+            resume = get_last_checkpoint(self.args.output_dir)
+        if isinstance(resume, (str, os.PathLike)):
+            restore_totals(self.run_totals, Path(resume))
         self._clock = (time.time(), self.run_totals["wall_time_s"])
         with self._method_hooks():
             output = super().train(*args, **kwargs)
@@ -461,7 +248,7 @@ class FisherSFTTrainer(SFTTrainer):
         return contextlib.nullcontext()
 
     def _attention_context(self) -> contextlib.AbstractContextManager:
-        if self.args.penalty_grad == "exact" and _attention_implementation(self.model) == "sdpa":
+        if self.args.penalty_grad == "exact" and attention_implementation(self.model) == "sdpa":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             return sdpa_kernel([SDPBackend.MATH])
@@ -500,31 +287,23 @@ class FisherSFTTrainer(SFTTrainer):
         }
 
     def _record(self, name: str, value: float) -> None:
-        self._metrics["train"][name].append(value)
+        self._train_metrics.setdefault(name, []).append(value)
 
-    def _add_stats(self, index: int, value: Tensor | float) -> None:
-        """Add to this optimizer step's sums (on device: no synchronization per micro-step)."""
-        if self._step_stats is None:
-            self._step_stats = torch.zeros(_STATS, dtype=torch.float64, device=self.args.device)
-        self._step_stats[index] += value.detach().double() if isinstance(value, Tensor) else value
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """transformers' logging path, with this trainer's training metrics averaged over the
+        steps since the last log (as TRL averages its own)."""
+        if self.model.training and self._train_metrics:
+            logs.update({k: sum(v) / len(v) for k, v in self._train_metrics.items()})
+            self._train_metrics = {}
+        super().log(logs, start_time)
 
     def _record_ce_metrics(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """CE summed over scored tokens (float32, with graph) and the label mask; adds the CE,
         entropy, accuracy and token count to the step's sums."""
         label_mask = label_mask_from_labels(labels)
         log_probs, targets = scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
-        self._record_scored(log_probs, targets, label_mask)
+        self._sums.add_scored(log_probs, targets, label_mask)
         return -log_probs.gather(1, targets[:, None]).sum(), label_mask
-
-    @torch.no_grad()
-    def _record_scored(self, log_probs: Tensor, targets: Tensor, label_mask: Tensor) -> None:
-        """Adds the CE, entropy, accuracy and token count of these scored positions to the
-        step's sums (log_probs (N, V), targets (N,))."""
-        self._vocab_size = log_probs.shape[-1]
-        self._add_stats(_TOKENS, label_mask.sum())
-        self._add_stats(_ENTROPY, -(log_probs.exp() * log_probs).sum())
-        self._add_stats(_CORRECT, (log_probs.argmax(-1) == targets).sum())
-        self._add_stats(_CE, -log_probs.gather(1, targets[:, None]).sum())
 
     def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Tensor:
         """transformers' step; the loss it returns (what the ``loss`` log sums) joins the step's
@@ -536,60 +315,40 @@ class FisherSFTTrainer(SFTTrainer):
         """
         with self._attention_context():
             loss = super().training_step(model, inputs, *args, **kwargs)
-        self._add_stats(_LOSS, loss)
+        self._sums.add(Sum.LOSS, loss)
         return loss
 
     def _check_step(self, model: nn.Module) -> None:
         """Once per optimizer step, before the update: gather the step's sums across ranks, log
         them, and stop (or skip) a non-finite, diverged or collapsed step (:mod:`.guard`)."""
-        stats = self._step_stats
-        self._step_stats = None
-        if stats is None:
-            stats = torch.zeros(_STATS, dtype=torch.float64, device=self.args.device)
-        gathered = self.accelerator.gather(stats[None]).view(-1, _STATS)
-        total = gathered.sum(0).tolist()
-        loss = gathered[:, _LOSS].mean().item()  # transformers logs the mean over ranks
-        tokens = max(total[_TOKENS], 1.0)
-        values = {"loss": loss, "ce_loss": total[_CE] / tokens}
-        if total[_PENALIZED] > 0:
-            values["penalty"] = total[_PENALTY] / tokens
+        totals = self._sums.gather(self.accelerator.gather)
+        values = totals.guarded_values()
         grad_norm = None
         if self.accelerator.scaler is None and not self.is_deepspeed_enabled:
             # a loss scaler skips overflowing fp16 steps itself; DeepSpeed keeps its own grads
             grad_norm = _gradient_norm(model)
-        step = self.state.global_step + 1
-        non_finite, broken = diagnose(
+        skip = check_step(
             values,
             grad_norm,
-            ce_limit=divergence_limit(self._vocab_size, self.args.divergence_max_ce),
-            tokens=total[_TOKENS],
+            step=self.state.global_step + 1,
+            ce_limit=divergence_limit(self._sums.vocab_size, self.args.divergence_max_ce),
+            tokens=totals.sums[Sum.TOKENS],
+            on_nonfinite=self.args.on_nonfinite,
+            skipped_before=self.run_totals["skipped_steps"],
         )
-        if non_finite and self.args.on_nonfinite == "skip" and not broken:
+        if skip:
             model.zero_grad(set_to_none=True)  # the optimizer leaves every parameter as it was
             self.run_totals["skipped_steps"] += 1
-            self._metrics["train"]["skipped_steps"] = [self.run_totals["skipped_steps"]]
-            logger.warning(
-                "step %d: non-finite %s: step skipped (%d so far)",
-                step,
-                ", ".join(non_finite),
-                self.run_totals["skipped_steps"],
-            )
+            self._train_metrics["skipped_steps"] = [self.run_totals["skipped_steps"]]
             return
-        if non_finite or broken:
-            what = f"non-finite {', '.join(non_finite)}" if non_finite else broken[0]
-            raise TrainingDivergedError(
-                f"step {step}: {what}; training stopped before this update (checkpoints "
-                "written so far are kept): lower the learning rate or the penalty coefficient"
-                + ("" if broken else ", or set on_nonfinite=skip")
-            )
-        self.run_totals["loss_sum"] += loss
+        self.run_totals["loss_sum"] += totals.loss
         self.run_totals["steps"] += 1
         self._tick()
         self._record("ce_loss", values["ce_loss"])
-        self._record("entropy", total[_ENTROPY] / tokens)
-        self._record("mean_token_accuracy", total[_CORRECT] / tokens)
+        self._record("entropy", totals.per_token(Sum.ENTROPY))
+        self._record("mean_token_accuracy", totals.per_token(Sum.CORRECT))
         if self._kind is not None:
-            self._record("penalty_term", total[_PENALTY_TERM] / tokens)
+            self._record("penalty_term", totals.per_token(Sum.PENALTY_TERM))
             if "penalty" in values:
                 self._record("penalty", values["penalty"])
 
@@ -606,8 +365,8 @@ class FisherSFTTrainer(SFTTrainer):
             local = inputs["attention_mask"].sum()
         else:
             local = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
-        self._total_train_tokens += self.accelerator.gather_for_metrics(local[None]).sum().item()
-        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        self._tokens_seen += self.accelerator.gather_for_metrics(local[None]).sum().item()
+        self._train_metrics["num_tokens"] = [self._tokens_seen]
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(
@@ -662,15 +421,6 @@ class FisherSFTTrainer(SFTTrainer):
             generator=self._stream(Stream.PENALTY_TARGETS, logits.device),
         )
 
-    def _record_penalty(self, squared_norm: Tensor, rescale: float, coef: float) -> None:
-        """Add ``||v||^2`` (times the rows' rescale) and its weighted term to the step's sums;
-        logged per scored token, whatever the loss reduction, comparable across runs."""
-        with torch.no_grad():
-            value = squared_norm.detach().double() * rescale
-            self._add_stats(_PENALTY, value)
-            self._add_stats(_PENALTY_TERM, coef * value)
-            self._add_stats(_PENALIZED, 1.0)
-
     def _exact_loss(
         self,
         model: nn.Module,
@@ -691,7 +441,7 @@ class FisherSFTTrainer(SFTTrainer):
             penalty_mask[rows] = label_mask[rows]
             targets = self._draw(logits, penalty_mask)
             squared = exact_penalty(self._kind, self._capture.embeds, logits, penalty_mask, targets)
-        self._record_penalty(squared, rescale, coef)
+        self._sums.add_penalty(squared, rescale, coef)
         return (ce_sum + coef * rescale * squared) / normalizer
 
     def _fd_loss(
@@ -745,7 +495,7 @@ class FisherSFTTrainer(SFTTrainer):
             forward,
             backward if split else None,
             no_sync=lambda: self._no_sync(model),
-            on_scored=self._record_scored,
+            on_scored=self._sums.add_scored,
             params=[p for p in model.parameters() if p.requires_grad] if fused else [],
             grad_divisor=divisor,
         )
@@ -768,7 +518,7 @@ class FisherSFTTrainer(SFTTrainer):
             normalizer=normalizer,
             settings=settings,
         )
-        self._record_penalty(result.squared, rescale, coef)
+        self._sums.add_penalty(result.squared, rescale, coef)
         if rest_part is None or split:
             return result.loss if rest_part is None else result.loss + rest_part.detach()
         return rest_part + result.loss
