@@ -25,6 +25,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch import nn
 from transformers import TrainerCallback
 
 from fishertune.errors import FishertuneError
@@ -35,6 +37,7 @@ __all__ = [
     "check_step",
     "diagnose",
     "divergence_limit",
+    "gradient_norm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +85,17 @@ def diagnose(
                 "the weights)"
             )
     return non_finite, broken
+
+
+def gradient_norm(model: nn.Module) -> float:
+    """Total 2-norm of the (already reduced) gradients; inf or nan if any entry is."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def check_step(

@@ -12,31 +12,24 @@ The embeddings ``X`` are taken with a forward hook on the model's input-embeddin
 so any transformers causal LM works. Hooks are attached when training starts and removed in a
 ``finally``: a saved or evaluated model carries none.
 
-Penalty gradients:
+The trainer orchestrates; the work lives in modules that can be read and tested alone:
 
-* ``penalty_grad="exact"``: ``v = autograd.grad(g, X, create_graph=True)``, one backward of
-  ``CE + lambda R`` (double backward). Needs eager attention or SDPA forced to its math kernel
-  (done automatically for ``sdpa``); other kernels are refused up front.
-* ``penalty_grad="fd"``: ``v`` from an input-only first-order backward, and the surrogate
-  ``(2/h)(g(X + h v) - g(X))`` of :func:`fishertune.penalties.fd_surrogate`. With
-  ``penalty_fd_backward="split"`` each forward is backpropagated before the next one runs, so only
-  one graph is in memory; the non-final backward runs under ``no_sync`` so DDP/FSDP reduce the
-  accumulated gradient once.
-
-Precision: the trainable parameters are cast up to float32 at construction (``master_weights``)
-and bf16/fp16 act as autocast; the final ``save_model`` writes the dtype the model was loaded in,
-checkpoints the float32 weights. A conversational dataset is tokenized for assistant-only loss
-(``assistant_only``) exactly as ``fishertune train`` tokenizes it.
-
-Randomness (the penalty's draws, NEFTune's noise, the penalized rows) comes from generators seeded
-by ``(seed, optimizer step, micro-step, rank)``, so a resumed run draws exactly what an
-uninterrupted one would.
-
-Metrics are summed over all micro-steps (and ranks) of an optimizer step and logged once per step,
-weighted by tokens as the loss is: with the ``mean`` reduction the logged ``loss`` (the objective)
-equals ``ce_loss + penalty_term`` (``penalty_term`` = applied coefficient x ``penalty``) under any
-gradient accumulation. Before each optimizer step :mod:`fishertune.training.guard` checks those
-numbers and the gradient norm: a non-finite, diverged or collapsed step stops training.
+* penalty gradients (:mod:`fishertune.penalty_grad`, torch only): the trainer hands the engine its
+  forward with the embedding shift and ``accelerator.backward`` (under ``no_sync`` for all but the
+  last pass), its normalizer and the draws. ``penalty_grad="exact"`` is double backward (eager
+  attention or SDPA forced to its math kernel; other kernels are refused up front);
+  ``penalty_grad="fd"`` finite differences of first-order gradients.
+* randomness (:mod:`fishertune.streams`): the penalty's draws, NEFTune's noise, the penalized rows
+  and the penalty's dropout seed come from named streams seeded by ``(seed, optimizer step,
+  micro-step, rank)``, so a resumed run draws exactly what an uninterrupted one would.
+* metrics (:mod:`.stats`): summed over the micro-steps and ranks of an optimizer step, logged
+  once per step through ``Trainer.log``, weighted by tokens as the loss is (with the ``mean``
+  reduction the logged ``loss`` equals ``ce_loss + penalty_term``); :mod:`.guard` stops (or skips)
+  a non-finite, diverged or collapsed step before the update.
+* precision (:mod:`.precision`): float32 master weights under bf16/fp16 autocast, the final model
+  saved in the loaded dtype; set-up refusals (:mod:`.checks`); checkpoint completion records
+  (:mod:`.checkpoints`); conversational datasets tokenized as ``fishertune train`` does
+  (:mod:`.data`).
 """
 
 from __future__ import annotations
@@ -70,6 +63,7 @@ from fishertune.training.guard import (
     TrainingDivergedError,
     check_step,
     divergence_limit,
+    gradient_norm,
 )
 from fishertune.training.precision import MasterWeights
 from fishertune.training.stats import StepSums, Sum
@@ -77,17 +71,6 @@ from fishertune.training.stats import StepSums, Sum
 __all__ = ["FisherSFTTrainer", "TrainingDivergedError"]
 
 logger = logging.getLogger(__name__)
-
-
-def _gradient_norm(model: nn.Module) -> float:
-    """Total 2-norm of the (already reduced) gradients; inf or nan if any entry is."""
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = torch.nn.utils.get_total_norm(grads)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 class FisherSFTTrainer(MasterWeights, SFTTrainer):
@@ -326,7 +309,7 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
         grad_norm = None
         if self.accelerator.scaler is None and not self.is_deepspeed_enabled:
             # a loss scaler skips overflowing fp16 steps itself; DeepSpeed keeps its own grads
-            grad_norm = _gradient_norm(model)
+            grad_norm = gradient_norm(model)
         skip = check_step(
             values,
             grad_norm,
