@@ -73,8 +73,8 @@ def _worker(data: str, out: str) -> None:
     for name, overrides in CONFIGS.items():
         trainer = build_trainer(*parse_args(_argv(data, f"{out}/{name}", overrides)))
         # rank-independent draws, so that both ranks (and the reference) see the same y'
-        trainer._generator = lambda device, purpose: torch.Generator(device=device).manual_seed(
-            1000 + purpose
+        trainer._stream = lambda stream, device: torch.Generator(device=device).manual_seed(
+            1000 + stream
         )
         rows = [trainer.train_dataset[i] for i in range(4)]
         batch = trainer._prepare_inputs(trainer.data_collator(rows))  # the same on both ranks

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from fishertune.cli import main as cli_main
 from fishertune.errors import FishertuneError
+from fishertune.files import CHECKPOINT_RECORD as RUN_CHECKPOINT_RECORD
+from fishertune.training.checks import check_supported
 from fishertune.training.cli import RUN_RECORD, latest_checkpoint, validate_train_argv
 from fishertune.training.guard import TrainingDivergedError, diagnose, divergence_limit
 from test_trainer import base_args, trainer_for
@@ -293,14 +295,50 @@ def test_ddp_does_not_search_for_unused_parameters_by_default(chat_file, tmp_pat
     assert validate_train_argv(argv)[1].ddp_find_unused_parameters is True
 
 
+def _check_supported(trainer) -> None:
+    check_supported(trainer.args, trainer.accelerator, trainer.model, trainer.is_deepspeed_enabled)
+
+
 def test_split_fd_backward_is_refused_under_deepspeed(chat_file, tmp_path):
     """Split mode calls backward inside compute_loss, which DeepSpeed's engine would scale by the
     accumulation steps again and may follow with an optimizer step: refused, joint allowed."""
     trainer = trainer_for(chat_file, tmp_path, penalty_grad="fd", penalty_fd_backward="split",
                           **PENALTY)  # fmt: skip
-    trainer._check_supported()  # fine without DeepSpeed
+    check_supported(
+        trainer.args, trainer.accelerator, trainer.model, trainer.is_deepspeed_enabled
+    )  # fine without DeepSpeed
     trainer.is_deepspeed_enabled = True  # what Trainer sets from the accelerate state
     with pytest.raises(FishertuneError, match="penalty_fd_backward=split does not work under"):
-        trainer._check_supported()
+        check_supported(
+            trainer.args, trainer.accelerator, trainer.model, trainer.is_deepspeed_enabled
+        )
     trainer.args.penalty_fd_backward = "joint"
-    trainer._check_supported()
+    _check_supported(trainer)
+
+
+def test_a_library_trainer_marks_checkpoints_and_resumes_its_totals(chat_file, tmp_path):
+    """A FisherSFTTrainer built in a script (no CLI) writes the completion record into each
+    checkpoint, and train(resume_from_checkpoint=True) continues the whole run's totals."""
+    from fishertune.data.chat import load_conversations
+    from fishertune.modeling import load_model_and_tokenizer
+    from fishertune.training import FisherSFTConfig, FisherSFTTrainer
+
+    def trainer(max_steps: int) -> FisherSFTTrainer:
+        model, tokenizer = load_model_and_tokenizer("builtin:tiny-llama")
+        args = FisherSFTConfig(output_dir=str(tmp_path / "out"), method="token-f",
+                               penalty_coef=0.05, penalty_warmup_steps=0, max_steps=max_steps,
+                               max_length=64, per_device_train_batch_size=4, save_strategy="steps",
+                               save_steps=2, report_to="none", use_cpu=True, seed=0,
+                               disable_tqdm=True)  # fmt: skip
+        return FisherSFTTrainer(model=model, args=args, processing_class=tokenizer,
+                                train_dataset=load_conversations(str(chat_file)))  # fmt: skip
+
+    first = trainer(2)
+    first.train()
+    record = json.loads((tmp_path / "out" / "checkpoint-2" / RUN_CHECKPOINT_RECORD).read_text())
+    assert record["step"] == 2 and record["steps"] == 2
+    assert record["loss_sum"] == pytest.approx(first.run_totals["loss_sum"])
+    second = trainer(4)
+    second.train(resume_from_checkpoint=True)
+    assert second.run_totals["steps"] == 4  # 2 restored from the record, 2 trained now
+    assert (tmp_path / "out" / "checkpoint-4" / RUN_CHECKPOINT_RECORD).is_file()

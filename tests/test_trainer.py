@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from fishertune.cli import main as cli_main
 from fishertune.errors import FishertuneError
+from fishertune.training.checks import check_supported
 from fishertune.training.cli import build_trainer, latest_checkpoint, parse_args
 
 
@@ -219,7 +220,7 @@ def test_penalty_fraction_rescales_to_an_unbiased_estimate(chat_file, tmp_path):
             trainer.compute_loss(trainer.model, dict(batch))
             trainer._check_step(trainer.model)  # the optimizer-step hook logs the step's sums
             trainer.model.zero_grad()
-            values.append(trainer._metrics["train"]["penalty"][-1])
+            values.append(trainer._train_metrics["penalty"][-1])
     full = trainer_for(
         chat_file,
         tmp_path,
@@ -237,7 +238,7 @@ def test_penalty_fraction_rescales_to_an_unbiased_estimate(chat_file, tmp_path):
             full.compute_loss(full.model, dict(batch))
             full._check_step(full.model)  # the optimizer-step hook logs the step's sums
             full.model.zero_grad()
-            full_values.append(full._metrics["train"]["penalty"][-1])
+            full_values.append(full._train_metrics["penalty"][-1])
     half, whole = torch.tensor(values), torch.tensor(full_values)
     standard_error = (half.var() / len(half) + whole.var() / len(whole)).sqrt()
     assert abs(half.mean() - whole.mean()) < 4 * standard_error + 1e-6
@@ -403,12 +404,18 @@ def test_cli_errors_are_one_line_and_exit_2(chat_file, tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+def _check_supported(trainer) -> None:
+    check_supported(trainer.args, trainer.accelerator, trainer.model, trainer.is_deepspeed_enabled)
+
+
 def test_flash_attention_is_refused_for_exact_mode(chat_file, tmp_path):
     trainer = trainer_for(chat_file, tmp_path, method="baseline")
     trainer.model.config._attn_implementation = "flash_attention_2"
     trainer.args.method, trainer._kind = "token-f", "token"
     trainer.args.penalty_grad = "exact"
     with pytest.raises(FishertuneError, match="twice-differentiable attention"):
-        trainer._check_supported()
+        check_supported(
+            trainer.args, trainer.accelerator, trainer.model, trainer.is_deepspeed_enabled
+        )
     trainer.args.penalty_grad = "fd"
-    trainer._check_supported()
+    _check_supported(trainer)

@@ -149,7 +149,7 @@ def _validation_scores(model: Any, validation: Any, pad_token_id: int) -> dict[s
     """
     from fishertune.data.chat import collate_tokenized
     from fishertune.noise import EmbeddingCapture, find_input_embeddings
-    from fishertune.penalties import label_mask_from_labels, token_fisher
+    from fishertune.penalties import label_mask_from_labels, scored_cross_entropy, token_fisher
 
     model.eval()
     device = next(model.parameters()).device
@@ -165,9 +165,7 @@ def _validation_scores(model: Any, validation: Any, pad_token_id: int) -> dict[s
             with torch.enable_grad():
                 logits = model(**batch, use_cache=False).logits
                 mask = label_mask_from_labels(labels)
-                targets = labels[:, 1:][mask[:, :-1]]
-                log_probs = torch.log_softmax(logits[mask].float(), -1)
-                ce_sum += -log_probs.gather(1, targets[:, None]).sum().item()
+                ce_sum += scored_cross_entropy(logits, labels, mask).item()
                 ce_count += mask.sum().item()
                 fisher_sum += token_fisher(
                     capture.embeds,

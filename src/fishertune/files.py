@@ -8,6 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# The records fishertune writes into a run folder, named here once for every reader and writer.
+RUN_RECORD = "fishertune_run.json"  # a finished `fishertune train` run: settings and outcome
+CHECKPOINT_RECORD = "fishertune_checkpoint.json"  # in checkpoint-N/: it is complete
+
 
 def write_json_atomic(
     path: str | os.PathLike, payload: Any, *, sort_keys: bool = False, allow_nan: bool = True

@@ -94,7 +94,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     return getattr(torch, dtype)
 
 
-def _looks_like_path(name: str) -> bool:
+def _names_a_local_path(name: str) -> bool:
     # hub names are "model" or "owner/model"; anything else with a slash, or that exists, is a path
     return (
         name.startswith((".", "/", "~"))
@@ -105,7 +105,7 @@ def _looks_like_path(name: str) -> bool:
 
 def _local_folder(name: str, what: str) -> Path | None:
     """The folder ``name`` names (absolute), ``None`` for a hub name; a missing path is an error."""
-    if not _looks_like_path(name):
+    if not _names_a_local_path(name):
         return None
     folder = Path(name).expanduser()
     if not folder.is_dir():

@@ -40,6 +40,8 @@ __all__ = [
     "logit_fisher",
     "penalty_from_direction",
     "sample_targets",
+    "scored_cross_entropy",
+    "scored_log_probs",
     "token_fisher",
 ]
 
@@ -79,6 +81,35 @@ def label_mask_from_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> 
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = labels[:, 1:] != ignore_index
     return mask
+
+
+def scored_log_probs(
+    logits: Tensor, labels: Tensor, label_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Log-probabilities at the scored positions and their targets: the next-token CE's inputs.
+
+    Args:
+        logits: (B, L, V).
+        labels: (B, L) with ``-100`` on unscored tokens.
+        label_mask: (B, L) from :func:`label_mask_from_labels` (computed when not given).
+
+    Returns:
+        ``log softmax(z_t)`` (N, V) in float32 or wider, and ``labels[t + 1]`` (N,), one row per
+        scored position in ``label_mask`` order.
+    """
+    if label_mask is None:
+        label_mask = label_mask_from_labels(labels)
+    targets = labels[:, 1:][label_mask[:, :-1]]
+    scored = logits[label_mask]
+    return torch.log_softmax(scored.to(_compute_dtype(scored.dtype)), dim=-1), targets
+
+
+def scored_cross_entropy(
+    logits: Tensor, labels: Tensor, label_mask: Tensor | None = None
+) -> Tensor:
+    """``CE = -sum_t M_t log p_t[labels_{t+1}]``, summed (not averaged) over scored tokens."""
+    log_probs, targets = scored_log_probs(logits, labels, label_mask)
+    return -log_probs.gather(1, targets[:, None]).sum()
 
 
 def sample_targets(

@@ -31,7 +31,7 @@ import contextlib
 import math
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -39,9 +39,9 @@ from torch import Tensor, nn
 
 from fishertune.data.chat import collate_tokenized, row_labels
 from fishertune.errors import FishertuneError
-from fishertune.estimators import EmbeddingHVP, TraceEstimate, fisher_trace, hutchinson_traces
+from fishertune.estimators import EmbeddingHVP, Estimate, fisher_trace, hutchinson_traces
 from fishertune.noise import NEFTuneNoise, find_input_embeddings
-from fishertune.penalties import IGNORE_INDEX, label_mask_from_labels
+from fishertune.penalties import IGNORE_INDEX, label_mask_from_labels, scored_cross_entropy
 from fishertune.schedules import neftune_equivalent_coef, neftune_scale
 
 __all__ = [
@@ -50,8 +50,8 @@ __all__ = [
     "AnalysisResult",
     "BatchMeasurement",
     "Estimate",
-    "aggregate",
     "analyze",
+    "combine_batches",
 ]
 
 Z_95 = 1.96
@@ -61,25 +61,6 @@ NoiseDistribution = Literal["uniform", "gaussian"]
 
 
 # ------------------------------------------------------------------------------ result containers
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A Monte-Carlo mean with its standard error (``nan`` when not estimable)."""
-
-    mean: float
-    stderr: float
-
-    @classmethod
-    def from_samples(cls, samples: Sequence[float]) -> Estimate:
-        values = [float(v) for v in samples]
-        if len(values) < 2:
-            return cls(values[0] if values else math.nan, math.nan)
-        return cls(statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)))
-
-    @classmethod
-    def from_trace(cls, trace: TraceEstimate) -> Estimate:
-        return cls(trace.mean, trace.stderr)
 
 
 @dataclass(frozen=True)
@@ -119,7 +100,7 @@ class Aggregate:
         }
 
 
-def aggregate(estimates: Sequence[Estimate]) -> Aggregate:
+def combine_batches(estimates: Sequence[Estimate]) -> Aggregate:
     """Combine per-batch estimates (each with its own standard error) into an :class:`Aggregate`."""
     count = len(estimates)
     if count == 0:
@@ -185,9 +166,12 @@ class BatchMeasurement:
         return Estimate(factor * self.trace_h_weighted.mean, factor * self.trace_h_weighted.stderr)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["measured"] = {str(alpha): asdict(value) for alpha, value in self.measured.items()}
-        out["predicted"] = {str(alpha): asdict(self.predicted(alpha)) for alpha in self.measured}
+        out = {
+            key: value.to_dict() if isinstance(value, Estimate) else value
+            for key, value in vars(self).items()
+        }
+        out["measured"] = {str(alpha): value.to_dict() for alpha, value in self.measured.items()}
+        out["predicted"] = {str(alpha): self.predicted(alpha).to_dict() for alpha in self.measured}
         return out
 
 
@@ -240,7 +224,7 @@ class AlphaSummary:
             "lambda_equiv": self.lambda_equiv,
             "measured": self.measured.to_dict(),
             "predicted": self.predicted.to_dict(),
-            "ratio": asdict(self.ratio) | {"ci95": Z_95 * self.ratio.stderr},
+            "ratio": self.ratio.to_dict() | {"ci95": Z_95 * self.ratio.stderr},
             "agree_within_ci95": self.agree,
             "predicted_median_length": self.predicted_median_length,
             "fisher_penalty_at_lambda_equiv": self.fisher_penalty_at_lambda_equiv,
@@ -287,7 +271,7 @@ class AnalysisResult:
             "trace_hessian": self.trace_h.to_dict(),
             "trace_fisher": self.trace_f.to_dict(),
             "gauss_newton_gap": self.gap.to_dict(),
-            "fisher_over_hessian": asdict(self.fisher_over_hessian),
+            "fisher_over_hessian": self.fisher_over_hessian.to_dict(),
             "alphas": [summary.to_dict() for summary in self.alphas],
             "batches": [batch.to_dict() for batch in self.batches],
             **self.extra,
@@ -333,11 +317,7 @@ def _measurement_mode(model: nn.Module) -> Iterator[None]:
 
 def _mean_cross_entropy(logits: Tensor, labels: Tensor, label_mask: Tensor) -> Tensor:
     """``-(1/N) sum_t M_t log p_t[labels_{t+1}]``, in float32 or wider."""
-    targets = torch.zeros_like(labels)
-    targets[:, :-1] = labels[:, 1:]
-    scored = logits[label_mask]  # (N, V)
-    scored = scored.to(torch.promote_types(scored.dtype, torch.float32))
-    return torch.nn.functional.cross_entropy(scored, targets[label_mask], reduction="mean")
+    return scored_cross_entropy(logits, labels, label_mask) / label_mask.sum().clamp(min=1)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -430,14 +410,57 @@ def _measure_batch(
         lengths=[int(n) for n in attention_mask.sum(-1).tolist()],
         embedding_rms=rms,
         loss=loss,
-        trace_h=Estimate.from_trace(traces["h"]),
-        trace_h_weighted=Estimate.from_trace(traces["weighted"]),
-        trace_f=Estimate.from_trace(fisher),
+        trace_h=(traces["h"]),
+        trace_h_weighted=(traces["weighted"]),
+        trace_f=(fisher),
         measured={alpha: Estimate.from_samples(values) for alpha, values in samples.items()},
     )
 
 
 # -------------------------------------------------------------------------------------- analyze
+
+
+def _checked_sizes(
+    alphas: list[float],
+    batches: int,
+    batch_size: int,
+    probes: int,
+    noise_samples: int,
+    fisher_draws: int | None,
+) -> int:
+    """Refuse sizes too small for an error bar; the number of Fisher draws (default ``probes``)."""
+    if not alphas or any(alpha < 0 for alpha in alphas):
+        raise FishertuneError(f"--alphas must be non-negative numbers, got {alphas}")
+    for name, value, low in (
+        ("batches", batches, 1),
+        ("batch_size", batch_size, 1),
+        ("probes", probes, 2),
+        ("noise_samples", noise_samples, 2),
+    ):
+        if value < low:
+            raise FishertuneError(f"--{name} must be >= {low}, got {value}")
+    fisher_draws = probes if fisher_draws is None else fisher_draws
+    if fisher_draws < 2:
+        raise FishertuneError(f"fisher_draws must be >= 2, got {fisher_draws}")
+    return fisher_draws
+
+
+def _scored_rows(dataset: Any, seed: int, count: int) -> list[Mapping[str, Any]]:
+    """``count`` rows in an order shuffled by ``seed``, skipping rows with no scored token."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen: list[Mapping[str, Any]] = []
+    for i in order:
+        if len(chosen) == count:
+            break
+        row = dataset[i]
+        if _has_scored_token(row):
+            chosen.append(row)
+    if not chosen:
+        raise FishertuneError(
+            "no example has an assistant token after its first token (check the chat template's "
+            "assistant mask and --max_length)"
+        )
+    return chosen
 
 
 def analyze(
@@ -491,19 +514,7 @@ def analyze(
     from tqdm.auto import tqdm
 
     alphas = [float(alpha) for alpha in alphas]
-    if not alphas or any(alpha < 0 for alpha in alphas):
-        raise FishertuneError(f"--alphas must be non-negative numbers, got {alphas}")
-    for name, value, low in (
-        ("batches", batches, 1),
-        ("batch_size", batch_size, 1),
-        ("probes", probes, 2),
-        ("noise_samples", noise_samples, 2),
-    ):
-        if value < low:
-            raise FishertuneError(f"--{name} must be >= {low}, got {value}")
-    fisher_draws = probes if fisher_draws is None else fisher_draws
-    if fisher_draws < 2:
-        raise FishertuneError(f"fisher_draws must be >= 2, got {fisher_draws}")
+    fisher_draws = _checked_sizes(alphas, batches, batch_size, probes, noise_samples, fisher_draws)
 
     dataset = _tokenized(
         dataset, tokenizer, max_length, seed, max(SAMPLE_CAP, 4 * batches * batch_size)
@@ -514,19 +525,7 @@ def analyze(
     median_length = float(statistics.median(lengths))
     hidden = int(find_input_embeddings(model).weight.shape[-1])
 
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen: list[Mapping[str, Any]] = []
-    for i in order:
-        if len(chosen) == batches * batch_size:
-            break
-        row = dataset[i]
-        if _has_scored_token(row):
-            chosen.append(row)
-    if not chosen:
-        raise FishertuneError(
-            "no example has an assistant token after its first token (check the chat template's "
-            "assistant mask and --max_length)"
-        )
+    chosen = _scored_rows(dataset, seed, batches * batch_size)
     groups = [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
     pad_id = _pad_token_id(tokenizer)
 
@@ -583,9 +582,9 @@ def _summarize(
     hidden: int,
     median_length: float,
 ) -> AnalysisResult:
-    trace_h = aggregate([m.trace_h for m in measurements])
-    trace_f = aggregate([m.trace_f for m in measurements])
-    gap = aggregate(
+    trace_h = combine_batches([m.trace_h for m in measurements])
+    trace_f = combine_batches([m.trace_f for m in measurements])
+    gap = combine_batches(
         [
             Estimate(
                 m.trace_h.mean - m.trace_f.mean, math.hypot(m.trace_h.stderr, m.trace_f.stderr)
@@ -597,8 +596,8 @@ def _summarize(
     typical = max(1, round(median_length))
     summaries = []
     for alpha in config["alphas"]:
-        measured = aggregate([m.measured[alpha] for m in measurements])
-        predicted = aggregate([m.predicted(alpha) for m in measurements])
+        measured = combine_batches([m.measured[alpha] for m in measurements])
+        predicted = combine_batches([m.predicted(alpha) for m in measurements])
         coef = neftune_equivalent_coef(alpha, typical, hidden)
         scale = neftune_scale(alpha, typical, hidden)
         summaries.append(
@@ -623,7 +622,7 @@ def _summarize(
         median_length=median_length,
         batches=measurements,
         alphas=summaries,
-        loss=aggregate([Estimate(m.loss, 0.0) for m in measurements]),
+        loss=combine_batches([Estimate(m.loss, 0.0) for m in measurements]),
         trace_h=trace_h,
         trace_f=trace_f,
         gap=gap,

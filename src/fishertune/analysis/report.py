@@ -99,16 +99,16 @@ def write_json(result: AnalysisResult, path: Path) -> None:
 
     ``nan`` (an interval from a single batch) is written as ``null``.
     """
-    path.write_text(json.dumps(_finite(result.to_dict()), indent=2) + "\n")
+    path.write_text(json.dumps(_finite_or_none(result.to_dict()), indent=2) + "\n")
 
 
-def _finite(value: Any) -> Any:
+def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: _finite_or_none(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
+        return [_finite_or_none(item) for item in value]
     return value
 
 

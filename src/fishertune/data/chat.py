@@ -287,7 +287,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _looks_like_path(source: str) -> bool:
+def _names_a_data_file(source: str) -> bool:
     return source.lower().endswith(_FILE_SUFFIXES) or source.startswith(("/", "./", "../", "~"))
 
 
@@ -333,7 +333,7 @@ def load_conversations(source: str, split: str = "train") -> Any:
         return _load_file(path, source)
     if path.is_dir():
         return _load_folder(path, split)
-    if _looks_like_path(source):
+    if _names_a_data_file(source):
         raise FishertuneError(f"data file not found: {source}")
     import datasets
 
@@ -387,7 +387,7 @@ def check_conversations(source: str, split: str = "train") -> None:
                 f"{name}: unsupported file type {suffix or '(none)'!r} "
                 f"(expected one of {', '.join(_FILE_SUFFIXES)})"
             )
-    elif not path.exists() and _looks_like_path(source):
+    elif not path.exists() and _names_a_data_file(source):
         raise FishertuneError(f"data file not found: {source}")
 
 

@@ -7,6 +7,7 @@
 
 from fishertune.estimators.curvature import EmbeddingHVP, embedding_hvp, fisher_trace
 from fishertune.estimators.trace import (
+    Estimate,
     TraceEstimate,
     dense_matrix,
     dense_trace,
@@ -17,6 +18,7 @@ from fishertune.estimators.trace import (
 
 __all__ = [
     "EmbeddingHVP",
+    "Estimate",
     "TraceEstimate",
     "dense_matrix",
     "dense_trace",

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "Estimate",
     "Matvec",
     "TraceEstimate",
     "dense_matrix",
@@ -41,36 +42,48 @@ ProbeDistribution = Literal["rademacher", "gaussian"]
 
 
 @dataclass(frozen=True)
-class TraceEstimate:
-    """A Monte-Carlo trace estimate: ``mean`` of the per-probe ``samples`` and its standard error.
+class Estimate:
+    """A Monte-Carlo mean with its standard error, and the samples it came from where kept.
+
+    The one type for an estimate with its error, in the estimators and the analysis alike.
 
     Attributes:
         mean: ``(1/K) sum_k s_k``.
-        stderr: ``std(s) / sqrt(K)`` (unbiased std; ``nan`` when ``K == 1``).
-        samples: (K,) float64 per-probe values ``s_k = z_k^T A z_k``, on the CPU.
+        stderr: ``std(s) / sqrt(K)`` (unbiased std; ``nan`` when ``K < 2`` or not estimable).
+        samples: (K,) float64 values ``s_k`` (for a trace, ``z_k^T A z_k``) on the CPU, or
+            ``None`` for an estimate built from a mean and an error.
     """
 
     mean: float
     stderr: float
-    samples: Tensor
+    samples: Tensor | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_samples(cls, samples: Tensor | Sequence[float]) -> TraceEstimate:
-        """Summarize per-probe values ``samples`` (K,) into mean and standard error."""
+    def from_samples(cls, samples: Tensor | Sequence[float]) -> Estimate:
+        """Summarize values ``samples`` (K,) into mean and standard error (``nan`` for K = 0)."""
         values = torch.as_tensor(samples, dtype=torch.float64).detach().cpu().reshape(-1)
-        if values.numel() == 0:
-            raise ValueError("a trace estimate needs at least one sample")
         count = values.numel()
+        if count == 0:
+            return cls(mean=math.nan, stderr=math.nan, samples=values)
         stderr = float(values.std(unbiased=True)) / math.sqrt(count) if count > 1 else math.nan
         return cls(mean=float(values.mean()), stderr=stderr, samples=values)
 
+    def to_dict(self) -> dict[str, float]:
+        """``{"mean", "stderr"}`` (the samples stay out of reports)."""
+        return {"mean": self.mean, "stderr": self.stderr}
+
     @property
     def num_samples(self) -> int:
-        return int(self.samples.numel())
+        return 0 if self.samples is None else int(self.samples.numel())
 
-    def scaled(self, factor: float) -> TraceEstimate:
+    def scaled(self, factor: float) -> Estimate:
         """The estimate of ``factor * Tr(A)`` from the same samples."""
-        return TraceEstimate.from_samples(self.samples * factor)
+        if self.samples is None:
+            return Estimate(factor * self.mean, abs(factor) * self.stderr)
+        return Estimate.from_samples(self.samples * factor)
+
+
+TraceEstimate = Estimate  # the name the trace estimators have always returned
 
 
 def sample_probe(
@@ -108,7 +121,7 @@ def hutchinson_traces(
     distribution: ProbeDistribution = "rademacher",
     probe_mask: Tensor | None = None,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, TraceEstimate]:
+) -> dict[str, Estimate]:
     """Weighted Hutchinson traces ``Tr(diag(w) A)`` for several weightings, from shared probes.
 
     Per probe ``z_k`` one product ``u_k = A z_k`` and, for each weighting ``w``,
@@ -130,7 +143,7 @@ def hutchinson_traces(
         progress: called with 1 after each product (e.g. a tqdm bar's ``update``).
 
     Returns:
-        name -> :class:`TraceEstimate` over the ``K`` probes.
+        name -> :class:`Estimate` over the ``K`` probes.
     """
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
@@ -151,7 +164,7 @@ def hutchinson_traces(
             samples[name].append(float(value.sum()))
         if progress is not None:
             progress(1)
-    return {name: TraceEstimate.from_samples(values) for name, values in samples.items()}
+    return {name: Estimate.from_samples(values) for name, values in samples.items()}
 
 
 def hutchinson_trace(

@@ -181,10 +181,8 @@ def _table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``fishertune evaluate``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    started = time.time()
+def _checked_arguments(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The model folder and the task list; a bad folder, empty work or bad size is an error."""
     model_dir = Path(args.model).expanduser()
     if not (model_dir / "config.json").is_file() and not is_adapter_folder(model_dir):
         raise FishertuneError(
@@ -203,6 +201,77 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in sizes.items():
         if value is not None and value < (0 if name == "--num_fewshot" else 1):
             raise FishertuneError(f"{name} must be positive, got {value}")
+    return model_dir, tasks
+
+
+def _lm_eval(
+    args: argparse.Namespace,
+    model: Any,
+    tokenizer: Any,
+    model_dir: Path,
+    lm_tasks: list[str],
+    device: str,
+) -> dict[str, Any]:
+    """lm-eval's results for ``lm_tasks`` (:func:`fishertune.evaluation.lmeval.run_lm_eval`)."""
+    from fishertune.evaluation.lmeval import run_lm_eval
+
+    # With --model_args lm-eval loads the folder itself (dtype, parallelize...), a LoRA run
+    # as its base with peft=ADAPTER; otherwise it scores the model already in memory.
+    lm_model: Any = model_dir if args.model_args else model
+    model_args = args.model_args
+    if model_args and is_adapter_folder(model_dir):
+        from fishertune.modeling import adapter_base
+
+        lm_model = adapter_base(model_dir)[0]
+        model_args = f"{model_args},peft={model_dir.resolve()}"
+    return run_lm_eval(
+        lm_model,
+        lm_tasks,
+        tokenizer=tokenizer,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        device=device,
+        model_args=model_args,
+        seed=args.seed,
+    )
+
+
+def _write_report(
+    args: argparse.Namespace,
+    metrics: dict[str, float],
+    directions: dict[str, bool],
+    meta: dict[str, Any],
+    started: float,
+) -> None:
+    """Write ``--output`` (non-finite metrics listed apart: not JSON) and print the table."""
+    # NaN from lm-eval (IFEval accuracy on a test subset without instructions) is undefined, not
+    # a number, and not JSON: listed apart, and said.
+    undefined = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    if undefined:
+        meta["undefined_metrics"] = undefined
+    meta["wall_time_s"] = round(time.time() - started, 2)
+    write_json_atomic(
+        args.output,
+        {"metrics": metrics, "higher_is_better": directions, "meta": meta},
+        allow_nan=False,
+    )
+    print(_table(metrics))
+    if undefined:
+        print(f"warning: undefined (not finite) metrics: {', '.join(undefined)}", file=sys.stderr)
+    for kind, path in meta.get("answers", {}).items():
+        print(f"{kind} answers: {path}")
+    print(f"wrote {args.output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``fishertune evaluate``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    model_dir, tasks = _checked_arguments(args)
 
     import torch
     from transformers import set_seed
@@ -237,30 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["dataset"] = args.dataset
     lm_tasks = [t for t in tasks if t != OFFLINE]
     if lm_tasks:
-        from fishertune.evaluation.lmeval import run_lm_eval
-
-        # With --model_args lm-eval loads the folder itself (dtype, parallelize...), a LoRA run
-        # as its base with peft=ADAPTER; otherwise it scores the model already in memory.
-        lm_model: Any = model_dir if args.model_args else model
-        model_args = args.model_args
-        if model_args and is_adapter_folder(model_dir):
-            from fishertune.modeling import adapter_base
-
-            lm_model = adapter_base(model_dir)[0]
-            model_args = f"{model_args},peft={model_dir.resolve()}"
-        result = run_lm_eval(
-            lm_model,
-            lm_tasks,
-            tokenizer=tokenizer,
-            include_path=args.include_path,
-            num_fewshot=args.num_fewshot,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            device=device,
-            model_args=model_args,
-            seed=args.seed,
-        )
+        result = _lm_eval(args, model, tokenizer, model_dir, lm_tasks, device)
         metrics.update(result["metrics"])
         directions.update(result["higher_is_better"])
         meta["lm_eval_versions"] = result["versions"]
@@ -293,22 +339,5 @@ def main(argv: list[str] | None = None) -> int:
             f"--model {args.model}: non-finite {', '.join(broken)} (the model's outputs are not "
             f"finite); nothing written to {args.output}"
         )
-    # NaN from lm-eval (IFEval accuracy on a test subset without instructions) is undefined, not
-    # a number, and not JSON: listed apart, and said.
-    undefined = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-    metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
-    if undefined:
-        meta["undefined_metrics"] = undefined
-    meta["wall_time_s"] = round(time.time() - started, 2)
-    write_json_atomic(
-        args.output,
-        {"metrics": metrics, "higher_is_better": directions, "meta": meta},
-        allow_nan=False,
-    )
-    print(_table(metrics))
-    if undefined:
-        print(f"warning: undefined (not finite) metrics: {', '.join(undefined)}", file=sys.stderr)
-    for kind, path in meta.get("answers", {}).items():
-        print(f"{kind} answers: {path}")
-    print(f"wrote {args.output}")
+    _write_report(args, metrics, directions, meta, started)
     return 0

@@ -74,6 +74,66 @@ def flatten_results(results: Mapping[str, Any]) -> tuple[dict[str, float], dict[
     return metrics, directions
 
 
+def _checked_task_manager(tasks: Sequence[str], include_path: Sequence[str | Path]) -> Any:
+    """lm-eval's task manager over ``include_path``; an unknown task or folder is an error."""
+    if not tasks:
+        raise FishertuneError("no lm-eval task given")
+    paths = [str(Path(p).expanduser().resolve()) for p in include_path]
+    for path in paths:
+        if not Path(path).is_dir():
+            raise FishertuneError(f"--include_path {path}: not a folder")
+    manager = _task_manager(tuple(paths))
+    known = set(manager.all_tasks)
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, sorted(known), n=5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise FishertuneError(f"unknown lm-eval task {task!r}{hint}")
+    return manager
+
+
+def _harness_model(
+    model: Any,
+    tokenizer: Any,
+    batch_size: int,
+    max_length: int | None,
+    device: str | None,
+    extra: dict[str, Any],
+) -> Any:
+    """lm-eval's ``HFLM`` over a model in memory or a saved folder, with a chat template."""
+    from lm_eval.models.huggingface import HFLM
+
+    from fishertune.data.chat import ensure_chat_template
+
+    if isinstance(model, (str, Path)):
+        from transformers import AutoTokenizer
+
+        folder = str(model)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+            except OSError as err:
+                raise FishertuneError(f"cannot load the tokenizer of {folder}: {err}") from err
+        ensure_chat_template(tokenizer)
+        return HFLM(
+            pretrained=folder,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+            device=device or ("cuda" if _cuda() else "cpu"),
+            **extra,
+        )
+    else:
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        ensure_chat_template(tokenizer)
+        return HFLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length
+        )
+
+
 def run_lm_eval(
     model: Any,
     tasks: Sequence[str],
@@ -117,54 +177,12 @@ def run_lm_eval(
         FishertuneError: unknown task name (with the closest known names), bad ``model_args``.
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     from fishertune.console import child_stderr_captured
-    from fishertune.data.chat import ensure_chat_template
 
-    if not tasks:
-        raise FishertuneError("no lm-eval task given")
-    paths = [str(Path(p).expanduser().resolve()) for p in include_path]
-    for path in paths:
-        if not Path(path).is_dir():
-            raise FishertuneError(f"--include_path {path}: not a folder")
-    manager = _task_manager(tuple(paths))
-    known = set(manager.all_tasks)
-    for task in tasks:
-        if task not in known:
-            close = difflib.get_close_matches(task, sorted(known), n=5)
-            hint = f"; closest: {', '.join(close)}" if close else ""
-            raise FishertuneError(f"unknown lm-eval task {task!r}{hint}")
-
+    manager = _checked_task_manager(tasks, include_path)
     extra = parse_model_args(model_args) if isinstance(model_args, str) else dict(model_args or {})
-    if isinstance(model, (str, Path)):
-        from transformers import AutoTokenizer
-
-        folder = str(model)
-        if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(folder)
-            except OSError as err:
-                raise FishertuneError(f"cannot load the tokenizer of {folder}: {err}") from err
-        ensure_chat_template(tokenizer)
-        lm = HFLM(
-            pretrained=folder,
-            tokenizer=tokenizer,
-            batch_size=batch_size,
-            max_length=max_length,
-            device=device or ("cuda" if _cuda() else "cpu"),
-            **extra,
-        )
-    else:
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-        ensure_chat_template(tokenizer)
-        lm = HFLM(
-            pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length
-        )
-
+    lm = _harness_model(model, tokenizer, batch_size, max_length, device, extra)
     try:
         # lm-eval runs `git describe`, whose "fatal: not a git repository" would reach the terminal
         with child_stderr_captured():

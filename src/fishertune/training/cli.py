@@ -41,13 +41,10 @@ from typing import Any
 
 from fishertune.data.tokenizer import TINY_TOKENIZER
 from fishertune.errors import FishertuneError
-from fishertune.files import write_json_atomic
+from fishertune.files import CHECKPOINT_RECORD, RUN_RECORD, write_json_atomic
 from fishertune.modeling import TINY_MODEL
 
 logger = logging.getLogger(__name__)
-
-RUN_RECORD = "fishertune_run.json"
-CHECKPOINT_RECORD = "fishertune_checkpoint.json"
 
 
 def _script_arguments_class() -> type:
@@ -608,32 +605,8 @@ def build_trainer(
             "merge after training, e.g. fishertune.modeling.load_model_and_tokenizer(RUN_DIR, "
             "merge_adapter=True) then save_pretrained"
         )
-    trainer.add_callback(_checkpoint_record_callback(trainer, on_first_checkpoint))
+    trainer.checkpoint_record.on_first = on_first_checkpoint
     return trainer
-
-
-def _checkpoint_record_callback(trainer: Any, on_first: Callable[[], None] | None) -> Any:
-    from transformers import TrainerCallback
-
-    class CheckpointRecord(TrainerCallback):
-        """Marks each checkpoint complete once transformers has written all of it, with the
-        run's totals so far (a resumed run continues them); ``on_first`` runs after the first."""
-
-        def __init__(self) -> None:
-            self.on_first = on_first
-
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            # every rank has written its part (RNG state, optimizer shards) before the record
-            trainer.accelerator.wait_for_everyone()
-            if args.should_save:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                record = {"step": state.global_step, **trainer.run_totals}
-                write_json_atomic(folder / CHECKPOINT_RECORD, record, sort_keys=True)
-                if self.on_first is not None:
-                    self.on_first()
-            self.on_first = None
-
-    return CheckpointRecord()
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -651,6 +624,38 @@ def _describe(err: BaseException) -> str:
 
 def _write_record(output_dir: str, payload: dict[str, Any]) -> None:
     write_json_atomic(Path(output_dir) / RUN_RECORD, payload, sort_keys=True)
+
+
+def _finish_run(
+    trainer: Any,
+    script_args: Any,
+    training_args: Any,
+    record: dict[str, Any],
+    result: Any,
+    replacement: _Replacement | None,
+) -> None:
+    """After training: evaluate, save the model, state and tokenizer, mark the run completed."""
+    output_dir = Path(training_args.output_dir)
+    metrics = dict(result.metrics)  # train_loss: the whole run's (run_totals, resumed parts too)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    if script_args.save_merged_model:
+        save_merged_model(trainer, output_dir / "merged")
+    if trainer.accelerator.is_main_process:
+        trainer.processing_class.save_pretrained(training_args.output_dir)
+        record.update(
+            status="completed",
+            global_step=trainer.state.global_step,
+            skipped_steps=trainer.run_totals["skipped_steps"],
+            wall_time_s=round(trainer.run_totals["wall_time_s"], 2),  # all sessions
+            metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        )
+        _write_record(training_args.output_dir, record)
+        if replacement is not None:
+            replacement.commit()
+        print(f"saved to {training_args.output_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -702,34 +707,15 @@ def main(argv: list[str] | None = None) -> int:
         if replacement is not None:
             on_first.append(replacement.commit)  # once the new run has a checkpoint of its own
         if plan.checkpoint is not None:
+            # the trainer continues its totals from this record (FisherSFTTrainer.train)
             saved = json.loads((plan.checkpoint / CHECKPOINT_RECORD).read_text())
-            trainer.run_totals.update({k: saved[k] for k in trainer.run_totals if k in saved})
             logger.info("resuming from %s (step %s)", plan.checkpoint, saved.get("step"))
         if main_process:
             _write_record(training_args.output_dir, record)
         result = trainer.train(
             resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None
         )
-        metrics = dict(result.metrics)  # train_loss: the whole run's (run_totals, restored above)
-        if trainer.eval_dataset is not None:
-            metrics.update(trainer.evaluate())
-        trainer.save_model(training_args.output_dir)
-        trainer.save_state()
-        if script_args.save_merged_model:
-            save_merged_model(trainer, output_dir / "merged")
-        if main_process:
-            trainer.processing_class.save_pretrained(training_args.output_dir)
-            record.update(
-                status="completed",
-                global_step=trainer.state.global_step,
-                skipped_steps=trainer.run_totals["skipped_steps"],
-                wall_time_s=round(trainer.run_totals["wall_time_s"], 2),  # all sessions
-                metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-            )
-            _write_record(training_args.output_dir, record)
-            if replacement is not None:
-                replacement.commit()
-            print(f"saved to {training_args.output_dir}")
+        _finish_run(trainer, script_args, training_args, record, result, replacement)
         return 0
     except BaseException as err:
         if main_process:

@@ -20,15 +20,27 @@ stop: skipping cannot repair them.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch import nn
 from transformers import TrainerCallback
 
 from fishertune.errors import FishertuneError
 
-__all__ = ["OptimizerStepHook", "TrainingDivergedError", "diagnose", "divergence_limit"]
+__all__ = [
+    "OptimizerStepHook",
+    "TrainingDivergedError",
+    "check_step",
+    "diagnose",
+    "divergence_limit",
+    "gradient_norm",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(FishertuneError):
@@ -73,6 +85,48 @@ def diagnose(
                 "the weights)"
             )
     return non_finite, broken
+
+
+def gradient_norm(model: nn.Module) -> float:
+    """Total 2-norm of the (already reduced) gradients; inf or nan if any entry is."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def check_step(
+    values: dict[str, float],
+    grad_norm: float | None,
+    *,
+    step: int,
+    ce_limit: float,
+    tokens: float,
+    on_nonfinite: str,
+    skipped_before: int,
+) -> bool:
+    """Whether to skip this step (``on_nonfinite="skip"`` and a non-finite value only); raises
+    :class:`TrainingDivergedError` where training must stop (see :func:`diagnose`)."""
+    non_finite, broken = diagnose(values, grad_norm, ce_limit=ce_limit, tokens=tokens)
+    if non_finite and on_nonfinite == "skip" and not broken:
+        logger.warning(
+            "step %d: non-finite %s: step skipped (%d so far)",
+            step,
+            ", ".join(non_finite),
+            skipped_before + 1,
+        )
+        return True
+    if non_finite or broken:
+        what = f"non-finite {', '.join(non_finite)}" if non_finite else broken[0]
+        raise TrainingDivergedError(
+            f"step {step}: {what}; training stopped before this update (checkpoints "
+            "written so far are kept): lower the learning rate or the penalty coefficient"
+            + ("" if broken else ", or set on_nonfinite=skip")
+        )
+    return False
 
 
 class OptimizerStepHook(TrainerCallback):

@@ -12,31 +12,24 @@ The embeddings ``X`` are taken with a forward hook on the model's input-embeddin
 so any transformers causal LM works. Hooks are attached when training starts and removed in a
 ``finally``: a saved or evaluated model carries none.
 
-Penalty gradients:
+The trainer orchestrates; the work lives in modules that can be read and tested alone:
 
-* ``penalty_grad="exact"``: ``v = autograd.grad(g, X, create_graph=True)``, one backward of
-  ``CE + lambda R`` (double backward). Needs eager attention or SDPA forced to its math kernel
-  (done automatically for ``sdpa``); other kernels are refused up front.
-* ``penalty_grad="fd"``: ``v`` from an input-only first-order backward, and the surrogate
-  ``(2/h)(g(X + h v) - g(X))`` of :func:`fishertune.penalties.fd_surrogate`. With
-  ``penalty_fd_backward="split"`` each forward is backpropagated before the next one runs, so only
-  one graph is in memory; the non-final backward runs under ``no_sync`` so DDP/FSDP reduce the
-  accumulated gradient once.
-
-Precision: the trainable parameters are cast up to float32 at construction (``master_weights``)
-and bf16/fp16 act as autocast; the final ``save_model`` writes the dtype the model was loaded in,
-checkpoints the float32 weights. A conversational dataset is tokenized for assistant-only loss
-(``assistant_only``) exactly as ``fishertune train`` tokenizes it.
-
-Randomness (the penalty's draws, NEFTune's noise, the penalized rows) comes from generators seeded
-by ``(seed, optimizer step, micro-step, rank)``, so a resumed run draws exactly what an
-uninterrupted one would.
-
-Metrics are summed over all micro-steps (and ranks) of an optimizer step and logged once per step,
-weighted by tokens as the loss is: with the ``mean`` reduction the logged ``loss`` (the objective)
-equals ``ce_loss + penalty_term`` (``penalty_term`` = applied coefficient x ``penalty``) under any
-gradient accumulation. Before each optimizer step :mod:`fishertune.training.guard` checks those
-numbers and the gradient norm: a non-finite, diverged or collapsed step stops training.
+* penalty gradients (:mod:`fishertune.penalty_grad`, torch only): the trainer hands the engine its
+  forward with the embedding shift and ``accelerator.backward`` (under ``no_sync`` for all but the
+  last pass), its normalizer and the draws. ``penalty_grad="exact"`` is double backward (eager
+  attention or SDPA forced to its math kernel; other kernels are refused up front);
+  ``penalty_grad="fd"`` finite differences of first-order gradients.
+* randomness (:mod:`fishertune.streams`): the penalty's draws, NEFTune's noise, the penalized rows
+  and the penalty's dropout seed come from named streams seeded by ``(seed, optimizer step,
+  micro-step, rank)``, so a resumed run draws exactly what an uninterrupted one would.
+* metrics (:mod:`.stats`): summed over the micro-steps and ranks of an optimizer step, logged
+  once per step through ``Trainer.log``, weighted by tokens as the loss is (with the ``mean``
+  reduction the logged ``loss`` equals ``ce_loss + penalty_term``); :mod:`.guard` stops (or skips)
+  a non-finite, diverged or collapsed step before the update.
+* precision (:mod:`.precision`): float32 master weights under bf16/fp16 autocast, the final model
+  saved in the loaded dtype; set-up refusals (:mod:`.checks`); checkpoint completion records
+  (:mod:`.checkpoints`); conversational datasets tokenized as ``fishertune train`` does
+  (:mod:`.data`).
 """
 
 from __future__ import annotations
@@ -44,10 +37,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,149 +50,30 @@ from trl import SFTTrainer
 
 from fishertune.errors import FishertuneError
 from fishertune.noise import EmbeddingCapture, NEFTuneNoise, find_input_embeddings
-from fishertune.penalties import (
-    fd_step_size,
-    fd_surrogate,
-    fisher_objective,
-    label_mask_from_labels,
-    sample_targets,
-)
+from fishertune.penalties import label_mask_from_labels, sample_targets, scored_log_probs
+from fishertune.penalty_grad import FDSettings, Passes, exact_penalty, fd_penalty_loss, penalty_rows
 from fishertune.schedules import every_k_coefficient, warmup_coefficient
-from fishertune.training.config import PENALTY_METHODS, FisherSFTConfig
+from fishertune.streams import Stream, stream_generator
+from fishertune.training.checkpoints import CheckpointRecord, restore_totals
+from fishertune.training.checks import attention_implementation, check_launch, check_supported
+from fishertune.training.config import FisherSFTConfig
+from fishertune.training.data import tokenize_conversations
 from fishertune.training.guard import (
     OptimizerStepHook,
     TrainingDivergedError,
-    diagnose,
+    check_step,
     divergence_limit,
+    gradient_norm,
 )
+from fishertune.training.precision import MasterWeights
+from fishertune.training.stats import StepSums, Sum
 
 __all__ = ["FisherSFTTrainer", "TrainingDivergedError"]
 
 logger = logging.getLogger(__name__)
 
-TWICE_DIFFERENTIABLE_ATTENTION = ("eager", "sdpa")
 
-# Per-optimizer-step sums (one float64 vector per rank, gathered once per step):
-# scored tokens, entropy, correct argmax, CE, penalty (x rescale), coefficient x penalty, penalized
-# micro-steps, and the loss the training step returned (what transformers logs as `loss`).
-(_TOKENS, _ENTROPY, _CORRECT, _CE, _PENALTY, _PENALTY_TERM, _PENALIZED, _LOSS) = range(8)
-_STATS = 8
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
-
-
-def _attention_implementation(model: nn.Module) -> str | None:
-    config = getattr(_unwrap(model), "config", None)
-    return getattr(config, "_attn_implementation", None)
-
-
-def _scored_log_probs(logits: Tensor, labels: Tensor, label_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Float32 log-probabilities (N, V) at the scored positions and their targets (N,)."""
-    targets = labels[:, 1:][label_mask[:, :-1]]
-    return torch.log_softmax(logits[label_mask].float(), dim=-1), targets
-
-
-def _ce_sum(logits: Tensor, labels: Tensor, label_mask: Tensor) -> Tensor:
-    """Cross-entropy summed over the scored positions, in float32."""
-    log_probs, targets = _scored_log_probs(logits, labels, label_mask)
-    return -log_probs.gather(1, targets[:, None]).sum()
-
-
-@torch.no_grad()
-def _accumulate(params: list[Tensor], grads: list[Tensor | None], scale: float) -> None:
-    """``p.grad += scale * grad``, as a backward of ``scale * loss`` would accumulate it."""
-    for param, grad in zip(params, grads, strict=True):
-        if grad is None:
-            continue
-        if param.grad is None:
-            param.grad = (grad * scale).to(param.dtype)
-        else:
-            param.grad.add_(grad.to(param.grad.dtype), alpha=scale)
-
-
-def _gradient_norm(model: nn.Module) -> float:
-    """Total 2-norm of the (already reduced) gradients; inf or nan if any entry is."""
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = torch.nn.utils.get_total_norm(grads)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-
-
-def _tokenize_conversations(arguments: dict[str, Any], config: FisherSFTConfig) -> None:
-    """Tokenize conversational datasets among ``arguments`` (``SFTTrainer.__init__``'s, bound)
-    for assistant-only training, as ``fishertune train`` does, in place.
-
-    A ``datasets.Dataset`` with a ``messages`` column and no ``input_ids`` goes through
-    :func:`fishertune.data.chat.tokenize_dataset` (``input_ids`` and ``assistant_masks``, from
-    which TRL builds the labels): the loss then covers assistant tokens and each turn's
-    end-of-turn token, whatever the chat template. The tokenizer (``processing_class``, or the
-    model's when not given) gets a chat template and a pad token as the CLI's does.
-    """
-    from datasets import Dataset
-
-    from fishertune.data.chat import tokenize_dataset
-    from fishertune.data.tokenizer import load_chat_tokenizer
-
-    def conversational(dataset: Any) -> bool:
-        return isinstance(dataset, Dataset) and (
-            "messages" in dataset.column_names and "input_ids" not in dataset.column_names
-        )
-
-    train, evaluation = arguments.get("train_dataset"), arguments.get("eval_dataset")
-    eval_sets = evaluation if isinstance(evaluation, dict) else {"": evaluation}
-    if not conversational(train) and not any(map(conversational, eval_sets.values())):
-        return
-    from fishertune.modeling import set_chat_template_file
-
-    tokenizer = arguments.get("processing_class")
-    if tokenizer is None:
-        model = arguments.get("model")
-        name = model if isinstance(model, str) else model.config._name_or_path
-        tokenizer = arguments["processing_class"] = load_chat_tokenizer(name)
-    else:
-        from fishertune.data.chat import ensure_chat_template
-
-        ensure_chat_template(tokenizer)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    if config.chat_template_path is not None:  # TRL sets it later: the data needs it now
-        set_chat_template_file(tokenizer, config.chat_template_path)
-    # TRL's max_length None means no truncation
-    max_length = config.max_length or 2**31 - 1
-    if conversational(train):
-        arguments["train_dataset"] = tokenize_dataset(train, tokenizer, max_length)
-    tokenized = {
-        key: tokenize_dataset(ds, tokenizer, max_length) if conversational(ds) else ds
-        for key, ds in eval_sets.items()
-    }
-    if evaluation is not None:
-        arguments["eval_dataset"] = tokenized if isinstance(evaluation, dict) else tokenized[""]
-
-
-def _cast_state_dict(state_dict: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """Floating tensors cast to ``dtype``; tensors that share storage (tied embeddings) stay
-    shared, so ``save_pretrained`` still writes a tied weight once."""
-    cast: dict[tuple[int, tuple[int, ...], tuple[int, ...]], Tensor] = {}
-    out = {}
-    for key, value in state_dict.items():
-        if not torch.is_floating_point(value):
-            out[key] = value
-            continue
-        ident = (value.data_ptr(), tuple(value.shape), tuple(value.stride()))
-        if ident not in cast:
-            cast[ident] = value.to(dtype)
-        out[key] = cast[ident]
-    return out
-
-
-class FisherSFTTrainer(SFTTrainer):
+class FisherSFTTrainer(MasterWeights, SFTTrainer):
     """``SFTTrainer`` for the methods baseline, neftune, token-f and logit-f.
 
     Takes the same arguments as ``trl.SFTTrainer``; ``args`` must be a
@@ -217,166 +91,27 @@ class FisherSFTTrainer(SFTTrainer):
         if config is not None and not isinstance(config, FisherSFTConfig):
             raise FishertuneError("FisherSFTTrainer needs args=FisherSFTConfig(...)")
         if config is not None and config.assistant_only:
-            _tokenize_conversations(arguments, config)
+            tokenize_conversations(arguments, config)
         super().__init__(**arguments)
         if not isinstance(self.args, FisherSFTConfig):
             raise FishertuneError("FisherSFTTrainer needs args=FisherSFTConfig(...)")
-        self._save_dtype: torch.dtype | None = None
-        self._final_save = False
         self._set_up_master_weights()
         self._kind = {"token-f": "token", "logit-f": "logit"}.get(self.args.method)
         self._capture = EmbeddingCapture()
         self._noise: NEFTuneNoise | None = None
         self._micro_step = 0
         self._micro_step_of = -1
-        self._step_stats: Tensor | None = None
-        self._vocab_size = 0
+        self._sums = StepSums(self.args.device)
+        self._train_metrics: dict[str, list[float]] = {}
+        self._tokens_seen = 0
         # whole-run totals (a resumed run continues them from its checkpoint's record)
         self.run_totals = {"loss_sum": 0.0, "steps": 0, "skipped_steps": 0, "wall_time_s": 0.0}
         self._clock = (time.time(), 0.0)  # (start of this train() call, wall time before it)
-        self._check_launch()
-        self._check_supported()
+        check_launch(self.accelerator)
+        check_supported(self.args, self.accelerator, self.model, self.is_deepspeed_enabled)
         self.add_callback(OptimizerStepHook(self._check_step))
-
-    # ------------------------------------------------------------------ precision
-    def _set_up_master_weights(self) -> None:
-        """Keep the weights the optimizer updates in float32 (``master_weights='float32'``).
-
-        An AdamW step at lr 5e-6 moves a weight by about 5e-6 of its scale, far below bf16's
-        spacing (2^-8 relative): parameters stored in bf16 would round most updates away (85% of
-        the weights changed after 20 steps in float32, 6.5% in bf16, on the tiny model). As
-        everywhere in the field (torch AMP, FSDP2's MixedPrecisionPolicy, DeepSpeed's bf16
-        optimizer), the parameters stay float32 and bf16 is the autocast compute dtype. Frozen
-        weights (a LoRA base) keep their dtype. Under DeepSpeed the engine keeps float32 masters
-        of its own (and ZeRO-3 has already partitioned the parameters), so nothing is cast here.
-        """
-        model = _unwrap(self.model)
-        half = [
-            p
-            for p in model.parameters()
-            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
-        ]
-        if not half:
-            return
-        if self.args.master_weights == "model":
-            logger.warning(
-                "master_weights=model: training %d parameter tensors in %s. Updates smaller than "
-                "its resolution (2^-8 of a weight for bf16) are rounded away: at small learning "
-                "rates most weights never change. Use master_weights=float32 (the default) to "
-                "train float32 weights with %s autocast.",
-                len(half),
-                half[0].dtype,
-                half[0].dtype,
-            )
-            return
-        if self.is_deepspeed_enabled:
-            return
-        if not hasattr(model, "peft_config"):  # PEFT saves adapters only: their dtype stays
-            self._save_dtype = half[0].dtype
-        # Replacing `.data` keeps each Parameter object (and so tied weights and the references
-        # hooks hold) while changing its storage dtype: what PEFT's cast_adapter_dtype and
-        # accelerate's FSDP2 upcast do.
-        for param in half:
-            param.data = param.data.float()
-        logger.info(
-            "master weights: %d trainable parameter tensors cast from %s to float32",
-            len(half),
-            self._save_dtype or "half precision",
-        )
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as transformers does; the final save (not a checkpoint) writes the weights in
-        the dtype the model was loaded in. Checkpoints keep the float32 master weights, so a
-        resumed run continues from exactly where it stopped."""
-        self._final_save = not _internal_call
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        sharded = self.is_fsdp_enabled and plugin is not None
-        sharded = sharded and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
-        if self._final_save and sharded:
-            # transformers saves no model at all under FSDP's SHARDED_STATE_DICT (the checkpoint
-            # type configs/accelerate/fsdp.yaml uses): the final model is gathered in full, the
-            # switch accelerate's set_state_dict_type documents for "train sharded, save full".
-            previous = plugin.state_dict_type
-            plugin.set_state_dict_type("FULL_STATE_DICT")
-        try:
-            super().save_model(output_dir, _internal_call)
-        finally:
-            self._final_save = False
-            if not _internal_call and sharded:
-                plugin.set_state_dict_type(previous)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        dtype = self._save_dtype if self._final_save else None
-        if dtype is None:
-            super()._save(output_dir, state_dict)
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        if state_dict is None:
-            state_dict = model.state_dict()
-        state_dict = _cast_state_dict(state_dict, dtype)
-        super()._save(output_dir, state_dict)
-        if self.args.should_save and hasattr(model, "config"):
-            # save_pretrained records the in-memory dtype (float32) in config.json; the weights
-            # written are `dtype`, which is what `dtype="auto"` must load them as
-            in_memory = model.config.dtype
-            model.config.dtype = dtype
-            try:
-                model.config.save_pretrained(output_dir or self.args.output_dir)
-            finally:
-                model.config.dtype = in_memory
-
-    # ------------------------------------------------------------------ set-up checks
-    def _check_launch(self) -> None:
-        # accelerate 1.15 leaves torchrun-launched processes undistributed when use_cpu=false on
-        # a machine without an accelerator: each would train alone on the whole data (measured)
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched > 1 and self.accelerator.num_processes != launched:
-            raise FishertuneError(
-                f"launched as {launched} processes but accelerate runs "
-                f"{self.accelerator.num_processes} ({self.accelerator.distributed_type}): on CPU "
-                "set use_cpu=true so the processes train together over gloo"
-            )
-
-    def _check_supported(self) -> None:
-        args = self.args
-        if args.method not in PENALTY_METHODS:
-            return
-        if self.is_deepspeed_enabled and args.penalty_fd_backward == "split":
-            # split calls accelerator.backward inside compute_loss: DeepSpeed's engine would
-            # scale by the accumulation steps again and may step the optimizer mid-micro-step
-            raise FishertuneError(
-                "penalty_fd_backward=split does not work under DeepSpeed (its engine owns backward "
-                "and the optimizer step): use penalty_fd_backward=joint or auto"
-            )
-        if self.is_deepspeed_enabled and args.on_nonfinite == "skip":
-            raise FishertuneError(
-                "on_nonfinite=skip does not work under DeepSpeed (its engine owns the gradients): "
-                "use on_nonfinite=stop"
-            )
-        ddp_static = getattr(args, "ddp_static_graph", None)
-        if ddp_static:
-            raise FishertuneError(
-                "ddp_static_graph=true gives wrong gradients for the penalty (measured); set "
-                "ddp_static_graph=false"
-            )
-        if args.penalty_grad == "exact":
-            attention = _attention_implementation(self.model)
-            if attention not in TWICE_DIFFERENTIABLE_ATTENTION:
-                raise FishertuneError(
-                    f"penalty_grad=exact needs twice-differentiable attention, but the model uses "
-                    f"attn_implementation={attention!r}: load it with attn_implementation='eager' "
-                    "or 'sdpa' (run with the math kernel), or use penalty_grad=fd"
-                )
-            if args.torch_compile:
-                raise FishertuneError(
-                    "penalty_grad=exact does not work with torch_compile (no double backward "
-                    "through compiled graphs); use penalty_grad=fd"
-                )
-            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-            if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
-                raise FishertuneError(
-                    "DeepSpeed ZeRO-3 does not support second-order autograd: use penalty_grad=fd"
-                )
+        self.checkpoint_record = CheckpointRecord(self.accelerator, lambda: self.run_totals)
+        self.add_callback(self.checkpoint_record)
 
     # ------------------------------------------------------------------ hooks lifecycle
     @contextlib.contextmanager
@@ -400,9 +135,15 @@ class FisherSFTTrainer(SFTTrainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``train``; ``train_loss`` is the mean objective per step of the whole
         run when :attr:`run_totals` cover it (transformers averages this call's steps only,
-        which after a resume leaves out the steps before it)."""
-        from transformers.trainer_utils import TrainOutput
+        which after a resume leaves out the steps before it). A resumed run continues the
+        totals from its checkpoint's record."""
+        from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if resume is True:
+            resume = get_last_checkpoint(self.args.output_dir)
+        if isinstance(resume, (str, os.PathLike)):
+            restore_totals(self.run_totals, Path(resume))
         self._clock = (time.time(), self.run_totals["wall_time_s"])
         with self._method_hooks():
             output = super().train(*args, **kwargs)
@@ -418,18 +159,16 @@ class FisherSFTTrainer(SFTTrainer):
         return TrainOutput(output.global_step, whole, {**output.metrics, "train_loss": whole})
 
     # ------------------------------------------------------------------ helpers
-    def _generator(self, device: torch.device, purpose: int) -> torch.Generator:
-        """A generator seeded by (seed, optimizer step, micro-step, rank, purpose): resumable."""
-        step = self.state.global_step
-        if self._micro_step_of != step:
-            self._micro_step_of, self._micro_step = step, 0
-        key = (self.args.seed, step, self._micro_step, self.accelerator.process_index, purpose)
-        seed = 0
-        for part in key:
-            seed = (seed * 1_000_003 + int(part)) % (2**62)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-        return generator
+    def _stream(self, stream: Stream, device: torch.device) -> torch.Generator:
+        """This micro-step's generator for ``stream`` (:mod:`fishertune.streams`): resumable."""
+        return stream_generator(
+            device,
+            self.args.seed,
+            self.state.global_step,
+            self._micro_step,
+            self.accelerator.process_index,
+            stream,
+        )
 
     def current_penalty_coef(self) -> float:
         """Coefficient applied at this step: ``lambda(step)``, or with ``penalty_every = k`` the
@@ -466,11 +205,6 @@ class FisherSFTTrainer(SFTTrainer):
             self.compute_loss_func is not None
         )
 
-    def _backward_now(self, model: nn.Module, loss: Tensor, num_items_in_batch: Any) -> None:
-        """Backward of a partial loss inside ``compute_loss`` (fd split mode), scaled as the
-        Trainer scales the returned loss; gradients are reduced across ranks later, once."""
-        self.accelerator.backward(loss / self._ga_divisor(num_items_in_batch))
-
     def _ga_divisor(self, num_items_in_batch: Any) -> int:
         if self._loss_is_scaled_for_ga(num_items_in_batch):
             return 1
@@ -497,7 +231,7 @@ class FisherSFTTrainer(SFTTrainer):
         return contextlib.nullcontext()
 
     def _attention_context(self) -> contextlib.AbstractContextManager:
-        if self.args.penalty_grad == "exact" and _attention_implementation(self.model) == "sdpa":
+        if self.args.penalty_grad == "exact" and attention_implementation(self.model) == "sdpa":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             return sdpa_kernel([SDPBackend.MATH])
@@ -526,7 +260,7 @@ class FisherSFTTrainer(SFTTrainer):
             return model(**model_inputs).logits
 
     def _rng_seed(self) -> int:
-        generator = self._generator(torch.device("cpu"), purpose=3)
+        generator = self._stream(Stream.DROPOUT, torch.device("cpu"))
         return int(torch.randint(2**62, (1,), generator=generator).item())
 
     @staticmethod
@@ -536,28 +270,23 @@ class FisherSFTTrainer(SFTTrainer):
         }
 
     def _record(self, name: str, value: float) -> None:
-        self._metrics["train"][name].append(value)
+        self._train_metrics.setdefault(name, []).append(value)
 
-    def _add_stats(self, index: int, value: Tensor | float) -> None:
-        """Add to this optimizer step's sums (on device: no synchronization per micro-step)."""
-        if self._step_stats is None:
-            self._step_stats = torch.zeros(_STATS, dtype=torch.float64, device=self.args.device)
-        self._step_stats[index] += value.detach().double() if isinstance(value, Tensor) else value
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """transformers' logging path, with this trainer's training metrics averaged over the
+        steps since the last log (as TRL averages its own)."""
+        if self.model.training and self._train_metrics:
+            logs.update({k: sum(v) / len(v) for k, v in self._train_metrics.items()})
+            self._train_metrics = {}
+        super().log(logs, start_time)
 
     def _record_ce_metrics(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """CE summed over scored tokens (float32, with graph) and the label mask; adds the CE,
         entropy, accuracy and token count to the step's sums."""
         label_mask = label_mask_from_labels(labels)
-        log_probs, targets = _scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
-        ce_sum = -log_probs.gather(1, targets[:, None]).sum()
-        self._vocab_size = logits.shape[-1]
-        with torch.no_grad():
-            probs = log_probs.exp()
-            self._add_stats(_TOKENS, label_mask.sum())
-            self._add_stats(_ENTROPY, -(probs * log_probs).sum())
-            self._add_stats(_CORRECT, (log_probs.argmax(-1) == targets).sum())
-            self._add_stats(_CE, ce_sum)
-        return ce_sum, label_mask
+        log_probs, targets = scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
+        self._sums.add_scored(log_probs, targets, label_mask)
+        return -log_probs.gather(1, targets[:, None]).sum(), label_mask
 
     def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Tensor:
         """transformers' step; the loss it returns (what the ``loss`` log sums) joins the step's
@@ -569,60 +298,40 @@ class FisherSFTTrainer(SFTTrainer):
         """
         with self._attention_context():
             loss = super().training_step(model, inputs, *args, **kwargs)
-        self._add_stats(_LOSS, loss)
+        self._sums.add(Sum.LOSS, loss)
         return loss
 
     def _check_step(self, model: nn.Module) -> None:
         """Once per optimizer step, before the update: gather the step's sums across ranks, log
         them, and stop (or skip) a non-finite, diverged or collapsed step (:mod:`.guard`)."""
-        stats = self._step_stats
-        self._step_stats = None
-        if stats is None:
-            stats = torch.zeros(_STATS, dtype=torch.float64, device=self.args.device)
-        gathered = self.accelerator.gather(stats[None]).view(-1, _STATS)
-        total = gathered.sum(0).tolist()
-        loss = gathered[:, _LOSS].mean().item()  # transformers logs the mean over ranks
-        tokens = max(total[_TOKENS], 1.0)
-        values = {"loss": loss, "ce_loss": total[_CE] / tokens}
-        if total[_PENALIZED] > 0:
-            values["penalty"] = total[_PENALTY] / tokens
+        totals = self._sums.gather(self.accelerator.gather)
+        values = totals.guarded_values()
         grad_norm = None
         if self.accelerator.scaler is None and not self.is_deepspeed_enabled:
             # a loss scaler skips overflowing fp16 steps itself; DeepSpeed keeps its own grads
-            grad_norm = _gradient_norm(model)
-        step = self.state.global_step + 1
-        non_finite, broken = diagnose(
+            grad_norm = gradient_norm(model)
+        skip = check_step(
             values,
             grad_norm,
-            ce_limit=divergence_limit(self._vocab_size, self.args.divergence_max_ce),
-            tokens=total[_TOKENS],
+            step=self.state.global_step + 1,
+            ce_limit=divergence_limit(self._sums.vocab_size, self.args.divergence_max_ce),
+            tokens=totals.sums[Sum.TOKENS],
+            on_nonfinite=self.args.on_nonfinite,
+            skipped_before=self.run_totals["skipped_steps"],
         )
-        if non_finite and self.args.on_nonfinite == "skip" and not broken:
+        if skip:
             model.zero_grad(set_to_none=True)  # the optimizer leaves every parameter as it was
             self.run_totals["skipped_steps"] += 1
-            self._metrics["train"]["skipped_steps"] = [self.run_totals["skipped_steps"]]
-            logger.warning(
-                "step %d: non-finite %s: step skipped (%d so far)",
-                step,
-                ", ".join(non_finite),
-                self.run_totals["skipped_steps"],
-            )
+            self._train_metrics["skipped_steps"] = [self.run_totals["skipped_steps"]]
             return
-        if non_finite or broken:
-            what = f"non-finite {', '.join(non_finite)}" if non_finite else broken[0]
-            raise TrainingDivergedError(
-                f"step {step}: {what}; training stopped before this update (checkpoints "
-                "written so far are kept): lower the learning rate or the penalty coefficient"
-                + ("" if broken else ", or set on_nonfinite=skip")
-            )
-        self.run_totals["loss_sum"] += loss
+        self.run_totals["loss_sum"] += totals.loss
         self.run_totals["steps"] += 1
         self._tick()
         self._record("ce_loss", values["ce_loss"])
-        self._record("entropy", total[_ENTROPY] / tokens)
-        self._record("mean_token_accuracy", total[_CORRECT] / tokens)
+        self._record("entropy", totals.per_token(Sum.ENTROPY))
+        self._record("mean_token_accuracy", totals.per_token(Sum.CORRECT))
         if self._kind is not None:
-            self._record("penalty_term", total[_PENALTY_TERM] / tokens)
+            self._record("penalty_term", totals.per_token(Sum.PENALTY_TERM))
             if "penalty" in values:
                 self._record("penalty", values["penalty"])
 
@@ -639,8 +348,8 @@ class FisherSFTTrainer(SFTTrainer):
             local = inputs["attention_mask"].sum()
         else:
             local = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
-        self._total_train_tokens += self.accelerator.gather_for_metrics(local[None]).sum().item()
-        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        self._tokens_seen += self.accelerator.gather_for_metrics(local[None]).sum().item()
+        self._train_metrics["num_tokens"] = [self._tokens_seen]
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(
@@ -652,13 +361,19 @@ class FisherSFTTrainer(SFTTrainer):
     ) -> Tensor | tuple[Tensor, Any]:
         if not model.training or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._micro_step_of != self.state.global_step:
+            self._micro_step_of, self._micro_step = self.state.global_step, 0
         labels = inputs["labels"]
         if self._noise is not None:
             self._noise.set_batch(inputs.get("attention_mask"), inputs.get("position_ids"))
-            self._noise.generator = self._generator(labels.device, purpose=1)
+            self._noise.generator = self._stream(Stream.NEFTUNE, labels.device)
         self._count_tokens(inputs)
         coef = self.current_penalty_coef() if self._kind is not None else 0.0
-        rows = self._penalty_rows(labels.shape[0], labels.device) if coef > 0 else None
+        rows = None
+        if coef > 0:
+            generator = self._stream(Stream.PENALTY_ROWS, torch.device("cpu"))
+            fraction = self.args.penalty_fraction
+            rows = penalty_rows(labels.shape[0], fraction, generator, labels.device)
         if rows is None or not label_mask_from_labels(labels)[rows].any():
             # No penalty on this micro-step (baseline, neftune, warm-up at 0, a skipped step of
             # penalty_every, or no scored token in the penalized rows): plain CE.
@@ -680,31 +395,14 @@ class FisherSFTTrainer(SFTTrainer):
         self._micro_step += 1
         return loss
 
-    def _penalty_rows(self, batch_size: int, device: torch.device) -> Tensor:
-        fraction = self.args.penalty_fraction
-        if fraction >= 1.0:
-            return torch.arange(batch_size, device=device)
-        count = max(1, math.ceil(fraction * batch_size))
-        generator = self._generator(torch.device("cpu"), purpose=2)
-        return torch.randperm(batch_size, generator=generator)[:count].sort().values.to(device)
-
     def _draw(self, logits: Tensor, label_mask: Tensor) -> Tensor:
         return sample_targets(
             logits,
             label_mask,
             samples=self.args.penalty_samples,
             sampling=self.args.penalty_sampling,
-            generator=self._generator(logits.device, purpose=0),
+            generator=self._stream(Stream.PENALTY_TARGETS, logits.device),
         )
-
-    def _record_penalty(self, squared_norm: Tensor, rescale: float, coef: float) -> None:
-        """Add ``||v||^2`` (times the rows' rescale) and its weighted term to the step's sums;
-        logged per scored token, whatever the loss reduction, comparable across runs."""
-        with torch.no_grad():
-            value = squared_norm.detach().double() * rescale
-            self._add_stats(_PENALTY, value)
-            self._add_stats(_PENALTY_TERM, coef * value)
-            self._add_stats(_PENALIZED, 1.0)
 
     def _exact_loss(
         self,
@@ -715,23 +413,18 @@ class FisherSFTTrainer(SFTTrainer):
         rows: Tensor,
         rescale: float,
     ) -> Tensor:
+        """``(CE + coef * rescale * S) / N`` with ``S`` differentiable (double backward) over
+        the penalized ``rows``; one forward of the whole batch."""
         labels = inputs["labels"]
         with self._attention_context():
             logits = self._forward(model, inputs, rng_seed=self._rng_seed())
-            embeds = self._capture.embeds
             ce_sum, label_mask = self._record_ce_metrics(logits, labels)
             normalizer = self._loss_normalizer(label_mask, num_items_in_batch)
             penalty_mask = torch.zeros_like(label_mask)
             penalty_mask[rows] = label_mask[rows]
             targets = self._draw(logits, penalty_mask)
-            squared = embeds.new_zeros((), dtype=torch.float32)
-            if targets.shape[0]:
-                g = fisher_objective(self._kind, logits, penalty_mask, targets)  # (m,)
-                for s in range(g.shape[0]):
-                    (v,) = torch.autograd.grad(g[s], embeds, create_graph=True, retain_graph=True)
-                    squared = squared + v.float().pow(2).sum()
-                squared = squared / g.shape[0]
-        self._record_penalty(squared, rescale, coef)
+            squared = exact_penalty(self._kind, self._capture.embeds, logits, penalty_mask, targets)
+        self._sums.add_penalty(squared, rescale, coef)
         return (ce_sum + coef * rescale * squared) / normalizer
 
     def _fd_loss(
@@ -743,136 +436,72 @@ class FisherSFTTrainer(SFTTrainer):
         rows: Tensor,
         rescale: float,
     ) -> Tensor:
+        """CE of the rows left out (their own forward, so the penalty's passes cost in proportion
+        to the penalized fraction), then :func:`fishertune.penalty_grad.fd_penalty_loss` on the
+        penalized rows, given the forward with the embedding shift and ``accelerator.backward``
+        (split mode: under ``no_sync``, scaled as the Trainer scales the returned loss)."""
         args = self.args
         labels = inputs["labels"]
-        batch_size = labels.shape[0]
-        full_mask = label_mask_from_labels(labels)
-        normalizer = self._loss_normalizer(full_mask, num_items_in_batch)
+        normalizer = self._loss_normalizer(label_mask_from_labels(labels), num_items_in_batch)
         split = args.penalty_fd_backward == "split" or (
             args.penalty_fd_backward == "auto" and not self.is_deepspeed_enabled
         )
-        reported = torch.zeros((), device=labels.device)
-        joint_loss = torch.zeros((), device=labels.device)
+        divisor = self._ga_divisor(num_items_in_batch)
 
-        def finish(part: Tensor, last: bool) -> None:
-            nonlocal joint_loss
-            if split and not last:
-                with self._no_sync(model):
-                    self._backward_now(model, part, num_items_in_batch)
-            else:
-                joint_loss = joint_loss + part
+        def backward(part: Tensor) -> None:
+            self.accelerator.backward(part / divisor)
 
-        # 1. rows without penalty: CE only, in their own forward so that the penalty's passes
-        #    below cost in proportion to the penalized fraction.
-        if rows.numel() < batch_size:
-            rest = torch.ones(batch_size, dtype=torch.bool, device=labels.device)
+        rest_part = None
+        if rows.numel() < labels.shape[0]:
+            rest = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
             rest[rows] = False
             rest_inputs = self._select_rows(inputs, rest)
             with self._no_sync(model) if split else contextlib.nullcontext():
                 logits = self._forward(model, rest_inputs)
-                ce_rest, _ = self._record_ce_metrics(logits, rest_inputs["labels"])
-                part = ce_rest / normalizer
-                reported = reported + part.detach()
-                finish(part, last=False)
+                rest_part = self._record_ce_metrics(logits, rest_inputs["labels"])[0] / normalizer
+                if split:
+                    backward(rest_part)
             del logits
             inputs = self._select_rows(inputs, rows)
-            labels = inputs["labels"]
-
-        # 2. penalized rows at X: CE, draws, v = grad_X g and the -(2/h) grad_theta g(X) term.
-        # In split mode without a loss scaler ("fused"), the CE of these rows is taken at the
-        # perturbed points below instead (CE(X + h v) = CE(X) + O(h); the central pair's mean is
-        # O(h^2) off), so no backward of CE runs at X: for forward differences one backward of
-        # g gives both v and grad_theta g(X), accumulated by hand once h (which needs ||v||) is
-        # known; for central differences only v is needed. That saves one backward pass.
-        fused = split and self._grads_accumulate_locally(model)
         rng_seed = self._rng_seed()
-        forward_scheme = args.penalty_fd_scheme == "forward"
-        with self._no_sync(model) if split else contextlib.nullcontext():
-            logits = self._forward(model, inputs, rng_seed)
-            embeds = self._capture.embeds
-            ce_sum, label_mask = self._record_ce_metrics(logits, labels)
-            targets = self._draw(logits, label_mask)
-            g = fisher_objective(self._kind, logits, label_mask, targets)  # (m,)
-            params = [p for p in model.parameters() if p.requires_grad]
-            directions, g_grads = [], []
-            for s in range(g.shape[0]):
-                last_draw = s == g.shape[0] - 1
-                if fused and forward_scheme:
-                    v, *grads = torch.autograd.grad(
-                        g[s], [embeds, *params], retain_graph=not last_draw, allow_unused=True
-                    )
-                    g_grads.append(grads)
-                else:
-                    keep = not fused or not last_draw  # the unfused CE backward needs the graph
-                    (v,) = torch.autograd.grad(g[s], embeds, retain_graph=keep)
-                directions.append(v.detach())  # (B, L, d)
-            v_all = torch.stack(directions)  # (m, B, L, d)
-            squared = v_all.float().pow(2).flatten(1).sum(1).mean()
-            # per-token mean over the whole batch: the rescale stands for the rows left out
-            self._record_penalty(squared, rescale, coef)
-            reported = reported + (ce_sum.detach() + coef * rescale * squared) / normalizer
-            reference_probs = (
-                torch.softmax(logits[label_mask].detach().float(), dim=-1)
-                if self._kind == "logit"
+
+        def forward(shift: Tensor | None) -> tuple[Tensor, Tensor]:
+            self._capture.shift = shift
+            try:
+                return self._forward(model, inputs, rng_seed), self._capture.embeds
+            finally:
+                self._capture.shift = None
+
+        fused = split and self._grads_accumulate_locally(model)
+        device_type = labels.device.type
+        passes = Passes(
+            forward,
+            backward if split else None,
+            no_sync=lambda: self._no_sync(model),
+            on_scored=self._sums.add_scored,
+            params=[p for p in model.parameters() if p.requires_grad] if fused else [],
+            grad_divisor=divisor,
+        )
+        settings = FDSettings(
+            scheme=args.penalty_fd_scheme,
+            relative_step=args.penalty_fd_step,
+            compute_dtype=(
+                torch.get_autocast_dtype(device_type)
+                if torch.is_autocast_enabled(device_type)
                 else None
-            )
-            compute_dtype = (
-                torch.get_autocast_dtype(embeds.device.type)
-                if torch.is_autocast_enabled(embeds.device.type)
-                else embeds.dtype
-            )
-            steps = [
-                fd_step_size(
-                    embeds,
-                    v,
-                    relative_step=args.penalty_fd_step,
-                    scheme=args.penalty_fd_scheme,
-                    dtype=compute_dtype,
-                )
-                for v in directions
-            ]
-            weight = coef * rescale / (len(directions) * normalizer)
-            if fused:
-                divisor = self._ga_divisor(num_items_in_batch)
-                for grads, h in zip(g_grads, steps[: len(g_grads)], strict=True):  # forward
-                    if h > 0:
-                        _accumulate(params, grads, -weight * (2.0 / h) / divisor)
-            else:
-                part = ce_sum / normalizer
-                if forward_scheme:
-                    # the -(2/h) g(X) half of fd_surrogate; the +(2/h) g(X + h v) half is below
-                    part = part - weight * sum(2.0 / h * g[s] for s, h in enumerate(steps) if h > 0)
-                finish(part, last=False)
-        del logits, g, g_grads, ce_sum
-
-        # 3. perturbed forwards at X + h v (and X - h v for central differences).
-        signs = (1.0,) if args.penalty_fd_scheme == "forward" else (1.0, -1.0)
-        passes = [(s, sign) for s in range(len(directions)) for sign in signs]
-        for index, (s, sign) in enumerate(passes):
-            # every pass runs, even with h = 0 (v = 0), so the last one can carry the gradient sync
-            last = index == len(passes) - 1
-            context = self._no_sync(model) if split and not last else contextlib.nullcontext()
-            with context:
-                self._capture.shift = sign * steps[s] * directions[s]
-                try:
-                    logits = self._forward(model, inputs, rng_seed)
-                finally:
-                    self._capture.shift = None
-                g_shift = fisher_objective(
-                    self._kind, logits, label_mask, targets[:, s : s + 1], reference_probs
-                )
-                zero = torch.zeros_like(g_shift)
-                if forward_scheme:
-                    part = weight * fd_surrogate(g_shift, zero, steps[s])
-                else:  # central: (1/h)(g(X + h v) - g(X - h v)), one sign per pass
-                    part = weight * sign * fd_surrogate(g_shift, zero, steps[s], scheme="central")
-                if fused:
-                    part = part + _ce_sum(logits, labels, label_mask) / (normalizer * len(passes))
-                finish(part, last=last)
-            del logits
-        return self._with_value(joint_loss, reported)
-
-    @staticmethod
-    def _with_value(loss: Tensor, value: Tensor) -> Tensor:
-        """``loss``'s gradient with ``value`` as its value (for the Trainer's loss log)."""
-        return loss - loss.detach() + value.detach()
+            ),
+            fused=fused,
+        )
+        result = fd_penalty_loss(
+            self._kind,
+            passes,
+            inputs["labels"],
+            self._draw,
+            weight=coef * rescale,
+            normalizer=normalizer,
+            settings=settings,
+        )
+        self._sums.add_penalty(result.squared, rescale, coef)
+        if rest_part is None or split:
+            return result.loss if rest_part is None else result.loss + rest_part.detach()
+        return rest_part + result.loss

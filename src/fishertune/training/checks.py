@@ -1,0 +1,87 @@
+"""Set-up checks of ``FisherSFTTrainer``: launch and option combinations refused up front."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from fishertune.errors import FishertuneError
+from fishertune.training.config import PENALTY_METHODS
+
+__all__ = [
+    "TWICE_DIFFERENTIABLE_ATTENTION",
+    "attention_implementation",
+    "check_launch",
+    "check_supported",
+    "unwrap",
+]
+
+TWICE_DIFFERENTIABLE_ATTENTION = ("eager", "sdpa")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    config = getattr(unwrap(model), "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def check_launch(accelerator: Any) -> None:
+    """Refuse a torchrun launch that accelerate did not turn into one distributed run."""
+    # accelerate 1.15 leaves torchrun-launched processes undistributed when use_cpu=false on
+    # a machine without an accelerator: each would train alone on the whole data (measured)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise FishertuneError(
+            f"launched as {launched} processes but accelerate runs "
+            f"{accelerator.num_processes} ({accelerator.distributed_type}): on CPU "
+            "set use_cpu=true so the processes train together over gloo"
+        )
+
+
+def check_supported(args: Any, accelerator: Any, model: nn.Module, deepspeed: bool) -> None:
+    """Refuse, with the reason, option combinations known to fail or to be wrong (measured)."""
+    if args.method not in PENALTY_METHODS:
+        return
+    if deepspeed and args.penalty_fd_backward == "split":
+        # split calls accelerator.backward inside compute_loss: DeepSpeed's engine would
+        # scale by the accumulation steps again and may step the optimizer mid-micro-step
+        raise FishertuneError(
+            "penalty_fd_backward=split does not work under DeepSpeed (its engine owns backward "
+            "and the optimizer step): use penalty_fd_backward=joint or auto"
+        )
+    if deepspeed and args.on_nonfinite == "skip":
+        raise FishertuneError(
+            "on_nonfinite=skip does not work under DeepSpeed (its engine owns the gradients): "
+            "use on_nonfinite=stop"
+        )
+    ddp_static = getattr(args, "ddp_static_graph", None)
+    if ddp_static:
+        raise FishertuneError(
+            "ddp_static_graph=true gives wrong gradients for the penalty (measured); set "
+            "ddp_static_graph=false"
+        )
+    if args.penalty_grad == "exact":
+        attention = attention_implementation(model)
+        if attention not in TWICE_DIFFERENTIABLE_ATTENTION:
+            raise FishertuneError(
+                f"penalty_grad=exact needs twice-differentiable attention, but the model uses "
+                f"attn_implementation={attention!r}: load it with attn_implementation='eager' "
+                "or 'sdpa' (run with the math kernel), or use penalty_grad=fd"
+            )
+        if args.torch_compile:
+            raise FishertuneError(
+                "penalty_grad=exact does not work with torch_compile (no double backward "
+                "through compiled graphs); use penalty_grad=fd"
+            )
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if deepspeed and plugin is not None and plugin.zero_stage == 3:
+            raise FishertuneError(
+                "DeepSpeed ZeRO-3 does not support second-order autograd: use penalty_grad=fd"
+            )
