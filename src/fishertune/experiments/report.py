@@ -309,7 +309,8 @@ def load_run_records(runs_dir: str | Path, names: Sequence[str] | None = None) -
     by hand) are merged in. Folders without a readable settings file are left out.
     """
     from fishertune.experiments.grid import MODEL_SUBDIR
-    from fishertune.experiments.runner import EVALUATION_FILE, RUN_FILE, SPEC_FILE
+    from fishertune.experiments.runner import EVALUATION_FILE, SPEC_FILE
+    from fishertune.files import RUN_RECORD
 
     runs_dir = Path(runs_dir)
     if names is None:
@@ -322,7 +323,7 @@ def load_run_records(runs_dir: str | Path, names: Sequence[str] | None = None) -
         spec = _read_json(folder / SPEC_FILE)
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             continue
-        run = _read_json(folder / MODEL_SUBDIR / RUN_FILE)
+        run = _read_json(folder / MODEL_SUBDIR / RUN_RECORD)
         run = run if isinstance(run, dict) else {}
         evaluation = _read_json(folder / EVALUATION_FILE)
         state = _read_json(folder / MODEL_SUBDIR / "trainer_state.json")

@@ -51,13 +51,13 @@ from fishertune.experiments.grid import (
     RunSpec,
     expand_grid,
 )
-from fishertune.files import write_json_atomic
+from fishertune.files import CHECKPOINT_RECORD, RUN_RECORD, write_json_atomic
 
 __all__ = [
     "EVALUATION_FILE",
     "LOCK_FILE",
     "MEASURE_FILE",
-    "RUN_FILE",
+    "RUN_RECORD",
     "SPEC_FILE",
     "STATUS_FILE",
     "Launcher",
@@ -90,13 +90,11 @@ __all__ = [
     "write_json_atomic",
 ]
 
-RUN_FILE = "fishertune_run.json"
 EVALUATION_FILE = "evaluation.json"
 MEASURE_FILE = "curvature.json"
 SPEC_FILE = "fishertune_experiment.json"
 STATUS_FILE = "experiment_status.json"
 LOCK_FILE = ".fishertune-runner.lock"
-CHECKPOINT_RECORD = "fishertune_checkpoint.json"
 
 Launcher = Callable[[list[str], Path, dict[str, str]], int]
 """``launcher(command, log_path, env) -> return code``: runs one stage of one run, with the
@@ -145,7 +143,7 @@ def _read_json(path: Path) -> Any:
 
 def training_done(model_dir: Path) -> bool:
     """Whether ``fishertune train`` finished in ``model_dir`` (``fishertune_run.json`` says so)."""
-    record = _read_json(model_dir / RUN_FILE)
+    record = _read_json(model_dir / RUN_RECORD)
     return isinstance(record, dict) and record.get("status") == "completed"
 
 
@@ -175,7 +173,7 @@ def _checkpoint_steps(model_dir: Path) -> list[int]:
 def step_reached(model_dir: Path) -> int | None:
     """The training step a run has safely reached: its final step once finished, else its latest
     complete checkpoint's; ``None`` when it has neither."""
-    record = _read_json(model_dir / RUN_FILE)
+    record = _read_json(model_dir / RUN_RECORD)
     if isinstance(record, dict) and record.get("status") == "completed":
         step = record.get("global_step")
         if isinstance(step, int):
@@ -731,7 +729,7 @@ def run_stages(
     """
     start = time.time() if start is None else start
     checks: dict[str, tuple[Callable[[], bool], str]] = {
-        "train": (lambda: training_done(run.model_dir), f"{MODEL_SUBDIR}/{RUN_FILE}"),
+        "train": (lambda: training_done(run.model_dir), f"{MODEL_SUBDIR}/{RUN_RECORD}"),
         "evaluate": (lambda: evaluation_done(run.run_dir), EVALUATION_FILE),
         "measure": (lambda: measure_done(run.run_dir), MEASURE_FILE),
     }

@@ -65,6 +65,7 @@ from fishertune.experiments.runner import (
     update_status,
     validate_grid,
 )
+from fishertune.files import RUN_RECORD
 
 try:  # submitit is the `train` extra's; the local launcher works without it
     import submitit
@@ -418,7 +419,7 @@ def grid_status(
         if _finished(config, run):
             view.state = "completed"
             if view.time_s is None:
-                done = _read_json(run.model_dir / "fishertune_run.json") or {}
+                done = _read_json(run.model_dir / RUN_RECORD) or {}
                 view.time_s = done.get("wall_time_s")
         elif slurm_state in ACTIVE_STATES:
             view.state = "queued" if slurm_state in _QUEUED_STATES else "running"
