@@ -291,6 +291,18 @@ def _names_a_data_file(source: str) -> bool:
     return source.lower().endswith(_FILE_SUFFIXES) or source.startswith(("/", "./", "../", "~"))
 
 
+def _check_builtin(source: str, split: str) -> None:
+    """A built-in dataset name and split that exist, or one line naming the ones that do."""
+    from fishertune.data.tasks import SPLITS
+
+    if source != BUILTIN_TINY_TASKS:
+        raise FishertuneError(f"unknown built-in dataset {source!r} (known: {BUILTIN_TINY_TASKS})")
+    if split not in SPLITS:
+        raise FishertuneError(
+            f"{BUILTIN_TINY_TASKS} has no split {split!r} (splits: {', '.join(SPLITS)})"
+        )
+
+
 def load_conversations(source: str, split: str = "train") -> Any:
     """Load conversations as a ``datasets.Dataset`` with a ``messages`` column.
 
@@ -316,16 +328,7 @@ def load_conversations(source: str, split: str = "train") -> Any:
             loaded.
     """
     if source == BUILTIN_TINY_TASKS or source.startswith("builtin:"):
-        from fishertune.data.tasks import SPLITS
-
-        if source != BUILTIN_TINY_TASKS:
-            raise FishertuneError(
-                f"unknown built-in dataset {source!r} (known: {BUILTIN_TINY_TASKS})"
-            )
-        if split not in SPLITS:
-            raise FishertuneError(
-                f"{BUILTIN_TINY_TASKS} has no split {split!r} (splits: {', '.join(SPLITS)})"
-            )
+        _check_builtin(source, split)
         path = tiny_tasks_dir() / f"{split}.jsonl"
         return _load_file(path, str(path))
     path = Path(source).expanduser()
@@ -357,16 +360,7 @@ def check_conversations(source: str, split: str = "train") -> None:
         FishertuneError: as :func:`load_conversations`, one line naming file, line and field.
     """
     if source.startswith("builtin:"):
-        from fishertune.data.tasks import SPLITS
-
-        if source != BUILTIN_TINY_TASKS:
-            raise FishertuneError(
-                f"unknown built-in dataset {source!r} (known: {BUILTIN_TINY_TASKS})"
-            )
-        if split not in SPLITS:
-            raise FishertuneError(
-                f"{BUILTIN_TINY_TASKS} has no split {split!r} (splits: {', '.join(SPLITS)})"
-            )
+        _check_builtin(source, split)
         return
     path = Path(source).expanduser()
     if path.is_dir():
