@@ -490,16 +490,8 @@ def _plot_val_loss(summary: dict[str, Any], path: Path) -> Path:
             for lv in summary["levels"]
             if kind in lv.get("paired_vs_baseline", {})
         ]
-        if points:
-            ax.errorbar(
-                [p[0] * 10**offset for p in points],  # side by side, not on top of each other
-                [p[1]["mean"] for p in points],
-                yerr=[p[1]["std"] or 0.0 for p in points],
-                marker="o",
-                capsize=3,
-                color=COLORS[kind],
-                label=LABELS[kind],
-            )
+        # side by side, not on top of each other
+        _mean_std_points(ax, kind, [(x * 10**offset, cell) for x, cell in points])
     _level_axis(ax, summary)
     ax.set_ylabel("val loss − baseline val loss (same seed)")
     ax.set_title("Validation loss change vs baseline (mean ± std over seeds)")
@@ -508,6 +500,20 @@ def _plot_val_loss(summary: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _mean_std_points(ax: Any, kind: str, points: list[tuple[float, dict[str, Any]]]) -> None:
+    """One method's (x, {mean, std}) cells as points with ±1 std bars, in its colour."""
+    if points:
+        ax.errorbar(
+            [x for x, _ in points],
+            [cell["mean"] for _, cell in points],
+            yerr=[cell["std"] or 0.0 for _, cell in points],
+            marker="o",
+            capsize=3,
+            color=COLORS[kind],
+            label=LABELS[kind],
+        )
 
 
 def _plot_curvature(summary: dict[str, Any], path: Path) -> Path:
@@ -528,16 +534,7 @@ def _plot_curvature(summary: dict[str, Any], path: Path) -> Path:
                 for lv in summary["levels"]
                 if kind in lv["rows"]
             ]
-            if points:
-                ax.errorbar(
-                    [p[0] for p in points],
-                    [p[1]["mean"] for p in points],
-                    yerr=[p[1]["std"] or 0.0 for p in points],
-                    marker="o",
-                    capsize=3,
-                    color=COLORS[kind],
-                    label=LABELS[kind],
-                )
+            _mean_std_points(ax, kind, points)
         _level_axis(ax, summary)
         ax.set_ylabel(f"{label} (validation, final model)")
         ax.set_title(label)
