@@ -137,7 +137,7 @@ def _install_layout_free_draws(trainer: Any) -> None:
         return (unit * noise.scale(embeds.shape, embeds.device)).to(embeds.dtype)
 
     trainer.compute_loss = compute_loss_keeping_ids
-    trainer._draw = draw
+    trainer.draw_targets = draw
     NEFTuneNoise.sample = sample
 
 

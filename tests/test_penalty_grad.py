@@ -59,9 +59,7 @@ def _passes(model, rows=slice(None), split=False, log=None) -> Passes:
             log.append(("backward", None))
         part.backward()
 
-    return Passes(
-        forward, backward if split else None, params=list(model.parameters()), grad_divisor=1.0
-    )
+    return Passes(forward, backward if split else None, params=list(model.parameters()))
 
 
 def _grads(model) -> torch.Tensor:

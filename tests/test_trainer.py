@@ -411,7 +411,7 @@ def _check_supported(trainer) -> None:
 def test_flash_attention_is_refused_for_exact_mode(chat_file, tmp_path):
     trainer = trainer_for(chat_file, tmp_path, method="baseline")
     trainer.model.config._attn_implementation = "flash_attention_2"
-    trainer.args.method, trainer._kind = "token-f", "token"
+    trainer.args.method = "token-f"
     trainer.args.penalty_grad = "exact"
     with pytest.raises(FishertuneError, match="twice-differentiable attention"):
         check_supported(
@@ -419,3 +419,30 @@ def test_flash_attention_is_refused_for_exact_mode(chat_file, tmp_path):
         )
     trainer.args.penalty_grad = "fd"
     _check_supported(trainer)
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs", [True, False])
+def test_loss_is_normalized_as_transformers_normalizes_it(chat_file, tmp_path, accepts_loss_kwargs):
+    """The baseline's hand-written loss makes the update TRL's own loss makes, under gradient
+    accumulation: normalized by the accumulated batch's tokens when the model takes loss kwargs
+    (``num_items_in_batch``), otherwise a micro-batch mean that transformers divides by the
+    accumulation steps (the trainer folds that division into its normalizer)."""
+    from trl import SFTTrainer
+
+    updates = []
+    for reference in (False, True):
+        argv = base_args(chat_file, tmp_path / f"out-{reference}", max_steps=1,
+                         per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                         optim="sgd", learning_rate=1.0, max_grad_norm=0,
+                         dataloader_drop_last="true")  # fmt: skip
+        trainer = build_trainer(*parse_args(argv))
+        trainer.model_accepts_loss_kwargs = accepts_loss_kwargs
+        if reference:  # TRL's loss and transformers' own accumulation rule
+            trainer.compute_loss = SFTTrainer.compute_loss.__get__(trainer)
+            trainer.loss_is_scaled_for_ga = None
+        before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+        trainer.train()
+        after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        updates.append(after - before)
+    assert updates[0].norm() > 0
+    torch.testing.assert_close(updates[0], updates[1], rtol=1e-4, atol=1e-7)

@@ -84,8 +84,6 @@ class Passes:
             unperturbed ``X``, for metrics (entropy, accuracy); log-probs in float32 or wider.
         params: the trainable parameters; only for ``FDSettings.fused``, which accumulates
             ``-(2/h) grad_theta g(X)`` into their ``.grad`` by hand.
-        grad_divisor: what ``backward`` divides a loss by (gradient accumulation), applied to the
-            hand-accumulated gradients too.
     """
 
     forward: Forward
@@ -93,7 +91,6 @@ class Passes:
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     on_scored: Callable[[Tensor, Tensor, Tensor], None] | None = None
     params: Sequence[Tensor] = field(default_factory=list)
-    grad_divisor: float = 1.0
 
     def scored_ce(self, logits: Tensor, labels: Tensor, label_mask: Tensor) -> Tensor:
         """CE summed over the scored tokens (float32, with graph); reports to ``on_scored``."""
@@ -322,7 +319,7 @@ class _FiniteDifference:
             if self.fused:
                 for grads, h in zip(g_grads, self.steps[: len(g_grads)], strict=True):  # forward
                     if h > 0:
-                        scale = -self.draw_weight * (2.0 / h) / passes.grad_divisor
+                        scale = -self.draw_weight * (2.0 / h)
                         accumulate_gradients(passes.params, grads, scale)
             else:
                 part = ce_sum / self.normalizer

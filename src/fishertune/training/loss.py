@@ -1,0 +1,284 @@
+"""The training objective of one micro-step: ``(CE + lambda * rescale * S) / N``.
+
+``CE`` is summed over the scored (response) tokens, ``S`` is the token-F or logit-F penalty of the
+penalized rows (:mod:`fishertune.penalties`), ``rescale = B / rows`` makes a row fraction unbiased,
+and ``N`` is the normalizer of :func:`loss_normalizer`: the objective is already normalized over
+the whole accumulated batch, so the trainer tells transformers not to divide it again
+(``loss_is_scaled_for_ga = True``).
+
+:class:`MicroStepLoss` computes it three ways: plain CE (no penalty on this micro-step), exact
+(double backward through the returned loss) and finite differences (the passes of
+:func:`fishertune.penalty_grad.fd_penalty_loss`, given the model's forward with the embedding
+shift and ``accelerator.backward``). It holds the collaborators it needs (the accelerator, the
+embedding capture, the step's metric sums, the random streams) and nothing of the Trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import Tensor, nn
+
+from fishertune.noise import EmbeddingCapture
+from fishertune.penalties import label_mask_from_labels, scored_log_probs
+from fishertune.penalty_grad import FDSettings, Passes, exact_penalty, fd_penalty_loss
+from fishertune.streams import Stream
+from fishertune.training.checks import attention_implementation
+from fishertune.training.config import FisherSFTConfig
+from fishertune.training.stats import StepSums
+
+__all__ = ["MicroStepLoss", "exact_attention", "forward_logits", "loss_normalizer"]
+
+StreamFactory = Callable[[Stream, torch.device], torch.Generator]
+
+
+def loss_normalizer(
+    label_mask: Tensor,
+    num_items_in_batch: Any,
+    *,
+    reduction: str,
+    processes: int,
+    average_tokens_across_devices: bool,
+    accumulation_steps: int,
+) -> Tensor:
+    """``N``, shared by CE and penalty, as transformers / TRL normalize the CE.
+
+    ``mean``: the number of scored tokens in the whole accumulated (and, with
+    ``average_tokens_across_devices``, all-rank) batch, times the number of processes since DDP
+    averages gradients. Without ``num_items_in_batch`` (a model that takes no loss kwargs) the
+    micro-batch's own count times ``accumulation_steps``: what transformers does to a per-batch
+    mean. ``sum``: ``1 / processes`` (DDP's average is then the sum), times ``accumulation_steps``
+    without ``num_items_in_batch``, again as transformers would divide.
+    """
+    if reduction == "sum":
+        count = torch.tensor(1.0 / processes, device=label_mask.device)
+    elif num_items_in_batch is None:
+        count = label_mask.sum().float().clamp(min=1.0)
+    else:
+        count = torch.as_tensor(num_items_in_batch, device=label_mask.device).float().clamp(min=1)
+        if average_tokens_across_devices:
+            count = count / processes
+    if num_items_in_batch is None:
+        count = count * accumulation_steps
+    return count
+
+
+def forward_logits(
+    model: nn.Module, inputs: dict[str, Tensor], rng_seed: int | None = None
+) -> Tensor:
+    """Logits (B, L, V); with ``rng_seed``, dropout masks drawn from that seed.
+
+    The penalty's forwards share one seed: fd differences g(X + h v) - g(X) of forwards with
+    different dropout masks (LoRA's default lora_dropout=0.05, say) would be mask noise / h.
+    The global RNG streams are left as they were.
+    """
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    model_inputs["use_cache"] = False
+    if rng_seed is None:
+        return model(**model_inputs).logits
+    device = inputs["input_ids"].device
+    accelerator = device.type != "cpu"
+    with torch.random.fork_rng(
+        devices=[device] if accelerator else [],
+        device_type=device.type if accelerator else "cuda",
+    ):
+        torch.manual_seed(rng_seed)
+        return model(**model_inputs).logits
+
+
+def exact_attention(model: nn.Module, penalty_grad: str) -> contextlib.AbstractContextManager:
+    """SDPA's math kernel for double backward (the fused kernels have no second derivative)."""
+    if penalty_grad == "exact" and attention_implementation(model) == "sdpa":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
+def _select_rows(inputs: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    return {k: v[rows] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+
+
+class MicroStepLoss:
+    """The objective of one micro-step, with its metrics added to the step's sums.
+
+    Args:
+        args: the run's config (method, penalty and fd options).
+        accelerator: the Trainer's; its ``backward``, ``no_sync`` and distributed type.
+        capture: the embedding hook (its ``embeds`` and ``shift``).
+        sums: the optimizer step's metric sums.
+        stream: this micro-step's generator for a named stream (:mod:`fishertune.streams`).
+        draw: ``draw(logits (B, L, V), label_mask (B, L)) -> (N, m)`` sampled targets ``y'``.
+    """
+
+    def __init__(
+        self,
+        args: FisherSFTConfig,
+        accelerator: Accelerator,
+        capture: EmbeddingCapture,
+        sums: StepSums,
+        stream: StreamFactory,
+        draw: Callable[[Tensor, Tensor], Tensor],
+    ) -> None:
+        self.args = args
+        self.accelerator = accelerator
+        self.capture = capture
+        self.sums = sums
+        self.stream = stream
+        self.draw = draw
+        self.kind = {"token-f": "token", "logit-f": "logit"}.get(args.method)
+
+    def scored_ce(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """CE summed over scored tokens (float32, with graph) and the label mask; adds the CE,
+        entropy, accuracy and token count to the step's sums."""
+        label_mask = label_mask_from_labels(labels)
+        log_probs, targets = scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
+        self.sums.add_scored(log_probs, targets, label_mask)
+        return -log_probs.gather(1, targets[:, None]).sum(), label_mask
+
+    def plain(self, model: nn.Module, inputs: dict[str, Tensor], normalizer: Tensor) -> Tensor:
+        """``CE / N``: no penalty on this micro-step."""
+        return self.scored_ce(forward_logits(model, inputs), inputs["labels"])[0] / normalizer
+
+    def _rng_seed(self) -> int:
+        generator = self.stream(Stream.DROPOUT, torch.device("cpu"))
+        return int(torch.randint(2**62, (1,), generator=generator).item())
+
+    def _no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        # accelerate picks DDP's no_sync or FSDP2's requires_gradient_sync(False)
+        if self.accelerator.num_processes > 1:
+            return self.accelerator.no_sync(model)
+        return contextlib.nullcontext()
+
+    def _grads_accumulate_locally(self, model: nn.Module) -> bool:
+        """Whether ``p.grad += x`` by hand equals a backward that accumulates ``x``: not under a
+        loss scaler (fp16), FSDP (sharded DTensor gradients, also when ``fully_shard`` was applied
+        outside accelerate) or DeepSpeed (its engine owns the gradients)."""
+        if self.accelerator.scaler is not None or self.accelerator.distributed_type in (
+            DistributedType.FSDP,
+            DistributedType.DEEPSPEED,
+        ):
+            return False
+        from torch.distributed.tensor import DTensor
+
+        return not any(isinstance(p, DTensor) for p in model.parameters())
+
+    def exact(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        normalizer: Tensor,
+        coef: float,
+        rows: Tensor,
+    ) -> Tensor:
+        """``(CE + coef * rescale * S) / N`` with ``S`` differentiable (double backward) over
+        the penalized ``rows``; one forward of the whole batch."""
+        labels = inputs["labels"]
+        rescale = labels.shape[0] / rows.numel()
+        with exact_attention(model, self.args.penalty_grad):
+            logits = forward_logits(model, inputs, rng_seed=self._rng_seed())
+            ce_sum, label_mask = self.scored_ce(logits, labels)
+            penalty_mask = torch.zeros_like(label_mask)
+            penalty_mask[rows] = label_mask[rows]
+            targets = self.draw(logits, penalty_mask)
+            squared = exact_penalty(self.kind, self.capture.embeds, logits, penalty_mask, targets)
+        self.sums.add_penalty(squared, rescale, coef)
+        return (ce_sum + coef * rescale * squared) / normalizer
+
+    def fd(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        normalizer: Tensor,
+        coef: float,
+        rows: Tensor,
+    ) -> Tensor:
+        """CE of the rows left out (their own forward, so the penalty's passes cost in proportion
+        to the penalized fraction), then :func:`fishertune.penalty_grad.fd_penalty_loss` on the
+        penalized rows. Split mode backpropagates every part but the returned one at once,
+        under ``no_sync``."""
+        args = self.args
+        batch_size = inputs["labels"].shape[0]
+        rescale = batch_size / rows.numel()
+        split = args.penalty_fd_backward == "split" or (
+            args.penalty_fd_backward == "auto"
+            and self.accelerator.distributed_type != DistributedType.DEEPSPEED
+        )
+        rest_part = None
+        if rows.numel() < batch_size:
+            rest_part = self._rest_of_batch(model, inputs, rows, normalizer, split)
+            inputs = _select_rows(inputs, rows)
+        fused = split and self._grads_accumulate_locally(model)
+        result = fd_penalty_loss(
+            self.kind,
+            self._passes(model, inputs, split, fused),
+            inputs["labels"],
+            self.draw,
+            weight=coef * rescale,
+            normalizer=normalizer,
+            settings=self._fd_settings(inputs, fused),
+        )
+        self.sums.add_penalty(result.squared, rescale, coef)
+        if rest_part is None or split:
+            return result.loss if rest_part is None else result.loss + rest_part.detach()
+        return rest_part + result.loss
+
+    def _rest_of_batch(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        rows: Tensor,
+        normalizer: Tensor,
+        split: bool,
+    ) -> Tensor:
+        """``CE / N`` of the unpenalized rows (backpropagated at once in split mode)."""
+        labels = inputs["labels"]
+        rest = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+        rest[rows] = False
+        rest_inputs = _select_rows(inputs, rest)
+        with self._no_sync(model) if split else contextlib.nullcontext():
+            logits = forward_logits(model, rest_inputs)
+            part = self.scored_ce(logits, rest_inputs["labels"])[0] / normalizer
+            if split:
+                self.accelerator.backward(part)
+        return part
+
+    def _passes(
+        self, model: nn.Module, inputs: dict[str, Tensor], split: bool, fused: bool
+    ) -> Passes:
+        """The engine's callbacks: the forward with the embedding shift (one dropout seed for
+        all passes) and ``accelerator.backward``."""
+        rng_seed = self._rng_seed()
+
+        def forward(shift: Tensor | None) -> tuple[Tensor, Tensor]:
+            self.capture.shift = shift
+            try:
+                return forward_logits(model, inputs, rng_seed), self.capture.embeds
+            finally:
+                self.capture.shift = None
+
+        return Passes(
+            forward,
+            self.accelerator.backward if split else None,
+            no_sync=lambda: self._no_sync(model),
+            on_scored=self.sums.add_scored,
+            params=[p for p in model.parameters() if p.requires_grad] if fused else [],
+        )
+
+    def _fd_settings(self, inputs: dict[str, Tensor], fused: bool) -> FDSettings:
+        device_type = inputs["labels"].device.type
+        return FDSettings(
+            scheme=self.args.penalty_fd_scheme,
+            relative_step=self.args.penalty_fd_step,
+            compute_dtype=(
+                torch.get_autocast_dtype(device_type)
+                if torch.is_autocast_enabled(device_type)
+                else None
+            ),
+            fused=fused,
+        )
