@@ -19,10 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from fishertune.analysis.cli import parse_alphas
-from fishertune.analysis.measure import analyze
+from fishertune.analysis.measure import analyze, combine_batches
 from fishertune.cli import main as fishertune_main
 from fishertune.data.chat import collate_tokenized
 from fishertune.errors import FishertuneError
+from fishertune.estimators import Estimate
 from micro import CausalMix, cross_entropy, exact_fisher_trace, label_mask
 
 DTYPE = torch.float64
@@ -150,6 +151,36 @@ def test_measurement_leaves_the_model_as_it_was():
             show_progress=False)  # fmt: skip
     assert model.training
     assert all(p.requires_grad for p in model.parameters() if p is not model.embed_tokens.weight)
+
+
+def test_batch_aggregate_is_an_estimate_with_both_errors():
+    """The pooled estimate's stderr is the estimators' own error, sqrt(sum se_b^2) / n, so it
+    works wherever an Estimate does; the between-batch error std_b / sqrt(n) rides beside it."""
+    batches = [Estimate(1.0, 0.3), Estimate(2.0, 0.4), Estimate(4.5, 1.2)]
+    pooled = combine_batches(batches)
+    assert isinstance(pooled, Estimate)
+    assert pooled.mean == pytest.approx(7.5 / 3)
+    assert pooled.stderr == pooled.se_estimator == pytest.approx(1.3 / 3)  # sqrt(.09+.16+1.44)
+    spread = math.sqrt(((1 - 2.5) ** 2 + (2 - 2.5) ** 2 + (4.5 - 2.5) ** 2) / 2)
+    assert pooled.se_batches == pytest.approx(spread / math.sqrt(3))
+    assert pooled.num_batches == 3
+    # the report keys stay those of the analysis files
+    assert pooled.to_dict() == pytest.approx(
+        {
+            "mean": 2.5,
+            "se_estimator": 1.3 / 3,
+            "se_batches": spread / math.sqrt(3),
+            "ci95_estimator": 1.96 * 1.3 / 3,
+            "ci95_batches": 1.96 * spread / math.sqrt(3),
+            "num_batches": 3,
+        }
+    )
+    halved = pooled.scaled(-0.5)
+    assert (halved.mean, halved.stderr, halved.se_batches, halved.num_batches) == pytest.approx(
+        (-1.25, 1.3 / 6, spread / math.sqrt(3) / 2, 3)
+    )
+    single = combine_batches([Estimate(1.0, 0.2)])
+    assert single.stderr == pytest.approx(0.2) and math.isnan(single.se_batches)
 
 
 def test_alphas_parsing_and_errors():

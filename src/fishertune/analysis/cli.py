@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure NEFTune's loss increase against its curvature prediction "
         "(a^2/6) Tr(H_X), and Tr(F_X), on a causal LM and a chat data set.",
     )
+    _add_inputs(parser)
+    _add_sizes(parser)
+    _add_noise(parser)
+    _add_model_loading(parser)
+    _add_outputs(parser)
+    return parser
+
+
+def _add_inputs(parser: argparse.ArgumentParser) -> None:
+    """What is measured: the model, the conversations and their tokenizer."""
     add = parser.add_argument
     add(
         "--model",
@@ -85,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--split", default="train", help="data split (default: train)")
     add("--tokenizer", default=None, help="tokenizer (default: the model's)")
+
+
+def _add_sizes(parser: argparse.ArgumentParser) -> None:
+    """How much is measured: alphas, batches, probes, draws, noise pairs, truncation."""
+    add = parser.add_argument
     add("--alphas", default="1,5,10,15", help="comma-separated NEFTune alphas (default: 1,5,10,15)")
     add("--batches", type=int, default=8, help="batches to measure (default: 8)")
     add("--batch_size", type=int, default=4, help="sequences per batch (default: 4)")
@@ -107,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="antithetic noise pairs per batch and alpha (default: 16)",
     )
     add("--max_length", type=int, default=512, help="truncation length (default: 512)")
+
+
+def _add_noise(parser: argparse.ArgumentParser) -> None:
+    """NEFTune's length convention and noise distribution, and the seed of every draw."""
+    add = parser.add_argument
     add(
         "--length_mode",
         choices=("per_sequence", "padded"),
@@ -121,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="noise distribution (gaussian: same variance as NEFTune's uniform)",
     )
     add("--seed", type=int, default=0, help="seeds data order, noise, probes and draws")
+
+
+def _add_model_loading(parser: argparse.ArgumentParser) -> None:
+    """Where and how the model is loaded."""
+    add = parser.add_argument
     add("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     add(
         "--dtype",
@@ -142,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--revision", default=None, help="hub revision of the model")
     add("--trust_remote_code", action="store_true", help="allow a hub model's own code to run")
+
+
+def _add_outputs(parser: argparse.ArgumentParser) -> None:
+    """What is reported besides the measurement, and where."""
+    add = parser.add_argument
     add(
         "--target_noise_ratio",
         type=float,
@@ -153,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--output", default="analysis", help="output folder (default: ./analysis)")
     add("--no_progress", action="store_true", help="no progress bar")
-    return parser
 
 
 def _check_sizes(args: argparse.Namespace) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,20 +64,31 @@ NoiseDistribution = Literal["uniform", "gaussian"]
 
 
 @dataclass(frozen=True)
-class Aggregate:
-    """A quantity aggregated over batches.
+class Aggregate(Estimate):
+    """An :class:`Estimate` pooled over batches, with the between-batch error beside its own.
+
+    ``mean`` is the mean of the per-batch means and ``stderr`` the estimators' own standard error
+    of it, ``sqrt(sum_b se_b^2) / n`` (the Monte-Carlo noise of the probes, draws and noise pairs
+    on the batches seen), so code that takes an :class:`Estimate` takes an aggregate too and
+    compares it by that error. The between-batch error ``std_b(mean_b) / sqrt(n)`` says instead
+    how far another sample of the data could land; the two answer different questions and are
+    reported side by side.
 
     Attributes:
         mean: mean of the per-batch values.
-        se_estimator: the estimators' own standard error of ``mean``, ``sqrt(sum se_b^2) / n``.
+        stderr: the estimators' own standard error of ``mean`` (also :attr:`se_estimator`).
+        samples: ``None`` (the per-batch values stay in the batches' own measurements).
         se_batches: between-batch standard error, ``std_b(value) / sqrt(n)`` (``nan`` if n < 2).
         num_batches: ``n``.
     """
 
-    mean: float
-    se_estimator: float
-    se_batches: float
-    num_batches: int
+    se_batches: float = math.nan
+    num_batches: int = 0
+
+    @property
+    def se_estimator(self) -> float:
+        """The estimators' own standard error of ``mean``: :attr:`stderr`."""
+        return self.stderr
 
     @property
     def ci_estimator(self) -> float:
@@ -89,7 +100,18 @@ class Aggregate:
         """Half-width of the 95% interval across batches."""
         return Z_95 * self.se_batches
 
+    def scaled(self, factor: float) -> Aggregate:
+        """The aggregate of ``factor`` times each batch's value: every error scales by
+        ``|factor|``."""
+        return Aggregate(
+            factor * self.mean,
+            abs(factor) * self.stderr,
+            se_batches=abs(factor) * self.se_batches,
+            num_batches=self.num_batches,
+        )
+
     def to_dict(self) -> dict[str, float]:
+        """The keys the analysis has always written (``se_estimator``, not ``stderr``)."""
         return {
             "mean": self.mean,
             "se_estimator": self.se_estimator,
@@ -104,11 +126,13 @@ def combine_batches(estimates: Sequence[Estimate]) -> Aggregate:
     """Combine per-batch estimates (each with its own standard error) into an :class:`Aggregate`."""
     count = len(estimates)
     if count == 0:
-        return Aggregate(math.nan, math.nan, math.nan, 0)
+        return Aggregate(math.nan, math.nan, se_batches=math.nan, num_batches=0)
     means = [e.mean for e in estimates]
     se_estimator = math.sqrt(sum(e.stderr**2 for e in estimates)) / count
     se_batches = statistics.stdev(means) / math.sqrt(count) if count > 1 else math.nan
-    return Aggregate(statistics.fmean(means), se_estimator, se_batches, count)
+    return Aggregate(
+        statistics.fmean(means), se_estimator, se_batches=se_batches, num_batches=count
+    )
 
 
 def _agree(first: Estimate, second: Estimate) -> bool:
@@ -116,10 +140,10 @@ def _agree(first: Estimate, second: Estimate) -> bool:
     return abs(first.mean - second.mean) <= Z_95 * math.hypot(first.stderr, second.stderr)
 
 
-def _ratio(numerator: Aggregate, denominator: Aggregate) -> Estimate:
-    """``mean_n / mean_d`` with the delta-method error of the estimators' own noise.
+def _ratio(numerator: Estimate, denominator: Estimate) -> Estimate:
+    """``mean_n / mean_d`` with the delta-method error of the estimators' own noise (``stderr``).
 
-    Both aggregates come from the same batches, so the between-batch spread is shared and left out.
+    For two aggregates of the same batches the between-batch spread is shared and left out.
     """
     if denominator.mean == 0 or math.isnan(denominator.mean):
         return Estimate(math.nan, math.nan)
@@ -127,7 +151,7 @@ def _ratio(numerator: Aggregate, denominator: Aggregate) -> Estimate:
     relative = 0.0
     for part in (numerator, denominator):
         if part.mean != 0:
-            relative += (part.se_estimator / part.mean) ** 2
+            relative += (part.stderr / part.mean) ** 2
     return Estimate(ratio, abs(ratio) * math.sqrt(relative))
 
 
@@ -211,10 +235,7 @@ class AlphaSummary:
     @property
     def agree(self) -> bool:
         """Whether measured and predicted agree within 1.96 of their combined estimator error."""
-        return _agree(
-            Estimate(self.measured.mean, self.measured.se_estimator),
-            Estimate(self.predicted.mean, self.predicted.se_estimator),
-        )
+        return _agree(self.measured, self.predicted)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -324,20 +345,126 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class _Draws:
+    """What is drawn on every batch: the alphas, and how many noise pairs, probes, Fisher draws.
+
+    Attributes:
+        alphas: NEFTune alphas, all measured with the same unit draws.
+        noise_samples: antithetic noise pairs per batch and alpha.
+        probes: Rademacher probes per batch (``Tr(H_X)`` and ``Tr(W H_X)``).
+        fisher_draws: token-F draws per batch (``Tr(F_X)``).
+        length_mode, noise_distribution: NEFTune's ``L`` and its noise distribution.
+    """
+
+    alphas: list[float]
+    noise_samples: int
+    probes: int
+    fisher_draws: int
+    length_mode: LengthMode
+    noise_distribution: NoiseDistribution
+
+    @property
+    def passes_per_batch(self) -> int:
+        """Forward or backward passes per batch, the unit of the progress bar."""
+        return 2 * self.noise_samples * len(self.alphas) + self.probes + self.fisher_draws
+
+
+def _noise_increase(
+    loss_at: Callable[[Tensor], Tensor],
+    X: Tensor,
+    loss: float,
+    unit_noise: NEFTuneNoise,
+    draws: _Draws,
+    progress: Any,
+) -> dict[float, Estimate]:
+    """alpha -> ``E[loss(X + eps)] - loss(X)`` from antithetic pairs, without gradients.
+
+    Each pair is ``(loss(X + eps) + loss(X - eps)) / 2 - loss(X)`` with ``eps = alpha * unit``: the
+    unit draw (``unit_noise``, alpha = 1, float32) is shared by every alpha (common random numbers)
+    and cast to ``X``'s dtype as the NEFTune hook does in training.
+    """
+    samples: dict[float, list[float]] = {alpha: [] for alpha in draws.alphas}
+    for _ in range(draws.noise_samples):
+        unit = unit_noise.sample(X.float())
+        for alpha in draws.alphas:
+            eps = (alpha * unit).to(X.dtype)
+            pair = 0.5 * (float(loss_at(X + eps)) + float(loss_at(X - eps)))
+            samples[alpha].append(pair - loss)
+            progress.update(2)
+    return {alpha: Estimate.from_samples(values) for alpha, values in samples.items()}
+
+
+def _trace_weights(
+    unit_noise: NEFTuneNoise, X: Tensor, real: Tensor, length_mode: LengthMode
+) -> Tensor:
+    """Per-token ``a_i^2`` at alpha = 1, the weights ``W`` of ``Tr(W H_X)``: ``1 / (L_b d)`` on
+    real tokens; (B, L, 1) or (1, 1, 1), float64."""
+    weight = unit_noise.scale(X.shape, X.device).double().pow(2)
+    if length_mode == "padded":
+        weight = weight * real.unsqueeze(-1)  # padding has no curvature; keep W on real tokens
+    return weight
+
+
+def _embedding_traces(
+    model: nn.Module,
+    X: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    label_mask: Tensor,
+    weight: Tensor,
+    *,
+    draws: _Draws,
+    seed: int,
+    progress: Any,
+) -> tuple[Estimate, Estimate, Estimate]:
+    """``Tr(H_X)``, ``Tr(W H_X)`` and ``Tr(F_X)`` at ``X`` (B, L, d).
+
+    The two Hessian traces share their Rademacher probes (generator ``seed + 2``, only on real
+    tokens); ``Tr(F_X)`` is the token-F estimator with ``reduction="mean"`` (generator
+    ``seed + 3``), matching the mean CE whose Hessian ``H_X`` is.
+    """
+    device = X.device
+    embeds = X.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+        hvp = EmbeddingHVP.from_loss(_mean_cross_entropy(logits, labels, label_mask), embeds)
+        traces = hutchinson_traces(
+            hvp,
+            embeds.shape,
+            {"h": None, "weighted": weight},
+            num_probes=draws.probes,
+            generator=_generator(device, seed + 2),
+            dtype=embeds.dtype,
+            device=device,
+            probe_mask=attention_mask.bool().unsqueeze(-1),
+            progress=progress.update,
+        )
+        fisher = fisher_trace(
+            embeds,
+            logits,
+            label_mask,
+            draws=draws.fisher_draws,
+            reduction="mean",
+            generator=_generator(device, seed + 3),
+            progress=progress.update,
+        )
+    return traces["h"], traces["weighted"], fisher
+
+
 def _measure_batch(
     model: nn.Module,
     batch: Mapping[str, Tensor],
     *,
     index: int,
-    alphas: Sequence[float],
-    probes: int,
-    noise_samples: int,
-    fisher_draws: int,
+    draws: _Draws,
     seed: int,
-    length_mode: LengthMode,
-    noise_distribution: NoiseDistribution,
     progress: Any,
 ) -> BatchMeasurement:
+    """Everything :class:`BatchMeasurement` holds, on one collated batch.
+
+    Generators: ``seed + 1`` the noise, ``seed + 2`` the probes, ``seed + 3`` the Fisher draws.
+    """
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
@@ -353,55 +480,27 @@ def _measure_batch(
         real = attention_mask.bool()
         rms = float(X[real].double().pow(2).mean().sqrt())
         loss = float(loss_at(X))
-
-        # Unit noise (alpha = 1) in float32; eps(alpha) = alpha * unit, cast to X's dtype as the
-        # NEFTune hook does in training.
         unit_noise = NEFTuneNoise(
             1.0,
-            length_mode=length_mode,
-            distribution=noise_distribution,
+            length_mode=draws.length_mode,
+            distribution=draws.noise_distribution,
             generator=_generator(device, seed + 1),
         )
         unit_noise.set_batch(attention_mask=attention_mask)
-        samples: dict[float, list[float]] = {alpha: [] for alpha in alphas}
-        for _ in range(noise_samples):
-            unit = unit_noise.sample(X.float())
-            for alpha in alphas:
-                eps = (alpha * unit).to(X.dtype)
-                pair = 0.5 * (float(loss_at(X + eps)) + float(loss_at(X - eps)))
-                samples[alpha].append(pair - loss)
-                progress.update(2)
-        # Per-token a_i^2 at alpha = 1, the weights of Tr(W H_X): 1 / (L_b d) on real tokens.
-        weight = unit_noise.scale(X.shape, device).double().pow(2)  # (B, L, 1) or (1, 1, 1)
-        if length_mode == "padded":
-            weight = weight * real.unsqueeze(-1)  # padding has no curvature; keep W on real tokens
+        measured = _noise_increase(loss_at, X, loss, unit_noise, draws, progress)
+        weight = _trace_weights(unit_noise, X, real, draws.length_mode)
 
-    embeds = X.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
-        hvp = EmbeddingHVP.from_loss(_mean_cross_entropy(logits, labels, label_mask), embeds)
-        traces = hutchinson_traces(
-            hvp,
-            embeds.shape,
-            {"h": None, "weighted": weight},
-            num_probes=probes,
-            generator=_generator(device, seed + 2),
-            dtype=embeds.dtype,
-            device=device,
-            probe_mask=real.unsqueeze(-1),
-            progress=progress.update,
-        )
-        fisher = fisher_trace(
-            embeds,
-            logits,
-            label_mask,
-            draws=fisher_draws,
-            reduction="mean",
-            generator=_generator(device, seed + 3),
-            progress=progress.update,
-        )
-    del hvp, logits, embeds
-
+    trace_h, trace_h_weighted, trace_f = _embedding_traces(
+        model,
+        X,
+        attention_mask,
+        labels,
+        label_mask,
+        weight,
+        draws=draws,
+        seed=seed,
+        progress=progress,
+    )
     return BatchMeasurement(
         index=index,
         num_sequences=int(input_ids.shape[0]),
@@ -410,10 +509,10 @@ def _measure_batch(
         lengths=[int(n) for n in attention_mask.sum(-1).tolist()],
         embedding_rms=rms,
         loss=loss,
-        trace_h=(traces["h"]),
-        trace_h_weighted=(traces["weighted"]),
-        trace_f=(fisher),
-        measured={alpha: Estimate.from_samples(values) for alpha, values in samples.items()},
+        trace_h=trace_h,
+        trace_h_weighted=trace_h_weighted,
+        trace_f=trace_f,
+        measured=measured,
     )
 
 
@@ -461,6 +560,76 @@ def _scored_rows(dataset: Any, seed: int, count: int) -> list[Mapping[str, Any]]
             "assistant mask and --max_length)"
         )
     return chosen
+
+
+def _measure_groups(
+    model: nn.Module,
+    groups: list[list[Mapping[str, Any]]],
+    pad_id: int,
+    draws: _Draws,
+    seed: int,
+    show_progress: bool,
+) -> list[BatchMeasurement]:
+    """:func:`_measure_batch` on each group of rows, in measurement mode, under one progress bar.
+
+    Batch ``i`` is seeded ``seed * 1_000_003 + 10 * i``, so its draws do not depend on the others.
+    """
+    from tqdm.auto import tqdm
+
+    measurements: list[BatchMeasurement] = []
+    with (
+        _measurement_mode(model),
+        tqdm(
+            total=draws.passes_per_batch * len(groups),
+            desc="analyze",
+            unit="pass",
+            disable=not show_progress,
+        ) as bar,
+    ):
+        for index, rows in enumerate(groups):
+            measurement = _measure_batch(
+                model,
+                collate_tokenized(rows, pad_id),
+                index=index,
+                draws=draws,
+                seed=seed * 1_000_003 + 10 * index,
+                progress=bar,
+            )
+            measurements.append(measurement)
+            bar.set_postfix(loss=f"{measurement.loss:.3f}", trH=f"{measurement.trace_h.mean:.3g}")
+    return measurements
+
+
+def _settings(
+    draws: _Draws,
+    *,
+    batches: int,
+    batch_size: int,
+    seed: int,
+    max_length: int | None,
+    dtype: torch.dtype,
+    examples: int,
+    examples_available: int,
+    config: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The run's settings as :attr:`AnalysisResult.config` records them, ``config`` last."""
+    settings = {
+        "alphas": draws.alphas,
+        "batches": batches,
+        "batch_size": batch_size,
+        "probes": draws.probes,
+        "noise_samples": draws.noise_samples,
+        "fisher_draws": draws.fisher_draws,
+        "seed": seed,
+        "length_mode": draws.length_mode,
+        "noise_distribution": draws.noise_distribution,
+        "max_length": max_length,
+        "dtype": str(dtype).removeprefix("torch."),
+        "examples": examples,
+        "examples_available": examples_available,
+    }
+    settings.update(config or {})
+    return settings
 
 
 def analyze(
@@ -511,10 +680,9 @@ def analyze(
     Returns:
         :class:`AnalysisResult`.
     """
-    from tqdm.auto import tqdm
-
     alphas = [float(alpha) for alpha in alphas]
     fisher_draws = _checked_sizes(alphas, batches, batch_size, probes, noise_samples, fisher_draws)
+    draws = _Draws(alphas, noise_samples, probes, fisher_draws, length_mode, noise_distribution)
 
     dataset = _tokenized(
         dataset, tokenizer, max_length, seed, max(SAMPLE_CAP, 4 * batches * batch_size)
@@ -527,52 +695,20 @@ def analyze(
 
     chosen = _scored_rows(dataset, seed, batches * batch_size)
     groups = [chosen[i : i + batch_size] for i in range(0, len(chosen), batch_size)]
-    pad_id = _pad_token_id(tokenizer)
-
-    steps_per_batch = 2 * noise_samples * len(alphas) + probes + fisher_draws
-    measurements: list[BatchMeasurement] = []
-    with (
-        _measurement_mode(model),
-        tqdm(
-            total=steps_per_batch * len(groups),
-            desc="analyze",
-            unit="pass",
-            disable=not show_progress,
-        ) as bar,
-    ):
-        for index, rows in enumerate(groups):
-            measurement = _measure_batch(
-                model,
-                collate_tokenized(rows, pad_id),
-                index=index,
-                alphas=alphas,
-                probes=probes,
-                noise_samples=noise_samples,
-                fisher_draws=fisher_draws,
-                seed=seed * 1_000_003 + 10 * index,
-                length_mode=length_mode,
-                noise_distribution=noise_distribution,
-                progress=bar,
-            )
-            measurements.append(measurement)
-            bar.set_postfix(loss=f"{measurement.loss:.3f}", trH=f"{measurement.trace_h.mean:.3g}")
-
-    settings = {
-        "alphas": alphas,
-        "batches": len(groups),
-        "batch_size": batch_size,
-        "probes": probes,
-        "noise_samples": noise_samples,
-        "fisher_draws": fisher_draws,
-        "seed": seed,
-        "length_mode": length_mode,
-        "noise_distribution": noise_distribution,
-        "max_length": max_length,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "examples": len(chosen),
-        "examples_available": len(dataset),
-    }
-    settings.update(config or {})
+    measurements = _measure_groups(
+        model, groups, _pad_token_id(tokenizer), draws, seed, show_progress
+    )
+    settings = _settings(
+        draws,
+        batches=len(groups),
+        batch_size=batch_size,
+        seed=seed,
+        max_length=max_length,
+        dtype=next(model.parameters()).dtype,
+        examples=len(chosen),
+        examples_available=len(dataset),
+        config=config,
+    )
     return _summarize(measurements, settings, hidden, median_length)
 
 

@@ -176,17 +176,45 @@ def run_lm_eval(
     Raises:
         FishertuneError: unknown task name (with the closest known names), bad ``model_args``.
     """
+    manager = _checked_task_manager(tasks, include_path)
+    extra = parse_model_args(model_args) if isinstance(model_args, str) else dict(model_args or {})
+    lm = _harness_model(model, tokenizer, batch_size, max_length, device, extra)
+    results = _simple_evaluate(
+        lm,
+        tasks,
+        manager,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        seed=seed,
+        apply_chat_template=apply_chat_template,
+        log_samples=log_samples,
+    )
+    if results is None:  # non-zero ranks under lm-eval's own multi-process mode
+        return {"metrics": {}, "higher_is_better": {}, "versions": {}, "n_samples": {}}
+    return _flat_report(results, log_samples)
+
+
+def _simple_evaluate(
+    lm: Any,
+    tasks: Sequence[str],
+    manager: Any,
+    *,
+    num_fewshot: int | None,
+    limit: int | float | None,
+    seed: int,
+    apply_chat_template: bool,
+    log_samples: bool,
+) -> dict[str, Any] | None:
+    """``lm_eval.simple_evaluate`` with every seed set to ``seed``; a hub download that fails
+    becomes one line saying why (``None`` on lm-eval's non-zero ranks)."""
     import lm_eval
 
     from fishertune.console import child_stderr_captured
 
-    manager = _checked_task_manager(tasks, include_path)
-    extra = parse_model_args(model_args) if isinstance(model_args, str) else dict(model_args or {})
-    lm = _harness_model(model, tokenizer, batch_size, max_length, device, extra)
     try:
         # lm-eval runs `git describe`, whose "fatal: not a git repository" would reach the terminal
         with child_stderr_captured():
-            results = lm_eval.simple_evaluate(
+            return lm_eval.simple_evaluate(
                 model=lm,
                 tasks=list(tasks),
                 num_fewshot=num_fewshot,
@@ -206,8 +234,10 @@ def run_lm_eval(
             f"could not be fetched ({_first_line(err)}); run once where the hub is reachable "
             "(the data is then cached), or use --tasks offline or local tasks (--include_path)"
         ) from err
-    if results is None:  # non-zero ranks under lm-eval's own multi-process mode
-        return {"metrics": {}, "higher_is_better": {}, "versions": {}, "n_samples": {}}
+
+
+def _flat_report(results: Mapping[str, Any], log_samples: bool) -> dict[str, Any]:
+    """lm-eval's results as :func:`run_lm_eval` returns them (see there)."""
     metrics, directions = flatten_results(results)
     out: dict[str, Any] = {
         "metrics": metrics,  # NaN kept: the caller says which metrics are undefined

@@ -126,9 +126,25 @@ def load_study(runs_dir: str | Path, names: Sequence[str]) -> tuple[dict[str, An
         FishertuneError: when the base run has no measurement yet.
     """
     from fishertune.experiments.grid import BASE_RUN
-    from fishertune.experiments.runner import EVALUATION_FILE, MEASURE_FILE, SPEC_FILE
 
     runs_dir = Path(runs_dir)
+    base, start = _load_base(runs_dir)
+    runs = []
+    for name in names:
+        if name == BASE_RUN:
+            continue
+        run = _load_run(runs_dir, name, base, start)
+        if run is not None:
+            runs.append(run)
+    return base, runs
+
+
+def _load_base(runs_dir: Path) -> tuple[dict[str, Any], tuple[int, float, float, float]]:
+    """The base model's numbers (as :func:`load_study` returns them) and its trajectory point,
+    step 0 of every run's trajectory."""
+    from fishertune.experiments.grid import BASE_RUN
+    from fishertune.experiments.runner import EVALUATION_FILE, MEASURE_FILE
+
     measured = _read(runs_dir / BASE_RUN / MEASURE_FILE)
     if not isinstance(measured, dict) or not isinstance(measured.get("final"), dict):
         raise FishertuneError(
@@ -147,58 +163,64 @@ def load_study(runs_dir: str | Path, names: Sequence[str]) -> tuple[dict[str, An
         "curvature": _curvature_values(final),
         "se": {key: float(final[key]["se_estimator"]) for key in ("trace_f", "trace_h", "gap")},
     }
-    start = _point(0, final)
-    runs = []
-    for name in names:
-        if name == BASE_RUN:
-            continue
-        folder = runs_dir / name
-        spec, evaluation, curvature = (
-            _read(folder / SPEC_FILE),
-            _read(folder / EVALUATION_FILE),
-            _read(folder / MEASURE_FILE),
-        )
-        if not (
-            isinstance(spec, dict)
-            and isinstance(evaluation, dict)
-            and isinstance(curvature, dict)
-            and isinstance(curvature.get("final"), dict)
-        ):
-            continue
-        overrides = spec.get("overrides", {})
-        kind = overrides.get("method", "baseline")
-        if kind not in KINDS:
-            continue
-        scale = 0.0
-        if kind == "neftune":
-            from fishertune.schedules import neftune_scale
+    return base, _point(0, final)
 
-            scale = neftune_scale(
-                float(overrides["neftune_alpha"]), base["length"], base["hidden_size"]
-            )
-        elif kind in PENALTIES:
-            # the a whose matched coefficient a^2 / 6 the penalty uses
-            scale = math.sqrt(6.0 * float(overrides["penalty_coef"]))
-        metrics = evaluation.get("metrics", {})
-        run = StudyRun(
-            name=name,
-            kind=kind,
-            seed=int(spec.get("seed", 0)),
-            ratio=_significant(scale / base["rms"]) if scale else 0.0,
-            values={
-                "val_loss": float(metrics.get("offline/val_loss", math.nan)),
-                "exact_match": float(metrics.get("offline/exact_match", math.nan)),
-                **_curvature_values(curvature["final"]),
-            },
-            trajectory=[start]
-            + [
-                _point(int(entry["step"]), entry)
-                for entry in curvature.get("trajectory", [])
-                if isinstance(entry.get("step"), int)
-            ],
-        )
-        runs.append(run)
-    return base, runs
+
+def _noise_scale(kind: str, overrides: dict[str, Any], base: dict[str, Any]) -> float:
+    """A run's noise half-width ``a``: NEFTune's ``alpha / sqrt(L d)``, a penalty's ``a`` whose
+    matched coefficient ``a^2 / 6`` it uses, 0 for the baseline."""
+    if kind == "neftune":
+        from fishertune.schedules import neftune_scale
+
+        return neftune_scale(float(overrides["neftune_alpha"]), base["length"], base["hidden_size"])
+    if kind in PENALTIES:
+        return math.sqrt(6.0 * float(overrides["penalty_coef"]))
+    return 0.0
+
+
+def _load_run(
+    runs_dir: Path, name: str, base: dict[str, Any], start: tuple[int, float, float, float]
+) -> StudyRun | None:
+    """The run ``name`` of ``runs_dir``, or ``None`` while it lacks its spec, evaluation or
+    measurement (or is of a method the study does not compare)."""
+    from fishertune.experiments.runner import EVALUATION_FILE, MEASURE_FILE, SPEC_FILE
+
+    folder = runs_dir / name
+    spec, evaluation, curvature = (
+        _read(folder / SPEC_FILE),
+        _read(folder / EVALUATION_FILE),
+        _read(folder / MEASURE_FILE),
+    )
+    if not (
+        isinstance(spec, dict)
+        and isinstance(evaluation, dict)
+        and isinstance(curvature, dict)
+        and isinstance(curvature.get("final"), dict)
+    ):
+        return None
+    overrides = spec.get("overrides", {})
+    kind = overrides.get("method", "baseline")
+    if kind not in KINDS:
+        return None
+    scale = _noise_scale(kind, overrides, base)
+    metrics = evaluation.get("metrics", {})
+    return StudyRun(
+        name=name,
+        kind=kind,
+        seed=int(spec.get("seed", 0)),
+        ratio=_significant(scale / base["rms"]) if scale else 0.0,
+        values={
+            "val_loss": float(metrics.get("offline/val_loss", math.nan)),
+            "exact_match": float(metrics.get("offline/exact_match", math.nan)),
+            **_curvature_values(curvature["final"]),
+        },
+        trajectory=[start]
+        + [
+            _point(int(entry["step"]), entry)
+            for entry in curvature.get("trajectory", [])
+            if isinstance(entry.get("step"), int)
+        ],
+    )
 
 
 def _cell(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -228,6 +250,82 @@ def _paired(first: Sequence[StudyRun], second: Sequence[StudyRun], key: str) -> 
     return _cell([r.values[key] - by_seed[r.seed] for r in first if r.seed in by_seed])
 
 
+def _row(members: list[StudyRun], base_val: float) -> dict[str, Any]:
+    """One table row: mean ± std over the seeds of ``members`` for every quantity."""
+    cells: dict[str, Any] = {
+        key: _cell([r.values[key] for r in members])
+        for key in ("val_loss", "trace_f", "trace_h", "gap", "exact_match")
+    }
+    cells["delta_val_loss"] = _cell([r.values["val_loss"] - base_val for r in members])
+    cells["ce"] = _cell([r.values["ce"] for r in members])
+    cells["seeds"] = sorted(r.seed for r in members)
+    return cells
+
+
+def _level(
+    ratio: float,
+    runs: Sequence[StudyRun],
+    baseline: list[StudyRun],
+    baseline_row: dict[str, Any],
+    base: dict[str, Any],
+    base_val: float,
+) -> dict[str, Any]:
+    """The table, paired differences and agreements of the noise level ``a / rms = ratio``."""
+    length, hidden, rms = base["length"], base["hidden_size"], base["rms"]
+    members = {k: [r for r in runs if r.kind == k and r.ratio == ratio] for k in KINDS[1:]}
+    rows = {"baseline": baseline_row}
+    rows.update({k: _row(m, base_val) for k, m in members.items() if m})
+    scale = ratio * rms
+    lam = scale**2 / 6.0
+    level: dict[str, Any] = {
+        "ratio": ratio,
+        "alpha": scale * math.sqrt(length * hidden),
+        "lambda_eq": lam,
+        "rows": rows,
+        # the second-order loss terms at the base model: what the penalty adds and what the
+        # noise adds beyond it (the Gauss-Newton gap's share)
+        "penalty_term_base": lam * base["curvature"]["trace_f"],
+        "gap_term_base": lam * base["curvature"]["gap"],
+    }
+    # Paired by seed: runs of the same seed share the data order and start from the same base
+    # model, so per-seed differences remove the variation the methods have in common.
+    level["paired_vs_baseline"] = {
+        kind: _paired(m, baseline, "val_loss") for kind, m in members.items() if m
+    }
+    if members.get("neftune"):
+        level["paired_vs_neftune"] = {
+            pen: _paired(members[pen], members["neftune"], "val_loss")
+            for pen in PENALTIES
+            if members.get(pen)
+        }
+    if "neftune" in rows:
+        nef = rows["neftune"]
+        level["neftune_moves"] = {
+            key: not _compare(nef[key], baseline_row[key])["within"]
+            for key in ("val_loss", "trace_f", "trace_h")
+        }
+        level["agreement"] = {
+            pen: {
+                key: _compare(rows[pen][key], nef[key])
+                for key in ("val_loss", "trace_f", "trace_h", "exact_match")
+            }
+            for pen in PENALTIES
+            if pen in rows
+        }
+    return level
+
+
+def _agree_up_to(levels: list[dict[str, Any]], pen: str, key: str) -> float | None:
+    """The largest level up to which ``pen`` agrees with NEFTune on ``key`` at every level."""
+    last = None
+    for level in levels:
+        verdict = level.get("agreement", {}).get(pen, {}).get(key)
+        if verdict is None or not verdict["within"]:
+            break
+        last = level["ratio"]
+    return last
+
+
 def summarize(base: dict[str, Any], runs: Sequence[StudyRun]) -> dict[str, Any]:
     """Per-level tables, agreements and the Gauss-Newton terms (see the module docstring)."""
     baseline = [r for r in runs if r.kind == "baseline"]
@@ -235,78 +333,14 @@ def summarize(base: dict[str, Any], runs: Sequence[StudyRun]) -> dict[str, Any]:
         raise FishertuneError("the equivalence report needs finished baseline runs")
     levels_found = sorted({r.ratio for r in runs if r.kind != "baseline"})
     base_val = _cell([r.values["val_loss"] for r in baseline])["mean"]
-
-    def row(members: list[StudyRun]) -> dict[str, Any]:
-        cells: dict[str, Any] = {
-            key: _cell([r.values[key] for r in members])
-            for key in ("val_loss", "trace_f", "trace_h", "gap", "exact_match")
-        }
-        cells["delta_val_loss"] = _cell([r.values["val_loss"] - base_val for r in members])
-        cells["ce"] = _cell([r.values["ce"] for r in members])
-        cells["seeds"] = sorted(r.seed for r in members)
-        return cells
-
-    baseline_row = row(baseline)
-    length, hidden, rms = base["length"], base["hidden_size"], base["rms"]
-    levels = []
-    for ratio in levels_found:
-        members = {k: [r for r in runs if r.kind == k and r.ratio == ratio] for k in KINDS[1:]}
-        rows = {"baseline": baseline_row}
-        rows.update({k: row(m) for k, m in members.items() if m})
-        scale = ratio * rms
-        lam = scale**2 / 6.0
-        level: dict[str, Any] = {
-            "ratio": ratio,
-            "alpha": scale * math.sqrt(length * hidden),
-            "lambda_eq": lam,
-            "rows": rows,
-            # the second-order loss terms at the base model: what the penalty adds and what the
-            # noise adds beyond it (the Gauss-Newton gap's share)
-            "penalty_term_base": lam * base["curvature"]["trace_f"],
-            "gap_term_base": lam * base["curvature"]["gap"],
-        }
-        # Paired by seed: runs of the same seed share the data order and start from the same base
-        # model, so per-seed differences remove the variation the methods have in common.
-        level["paired_vs_baseline"] = {
-            kind: _paired(m, baseline, "val_loss") for kind, m in members.items() if m
-        }
-        if members.get("neftune"):
-            level["paired_vs_neftune"] = {
-                pen: _paired(members[pen], members["neftune"], "val_loss")
-                for pen in PENALTIES
-                if members.get(pen)
-            }
-        if "neftune" in rows:
-            nef = rows["neftune"]
-            level["neftune_moves"] = {
-                key: not _compare(nef[key], baseline_row[key])["within"]
-                for key in ("val_loss", "trace_f", "trace_h")
-            }
-            level["agreement"] = {
-                pen: {
-                    key: _compare(rows[pen][key], nef[key])
-                    for key in ("val_loss", "trace_f", "trace_h", "exact_match")
-                }
-                for pen in PENALTIES
-                if pen in rows
-            }
-        levels.append(level)
-
-    def agree_up_to(pen: str, key: str) -> float | None:
-        last = None
-        for level in levels:
-            verdict = level.get("agreement", {}).get(pen, {}).get(key)
-            if verdict is None or not verdict["within"]:
-                break
-            last = level["ratio"]
-        return last
-
+    baseline_row = _row(baseline, base_val)
+    levels = [_level(ratio, runs, baseline, baseline_row, base, base_val) for ratio in levels_found]
     return {
         "base": base,
         "baseline": baseline_row,
         "levels": levels,
         "agree_up_to": {
-            pen: {key: agree_up_to(pen, key) for key in ("val_loss", "trace_f", "trace_h")}
+            pen: {key: _agree_up_to(levels, pen, key) for key in ("val_loss", "trace_f", "trace_h")}
             for pen in PENALTIES
         },
         "runs": [asdict(r) for r in runs],

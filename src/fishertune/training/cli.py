@@ -672,11 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from transformers import set_seed
 
-    from fishertune.training.guard import TrainingDivergedError
-
     set_seed(training_args.seed)
     start = time.time()
-    output_dir = Path(training_args.output_dir)
     # arguments, data and model are validated here, before anything in output_dir changes
     on_first: list[Callable[[], None]] = []
     trainer = build_trainer(
@@ -685,8 +682,6 @@ def main(argv: list[str] | None = None) -> int:
         model_args,
         on_first_checkpoint=lambda: [hook() for hook in on_first],
     )
-    main_process = trainer.accelerator.is_main_process
-    replacement = None
     record: dict[str, Any] = {
         "status": "running",
         "method": training_args.method,
@@ -694,6 +689,26 @@ def main(argv: list[str] | None = None) -> int:
         "settings": plan.settings,
         "argv": argv,
     }
+    return _run(trainer, plan, script_args, training_args, record, on_first, start)
+
+
+def _run(
+    trainer: Any,
+    plan: OutputPlan,
+    script_args: Any,
+    training_args: Any,
+    record: dict[str, Any],
+    on_first: list[Callable[[], None]],
+    start: float,
+) -> int:
+    """Train with the run record kept: ``running`` first, ``completed`` at the end; on any error
+    (SIGTERM included) ``failed``, or the replaced previous run put back if this one has no
+    checkpoint yet. A diverged run exits 1, anything else is raised again."""
+    from fishertune.training.guard import TrainingDivergedError
+
+    output_dir = Path(training_args.output_dir)
+    main_process = trainer.accelerator.is_main_process
+    replacement = None
     # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so the run is marked failed and a
     # replaced run is put back instead of the process vanishing mid-way
     main_thread = threading.current_thread() is threading.main_thread()
@@ -719,17 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BaseException as err:
         if main_process:
-            shutil.rmtree(_staged_base(output_dir), ignore_errors=True)
-            if replacement is not None and latest_checkpoint(output_dir) is None:
-                replacement.restore()
-            else:
-                record.update(
-                    status="failed",
-                    error=_describe(err),
-                    global_step=trainer.state.global_step,
-                    wall_time_s=round(time.time() - start, 2),
-                )
-                _write_record(training_args.output_dir, record)
+            _record_failure(trainer, training_args, record, replacement, err, start)
         if isinstance(err, TrainingDivergedError):
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -739,3 +744,27 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous_sigterm or signal.SIG_DFL)
         # destroy the process group (and finish trackers) on every rank, also after an error
         trainer.accelerator.end_training()
+
+
+def _record_failure(
+    trainer: Any,
+    training_args: Any,
+    record: dict[str, Any],
+    replacement: _Replacement | None,
+    err: BaseException,
+    start: float,
+) -> None:
+    """On the main process after an error: drop the staged base, then put the replaced run back
+    if this one has no checkpoint yet, else mark this one ``failed`` with the error."""
+    output_dir = Path(training_args.output_dir)
+    shutil.rmtree(_staged_base(output_dir), ignore_errors=True)
+    if replacement is not None and latest_checkpoint(output_dir) is None:
+        replacement.restore()
+    else:
+        record.update(
+            status="failed",
+            error=_describe(err),
+            global_step=trainer.state.global_step,
+            wall_time_s=round(time.time() - start, 2),
+        )
+        _write_record(training_args.output_dir, record)
