@@ -20,9 +20,13 @@ Examples::
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fishertune.errors import FishertuneError
+
+if TYPE_CHECKING:
+    from fishertune.experiments.grid import ExperimentConfig
+    from fishertune.experiments.runner import RunResult
 
 __all__ = ["build_parser", "main", "parse_set"]
 
@@ -51,14 +55,8 @@ def parse_set(
     return overrides
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's argument parser (each option also accepts dashes: ``--report-only``)."""
-    parser = argparse.ArgumentParser(
-        prog="fishertune experiment",
-        description="Train and evaluate every run of an experiment grid, skipping finished ones: "
-        "here (one at a time, or --parallel N) then write tables and plots to "
-        "OUTPUT_DIR/report/, or on SLURM (--launcher slurm, then --status and --report_only).",
-    )
+def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which grid, which of its runs, and what to do with them."""
     parser.add_argument(
         "--config",
         required=True,
@@ -89,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not write the report after the grid",
     )
+
+
+def _add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """What replaces or overrides the experiment file's settings."""
     parser.add_argument(
         "--output_dir", "--output-dir", default=None, help="replaces the file's output_dir"
     )
@@ -109,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="training overrides for every run, below the methods' and ablations' own",
     )
+
+
+def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the runs go (here, several at once, or SLURM) and how to watch them."""
     parser.add_argument(
         "--launcher",
         choices=("local", "slurm"),
@@ -141,16 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print where every run stands (state, SLURM job, step, time) and exit",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's argument parser (each option also accepts dashes: ``--report-only``)."""
+    parser = argparse.ArgumentParser(
+        prog="fishertune experiment",
+        description="Train and evaluate every run of an experiment grid, skipping finished ones: "
+        "here (one at a time, or --parallel N) then write tables and plots to "
+        "OUTPUT_DIR/report/, or on SLURM (--launcher slurm, then --status and --report_only).",
+    )
+    _add_grid_arguments(parser)
+    _add_override_arguments(parser)
+    _add_launch_arguments(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns 0 when every selected run finished, 1 when one failed."""
-    from fishertune.experiments.grid import load_experiment
-    from fishertune.experiments.report import load_run_records, write_report
-    from fishertune.experiments.runner import check_stored_specs, run_experiment, select_runs
-
-    args = build_parser().parse_args(argv)
+def _refuse_conflicting_flags(args: argparse.Namespace) -> None:
     if args.report_only and (args.dry_run or args.no_report):
         raise FishertuneError("--report_only cannot be combined with --dry_run or --no_report")
     if args.status and (args.report_only or args.dry_run):
@@ -159,33 +172,100 @@ def main(argv: list[str] | None = None) -> int:
         raise FishertuneError(
             "--parallel / --gpus are for --launcher local (SLURM: array_parallelism)"
         )
+
+
+def _load_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment file with the command line's replacements and overrides applied."""
+    from fishertune.experiments.grid import load_experiment
+
     overrides = parse_set(args.set_)
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
-    config = load_experiment(
+    return load_experiment(
         args.config,
         output_dir=args.output_dir,
         seeds=args.seeds,
         overrides=overrides,
         slurm=parse_set(args.slurm, "--slurm", raw_keys=("time",)),
     )
+
+
+def _show_status(config: ExperimentConfig, only: list[str] | None) -> int:
+    """``--status``: one line per run."""
+    from fishertune.experiments.runner import select_runs
+    from fishertune.experiments.slurm import format_status_table, grid_status
+
+    print(format_status_table(grid_status(config, select_runs(config, only))))
+    return 0
+
+
+def _submit_to_slurm(config: ExperimentConfig, args: argparse.Namespace) -> int:
+    """``--launcher slurm``: submit the unfinished runs, count them by status, say what's next."""
+    from fishertune.experiments.slurm import submit_grid
+
+    results = submit_grid(config, only=args.only, dry_run=args.dry_run)
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.status] = counts.get(result.status, 0) + 1
+    print(", ".join(f"{n} {status}" for status, n in counts.items()))
+    if not args.dry_run:
+        shown = f"fishertune experiment --config {args.config}"
+        print(f"watch: {shown} --status; when done: {shown} --report_only")
+    return 0
+
+
+def _print_outcome(results: list[RunResult]) -> list[RunResult]:
+    """Print how many runs finished and why each failed one failed; return the failed ones."""
+    failed = [r for r in results if r.status == "failed"]
+    done = sum(r.status in ("completed", "skipped") for r in results)
+    print(f"{done}/{len(results)} runs finished, {len(failed)} failed")
+    for result in failed:
+        print(f"  {result.name}: {result.message} (log: {result.log})")
+    return failed
+
+
+def _write_reports(config: ExperimentConfig) -> None:
+    """The grid's tables and plots (and the equivalence study's, if the file asks for it)."""
+    from fishertune.experiments.report import load_run_records, write_report
+    from fishertune.experiments.runner import select_runs
+
+    # The whole grid, not only --only's runs: the report always shows everything done so far.
+    names = [run.name for run in select_runs(config) if run.run_dir.is_dir()]
+    records = load_run_records(config.runs_dir, names)
+    if not records:
+        print(f"no runs under {config.runs_dir} yet: no report written")
+        return
+    written = write_report(
+        records,
+        config.report_dir,
+        metrics=config.report_metrics,
+        title=config.path.stem,
+    )
+    if config.study == "equivalence":
+        from fishertune.experiments.equivalence import write_equivalence_report
+
+        try:
+            written.update(
+                write_equivalence_report(
+                    config.runs_dir, names, config.report_dir, title=config.path.stem
+                )
+            )
+        except FishertuneError as err:  # e.g. the base not measured yet
+            print(f"no equivalence report: {err}")
+    print(f"report: {', '.join(str(p) for p in written.values())}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns 0 when every selected run finished, 1 when one failed."""
+    from fishertune.experiments.runner import check_stored_specs, run_experiment, select_runs
+
+    args = build_parser().parse_args(argv)
+    _refuse_conflicting_flags(args)
+    config = _load_config(args)
     if args.status:
-        from fishertune.experiments.slurm import format_status_table, grid_status
-
-        print(format_status_table(grid_status(config, select_runs(config, args.only))))
-        return 0
+        return _show_status(config, args.only)
     if args.launcher == "slurm" and not args.report_only:
-        from fishertune.experiments.slurm import submit_grid
-
-        results = submit_grid(config, only=args.only, dry_run=args.dry_run)
-        counts: dict[str, int] = {}
-        for result in results:
-            counts[result.status] = counts.get(result.status, 0) + 1
-        print(", ".join(f"{n} {status}" for status, n in counts.items()))
-        if not args.dry_run:
-            shown = f"fishertune experiment --config {args.config}"
-            print(f"watch: {shown} --status; when done: {shown} --report_only")
-        return 0
+        return _submit_to_slurm(config, args)
     failed = []
     if args.report_only:
         # A report must not mix in runs made with other settings (e.g. a --max_steps pass).
@@ -201,34 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         if args.dry_run:
             return 0
-        failed = [r for r in results if r.status == "failed"]
-        done = sum(r.status in ("completed", "skipped") for r in results)
-        print(f"{done}/{len(results)} runs finished, {len(failed)} failed")
-        for result in failed:
-            print(f"  {result.name}: {result.message} (log: {result.log})")
+        failed = _print_outcome(results)
     if not args.no_report:
-        # The whole grid, not only --only's runs: the report always shows everything done so far.
-        names = [run.name for run in select_runs(config) if run.run_dir.is_dir()]
-        records = load_run_records(config.runs_dir, names)
-        if not records:
-            print(f"no runs under {config.runs_dir} yet: no report written")
-        else:
-            written = write_report(
-                records,
-                config.report_dir,
-                metrics=config.report_metrics,
-                title=config.path.stem,
-            )
-            if config.study == "equivalence":
-                from fishertune.experiments.equivalence import write_equivalence_report
-
-                try:
-                    written.update(
-                        write_equivalence_report(
-                            config.runs_dir, names, config.report_dir, title=config.path.stem
-                        )
-                    )
-                except FishertuneError as err:  # e.g. the base not measured yet
-                    print(f"no equivalence report: {err}")
-            print(f"report: {', '.join(str(p) for p in written.values())}")
+        _write_reports(config)
     return 1 if failed else 0

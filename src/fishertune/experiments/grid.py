@@ -642,18 +642,9 @@ def _base_run(
     )
 
 
-def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
-    """Validate a loaded experiment mapping.
-
-    Args:
-        raw: the YAML document.
-        path: the file it came from (named in every error message; anchors relative paths).
-
-    Raises:
-        FishertuneError: naming the file and the field at fault.
-    """
-    path = Path(path)
-    raw = _mapping(path, "top level", raw)
+def _top_level(path: Path, value: Any) -> dict[str, Any]:
+    """The document as a mapping of known keys, with the required ones present."""
+    raw = _mapping(path, "top level", value)
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise _err(
@@ -664,14 +655,15 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
     for key in ("output_dir", "methods", "seeds"):
         if key not in raw:
             raise _err(path, key, "missing (required)")
-    base = (
-        _resolve(path, "base_config", raw["base_config"], preset="train")
-        if raw.get("base_config")
-        else None
-    )
-    output_dir = _resolve(path, "output_dir", raw["output_dir"], must_exist=False)
+    return raw
 
-    methods_raw = _mapping(path, "methods", raw["methods"])
+
+def _methods(
+    path: Path, value: Any, base: Path | None
+) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
+    """The ``methods:`` block: each method's training overrides and its training YAML (its own
+    ``base_config``, else the top-level one)."""
+    methods_raw = _mapping(path, "methods", value)
     if not methods_raw:
         raise _err(path, "methods", "no methods given")
     methods: dict[str, dict[str, Any]] = {}
@@ -687,13 +679,14 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         else:
             raise _err(path, where, "no base_config: give one at the top level or in the method")
         methods[name] = _overrides(path, where, body)
+    return methods, method_configs
 
-    seeds = _seeds(path, "seeds", raw["seeds"])
-    ablations = {
-        _name(path, "ablations", name): _overrides(path, f"ablations.{name}", body)
-        for name, body in _mapping(path, "ablations", raw.get("ablations")).items()
-    }
-    chosen = raw.get("ablation_methods")
+
+def _ablation_methods(
+    path: Path, chosen: Any, ablations: Mapping[str, Any], methods: Mapping[str, Any]
+) -> dict[str, tuple[str, ...]]:
+    """The ``ablation_methods:`` block: for each ablation, the methods it applies to (a list for
+    all ablations, a mapping per ablation, or by default every method)."""
     ablation_methods: dict[str, tuple[str, ...]] = {}
     for ablation in ablations:
         if chosen is None:
@@ -714,10 +707,12 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         stray = sorted(set(chosen) - set(ablations))
         if stray:
             raise _err(path, "ablation_methods", f"unknown ablation(s) {stray}")
-    ablation_seeds = (
-        _seeds(path, "ablation_seeds", raw["ablation_seeds"]) if "ablation_seeds" in raw else seeds
-    )
+    return ablation_methods
 
+
+def _launcher(path: Path, raw: Mapping[str, Any]) -> tuple[str, Path | None, int | None]:
+    """``launcher``, ``accelerate_config`` and ``num_processes`` (the last two need
+    ``launcher: accelerate``)."""
     launcher = raw.get("launcher", "local")
     if launcher not in LAUNCHERS:
         raise _err(path, "launcher", f"{launcher!r} is not one of {', '.join(LAUNCHERS)}")
@@ -729,12 +724,22 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
     num_processes = _positive_int(path, "num_processes", raw.get("num_processes"))
     if launcher == "local" and (accelerate_config or num_processes):
         raise _err(path, "launcher", "accelerate_config / num_processes need launcher: accelerate")
-    env = _mapping(path, "env", raw.get("env"))
-    for key, value in env.items():
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise _err(path, f"env.{key}", f"expected a string or a number, got {value!r}")
-        env[key] = str(value)
-    report = _mapping(path, "report", raw.get("report"))
+    return launcher, accelerate_config, num_processes
+
+
+def _env(path: Path, value: Any) -> dict[str, str]:
+    """The ``env:`` block, values as the strings a process environment holds."""
+    env = _mapping(path, "env", value)
+    for key, item in env.items():
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise _err(path, f"env.{key}", f"expected a string or a number, got {item!r}")
+        env[key] = str(item)
+    return env
+
+
+def _report(path: Path, value: Any) -> tuple[tuple[str, ...] | None, str | None]:
+    """The ``report:`` block: the table's metrics (``None``: every metric) and the study."""
+    report = _mapping(path, "report", value)
     unknown = sorted(set(report) - set(REPORT_KEYS))
     if unknown:
         raise _err(path, "report", f"unknown key(s) {unknown}; allowed: {list(REPORT_KEYS)}")
@@ -744,22 +749,70 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
     study = report.get("study")
     if study is not None and study not in STUDIES:
         raise _err(path, "report.study", f"{study!r} is not one of {', '.join(STUDIES)}")
+    return report_metrics, study
+
+
+def _refuse_model_path_with_base(
+    path: Path,
+    overrides: Mapping[str, Any],
+    methods: Mapping[str, Mapping[str, Any]],
+    ablations: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """With a ``base:`` stage the grid sets every run's ``model_name_or_path``: refuse the
+    name ``base`` for a method and ``model_name_or_path`` in any override block."""
+    if BASE_RUN in methods:
+        raise _err(path, f"methods.{BASE_RUN}", "the name is taken by the base: stage")
+    for where, body in (
+        [("overrides", overrides)]
+        + [(f"methods.{name}", body) for name, body in methods.items()]
+        + [(f"ablations.{name}", body) for name, body in ablations.items()]
+    ):
+        if "model_name_or_path" in body:
+            raise _err(
+                path,
+                f"{where}.model_name_or_path",
+                "set by the grid to the base: stage's model; remove it",
+            )
+
+
+def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
+    """Validate a loaded experiment mapping.
+
+    The blocks are checked in a fixed order (so the first fault reported does not depend on the
+    file's key order), each by its own helper.
+
+    Args:
+        raw: the YAML document.
+        path: the file it came from (named in every error message; anchors relative paths).
+
+    Raises:
+        FishertuneError: naming the file and the field at fault.
+    """
+    path = Path(path)
+    raw = _top_level(path, raw)
+    base = (
+        _resolve(path, "base_config", raw["base_config"], preset="train")
+        if raw.get("base_config")
+        else None
+    )
+    output_dir = _resolve(path, "output_dir", raw["output_dir"], must_exist=False)
+    methods, method_configs = _methods(path, raw["methods"], base)
+    seeds = _seeds(path, "seeds", raw["seeds"])
+    ablations = {
+        _name(path, "ablations", name): _overrides(path, f"ablations.{name}", body)
+        for name, body in _mapping(path, "ablations", raw.get("ablations")).items()
+    }
+    ablation_methods = _ablation_methods(path, raw.get("ablation_methods"), ablations, methods)
+    ablation_seeds = (
+        _seeds(path, "ablation_seeds", raw["ablation_seeds"]) if "ablation_seeds" in raw else seeds
+    )
+    launcher, accelerate_config, num_processes = _launcher(path, raw)
+    env = _env(path, raw.get("env"))
+    report_metrics, study = _report(path, raw.get("report"))
     overrides = _overrides(path, "overrides", raw.get("overrides"))
     base_run = _base_run(path, raw.get("base"), base, overrides, output_dir / "runs")
     if base_run is not None:
-        if BASE_RUN in methods:
-            raise _err(path, f"methods.{BASE_RUN}", "the name is taken by the base: stage")
-        for where, body in (
-            [("overrides", overrides)]
-            + [(f"methods.{name}", body) for name, body in methods.items()]
-            + [(f"ablations.{name}", body) for name, body in ablations.items()]
-        ):
-            if "model_name_or_path" in body:
-                raise _err(
-                    path,
-                    f"{where}.model_name_or_path",
-                    "set by the grid to the base: stage's model; remove it",
-                )
+        _refuse_model_path_with_base(path, overrides, methods, ablations)
     config = ExperimentConfig(
         path=path,
         base_config=base,

@@ -904,6 +904,62 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def _runs_with_base(config: ExperimentConfig, only: Sequence[str] | None) -> list[RunSpec]:
+    """The selected runs, led by the base stage when they need its model and it is not trained."""
+    runs = select_runs(config, only)
+    base = config.base_run
+    if base is not None and runs and runs[0].name != BASE_RUN and not training_done(base.model_dir):
+        runs = [base, *runs]  # the selected runs start from the base model: train it first
+    return runs
+
+
+def _print_plan(
+    config: ExperimentConfig, runs: Sequence[RunSpec], debris: set[str], log: Callable[[str], None]
+) -> list[RunResult]:
+    """``--dry_run``: each run's pending commands, launching nothing."""
+    results = []
+    for index, run in enumerate(runs, 1):
+        stages = pending_stages(config, run)
+        note = " (folder of an attempt with other settings: cleared first)"
+        log(
+            f"# [{index}/{len(runs)}] {run.name}"
+            + ("" if stages else ": finished, skipped")
+            + (note if run.name in debris else "")
+        )
+        for _, command in stages:
+            log(format_command(command, config.env))
+        results.append(RunResult(run.name, "planned" if stages else "skipped"))
+    return results
+
+
+def _run_base_first(
+    config: ExperimentConfig,
+    runs: list[RunSpec],
+    launcher: Launcher,
+    slots: list[str | None],
+    log: Callable[[str], None],
+) -> list[RunResult]:
+    """The base stage alone first (every other run loads its model), then the rest; when the
+    base fails, the rest are recorded as failed without being started."""
+    first = _run_queue(config, runs[:1], launcher, slots[:1], log, total=len(runs))
+    if first[0].status == "failed":
+        blocked = [
+            RunResult(
+                run.name,
+                "failed",
+                stage="base",
+                message=f"not started: the base stage failed ({first[0].message})",
+                log=first[0].log,
+            )
+            for run in runs[1:]
+        ]
+        update_status(config, blocked)
+        log(f"the base stage failed: {len(blocked)} runs not started")
+        return first + blocked
+    rest = _run_queue(config, runs[1:], launcher, slots, log, offset=1, total=len(runs))
+    return first + rest
+
+
 def run_experiment(
     config: ExperimentConfig,
     *,
@@ -944,26 +1000,11 @@ def run_experiment(
     """
     if parallel < 1:
         raise FishertuneError(f"--parallel must be at least 1, got {parallel}")
-    runs = select_runs(config, only)
-    base = config.base_run
-    if base is not None and runs and runs[0].name != BASE_RUN and not training_done(base.model_dir):
-        runs = [base, *runs]  # the selected runs start from the base model: train it first
+    runs = _runs_with_base(config, only)
     validate_grid(config, runs)
     debris = {run.name for run in check_stored_specs(config, runs)}
     if dry_run:
-        results = []
-        for index, run in enumerate(runs, 1):
-            stages = pending_stages(config, run)
-            note = " (folder of an attempt with other settings: cleared first)"
-            log(
-                f"# [{index}/{len(runs)}] {run.name}"
-                + ("" if stages else ": finished, skipped")
-                + (note if run.name in debris else "")
-            )
-            for _, command in stages:
-                log(format_command(command, config.env))
-            results.append(RunResult(run.name, "planned" if stages else "skipped"))
-        return results
+        return _print_plan(config, runs, debris, log)
     slots: list[str | None] = [None]
     if parallel > 1:
         per_run = config.num_processes if config.launcher == "accelerate" else None
@@ -975,26 +1016,9 @@ def run_experiment(
     try:
         with RunnerLock(config.output_dir):
             _refuse_live_slurm_jobs(config, runs)
-            if base is None or runs[0].name != BASE_RUN or len(runs) == 1:
+            if config.base_run is None or runs[0].name != BASE_RUN or len(runs) == 1:
                 return _run_queue(config, runs, launcher, slots, log)
-            # The base stage alone first (every other run loads its model), then the rest.
-            first = _run_queue(config, runs[:1], launcher, slots[:1], log, total=len(runs))
-            if first[0].status == "failed":
-                blocked = [
-                    RunResult(
-                        run.name,
-                        "failed",
-                        stage="base",
-                        message=f"not started: the base stage failed ({first[0].message})",
-                        log=first[0].log,
-                    )
-                    for run in runs[1:]
-                ]
-                update_status(config, blocked)
-                log(f"the base stage failed: {len(blocked)} runs not started")
-                return first + blocked
-            rest = _run_queue(config, runs[1:], launcher, slots, log, offset=1, total=len(runs))
-            return first + rest
+            return _run_base_first(config, runs, launcher, slots, log)
     finally:
         if main_thread and previous is not None:  # None: a handler installed outside Python
             signal.signal(signal.SIGTERM, previous)

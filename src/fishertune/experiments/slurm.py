@@ -480,6 +480,69 @@ def format_status_table(views: Sequence[RunView]) -> str:
     return "\n".join([*(line.rstrip() for line in lines), f"{len(views)} runs: {summary}"])
 
 
+def _triage(
+    runs: Sequence[RunSpec], views: dict[str, RunView]
+) -> tuple[dict[str, RunResult], list[RunSpec]]:
+    """The results of runs not to submit (finished, or their job queued or running), and the runs
+    to submit (never submitted, failed, stopped)."""
+    results: dict[str, RunResult] = {}
+    todo = []
+    for run in runs:
+        view = views[run.name]
+        if view.state == "completed":
+            results[run.name] = RunResult(run.name, "skipped", launcher="slurm")
+        elif not view.resubmittable:
+            results[run.name] = RunResult(
+                run.name, view.state, launcher="slurm", job_id=view.job_id
+            )
+        else:
+            todo.append(run)
+    return results, todo
+
+
+def _refuse_before_base(
+    config: ExperimentConfig,
+    todo: Sequence[RunSpec],
+    views: dict[str, RunView],
+    states: StateQuery | None,
+) -> None:
+    """Refuse to submit runs that start from the base stage's model before that model exists."""
+    base = config.base_run
+    if (
+        base is not None
+        and any(run.name != BASE_RUN for run in todo)
+        and (views.get(BASE_RUN) or grid_status(config, [base], states)[0]).state != "completed"
+    ):
+        raise FishertuneError(
+            f"{config.path}: the base stage is not finished and every run starts from its model: "
+            f"submit it first (--only {BASE_RUN}), then the grid once it is done (--status)"
+        )
+
+
+def _submit(
+    config: ExperimentConfig, todo: Sequence[RunSpec], executor: Any, launcher: Launcher | None
+) -> list[RunResult]:
+    """Prepare the runs' folders and submit them as one job array; record each job id and log."""
+    with RunnerLock(config.output_dir):
+        for run in todo:
+            prepare_run(config, run, pending=bool(pending_stages(config, run)))
+        with executor.batch():
+            jobs = [executor.submit(RunJob(config, run.name, launcher)) for run in todo]
+        submitted = [
+            RunResult(
+                run.name,
+                "submitted",
+                launcher="slurm",
+                job_id=str(job.job_id),
+                slurm_log=str(job.paths.stdout),
+                started=time.time(),
+            )
+            for run, job in zip(todo, jobs, strict=True)
+        ]
+        update_status(config, submitted, unless_same_job=True)
+    return submitted
+
+
 def submit_grid(
     config: ExperimentConfig,
     *,
@@ -513,28 +576,8 @@ def submit_grid(
     validate_grid(config, runs)
     check_stored_specs(config, runs)
     views = {view.name: view for view in grid_status(config, runs, states)}
-    results: dict[str, RunResult] = {}
-    todo = []
-    for run in runs:
-        view = views[run.name]
-        if view.state == "completed":
-            results[run.name] = RunResult(run.name, "skipped", launcher="slurm")
-        elif not view.resubmittable:
-            results[run.name] = RunResult(
-                run.name, view.state, launcher="slurm", job_id=view.job_id
-            )
-        else:
-            todo.append(run)
-    base = config.base_run
-    if (
-        base is not None
-        and any(run.name != BASE_RUN for run in todo)
-        and (views.get(BASE_RUN) or grid_status(config, [base], states)[0]).state != "completed"
-    ):
-        raise FishertuneError(
-            f"{config.path}: the base stage is not finished and every run starts from its model: "
-            f"submit it first (--only {BASE_RUN}), then the grid once it is done (--status)"
-        )
+    results, todo = _triage(runs, views)
+    _refuse_before_base(config, todo, views, states)
     for index, run in enumerate(runs, 1):
         if run.name in results:
             result = results[run.name]
@@ -546,25 +589,7 @@ def submit_grid(
             results[run.name] = RunResult(run.name, "planned", launcher="slurm")
             log(f"would submit {run.name} ({views[run.name].state})")
         return [results[run.name] for run in runs]
-    executor = executor or make_executor(config)
-    with RunnerLock(config.output_dir):
-        for run in todo:
-            prepare_run(config, run, pending=bool(pending_stages(config, run)))
-        with executor.batch():
-            jobs = [executor.submit(RunJob(config, run.name, launcher)) for run in todo]
-        submitted = [
-            RunResult(
-                run.name,
-                "submitted",
-                launcher="slurm",
-                job_id=str(job.job_id),
-                slurm_log=str(job.paths.stdout),
-                started=time.time(),
-            )
-            for run, job in zip(todo, jobs, strict=True)
-        ]
-        update_status(config, submitted, unless_same_job=True)
-    for result in submitted:
+    for result in _submit(config, todo, executor or make_executor(config), launcher):
         results[result.name] = result
         log(f"{result.name}: submitted as job {result.job_id} (log: {result.slurm_log})")
     return [results[run.name] for run in runs]
