@@ -204,7 +204,7 @@ def run(output_dir: Path, max_steps: int | None, methods: tuple[str, ...]) -> li
     from fishertune.data.chat import load_conversations, tokenize_dataset
     from fishertune.experiments.runner import override_flags
     from fishertune.presets import resolve_config
-    from fishertune.training.cli import build_trainer, load_tokenizer, parse_args
+    from fishertune.training.cli import build_trainer, parse_args, tokenizer_from_args
 
     base_config = resolve_config(BASE_PRESET, "train")
     overrides = method_overrides()
@@ -223,7 +223,7 @@ def run(output_dir: Path, max_steps: int | None, methods: tuple[str, ...]) -> li
         with quiet_libraries(run_dir / LOG_FILE):
             logger.info("fishertune demo, %s: fishertune train %s", method, " ".join(argv))
             if validation is None:
-                tokenizer = load_tokenizer(script_args, model_args)
+                tokenizer = tokenizer_from_args(script_args, model_args)
                 validation = tokenize_dataset(
                     load_conversations(script_args.dataset_name, split="validation"),
                     tokenizer,

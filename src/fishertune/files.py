@@ -30,3 +30,12 @@ def write_json_atomic(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_json_record(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``, or ``None`` when it is missing or unreadable (a record that is not
+    there yet, or one written by an interrupted writer before records were atomic)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None

@@ -201,7 +201,7 @@ def _torch_dtype(name: str, device: Any) -> Any:
     return getattr(torch, name)
 
 
-def load_model_and_tokenizer(
+def load_for_analysis(
     model: str,
     tokenizer: str | None,
     *,
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = _torch_dtype(args.dtype, device)
     # the data first: a bad file fails before a large model is loaded
     conversations = load_conversations(args.data, split=args.split)
-    model, tokenizer = load_model_and_tokenizer(
+    model, tokenizer = load_for_analysis(
         args.model,
         args.tokenizer,
         device=device,

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fishertune.errors import FishertuneError
+from fishertune.errors import FishertuneError, first_line
 from fishertune.penalties import IGNORE_INDEX
 
 __all__ = [
@@ -276,15 +276,10 @@ def _load_folder(folder: Path, split: str) -> Any:
         present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
         raise FishertuneError(
             f"{folder}: no {split}.jsonl, {split}.json or {split}.parquet, and datasets cannot "
-            f"load split {split!r} from it ({_first_line(err)}); it holds: {present}"
+            f"load split {split!r} from it ({first_line(err)}); it holds: {present}"
         ) from err
     _validate_dataset(dataset, f"{folder} (split {split})")
     return dataset
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _names_a_data_file(source: str) -> bool:
@@ -345,7 +340,7 @@ def load_conversations(source: str, split: str = "train") -> Any:
     except Exception as err:  # offline, unknown name, unknown split, gated repo...
         raise FishertuneError(
             f"cannot load dataset {source!r} (split {split!r}): not a local file or folder, and "
-            f"the hub could not provide it ({_first_line(err)})"
+            f"the hub could not provide it ({first_line(err)})"
         ) from err
     _validate_dataset(dataset, f"{source} (split {split})")
     return dataset

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fishertune.errors import FishertuneError
+from fishertune.errors import FishertuneError, first_line
 
 __all__ = ["flatten_results", "parse_model_args", "run_lm_eval"]
 
@@ -231,7 +231,7 @@ def _simple_evaluate(
         # lm-eval's built-in tasks (mmlu, ifeval, truthfulqa) fetch their data from the hub
         raise FishertuneError(
             f"lm-eval task {', '.join(tasks)}: its data comes from the Hugging Face hub and "
-            f"could not be fetched ({_first_line(err)}); run once where the hub is reachable "
+            f"could not be fetched ({first_line(err)}); run once where the hub is reachable "
             "(the data is then cached), or use --tasks offline or local tasks (--include_path)"
         ) from err
 
@@ -269,11 +269,6 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errors)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 @functools.lru_cache(maxsize=8)

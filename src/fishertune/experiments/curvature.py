@@ -75,11 +75,11 @@ def measure_model(
     the default device, eager attention for the double backward), on tokenized ``data``."""
     import torch
 
-    from fishertune.analysis.cli import load_model_and_tokenizer
+    from fishertune.analysis.cli import load_for_analysis
     from fishertune.analysis.measure import analyze
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_model_and_tokenizer(
+    model, tok = load_for_analysis(
         str(folder), str(tokenizer), device=device, dtype=torch.float32, attn_implementation="eager"
     )
     result = analyze(

@@ -13,13 +13,14 @@ direction; every tied row is marked), and a column ``n`` gives the number of see
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fishertune.files import read_json_record
 
 __all__ = [
     "CURVE_KEYS",
@@ -292,13 +293,6 @@ def write_csv(table: Table, path: str | Path) -> None:
             writer.writerow(line)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def load_run_records(runs_dir: str | Path, names: Sequence[str] | None = None) -> list[RunRecord]:
     """Read every run folder under ``runs_dir`` (or the named ones, in that order).
 
@@ -320,13 +314,13 @@ def load_run_records(runs_dir: str | Path, names: Sequence[str] | None = None) -
         folders = [runs_dir / name for name in names]
     records = []
     for folder in folders:
-        spec = _read_json(folder / SPEC_FILE)
+        spec = read_json_record(folder / SPEC_FILE)
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             continue
-        run = _read_json(folder / MODEL_SUBDIR / RUN_RECORD)
+        run = read_json_record(folder / MODEL_SUBDIR / RUN_RECORD)
         run = run if isinstance(run, dict) else {}
-        evaluation = _read_json(folder / EVALUATION_FILE)
-        state = _read_json(folder / MODEL_SUBDIR / "trainer_state.json")
+        evaluation = read_json_record(folder / EVALUATION_FILE)
+        state = read_json_record(folder / MODEL_SUBDIR / "trainer_state.json")
         state = state if isinstance(state, dict) else {}
         record = RunRecord(
             name=spec["name"],
@@ -336,7 +330,8 @@ def load_run_records(runs_dir: str | Path, names: Sequence[str] | None = None) -
             log_history=list(state.get("log_history", [])),
             wall_time_s=run.get("wall_time_s"),
         )
-        sources = [evaluation] + [_read_json(p) for p in sorted(folder.glob("metrics_*.json"))]
+        metrics = sorted(folder.glob("metrics_*.json"))
+        sources = [evaluation] + [read_json_record(path) for path in metrics]
         for source in sources:
             if not isinstance(source, dict):
                 continue

@@ -51,7 +51,7 @@ from fishertune.experiments.grid import (
     RunSpec,
     expand_grid,
 )
-from fishertune.files import CHECKPOINT_RECORD, RUN_RECORD, write_json_atomic
+from fishertune.files import CHECKPOINT_RECORD, RUN_RECORD, read_json_record, write_json_atomic
 
 __all__ = [
     "EVALUATION_FILE",
@@ -134,28 +134,21 @@ class RunResult:
     started: float | None = None
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def training_done(model_dir: Path) -> bool:
     """Whether ``fishertune train`` finished in ``model_dir`` (``fishertune_run.json`` says so)."""
-    record = _read_json(model_dir / RUN_RECORD)
+    record = read_json_record(model_dir / RUN_RECORD)
     return isinstance(record, dict) and record.get("status") == "completed"
 
 
 def evaluation_done(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a complete ``evaluation.json`` (written atomically at the end)."""
-    record = _read_json(run_dir / EVALUATION_FILE)
+    record = read_json_record(run_dir / EVALUATION_FILE)
     return isinstance(record, dict) and isinstance(record.get("metrics"), dict)
 
 
 def measure_done(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a complete ``curvature.json`` (the ``measure`` stage's)."""
-    record = _read_json(run_dir / MEASURE_FILE)
+    record = read_json_record(run_dir / MEASURE_FILE)
     return isinstance(record, dict) and isinstance(record.get("final"), dict)
 
 
@@ -173,12 +166,12 @@ def _checkpoint_steps(model_dir: Path) -> list[int]:
 def step_reached(model_dir: Path) -> int | None:
     """The training step a run has safely reached: its final step once finished, else its latest
     complete checkpoint's; ``None`` when it has neither."""
-    record = _read_json(model_dir / RUN_RECORD)
+    record = read_json_record(model_dir / RUN_RECORD)
     if isinstance(record, dict) and record.get("status") == "completed":
         step = record.get("global_step")
         if isinstance(step, int):
             return step
-        state = _read_json(model_dir / "trainer_state.json")
+        state = read_json_record(model_dir / "trainer_state.json")
         if isinstance(state, dict) and isinstance(state.get("global_step"), int):
             return state["global_step"]
     steps = _checkpoint_steps(model_dir)
@@ -511,7 +504,7 @@ def check_stored_specs(config: ExperimentConfig, runs: list[RunSpec]) -> list[Ru
     changed = [
         run
         for run in runs
-        if _changed_training(_read_json(run.run_dir / SPEC_FILE), run_settings(config, run))
+        if _changed_training(read_json_record(run.run_dir / SPEC_FILE), run_settings(config, run))
     ]
     kept = [run.name for run in changed if _holds_work(run)]
     if kept:
@@ -565,7 +558,7 @@ def validate_grid(config: ExperimentConfig, runs: Sequence[RunSpec]) -> None:
 
 def _evaluation_stale(config: ExperimentConfig, run: RunSpec) -> bool:
     """An ``evaluation.json`` made with other evaluation settings than the experiment's."""
-    stored = _read_json(run.run_dir / SPEC_FILE)
+    stored = read_json_record(run.run_dir / SPEC_FILE)
     current = run_settings(config, run)["evaluation"]
     return isinstance(stored, dict) and stored.get("evaluation") != current
 
@@ -587,7 +580,7 @@ def pending_stages(config: ExperimentConfig, run: RunSpec) -> list[tuple[str, li
 
 def _measure_stale(config: ExperimentConfig, run: RunSpec) -> bool:
     """A ``curvature.json`` made with other ``measure:`` settings than the experiment's."""
-    stored = _read_json(run.run_dir / SPEC_FILE)
+    stored = read_json_record(run.run_dir / SPEC_FILE)
     current = run_settings(config, run).get("measure")
     return isinstance(stored, dict) and stored.get("measure") != current
 
@@ -606,7 +599,7 @@ def _file_lock(path: Path) -> Iterator[Any]:
 
 def read_status(output_dir: Path) -> dict[str, dict[str, Any]]:
     """The runs' entries of ``OUTPUT_DIR/experiment_status.json``, by run name."""
-    previous = _read_json(output_dir / STATUS_FILE)
+    previous = read_json_record(output_dir / STATUS_FILE)
     if isinstance(previous, dict) and isinstance(previous.get("runs"), list):
         return {e["name"]: e for e in previous["runs"] if isinstance(e, dict) and "name" in e}
     return {}
@@ -688,7 +681,7 @@ def prepare_run(config: ExperimentConfig, run: RunSpec, *, pending: bool) -> Non
     settings (a folder :func:`check_stored_specs` let through), drop an ``evaluation.json`` that
     the pending stages will replace, and write the run's settings file."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    stored = _read_json(run.run_dir / SPEC_FILE)
+    stored = read_json_record(run.run_dir / SPEC_FILE)
     if _changed_training(stored, run_settings(config, run)):
         if _holds_work(run):  # checked before, but never delete work on a race
             raise FishertuneError(f"{run.run_dir} holds a run trained with other settings")

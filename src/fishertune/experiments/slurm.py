@@ -46,7 +46,6 @@ from fishertune.experiments.runner import (
     Rendezvous,
     RunnerLock,
     RunResult,
-    _read_json,
     check_stored_specs,
     evaluate_command,
     evaluation_done,
@@ -65,7 +64,7 @@ from fishertune.experiments.runner import (
     update_status,
     validate_grid,
 )
-from fishertune.files import RUN_RECORD
+from fishertune.files import RUN_RECORD, read_json_record
 
 try:  # submitit is the `train` extra's; the local launcher works without it
     import submitit
@@ -372,7 +371,7 @@ class RunView:
 
 
 def _finished(config: ExperimentConfig, run: RunSpec) -> bool:
-    stored = _read_json(run.run_dir / SPEC_FILE)
+    stored = read_json_record(run.run_dir / SPEC_FILE)
     same = isinstance(stored, dict) and stored == run_settings(config, run)
     measured = config.measure is None or measure_done(run.run_dir)
     return same and training_done(run.model_dir) and evaluation_done(run.run_dir) and measured
@@ -419,7 +418,7 @@ def grid_status(
         if _finished(config, run):
             view.state = "completed"
             if view.time_s is None:
-                done = _read_json(run.model_dir / RUN_RECORD) or {}
+                done = read_json_record(run.model_dir / RUN_RECORD) or {}
                 view.time_s = done.get("wall_time_s")
         elif slurm_state in ACTIVE_STATES:
             view.state = "queued" if slurm_state in _QUEUED_STATES else "running"

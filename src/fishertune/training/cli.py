@@ -439,7 +439,7 @@ class _Replacement:
             print(f"the previous run in {self.output_dir} was kept", file=sys.stderr)
 
 
-def load_tokenizer(script_args: Any, model_args: Any, training_args: Any = None) -> Any:
+def tokenizer_from_args(script_args: Any, model_args: Any, training_args: Any = None) -> Any:
     """The tokenizer the data is tokenized with (``chat_template_path`` applied first)."""
     from fishertune.modeling import load_tokenizer as load
 
@@ -464,7 +464,7 @@ def check_model_options(script_args: Any, model_args: Any) -> None:
         raise FishertuneError("save_merged_model needs use_peft=true (no adapter to merge)")
 
 
-def load_model(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> Any:
+def model_from_args(script_args: Any, training_args: Any, model_args: Any, tokenizer: Any) -> Any:
     """The model to fine-tune, in ``--dtype`` (the dtype it is saved back in).
 
     A LoRA run folder as ``--model_name_or_path`` is loaded with its adapter merged into its
@@ -580,14 +580,14 @@ def build_trainer(
 
     check_values(script_args, training_args)
     check_model_options(script_args, model_args)
-    tokenizer = load_tokenizer(script_args, model_args, training_args)
+    tokenizer = tokenizer_from_args(script_args, model_args, training_args)
     train, evaluation = load_datasets(script_args, training_args, tokenizer)
     if not training_args.assistant_only:  # TRL then scores every token, as the library does
         train, evaluation = (
             ds.remove_columns("assistant_masks") if ds is not None else None
             for ds in (train, evaluation)
         )
-    model = load_model(script_args, training_args, model_args, tokenizer)
+    model = model_from_args(script_args, training_args, model_args, tokenizer)
     if model_args.use_peft:
         _save_unnamed_base(model, tokenizer, model_args, training_args, resume=script_args.resume)
     trainer = FisherSFTTrainer(
