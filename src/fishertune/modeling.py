@@ -114,6 +114,16 @@ def _local_folder(name: str, what: str) -> Path | None:
     return folder.resolve()
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Refuse, before anything is loaded, a local path that is not a saved model folder (one
+    line naming it); hub names pass (they are checked on loading)."""
+    folder = _local_folder(name_or_path, "model")
+    if folder is not None and not ((folder / "config.json").is_file() or is_adapter_folder(folder)):
+        raise FishertuneError(
+            f"model {name_or_path}: not a saved model folder (no config.json or {ADAPTER_CONFIG})"
+        )
+
+
 def is_adapter_folder(name_or_path: str | Path) -> bool:
     """Whether ``name_or_path`` is a local folder holding a PEFT adapter (a LoRA run)."""
     return (Path(name_or_path).expanduser() / ADAPTER_CONFIG).is_file()
@@ -167,6 +177,7 @@ def load_causal_lm(
         FishertuneError: a path that is not a model folder, a model that cannot be loaded, or
             remote code needed but not allowed (one line each).
     """
+    check_model_source(name_or_path)
     folder = _local_folder(name_or_path, "model")
     if folder is not None and is_adapter_folder(folder):
         from peft import PeftModel
@@ -185,10 +196,6 @@ def load_causal_lm(
         # PEFT froze the base when it attached the adapter; merged, it is a plain model again,
         # trainable as any loaded one (a full fine-tune from it would otherwise train nothing)
         return model.merge_and_unload().requires_grad_(True)
-    if folder is not None and not (folder / "config.json").is_file():
-        raise FishertuneError(
-            f"model {name_or_path}: not a saved model folder (no config.json or {ADAPTER_CONFIG})"
-        )
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}

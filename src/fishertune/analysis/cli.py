@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fishertune.errors import FishertuneError
-from fishertune.modeling import TINY_MODEL
+from fishertune.modeling import TINY_MODEL, check_model_source
 
 __all__ = ["build_parser", "main", "parse_alphas"]
 
@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FishertuneError(f"--device {args.device}: CUDA is not available")
     dtype = _torch_dtype(args.dtype, device)
-    # the data first: a bad file fails before a large model is loaded
+    # the model's path and the data first: a bad one fails before a large model is loaded
+    check_model_source(args.model)
     conversations = load_conversations(args.data, split=args.split)
     model, tokenizer = load_for_analysis(
         args.model,
