@@ -422,11 +422,16 @@ def test_flash_attention_is_refused_for_exact_mode(chat_file, tmp_path):
 
 
 @pytest.mark.parametrize("accepts_loss_kwargs", [True, False])
-def test_loss_is_normalized_as_transformers_normalizes_it(chat_file, tmp_path, accepts_loss_kwargs):
+@pytest.mark.parametrize("declares_scaling", [True, None])
+def test_loss_is_normalized_as_transformers_normalizes_it(
+    chat_file, tmp_path, accepts_loss_kwargs, declares_scaling
+):
     """The baseline's hand-written loss makes the update TRL's own loss makes, under gradient
     accumulation: normalized by the accumulated batch's tokens when the model takes loss kwargs
     (``num_items_in_batch``), otherwise a micro-batch mean that transformers divides by the
-    accumulation steps (the trainer folds that division into its normalizer)."""
+    accumulation steps (the trainer folds that division into its normalizer). With
+    ``loss_is_scaled_for_ga`` unset (as on transformers < 5.19, which does not read it)
+    transformers applies its own rule and the trainer compensates."""
     from trl import SFTTrainer
 
     updates = []
@@ -437,6 +442,7 @@ def test_loss_is_normalized_as_transformers_normalizes_it(chat_file, tmp_path, a
                          dataloader_drop_last="true")  # fmt: skip
         trainer = build_trainer(*parse_args(argv))
         trainer.model_accepts_loss_kwargs = accepts_loss_kwargs
+        trainer.loss_is_scaled_for_ga = declares_scaling
         if reference:  # TRL's loss and transformers' own accumulation rule
             trainer.compute_loss = SFTTrainer.compute_loss.__get__(trainer)
             trainer.loss_is_scaled_for_ga = None
@@ -446,3 +452,25 @@ def test_loss_is_normalized_as_transformers_normalizes_it(chat_file, tmp_path, a
         updates.append(after - before)
     assert updates[0].norm() > 0
     torch.testing.assert_close(updates[0], updates[1], rtol=1e-4, atol=1e-7)
+
+
+def test_penalized_update_is_the_same_whoever_divides_by_accumulation(chat_file, tmp_path):
+    """fd's split backward passes run before transformers sees the loss: the update must not
+    depend on whether transformers divides the returned loss by the accumulation steps (as
+    before 5.19, ``loss_is_scaled_for_ga`` unset) or the trainer's normalizer does."""
+    updates = []
+    for declares_scaling in (True, None):
+        argv = base_args(chat_file, tmp_path / f"out-{declares_scaling}", max_steps=1,
+                         per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                         optim="sgd", learning_rate=1.0, max_grad_norm=0,
+                         dataloader_drop_last="true", method="token-f", penalty_coef=0.05,
+                         penalty_warmup_steps=0, penalty_grad="fd")  # fmt: skip
+        trainer = build_trainer(*parse_args(argv))
+        trainer.model_accepts_loss_kwargs = False  # no num_items_in_batch: a micro-batch mean
+        trainer.loss_is_scaled_for_ga = declares_scaling
+        before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+        trainer.train()
+        after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        updates.append(after - before)
+    assert updates[0].norm() > 0
+    torch.testing.assert_close(updates[0], updates[1], rtol=1e-5, atol=1e-8)

@@ -235,11 +235,14 @@ def load_for_analysis(
             tiny_sizes={"hidden_size": 128, "num_layers": 2, "num_heads": 4},
         )
     except FishertuneError as err:
-        # "model X: ..." names the option it came from
-        text = str(err)
-        named = text.startswith(("model ", "tokenizer "))
-        raise FishertuneError(f"--{text}" if named else text) from err
+        raise _as_option_error(err) from err
     return lm.to(device).eval(), tok
+
+
+def _as_option_error(err: FishertuneError) -> FishertuneError:
+    """``model X: ...`` becomes ``--model X: ...``, naming the option it came from."""
+    text = str(err)
+    return FishertuneError(f"--{text}" if text.startswith(("model ", "tokenizer ")) else text)
 
 
 def _target(result: Any, ratio: float) -> dict[str, float]:
@@ -295,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         raise FishertuneError(f"--device {args.device}: CUDA is not available")
     dtype = _torch_dtype(args.dtype, device)
     # the model's path and the data first: a bad one fails before a large model is loaded
-    check_model_source(args.model)
+    try:
+        check_model_source(args.model)
+    except FishertuneError as err:
+        raise _as_option_error(err) from err
     conversations = load_conversations(args.data, split=args.split)
     model, tokenizer = load_for_analysis(
         args.model,

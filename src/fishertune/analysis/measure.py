@@ -63,7 +63,7 @@ NoiseDistribution = Literal["uniform", "gaussian"]
 # ------------------------------------------------------------------------------ result containers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # its own fields by name: never taken for ``samples``
 class Aggregate(Estimate):
     """An :class:`Estimate` pooled over batches, with the between-batch error beside its own.
 

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import Tensor, nn
 from trl import SFTTrainer
 
@@ -60,6 +62,8 @@ from fishertune.training.stats import StepSums, Sum
 
 __all__ = ["FisherSFTTrainer", "TrainingDivergedError"]
 
+_READS_LOSS_SCALING = Version(transformers.__version__) >= Version("5.19")
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,8 +75,10 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
     """
 
     args: FisherSFTConfig
-    # compute_loss normalizes over the whole accumulated batch itself (see .loss.loss_normalizer)
-    loss_is_scaled_for_ga = True
+    # compute_loss normalizes over the whole accumulated batch itself (.loss.loss_normalizer).
+    # transformers reads this from 5.19 on; on older versions TRL would turn it into a string
+    # compute_loss_func that SFTTrainer's evaluation loss then calls, so it stays unset there.
+    loss_is_scaled_for_ga = True if _READS_LOSS_SCALING else None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # SFTTrainer's parameters are all positional-or-keyword: bind them by name
@@ -273,14 +279,15 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
             self._noise.set_batch(inputs.get("attention_mask"), inputs.get("position_ids"))
             self._noise.generator = self._stream(Stream.NEFTUNE, labels.device)
         self._count_tokens(inputs)
+        # set by the training loop; a direct compute_loss call counts one micro-step
+        accumulation_steps = getattr(self, "current_gradient_accumulation_steps", 1)
         normalizer = loss_normalizer(
             label_mask_from_labels(labels),
             num_items_in_batch,
             reduction=self.args.loss_reduction,
             processes=self.accelerator.num_processes,
             average_tokens_across_devices=self.args.average_tokens_across_devices,
-            # set by the training loop; a direct compute_loss call counts one micro-step
-            accumulation_steps=getattr(self, "current_gradient_accumulation_steps", 1),
+            accumulation_steps=accumulation_steps,
         )
         # built per micro-step: a hyperparameter search replaces the args and the accelerator
         step_loss = MicroStepLoss(
@@ -306,4 +313,9 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
             penalized = step_loss.exact if self.args.penalty_grad == "exact" else step_loss.fd
             loss = penalized(model, inputs, normalizer, coef, rows)
         self._micro_step += 1
+        if num_items_in_batch is None and not self.loss_is_scaled_for_ga:
+            # transformers < 5.19 divides a loss computed without num_items_in_batch by the
+            # accumulation steps, which the normalizer already holds (and split fd's early
+            # backwards used): the returned part is multiplied back
+            loss = loss * accumulation_steps
         return loss
