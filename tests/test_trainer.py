@@ -252,6 +252,13 @@ PENALTY_LAYOUTS = {
 }  # fmt: skip
 
 
+def _training_update(trainer) -> torch.Tensor:
+    """The change of every weight (flattened) made by ``trainer.train()``."""
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+    trainer.train()
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - before
+
+
 def test_gradient_accumulation_gives_the_same_update(chat_file, tmp_path):
     """8 rows in one micro-batch or in 4 of 2 make the same SGD step (no clipping, which would
     hide a wrong normalizer). CE matches exactly; the penalty's draws differ between layouts, so
@@ -266,10 +273,7 @@ def test_gradient_accumulation_gives_the_same_update(chat_file, tmp_path):
                              learning_rate=1.0, max_grad_norm=0, dataloader_drop_last="true",
                              **{"method": "baseline", **extra})  # fmt: skip
             trainer = build_trainer(*parse_args(argv))
-            before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
-            trainer.train()
-            after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-            updates[name, batch_size] = after - before
+            updates[name, batch_size] = _training_update(trainer)
     torch.testing.assert_close(updates["baseline", 8], updates["baseline", 2], rtol=1e-4, atol=1e-6)
     for name in ("exact", "fd"):
         one = updates[name, 8] - updates["baseline", 8]
@@ -446,10 +450,7 @@ def test_loss_is_normalized_as_transformers_normalizes_it(
         if reference:  # TRL's loss and transformers' own accumulation rule
             trainer.compute_loss = SFTTrainer.compute_loss.__get__(trainer)
             trainer.loss_is_scaled_for_ga = None
-        before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
-        trainer.train()
-        after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-        updates.append(after - before)
+        updates.append(_training_update(trainer))
     assert updates[0].norm() > 0
     torch.testing.assert_close(updates[0], updates[1], rtol=1e-4, atol=1e-7)
 
@@ -468,9 +469,6 @@ def test_penalized_update_is_the_same_whoever_divides_by_accumulation(chat_file,
         trainer = build_trainer(*parse_args(argv))
         trainer.model_accepts_loss_kwargs = False  # no num_items_in_batch: a micro-batch mean
         trainer.loss_is_scaled_for_ga = declares_scaling
-        before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
-        trainer.train()
-        after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-        updates.append(after - before)
+        updates.append(_training_update(trainer))
     assert updates[0].norm() > 0
     torch.testing.assert_close(updates[0], updates[1], rtol=1e-5, atol=1e-8)
