@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fishertune.errors import FishertuneError
+from fishertune.errors import FishertuneError, first_line
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -209,7 +209,7 @@ def load_causal_lm(
             **kwargs,
         )
     except (OSError, ValueError, ImportError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         if "trust_remote_code" in str(err):
             raise FishertuneError(
                 f"model {name_or_path!r} needs its own code from the hub: pass "

@@ -20,7 +20,7 @@ import importlib.resources
 from pathlib import Path
 from typing import Any
 
-from fishertune.errors import FishertuneError
+from fishertune.errors import FishertuneError, first_line
 
 __all__ = [
     "TINY_CHAT_TEMPLATE",
@@ -159,7 +159,7 @@ def load_chat_tokenizer(
                 name, trust_remote_code=trust_remote_code, **extra
             )
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise FishertuneError(
                 f"cannot load tokenizer {name!r} (not a local folder, and the hub could not "
                 f"provide it): {first}"

@@ -371,7 +371,10 @@ def _resolve(
     )
 
 
-def _mapping(path: Path, where: str, value: Any) -> dict[str, Any]:
+def _mapping(
+    path: Path, where: str, value: Any, allowed: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """``value`` as a mapping with string keys (``None``: empty), only ``allowed`` ones if given."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -379,6 +382,11 @@ def _mapping(path: Path, where: str, value: Any) -> dict[str, Any]:
     bad = [k for k in value if not isinstance(k, str)]
     if bad:
         raise _err(path, where, f"keys must be strings, got {bad!r}")
+    unknown = sorted(set(value) - set(allowed)) if allowed is not None else []
+    if unknown:
+        raise _err(
+            path, where, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}"
+        )
     return dict(value)
 
 
@@ -441,14 +449,7 @@ def _str_list(path: Path, where: str, value: Any) -> tuple[str, ...]:
 
 
 def _evaluation(path: Path, value: Any) -> EvaluationSpec:
-    raw = _mapping(path, "evaluation", value)
-    unknown = sorted(set(raw) - set(EVALUATION_KEYS))
-    if unknown:
-        raise _err(
-            path,
-            "evaluation",
-            f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(EVALUATION_KEYS)}",
-        )
+    raw = _mapping(path, "evaluation", value, EVALUATION_KEYS)
     tasks = _str_list(path, "evaluation.tasks", raw.get("tasks", ["offline"]))
     if not tasks:
         raise _err(path, "evaluation.tasks", "empty task list")
@@ -515,12 +516,7 @@ def _slurm_time(path: Path, value: Any) -> int:
 
 
 def _slurm(path: Path, value: Any, *, launcher: str, num_processes: int | None) -> SlurmSpec:
-    raw = _mapping(path, "slurm", value)
-    unknown = sorted(set(raw) - set(SLURM_KEYS))
-    if unknown:
-        raise _err(
-            path, "slurm", f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SLURM_KEYS)}"
-        )
+    raw = _mapping(path, "slurm", value, SLURM_KEYS)
     strings = {}
     for key in ("partition", "account", "qos", "job_name"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
@@ -584,14 +580,7 @@ def _slurm(path: Path, value: Any, *, launcher: str, num_processes: int | None) 
 def _measure(path: Path, value: Any) -> MeasureSpec | None:
     if value is None:
         return None
-    raw = _mapping(path, "measure", value)
-    unknown = sorted(set(raw) - set(MEASURE_KEYS))
-    if unknown:
-        raise _err(
-            path,
-            "measure",
-            f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(MEASURE_KEYS)}",
-        )
+    raw = _mapping(path, "measure", value, MEASURE_KEYS)
     values: dict[str, Any] = {}
     for key, low in (("batches", 1), ("batch_size", 1), ("probes", 2), ("fisher_draws", 2),
                      ("max_length", 2), ("seed", 0)):  # fmt: skip
@@ -644,14 +633,7 @@ def _base_run(
 
 def _top_level(path: Path, value: Any) -> dict[str, Any]:
     """The document as a mapping of known keys, with the required ones present."""
-    raw = _mapping(path, "top level", value)
-    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
-    if unknown:
-        raise _err(
-            path,
-            "top level",
-            f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_LEVEL_KEYS)}",
-        )
+    raw = _mapping(path, "top level", value, TOP_LEVEL_KEYS)
     for key in ("output_dir", "methods", "seeds"):
         if key not in raw:
             raise _err(path, key, "missing (required)")

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fishertune.errors import FishertuneError
+from fishertune.errors import FishertuneError, first_line
 from fishertune.experiments.grid import (
     BASE_RUN,
     MODEL_SUBDIR,
@@ -773,7 +773,7 @@ def _run_one(
         return RunResult(
             name=run.name,
             status="failed",
-            message=str(err).splitlines()[0] if str(err) else type(err).__name__,
+            message=first_line(err),
             wall_time_s=round(time.time() - start, 2),
             started=start,
         )

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fishertune.data.tokenizer import TINY_TOKENIZER
-from fishertune.errors import FishertuneError
+from fishertune.errors import FishertuneError, first_line
 from fishertune.files import CHECKPOINT_RECORD, RUN_RECORD, write_json_atomic
 from fishertune.modeling import TINY_MODEL
 
@@ -618,8 +618,7 @@ def _describe(err: BaseException) -> str:
         return "terminated (SIGTERM)"
     if isinstance(err, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return first_line(err)
 
 
 def _write_record(output_dir: str, payload: dict[str, Any]) -> None:
