@@ -826,8 +826,15 @@ def _was_truncated(path: Path) -> bool:
     return not tail.endswith(b"]")
 
 
-def prepare_rows(source: str, split: str = "train", options: DataOptions | None = None) -> Any:
+def prepare_rows(
+    source: str | Any, split: str = "train", options: DataOptions | None = None
+) -> PreparedRows:
     """Read ``source`` (its ``split``) through the one reader and the bad-row policy.
+
+    Args:
+        source: a name (file, folder, hub dataset, ``builtin:...``) or a ``datasets.Dataset``.
+        split: the split of a folder or hub dataset.
+        options: formats, mappings, policy.
 
     The result is cached under ``$FISHERTUNE_CACHE/rows/<key>`` (default
     ``~/.cache/fishertune``), keyed by the source's identity and the options: a second call
@@ -840,8 +847,11 @@ def prepare_rows(source: str, split: str = "train", options: DataOptions | None 
         FishertuneError: see :func:`write_rows`.
     """
     options = options or DataOptions()
-    resolved = _resolve(source, split)
-    assert resolved is not None
+    if isinstance(source, str):
+        resolved = _resolve(source, split)
+        assert resolved is not None
+    else:
+        resolved = _Source("the dataset", dataset=source)
     key = hashlib.sha256(
         f"{READER_VERSION}|{resolved.identity()}|{options.key()}".encode()
     ).hexdigest()[:24]
