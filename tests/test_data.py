@@ -165,7 +165,8 @@ def test_tokenize_dataset_multi_turn_and_truncation(tok, caplog) -> None:
 
 def test_every_label_truncated_away_is_an_error(tok) -> None:
     ds = datasets.Dataset.from_list([conv(("user", "hi there"), ("assistant", "ok"))] * 3)
-    with pytest.raises(FishertuneError, match=r"all 3 rows were dropped at max_length=4 \(no_label_after_truncation 3\)"):
+    pattern = r"all 3 rows were dropped at max_length=4 \(no_label_after_truncation 3\)"
+    with pytest.raises(FishertuneError, match=pattern):
         tokenize_dataset(ds, tok, 4)
     with pytest.raises(FishertuneError, match="max_length"):
         tokenize_dataset(ds, tok, 0)
