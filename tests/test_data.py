@@ -426,7 +426,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path) -> None:
             write(tmp_path / "e.jsonl", json.dumps({"messages": [{"role": "user"}]}) + "\n"),
             r"e\.jsonl line 1: field 'messages\[0\]': expected fields 'role' and 'content'",
         ),
-        (write(tmp_path / "f.json", "[{\"a\": 1]"), r"f\.json line 1: invalid JSON"),
+        (write(tmp_path / "f.json", '[{"a": 1]'), r"f\.json line 1: invalid JSON"),
         (write(tmp_path / "g.csv", "a,b"), r"unsupported file type '\.csv'"),
         (write(tmp_path / "h.jsonl", '{"foo": 1}\n'), r"h\.jsonl line 1: cannot tell the data"),
     ]
