@@ -274,6 +274,15 @@ def test_json_array_streams_across_chunks_and_reports_a_cut_off_file(tmp_path, m
             list(iter_json_array(path, "a.json", False))
 
 
+def test_a_string_never_closed_is_refused_in_bounded_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(formats, "_CHUNK", 16)
+    monkeypatch.setattr(formats, "_MAX_RECORD", 200)
+    path = tmp_path / "q.json"
+    path.write_text('[{"text": "a"}, {"text": "never closed ' + "x" * 1000 + "}]")
+    with pytest.raises(FishertuneError, match=r"q\.json: record 1 \(from byte 16\) runs past"):
+        list(iter_json_array(path, "q.json", False))
+
+
 def test_json_array_syntax_errors_name_the_line(tmp_path):
     path = tmp_path / "s.json"
     path.write_text('[\n{"text": "a"},\n{"text": "b"} {"text": "c"}\n]')

@@ -414,6 +414,7 @@ def normalize_record(record: Any, fmt: str, options: DataOptions) -> dict[str, A
 
 
 _CHUNK = 1 << 20
+_MAX_RECORD = 256 << 20  # characters of one JSON-array record before it is refused
 
 
 def _decode_error(name: str, raw: bytes, lineno: int, err: UnicodeDecodeError) -> FishertuneError:
@@ -561,7 +562,17 @@ def iter_json_array(path: Path, name: str, keep_truncated: bool) -> Iterator[tup
                         buf.rstrip()
                     )
                     if not eof and (at_end or err.pos >= len(buf) - 16):
-                        more()
+                        if len(buf) - pos > _MAX_RECORD:
+                            raise FishertuneError(
+                                f"{name}: record {count} (from byte {where_bytes(pos)}) runs past "
+                                f"{_MAX_RECORD >> 20} MiB of text: a string that is never closed, "
+                                "or one record too large to read"
+                            ) from None
+                        # read as much again as the record has so far (not one chunk at a time:
+                        # each retry decodes the record from its start)
+                        for _ in range(max(1, (len(buf) - pos) // _CHUNK)):
+                            if not more():
+                                break
                         start = pos
                         continue
                     if at_end:
