@@ -1,5 +1,5 @@
 """``fishertune`` command line: ``train``, ``analyze``, ``evaluate``, ``experiment``, ``demo``,
-``presets``; ``fishertune --version``; ``python -m fishertune`` is the same command.
+``presets``, ``data``; ``fishertune --version``; ``python -m fishertune`` is the same command.
 
 Each subcommand lives in its own module and is imported only when used, so ``fishertune analyze``
 does not pay for TRL's import and ``--help`` is fast.
@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experiment": ("fishertune.experiments.cli", "run a grid of methods x seeds and report"),
     "demo": ("fishertune.demo", "offline tiny preset: train the four methods and compare"),
     "presets": ("fishertune.presets", "list the shipped presets; print one's path or YAML"),
+    "data": ("fishertune.data.cli", "prepare SRC --output DIR: read data, count dropped rows"),
 }
 
 

@@ -90,9 +90,12 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
     add(
         "--data",
         required=True,
-        help="conversations: builtin:tiny-tasks, a .jsonl/.json/.parquet file, a folder or a hub "
-        "name (a 'messages' column)",
+        help="builtin:tiny-tasks, a .jsonl/.json/.parquet file, a folder or a hub name "
+        "(messages, ShareGPT, Alpaca, prompt/completion or text rows)",
     )
+    from fishertune.data.formats import add_data_arguments
+
+    add_data_arguments(add)
     add("--split", default="train", help="data split (default: train)")
     add("--tokenizer", default=None, help="tokenizer (default: the model's)")
 
@@ -302,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         check_model_source(args.model)
     except FishertuneError as err:
         raise _as_option_error(err) from err
-    conversations = load_conversations(args.data, split=args.split)
+    from fishertune.data.formats import DataOptions
+
+    conversations = load_conversations(args.data, args.split, DataOptions.from_args(args))
     model, tokenizer = load_for_analysis(
         args.model,
         args.tokenizer,

@@ -781,9 +781,10 @@ def _tokenized(dataset: Any, tokenizer: Any, max_length: int | None, seed: int, 
         columns = list(dataset[0]) if len(dataset) else []
     if "input_ids" in columns:
         return dataset
-    if "messages" not in columns:
+    if "messages" not in columns and "completion" not in columns:
         raise FishertuneError(
-            f"the data set has neither 'input_ids' nor 'messages' (fields: {sorted(columns)})"
+            "the data set has neither 'input_ids' nor 'messages' nor 'prompt'/'completion' "
+            f"(fields: {sorted(columns)}); read it with fishertune.data.load_conversations"
         )
     from fishertune.data.chat import ensure_chat_template, tokenize_dataset
 

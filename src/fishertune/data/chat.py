@@ -15,7 +15,6 @@ turn boundary.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,10 +23,13 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fishertune.errors import FishertuneError, first_line
+from fishertune.errors import FishertuneError
 from fishertune.penalties import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from fishertune.data.formats import DataOptions
 
 __all__ = [
     "ALLOWED_ROLES",
@@ -43,6 +45,7 @@ __all__ = [
     "tiny_tasks_dir",
     "tokenize_conversation",
     "tokenize_dataset",
+    "tokenize_text",
     "validate_messages",
 ]
 
@@ -50,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 ALLOWED_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 BUILTIN_TINY_TASKS = "builtin:tiny-tasks"
-_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
 
 # open-instruct's "tulu" chat template (open_instruct/dataset_transformation.py, CHAT_TEMPLATES),
 # the one its Tulu 3 SFT recipe applies to Llama-3.1-8B, whose base tokenizer has no template:
@@ -120,92 +122,6 @@ def validate_messages(row: Any, where: str) -> None:
         raise FishertuneError(f"{where}: 'messages' has no assistant turn")
 
 
-_BOM = b"\xef\xbb\xbf"
-
-
-def _decode(raw: bytes, name: str, lineno: int | None) -> str:
-    """UTF-8 text of ``raw`` (one line, or the whole file), a leading BOM dropped; an invalid
-    byte becomes one error naming the file, line and column."""
-    if lineno in (None, 1) and raw.startswith(_BOM):  # editors on Windows write one
-        raw = raw[len(_BOM) :]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = lineno or raw.count(b"\n", 0, err.start) + 1
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise FishertuneError(
-            f"{name} line {line} column {column}: byte 0x{raw[err.start]:02x} is not UTF-8 text; "
-            "save the file as UTF-8"
-        ) from None
-
-
-def _no_rows(path: Path, name: str) -> FishertuneError:
-    what = "is empty (0 bytes)" if path.stat().st_size == 0 else "holds only blank lines"
-    return FishertuneError(f"{name}: no conversations: the file {what}")
-
-
-def _validate_jsonl(path: Path, name: str) -> None:
-    # Read line by line before handing the file to `datasets`, whose JSON reader reports a
-    # malformed line as a pyarrow error without the line number.
-    rows = 0
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = _decode(raw, name, lineno)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise FishertuneError(f"{name} line {lineno}: invalid JSON ({err})") from None
-            validate_messages(row, f"{name} line {lineno}")
-            rows += 1
-    if rows == 0:
-        raise _no_rows(path, name)
-
-
-def _validate_json(path: Path, name: str) -> str | None:
-    """Validate a .json file; return the field holding the rows when it is ``{field: [...]}``."""
-    text = _decode(path.read_bytes(), name, None)
-    if not text.strip():
-        raise _no_rows(path, name)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # several JSON values: JSON Lines in a .json file
-            _validate_jsonl(path, name)
-            return None
-        raise FishertuneError(f"{name} line {err.lineno}: invalid JSON ({err.msg})") from None
-    field = None
-    if isinstance(data, Mapping) and "messages" not in data:
-        lists = [k for k, v in data.items() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise FishertuneError(
-                f"{name}: expected a list of conversations (or an object with one list field)"
-            )
-        field = lists[0]
-        data = data[field]
-    rows = data if isinstance(data, list) else [data]
-    if not rows:
-        raise FishertuneError(f"{name}: no conversations: the list is empty")
-    for i, row in enumerate(rows):
-        validate_messages(row, f"{name} row {i}")
-    return field
-
-
-def _validate_dataset(dataset: Any, name: str) -> None:
-    if "messages" not in dataset.column_names:
-        raise FishertuneError(
-            f"{name}: missing field 'messages' (columns: {', '.join(dataset.column_names)})"
-        )
-    index = 0
-    for batch in dataset.select_columns(["messages"]).iter(batch_size=1000):
-        for messages in batch["messages"]:
-            validate_messages({"messages": messages}, f"{name} row {index}")
-            index += 1
-    if index == 0:
-        raise FishertuneError(f"{name}: no conversations (0 rows)")
-
-
 # --------------------------------------------------------------------------------------------
 # Loading
 
@@ -242,50 +158,6 @@ def tiny_tasks_dir() -> Path:
     return target
 
 
-def _load_file(path: Path, name: str) -> Any:
-    import datasets
-
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        _validate_jsonl(path, name)
-        return datasets.load_dataset("json", data_files=str(path), split="train")
-    if suffix == ".json":
-        field = _validate_json(path, name)
-        kwargs = {"field": field} if field else {}
-        return datasets.load_dataset("json", data_files=str(path), split="train", **kwargs)
-    if suffix == ".parquet":
-        dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        _validate_dataset(dataset, name)
-        return dataset
-    raise FishertuneError(
-        f"{name}: unsupported file type {suffix or '(none)'!r} "
-        f"(expected one of {', '.join(_FILE_SUFFIXES)})"
-    )
-
-
-def _load_folder(folder: Path, split: str) -> Any:
-    import datasets
-
-    for suffix in _FILE_SUFFIXES:
-        candidate = folder / f"{split}{suffix}"
-        if candidate.is_file():
-            return _load_file(candidate, str(candidate))
-    try:
-        dataset = datasets.load_dataset(str(folder), split=split)
-    except Exception as err:  # datasets raises several types for "no such split / no data"
-        present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-        raise FishertuneError(
-            f"{folder}: no {split}.jsonl, {split}.json or {split}.parquet, and datasets cannot "
-            f"load split {split!r} from it ({first_line(err)}); it holds: {present}"
-        ) from err
-    _validate_dataset(dataset, f"{folder} (split {split})")
-    return dataset
-
-
-def _names_a_data_file(source: str) -> bool:
-    return source.lower().endswith(_FILE_SUFFIXES) or source.startswith(("/", "./", "../", "~"))
-
-
 def _check_builtin(source: str, split: str) -> None:
     """A built-in dataset name and split that exist, or one line naming the ones that do."""
     from fishertune.data.tasks import SPLITS
@@ -298,86 +170,66 @@ def _check_builtin(source: str, split: str) -> None:
         )
 
 
-def load_conversations(source: str, split: str = "train") -> Any:
-    """Load conversations as a ``datasets.Dataset`` with a ``messages`` column.
+def load_conversations(
+    source: str,
+    split: str = "train",
+    options: DataOptions | None = None,
+    *,
+    reports: list[dict[str, Any]] | None = None,
+) -> Any:
+    """Load rows through the one reader (:mod:`fishertune.data.formats`) as a ``datasets.Dataset``.
 
     Args:
         source: one of
 
             * ``builtin:tiny-tasks``: the offline tasks (generated once into a cache, see
               ``tiny_tasks_dir``), split ``train``, ``validation`` or ``test``;
-            * a local ``.jsonl``, ``.json`` (a list of rows, JSON Lines, or ``{field: [rows]}``)
-              or ``.parquet`` file: the whole file, whatever ``split`` says;
+            * a local ``.jsonl``, ``.json`` (an array, read as a stream; one object;
+              ``{field: [rows]}``; JSON Lines) or ``.parquet`` file: the whole file, whatever
+              ``split`` says;
             * a local folder: ``<split>.jsonl`` / ``.json`` / ``.parquet`` in it, or else whatever
               ``datasets.load_dataset(folder, split=split)`` finds;
             * otherwise a dataset on the Hugging Face hub, e.g.
               ``allenai/tulu-3-sft-olmo-2-mixture-0225``.
+
+            Rows may be ``messages``, ShareGPT, Alpaca, prompt/completion or text rows (detected
+            from the fields, or ``options.data_format``).
         split: split name.
+        options: formats, column and role mappings, the bad-row policy (default: detect, drop
+            and count).
+        reports: if given, the reader's report (rows read, kept, dropped by reason) is appended.
 
     Returns:
-        The dataset, every column kept (``messages``, ``source`` when present, others as is).
+        Chat rows: ``messages`` (canonical roles, alternating); text and string prompt/completion
+        rows: ``prompt`` and ``completion`` (``prompt`` empty for text). Other fields are kept.
 
     Raises:
-        FishertuneError: missing file, malformed JSON (with the line number), a row without a
-            valid ``messages`` list (naming the row and field), or a hub dataset that cannot be
-            loaded.
+        FishertuneError: missing file, malformed JSON (with the line number), a file cut off
+            inside its last record, no usable row, a hub dataset that cannot be loaded, or with
+            ``on_bad_rows="error"`` the first bad row (file, row and field).
     """
-    if source == BUILTIN_TINY_TASKS or source.startswith("builtin:"):
-        _check_builtin(source, split)
-        path = tiny_tasks_dir() / f"{split}.jsonl"
-        return _load_file(path, str(path))
-    path = Path(source).expanduser()
-    if path.is_file():
-        return _load_file(path, source)
-    if path.is_dir():
-        return _load_folder(path, split)
-    if _names_a_data_file(source):
-        raise FishertuneError(f"data file not found: {source}")
-    import datasets
+    from fishertune.data.formats import prepare_rows
 
-    try:
-        dataset = datasets.load_dataset(source, split=split)
-    except Exception as err:  # offline, unknown name, unknown split, gated repo...
-        raise FishertuneError(
-            f"cannot load dataset {source!r} (split {split!r}): not a local file or folder, and "
-            f"the hub could not provide it ({first_line(err)})"
-        ) from err
-    _validate_dataset(dataset, f"{source} (split {split})")
-    return dataset
+    prepared = prepare_rows(source, split, options)
+    if reports is not None:
+        reports.append(prepared.report)
+    return prepared.load()
 
 
-def check_conversations(source: str, split: str = "train") -> None:
-    """Check a data source as :func:`load_conversations` would, without loading it into
-    ``datasets``: a local JSON / JSONL file (or a folder's ``<split>`` file) is read and every row
-    validated; a built-in name and split are checked; a hub name is not contacted.
+def check_conversations(
+    source: str, split: str = "train", options: DataOptions | None = None
+) -> None:
+    """Check a data source as :func:`load_conversations` reads it: a local file (or a folder's
+    ``<split>`` file) is read through the reader and the policy (the result is cached, so the
+    load that follows reads nothing again); a built-in name and split are checked; a hub name is
+    not contacted.
 
     Raises:
-        FishertuneError: as :func:`load_conversations`, one line naming file, line and field.
+        FishertuneError: as :func:`load_conversations`.
     """
-    if source.startswith("builtin:"):
-        _check_builtin(source, split)
-        return
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = next(
-            (path / f"{split}{s}" for s in _FILE_SUFFIXES if (path / f"{split}{s}").is_file()), path
-        )
-        name = str(path)
-    else:
-        name = source
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            _validate_jsonl(path, name)
-        elif suffix == ".json":
-            _validate_json(path, name)
-        elif suffix != ".parquet":
-            raise FishertuneError(
-                f"{name}: unsupported file type {suffix or '(none)'!r} "
-                f"(expected one of {', '.join(_FILE_SUFFIXES)})"
-            )
-    elif not path.exists() and _names_a_data_file(source):
-        raise FishertuneError(f"data file not found: {source}")
+    from fishertune.data.formats import check_source
+
+    check_source(source, split, options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,31 +377,82 @@ def tokenize_conversation(
     return {"input_ids": input_ids, "assistant_masks": mask}
 
 
-def _tokenize_row(row: Mapping[str, Any], tokenizer: Any, max_length: int) -> dict[str, Any]:
-    return tokenize_conversation(tokenizer, row["messages"], max_length)
+def tokenize_text(
+    tokenizer: Any, prompt: str, completion: str, max_length: int | None
+) -> dict[str, list[int]]:
+    """Tokenize a plain language-modelling row: ``prompt + completion`` and the EOS token.
+
+    The tokenizer's own special tokens are added (a BOS where it adds one), then EOS if it did
+    not end on it. ``assistant_masks`` is 1 on the tokens of ``completion`` and the EOS (on
+    every token when ``prompt`` is empty: a text row scores every token), 0 on the prompt's.
+
+    Returns:
+        ``input_ids`` and ``assistant_masks`` (L ints each), truncated to ``max_length``.
+    """
+    text = prompt + completion
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=fast)
+    input_ids = list(enc["input_ids"])
+    if not prompt:
+        mask = [1] * len(input_ids)
+    elif fast:
+        mask = [int(end > len(prompt)) for _, end in enc["offset_mapping"]]
+    else:  # token count of the prompt alone (assumes it tokenizes to a prefix)
+        boundary = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        mask = [int(j >= boundary) for j in range(len(input_ids))]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and (not input_ids or input_ids[-1] != eos):
+        input_ids.append(eos)
+        mask.append(1)
+    if max_length is not None:
+        input_ids, mask = input_ids[:max_length], mask[:max_length]
+    return {"input_ids": input_ids, "assistant_masks": mask}
+
+
+def _tokenize_row(row: Mapping[str, Any], tokenizer: Any, max_length: int | None) -> dict[str, Any]:
+    if "messages" in row:
+        out = tokenize_conversation(tokenizer, row["messages"], None)
+    else:
+        out = tokenize_text(tokenizer, row["prompt"], row["completion"], None)
+    out["full_length"] = len(out["input_ids"])
+    if max_length is not None:
+        out["input_ids"] = out["input_ids"][:max_length]
+        out["assistant_masks"] = out["assistant_masks"][:max_length]
+    return out
 
 
 def tokenize_dataset(
-    dataset: Any, tokenizer: Any, max_length: int, num_proc: int | None = None
+    dataset: Any,
+    tokenizer: Any,
+    max_length: int,
+    num_proc: int | None = None,
+    *,
+    drop_too_long: bool = False,
+    report: dict[str, Any] | None = None,
 ) -> Any:
-    """Tokenize every conversation of a dataset for assistant-only training.
+    """Tokenize every row of a dataset for training: chat rows (``messages``) assistant-only,
+    plain LM rows (``prompt``, ``completion``) on the completion (every token for text).
 
     The result can be given to TRL's ``SFTTrainer`` as a pre-tokenized dataset: it builds
     ``labels`` from ``assistant_masks`` (``-100`` where the mask is 0).
 
     Args:
-        dataset: a ``datasets.Dataset`` with ``messages`` (and optionally ``source``).
-        tokenizer: a tokenizer with a chat template.
-        max_length: truncation length (the start of each conversation is kept).
+        dataset: a ``datasets.Dataset`` from :func:`load_conversations` (``messages``, or
+            ``prompt`` and ``completion``; optionally ``source``).
+        tokenizer: a tokenizer with a chat template (for chat rows).
+        max_length: truncation length (the start of each row is kept).
         num_proc: worker processes for ``Dataset.map``.
+        drop_too_long: drop rows longer than ``max_length`` tokens instead of truncating them.
+        report: a reader's report: the rows dropped here are added to its ``dropped`` counts
+            and ``rows_kept``.
 
     Returns:
         A ``datasets.Dataset`` with ``input_ids``, ``assistant_masks`` and ``source`` (if
-        present). Rows left with no assistant token after truncation are dropped, with a logged
-        warning that counts them.
+        present). Rows left with no scored token after truncation are dropped, with a logged
+        warning that counts them (reason ``no_label_after_truncation``).
 
     Raises:
-        FishertuneError: every row lost its assistant tokens (``max_length`` too small).
+        FishertuneError: every row was dropped (``max_length`` too small).
     """
     if max_length is None or max_length < 1:
         raise FishertuneError(f"max_length must be a positive integer, got {max_length}")
@@ -559,26 +462,41 @@ def tokenize_dataset(
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
         remove_columns=[c for c in dataset.column_names if c not in keep],
         num_proc=num_proc,
-        desc="Tokenizing conversations",
+        desc="Tokenizing",
     )
     total = len(tokenized)
+    dropped: dict[str, int] = {}
+    if drop_too_long:
+        before = len(tokenized)
+        tokenized = tokenized.filter(
+            lambda n: n <= max_length, input_columns="full_length", num_proc=num_proc
+        )
+        dropped["too_long"] = before - len(tokenized)
+    before = len(tokenized)
     tokenized = tokenized.filter(
         lambda mask: any(mask), input_columns="assistant_masks", num_proc=num_proc
     )
-    dropped = total - len(tokenized)
+    dropped["no_label_after_truncation"] = before - len(tokenized)
+    tokenized = tokenized.remove_columns("full_length")
+    dropped = {k: v for k, v in dropped.items() if v}
     if total and not len(tokenized):
         raise FishertuneError(
-            f"all {total} conversations lost every assistant token to truncation at "
-            f"max_length={max_length}; raise max_length"
+            f"all {total} rows were dropped at max_length={max_length} "
+            f"({', '.join(f'{k} {v}' for k, v in dropped.items())}); raise max_length"
         )
     if dropped:
         logger.warning(
-            "dropped %d of %d conversations left with no assistant token after truncation to "
-            "max_length=%d",
-            dropped,
+            "dropped %d of %d rows at max_length=%d (%s)",
+            sum(dropped.values()),
             total,
             max_length,
+            ", ".join(f"{k} {v}" for k, v in dropped.items()),
         )
+    if report is not None:
+        counts = report.setdefault("dropped", {})
+        for reason, n in dropped.items():
+            counts[reason] = counts.get(reason, 0) + n
+        report["rows_kept"] = len(tokenized)
     return tokenized
 
 

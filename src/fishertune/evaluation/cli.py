@@ -60,6 +60,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fishertune.data.formats import DataOptions, add_data_arguments
 from fishertune.errors import FishertuneError
 from fishertune.files import write_json_atomic
 from fishertune.modeling import ADAPTER_CONFIG, DTYPES, is_adapter_folder
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset", default="builtin:tiny-tasks", help="offline: dataset with validation/test"
     )
+    add_data_arguments(p.add_argument)
     p.add_argument("--num_fewshot", type=int, default=None, help="lm-eval: few-shot examples")
     p.add_argument(
         "--model_args", default=None, help="lm-eval HFLM arguments k=v,... (loads from --model)"
@@ -296,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             model,
             tokenizer,
             dataset=args.dataset,
+            options=DataOptions.from_args(args),
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,

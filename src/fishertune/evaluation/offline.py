@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fishertune.data.formats import DataOptions
 from fishertune.errors import FishertuneError
 
 __all__ = ["METRICS", "METRIC_DESCRIPTIONS", "evaluate_offline", "validation_loss"]
@@ -105,6 +106,7 @@ def evaluate_offline(
     tokenizer: Any,
     *,
     dataset: str = "builtin:tiny-tasks",
+    options: DataOptions | None = None,
     limit: int | float | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
@@ -117,7 +119,9 @@ def evaluate_offline(
         tokenizer: its tokenizer; the Tulu 3 template is installed if it has none.
         dataset: ``builtin:tiny-tasks`` or a local file/folder/hub name accepted by
             ``fishertune.data.load_conversations`` with ``validation`` and ``test`` splits
-            (rows without a ``check`` field are scored by exact match only).
+            (rows without a ``check`` field are scored by exact match only), in any format the
+            reader knows (chat rows only: the test split's replies are generated).
+        options: the reader's formats, mappings and bad-row policy.
         limit: rows of each split to use: an int (the first ``limit``) or a fraction below 1.
         max_new_tokens: generation budget per test reply.
         batch_size: rows per forward pass / ``generate`` call.
@@ -137,13 +141,18 @@ def evaluate_offline(
     was_training = model.training
     model.eval()
     try:
-        validation = _limited(load_conversations(dataset, "validation"), limit)
+        validation = _limited(load_conversations(dataset, "validation", options), limit)
         tokenized = tokenize_dataset(validation, tokenizer, max_length)
         val_loss = validation_loss(
             model, tokenized, batch_size=batch_size, pad_id=tokenizer.pad_token_id
         )
 
-        test = _limited(load_conversations(dataset, "test"), limit)
+        test = _limited(load_conversations(dataset, "test", options), limit)
+        if "messages" not in test.column_names:
+            raise FishertuneError(
+                f"{dataset} (split test): offline evaluation generates replies to conversations; "
+                "these are plain text rows"
+            )
         rows = [test[i] for i in range(len(test))]
         prompts = []
         for row in rows:

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output", required=True, help="curvature.json to write")
     add("--data", default="builtin:tiny-tasks", help="conversations (as fishertune analyze)")
     add("--split", default="validation")
+    from fishertune.data.formats import add_data_arguments
+
+    add_data_arguments(add)
     add("--batches", type=int, default=2)
     add("--batch_size", type=int, default=8)
     add("--probes", type=int, default=4)
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         raise FishertuneError(f"--model {model_dir}: not a saved model folder (no config.json)")
 
     from fishertune.data.chat import ensure_chat_template, load_conversations, tokenize_dataset
+    from fishertune.data.formats import DataOptions
     from fishertune.data.tokenizer import load_chat_tokenizer
 
     start = time.time()
@@ -145,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_chat_tokenizer(str(model_dir))
     ensure_chat_template(tokenizer)
     data = tokenize_dataset(
-        load_conversations(args.data, split=args.split), tokenizer, args.max_length
+        load_conversations(args.data, args.split, DataOptions.from_args(args)),
+        tokenizer,
+        args.max_length,
     )
     settings = {
         "batches": args.batches,

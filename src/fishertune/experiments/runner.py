@@ -363,6 +363,12 @@ def measure_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
     ]
     if spec.fisher_draws is not None:
         command += ["--fisher_draws", str(spec.fisher_draws)]
+    # the training data's reader options, so the measure reads the same rows
+    for key in ("data_format", "data_columns", "data_roles", "on_bad_rows"):
+        if run.overrides.get(key) is not None:
+            command += [f"--{key}", str(run.overrides[key])]
+    if run.overrides.get("keep_truncated_records") in (True, "true", "True"):
+        command += ["--keep_truncated_records"]
     if spec.checkpoints:
         command += ["--checkpoints"]
     return command

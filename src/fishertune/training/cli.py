@@ -39,12 +39,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fishertune.data.formats import HELP as DATA_HELP
+from fishertune.data.formats import DataOptions
 from fishertune.data.tokenizer import TINY_TOKENIZER
 from fishertune.errors import FishertuneError, first_line
 from fishertune.files import CHECKPOINT_RECORD, RUN_RECORD, write_json_atomic
 from fishertune.modeling import TINY_MODEL
 
 logger = logging.getLogger(__name__)
+
+DATA_REPORT = "data_report.json"  # per split: rows read, kept, dropped by reason
 
 
 def _script_arguments_class() -> type:
@@ -60,6 +64,23 @@ def _script_arguments_class() -> type:
         )
         dataset_subsample_seed: int = field(
             default=0, metadata={"help": "Seed of the stratified subsample."}
+        )
+        data_format: str = field(default="auto", metadata={"help": DATA_HELP["data_format"]})
+        data_columns: str | None = field(default=None, metadata={"help": DATA_HELP["data_columns"]})
+        data_roles: str | None = field(default=None, metadata={"help": DATA_HELP["data_roles"]})
+        on_bad_rows: str = field(
+            default="drop",
+            metadata={"help": DATA_HELP["on_bad_rows"], "choices": ["drop", "error"]},
+        )
+        keep_truncated_records: bool = field(
+            default=False, metadata={"help": DATA_HELP["keep_truncated_records"]}
+        )
+        drop_too_long: bool = field(
+            default=False,
+            metadata={
+                "help": "Drop rows longer than max_length tokens (counted as too_long) instead "
+                "of truncating them."
+            },
         )
         tokenizer_name_or_path: str | None = field(
             default=None,
@@ -225,9 +246,10 @@ def validate_train_argv(argv: list[str], *, check_output_dir: bool = True) -> tu
     check_model_options(script_args, model_args)
     if not script_args.dataset_name:
         raise FishertuneError("dataset_name is required (a hub name, a local file or folder)")
-    check_conversations(script_args.dataset_name, script_args.dataset_train_split)
+    options = DataOptions.from_args(script_args)
+    check_conversations(script_args.dataset_name, script_args.dataset_train_split, options)
     if training_args.eval_strategy != "no":
-        check_conversations(script_args.dataset_name, script_args.dataset_test_split)
+        check_conversations(script_args.dataset_name, script_args.dataset_test_split, options)
     if check_output_dir:
         plan_output_dir(script_args, training_args, model_args)
     return script_args, training_args, model_args
@@ -250,6 +272,12 @@ _SCRIPT_SETTINGS = (
     "dataset_train_split",
     "dataset_fraction",
     "dataset_subsample_seed",
+    "data_format",
+    "data_columns",
+    "data_roles",
+    "on_bad_rows",
+    "keep_truncated_records",
+    "drop_too_long",
     "tokenizer_name_or_path",
     "tiny_hidden_size",
     "tiny_num_layers",
@@ -542,24 +570,48 @@ def save_merged_model(trainer: Any, folder: Path) -> None:
         trainer.processing_class.save_pretrained(folder)
 
 
-def load_datasets(script_args: Any, training_args: Any, tokenizer: Any) -> tuple[Any, Any]:
+def load_datasets(
+    script_args: Any,
+    training_args: Any,
+    tokenizer: Any,
+    reports: dict[str, dict[str, Any]] | None = None,
+) -> tuple[Any, Any]:
+    """The tokenized train (and, with evaluation on, test) split, read through the one reader
+    (:mod:`fishertune.data.formats`) with the run's data options; ``reports`` gets each split's
+    report (rows read, kept, dropped by reason, tokenization's drops included)."""
     from fishertune.data.chat import load_conversations, stratified_subsample, tokenize_dataset
 
     if not script_args.dataset_name:
         raise FishertuneError("dataset_name is required (a hub name, a local file or folder)")
+    options = DataOptions.from_args(script_args)
     max_length = training_args.max_length or 1024
-    train = load_conversations(script_args.dataset_name, split=script_args.dataset_train_split)
+    reports = {} if reports is None else reports
+
+    def read(split: str) -> Any:
+        found: list[dict[str, Any]] = []
+        rows = load_conversations(script_args.dataset_name, split, options, reports=found)
+        reports[split] = found[0]
+        return rows
+
+    train = read(script_args.dataset_train_split)
     if script_args.dataset_fraction is not None:
         train = stratified_subsample(
             train, script_args.dataset_fraction, seed=script_args.dataset_subsample_seed
         )
-    train = tokenize_dataset(train, tokenizer, max_length)
+    drop = bool(getattr(script_args, "drop_too_long", False))
+    train = tokenize_dataset(
+        train,
+        tokenizer,
+        max_length,
+        drop_too_long=drop,
+        report=reports[script_args.dataset_train_split],
+    )
     evaluation = None
     if training_args.eval_strategy != "no":
-        evaluation = load_conversations(
-            script_args.dataset_name, split=script_args.dataset_test_split
+        split = script_args.dataset_test_split
+        evaluation = tokenize_dataset(
+            read(split), tokenizer, max_length, drop_too_long=drop, report=reports[split]
         )
-        evaluation = tokenize_dataset(evaluation, tokenizer, max_length)
     return train, evaluation
 
 
@@ -581,7 +633,8 @@ def build_trainer(
     check_values(script_args, training_args)
     check_model_options(script_args, model_args)
     tokenizer = tokenizer_from_args(script_args, model_args, training_args)
-    train, evaluation = load_datasets(script_args, training_args, tokenizer)
+    reports: dict[str, dict[str, Any]] = {}
+    train, evaluation = load_datasets(script_args, training_args, tokenizer, reports)
     if not training_args.assistant_only:  # TRL then scores every token, as the library does
         train, evaluation = (
             ds.remove_columns("assistant_masks") if ds is not None else None
@@ -606,6 +659,7 @@ def build_trainer(
             "merge_adapter=True) then save_pretrained"
         )
     trainer.checkpoint_record.on_first = on_first_checkpoint
+    trainer.data_reports = reports  # written to output_dir as DATA_REPORT once the run owns it
     return trainer
 
 
@@ -726,6 +780,17 @@ def _run(
             logger.info("resuming from %s (step %s)", plan.checkpoint, saved.get("step"))
         if main_process:
             _write_record(training_args.output_dir, record)
+            reports = getattr(trainer, "data_reports", {})
+            write_json_atomic(output_dir / DATA_REPORT, reports, sort_keys=True)
+            for split, report in reports.items():
+                dropped = sum(report.get("dropped", {}).values())
+                logger.info(
+                    "data (%s): %d rows kept, %d dropped; counts by reason in %s",
+                    split,
+                    report.get("rows_kept", 0),
+                    dropped,
+                    output_dir / DATA_REPORT,
+                )
         result = trainer.train(
             resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None
         )

