@@ -41,7 +41,7 @@ from typing import Any
 
 from fishertune.data.tokenizer import TINY_TOKENIZER
 from fishertune.errors import FishertuneError, first_line
-from fishertune.files import CHECKPOINT_RECORD, RUN_RECORD, write_json_atomic
+from fishertune.files import CHECKPOINT_RECORD, RUN_RECORD, latest_checkpoint, write_json_atomic
 from fishertune.modeling import TINY_MODEL
 
 logger = logging.getLogger(__name__)
@@ -231,16 +231,6 @@ def validate_train_argv(argv: list[str], *, check_output_dir: bool = True) -> tu
     if check_output_dir:
         plan_output_dir(script_args, training_args, model_args)
     return script_args, training_args, model_args
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The latest ``checkpoint-N`` whose save completed (it holds our record, written last)."""
-    found = []
-    for child in Path(output_dir).glob("checkpoint-*"):
-        suffix = child.name.split("-", 1)[1]
-        if suffix.isdigit() and (child / CHECKPOINT_RECORD).is_file():
-            found.append((int(suffix), child))
-    return max(found)[1] if found else None
 
 
 # Options that change what a run computes: a resume must give the same ones (bit-identical runs).
