@@ -20,6 +20,8 @@ import yaml
 from fishertune.cli import main as cli_main
 from fishertune.errors import FishertuneError
 from fishertune.experiments import cli as experiment_cli
+from fishertune.experiments.checks import validate_grid
+from fishertune.experiments.commands import evaluate_command, override_flags, train_command
 from fishertune.experiments.grid import expand_grid, load_experiment, parse_experiment
 from fishertune.experiments.report import (
     RunRecord,
@@ -28,15 +30,8 @@ from fishertune.experiments.report import (
     load_run_records,
     write_report,
 )
-from fishertune.experiments.runner import (
-    STATUS_FILE,
-    evaluate_command,
-    override_flags,
-    read_status,
-    run_experiment,
-    train_command,
-    validate_grid,
-)
+from fishertune.experiments.runner import run_experiment
+from fishertune.files import STATUS_FILE, read_status
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -530,7 +525,7 @@ def test_one_runner_per_output_directory(tmp_path: Path, base_config: Path) -> N
     import os
     import subprocess
 
-    from fishertune.experiments.runner import LOCK_FILE, RunnerLock
+    from fishertune.files import LOCK_FILE, RunnerLock
 
     config = parse_experiment(experiment(tmp_path, base_config, seeds=[0]), tmp_path / "e.yaml")
     with RunnerLock(config.output_dir):
@@ -601,7 +596,8 @@ STOPPABLE_RUNNER = """
 import sys, subprocess
 from pathlib import Path
 from fishertune.experiments.grid import load_experiment
-from fishertune.experiments.runner import run_experiment, subprocess_launcher
+from fishertune.experiments.processes import subprocess_launcher
+from fishertune.experiments.runner import run_experiment
 
 def launcher(command, log_path, env):
     # a 'training' that starts a grandchild and waits: both must die with the runner

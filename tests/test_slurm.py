@@ -29,8 +29,8 @@ import yaml
 
 from fishertune.experiments import cli as experiment_cli
 from fishertune.experiments.grid import load_experiment
-from fishertune.experiments.runner import read_status, step_reached, training_done
 from fishertune.experiments.slurm import grid_status
+from fishertune.files import read_status, step_reached, training_done
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 24

@@ -22,7 +22,7 @@ import pytest
 
 from fishertune.experiments import cli as experiment_cli
 from fishertune.experiments.grid import expand_grid, load_experiment, parse_experiment
-from fishertune.experiments.runner import STATUS_FILE, read_status, run_experiment
+from fishertune.experiments.runner import run_experiment
 from fishertune.experiments.slurm import (
     RunJob,
     format_status_table,
@@ -30,6 +30,7 @@ from fishertune.experiments.slurm import (
     make_executor,
     submit_grid,
 )
+from fishertune.files import STATUS_FILE, read_status
 from test_experiments import FakeLauncher, experiment, option, write_yaml
 
 pytest.importorskip("submitit")
@@ -227,7 +228,7 @@ def test_checkpoint_stops_the_training_and_hands_back_the_same_job(
     tmp_path: Path, base_config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What submitit calls on USR2 (preemption, time limit) before it requeues the job."""
-    from fishertune.experiments.runner import subprocess_launcher
+    from fishertune.experiments.processes import subprocess_launcher
 
     config = parse_experiment(experiment(tmp_path, base_config, seeds=[0]), tmp_path / "e.yaml")
     run = expand_grid(config)[0]
@@ -291,7 +292,7 @@ def test_local_runner_leaves_runs_of_live_slurm_jobs_alone(
 ) -> None:
     from fishertune.errors import FishertuneError
     from fishertune.experiments import slurm
-    from fishertune.experiments.runner import RunResult, update_status
+    from fishertune.experiments.stages import RunResult, update_status
 
     config = parse_experiment(experiment(tmp_path, base_config, seeds=[0]), tmp_path / "e.yaml")
     update_status(config, [RunResult("token-f-seed0", "running", launcher="slurm", job_id="77_1")])

@@ -202,7 +202,7 @@ def run(output_dir: Path, max_steps: int | None, methods: tuple[str, ...]) -> li
     from transformers import PrinterCallback, set_seed
 
     from fishertune.data.chat import load_conversations, tokenize_dataset
-    from fishertune.experiments.runner import override_flags
+    from fishertune.experiments.commands import override_flags
     from fishertune.presets import resolve_config
     from fishertune.training.cli import build_trainer, parse_args, tokenizer_from_args
 

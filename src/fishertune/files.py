@@ -1,16 +1,59 @@
-"""Writing run records so that an interruption never leaves half a file."""
+"""The run folder: every file name fishertune reads or writes there, atomic JSON records, the
+checkpoint rule, one read of a run's state, the experiment status file and the runner lock.
+
+Everything that looks into a run folder goes through this module (the trainer, the runner, the
+SLURM jobs, ``--status``, the reports), so a file name or a completeness rule lives in one place.
+It imports neither TRL nor transformers: a status table or a report reads runs without the
+training stack.
+
+A ``fishertune train`` output folder (``model/`` of an experiment run)::
+
+    fishertune_run.json          the run record: settings and outcome (``status: completed``)
+    trainer_state.json           transformers' state (``global_step``, ``log_history``)
+    checkpoint-N/                a checkpoint; complete once ``fishertune_checkpoint.json`` is in
+
+An experiment run folder (``OUTPUT_DIR/runs/NAME/``)::
+
+    fishertune_experiment.json   the run's settings (detects changed settings)
+    model/                       the training's output folder (above)
+    evaluation.json              ``fishertune evaluate``'s scores (``metrics``)
+    curvature.json               the ``measure`` stage's record (``final``, ``trajectory``)
+    metrics_*.json               further scores merged into reports (e.g. judge scores)
+    answers/                     AlpacaEval / MT-Bench answer exports
+    train.log, evaluate.log, measure.log
+
+and beside ``runs/``: ``experiment_status.json`` (one entry per run, written under a lock) and
+``.fishertune-runner.lock`` (the PID of the runner holding the folder).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import os
+import socket
 import tempfile
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from fishertune.errors import FishertuneError
 
 # The records fishertune writes into a run folder, named here once for every reader and writer.
 RUN_RECORD = "fishertune_run.json"  # a finished `fishertune train` run: settings and outcome
 CHECKPOINT_RECORD = "fishertune_checkpoint.json"  # in checkpoint-N/: it is complete
+TRAINER_STATE = "trainer_state.json"  # transformers' own: global_step, log_history
+SPEC_FILE = "fishertune_experiment.json"  # an experiment run's settings
+EVALUATION_FILE = "evaluation.json"  # the evaluate stage's product
+MEASURE_FILE = "curvature.json"  # the measure stage's product
+DATA_REPORT = "data_report.json"  # a train run's rows read, kept, dropped by reason per split
+MODEL_SUBDIR = "model"  # an experiment run's `fishertune train --output_dir`
+ANSWERS_SUBDIR = "answers"  # an experiment run's answer exports
+STATUS_FILE = "experiment_status.json"  # beside runs/: one entry per run
+LOCK_FILE = ".fishertune-runner.lock"  # beside runs/: the runner holding the output folder
 
 
 def write_json_atomic(
@@ -39,3 +82,235 @@ def read_json_record(path: str | os.PathLike) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def _record(path: Path) -> dict[str, Any] | None:
+    record = read_json_record(path)
+    return record if isinstance(record, dict) else None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete ``checkpoint-N`` in a training output folder, by step.
+
+    The one checkpoint rule: a checkpoint counts once its record (:data:`CHECKPOINT_RECORD`,
+    written last by the trainer) is there; a folder without it is an interrupted save.
+    """
+    found = []
+    for child in Path(output_dir).glob("checkpoint-*"):
+        suffix = child.name.split("-", 1)[1]
+        if suffix.isdigit() and (child / CHECKPOINT_RECORD).is_file():
+            found.append((int(suffix), child))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The latest complete ``checkpoint-N`` (:func:`checkpoints`), or ``None``."""
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def training_done(model_dir: str | os.PathLike) -> bool:
+    """Whether ``fishertune train`` finished in ``model_dir`` (``fishertune_run.json`` says so)."""
+    record = _record(Path(model_dir) / RUN_RECORD)
+    return record is not None and record.get("status") == "completed"
+
+
+def final_step(model_dir: str | os.PathLike) -> int | None:
+    """The ``global_step`` of a finished training: its run record's, else its trainer state's;
+    ``None`` when neither says."""
+    record = _record(Path(model_dir) / RUN_RECORD) or {}
+    if isinstance(record.get("global_step"), int):
+        return record["global_step"]
+    state = _record(Path(model_dir) / TRAINER_STATE) or {}
+    step = state.get("global_step")
+    return step if isinstance(step, int) else None
+
+
+def step_reached(model_dir: str | os.PathLike) -> int | None:
+    """The training step a run has safely reached: its final step once finished, else its latest
+    complete checkpoint's; ``None`` when it has neither."""
+    if training_done(model_dir):
+        step = final_step(model_dir)
+        if step is not None:
+            return step
+    found = checkpoints(model_dir)
+    return found[-1][0] if found else None
+
+
+# ----------------------------------------------------------------------------- a run's state
+
+
+class RunFolder:
+    """One read of an experiment run folder: each record is read once, when first asked for.
+
+    Make a new one after the folder changed (a stage ran, debris was cleared).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+
+    @property
+    def model_dir(self) -> Path:
+        """The training's output folder."""
+        return self.run_dir / MODEL_SUBDIR
+
+    @functools.cached_property
+    def spec(self) -> dict[str, Any] | None:
+        """The stored settings (:data:`SPEC_FILE`)."""
+        return _record(self.run_dir / SPEC_FILE)
+
+    @functools.cached_property
+    def run_record(self) -> dict[str, Any] | None:
+        """The training's run record (:data:`RUN_RECORD`)."""
+        return _record(self.model_dir / RUN_RECORD)
+
+    @functools.cached_property
+    def trainer_state(self) -> dict[str, Any] | None:
+        """transformers' ``trainer_state.json`` of the training."""
+        return _record(self.model_dir / TRAINER_STATE)
+
+    @functools.cached_property
+    def evaluation(self) -> dict[str, Any] | None:
+        """``evaluation.json``."""
+        return _record(self.run_dir / EVALUATION_FILE)
+
+    @functools.cached_property
+    def curvature(self) -> dict[str, Any] | None:
+        """``curvature.json`` (the measure stage's record)."""
+        return _record(self.run_dir / MEASURE_FILE)
+
+    @functools.cached_property
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the complete checkpoints (:func:`checkpoints`)."""
+        return [step for step, _ in checkpoints(self.model_dir)]
+
+    @property
+    def trained(self) -> bool:
+        """The training finished (its run record says ``completed``)."""
+        return self.run_record is not None and self.run_record.get("status") == "completed"
+
+    @property
+    def evaluated(self) -> bool:
+        """A complete ``evaluation.json`` (it has its ``metrics``)."""
+        return self.evaluation is not None and isinstance(self.evaluation.get("metrics"), dict)
+
+    @property
+    def measured(self) -> bool:
+        """A complete ``curvature.json`` (it has its ``final`` entry)."""
+        return self.curvature is not None and isinstance(self.curvature.get("final"), dict)
+
+    @property
+    def holds_work(self) -> bool:
+        """A trained model or a complete checkpoint: something a cleanup would lose."""
+        return self.trained or bool(self.checkpoint_steps)
+
+    @property
+    def step(self) -> int | None:
+        """The training step safely reached (:func:`step_reached`)."""
+        return step_reached(self.model_dir)
+
+    def extra_metrics(self) -> list[Any]:
+        """The records of the folder's ``metrics_*.json`` files, by file name."""
+        return [read_json_record(path) for path in sorted(self.run_dir.glob("metrics_*.json"))]
+
+
+# ----------------------------------------------------------------------------- status and lock
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[Any]:
+    """An exclusive ``flock`` on ``path`` for the ``with`` block (blocking)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield handle
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_status(output_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The runs' entries of ``OUTPUT_DIR/experiment_status.json``, by run name."""
+    previous = _record(Path(output_dir) / STATUS_FILE)
+    if previous is not None and isinstance(previous.get("runs"), list):
+        return {e["name"]: e for e in previous["runs"] if isinstance(e, dict) and "name" in e}
+    return {}
+
+
+def write_status(
+    output_dir: str | os.PathLike,
+    entries: Sequence[dict[str, Any]],
+    *,
+    experiment: str,
+    order: Sequence[str],
+    unless_same_job: bool = False,
+) -> None:
+    """Replace these runs' entries of ``experiment_status.json``; other runs keep theirs.
+
+    Several writers share the file (the runner, and SLURM jobs each recording their own run), so
+    the read-modify-write holds a lock on ``experiment_status.json.lock``. ``unless_same_job``
+    keeps an entry that already speaks of the same job (a job that started before its
+    submission was recorded). Entries are kept in ``order`` (run names; others last).
+    """
+    path = Path(output_dir) / STATUS_FILE
+    with file_lock(path.with_name(STATUS_FILE + ".lock")):
+        current = read_status(output_dir)
+        for entry in entries:
+            old = current.get(entry["name"], {})
+            if unless_same_job and entry.get("job_id") and old.get("job_id") == entry["job_id"]:
+                continue
+            current[entry["name"]] = dict(entry)
+        rank = {name: index for index, name in enumerate(order)}
+        write_json_atomic(
+            path,
+            {
+                "experiment": experiment,
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "runs": sorted(current.values(), key=lambda e: rank.get(e["name"], len(rank))),
+            },
+        )
+
+
+class RunnerLock:
+    """``with RunnerLock(output_dir):`` one runner per output directory.
+
+    An ``flock`` on ``OUTPUT_DIR/.fishertune-runner.lock``, which holds the owner's PID and host so
+    that a refused runner can name it. The kernel drops the lock when its owner dies, so a lock
+    file left by a dead runner is simply taken over.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = Path(output_dir) / LOCK_FILE
+        self._handle: Any = None
+
+    def __enter__(self) -> RunnerLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().split()
+            handle.close()
+            who = f"PID {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+            raise FishertuneError(
+                f"another fishertune experiment ({who}) is running on {self.path.parent}; wait "
+                f"for it to end or stop it (its lock: {self.path})"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.seek(0)
+            self._handle.truncate()
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None

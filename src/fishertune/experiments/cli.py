@@ -26,7 +26,7 @@ from fishertune.errors import FishertuneError
 
 if TYPE_CHECKING:
     from fishertune.experiments.grid import ExperimentConfig
-    from fishertune.experiments.runner import RunResult
+    from fishertune.experiments.stages import RunResult
 
 __all__ = ["build_parser", "main", "parse_set"]
 
@@ -192,7 +192,7 @@ def _load_config(args: argparse.Namespace) -> ExperimentConfig:
 
 def _show_status(config: ExperimentConfig, only: list[str] | None) -> int:
     """``--status``: one line per run."""
-    from fishertune.experiments.runner import select_runs
+    from fishertune.experiments.checks import select_runs
     from fishertune.experiments.slurm import format_status_table, grid_status
 
     print(format_status_table(grid_status(config, select_runs(config, only))))
@@ -226,8 +226,8 @@ def _print_outcome(results: list[RunResult]) -> list[RunResult]:
 
 def _write_reports(config: ExperimentConfig) -> None:
     """The grid's tables and plots (and the equivalence study's, if the file asks for it)."""
+    from fishertune.experiments.checks import select_runs
     from fishertune.experiments.report import load_run_records, write_report
-    from fishertune.experiments.runner import select_runs
 
     # The whole grid, not only --only's runs: the report always shows everything done so far.
     names = [run.name for run in select_runs(config) if run.run_dir.is_dir()]
@@ -257,7 +257,8 @@ def _write_reports(config: ExperimentConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns 0 when every selected run finished, 1 when one failed."""
-    from fishertune.experiments.runner import check_stored_specs, run_experiment, select_runs
+    from fishertune.experiments.checks import check_stored_specs, select_runs
+    from fishertune.experiments.runner import run_experiment
 
     args = build_parser().parse_args(argv)
     _refuse_conflicting_flags(args)

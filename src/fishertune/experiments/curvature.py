@@ -23,36 +23,33 @@ Each aggregate is stored with its between-batch and estimator standard errors. T
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
-from fishertune.files import write_json_atomic
+from fishertune.files import TRAINER_STATE, read_json_record, write_json_atomic
+from fishertune.files import checkpoints as complete_checkpoints
 
 __all__ = ["main", "measure_model", "model_folders"]
 
 
 def model_folders(model_dir: Path, *, checkpoints: bool) -> list[tuple[int | None, Path]]:
-    """``(step, folder)`` of each complete checkpoint (by step) and then the final model.
+    """``(step, folder)`` of each complete checkpoint (by step; the one checkpoint rule of
+    :func:`fishertune.files.checkpoints`) and then the final model.
 
     The final model's step is read from its ``trainer_state.json`` (``None`` if absent).
     """
-    found: list[tuple[int | None, Path]] = []
-    if checkpoints:
-        for child in model_dir.glob("checkpoint-*"):
-            suffix = child.name.split("-", 1)[1]
-            if suffix.isdigit() and (child / "config.json").is_file():
-                found.append((int(suffix), child))
-        found.sort(key=lambda item: item[0])
-    state = model_dir / "trainer_state.json"
+    found: list[tuple[int | None, Path]] = (
+        list(complete_checkpoints(model_dir)) if checkpoints else []
+    )
+    state = read_json_record(model_dir / TRAINER_STATE)
     step = None
-    if state.is_file():
+    if isinstance(state, dict):
         try:
-            step = int(json.loads(state.read_text()).get("global_step"))
-        except (ValueError, TypeError, OSError):
+            step = int(state.get("global_step"))
+        except (ValueError, TypeError):
             step = None
     # a checkpoint at the final step holds the final model: measured once, as the final model
     found = [(s, folder) for s, folder in found if s != step]

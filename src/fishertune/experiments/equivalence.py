@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
+from fishertune.experiments.report import mean_std
+from fishertune.files import MEASURE_FILE, RunFolder
 
 __all__ = [
     "KINDS",
@@ -84,13 +86,6 @@ class StudyRun:
     ratio: float
     values: dict[str, float] = field(default_factory=dict)
     trajectory: list[tuple[int, float, float, float]] = field(default_factory=list)
-
-
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _curvature_values(entry: dict[str, Any]) -> dict[str, float]:
@@ -143,17 +138,16 @@ def _load_base(runs_dir: Path) -> tuple[dict[str, Any], tuple[int, float, float,
     """The base model's numbers (as :func:`load_study` returns them) and its trajectory point,
     step 0 of every run's trajectory."""
     from fishertune.experiments.grid import BASE_RUN
-    from fishertune.experiments.runner import EVALUATION_FILE, MEASURE_FILE
 
-    measured = _read(runs_dir / BASE_RUN / MEASURE_FILE)
-    if not isinstance(measured, dict) or not isinstance(measured.get("final"), dict):
+    folder = RunFolder(runs_dir / BASE_RUN)
+    measured = folder.curvature
+    if not folder.measured:
         raise FishertuneError(
             f"{runs_dir / BASE_RUN / MEASURE_FILE}: the base stage has no measurement yet; "
             "the equivalence report needs it (its rms, L and d give every run's noise level)"
         )
     final = measured["final"]
-    base_eval = _read(runs_dir / BASE_RUN / EVALUATION_FILE) or {}
-    base_metrics = base_eval.get("metrics", {}) if isinstance(base_eval, dict) else {}
+    base_metrics = (folder.evaluation or {}).get("metrics", {})
     base = {
         "rms": float(final["embedding_rms"]),
         "length": int(final["typical_length"]),
@@ -183,20 +177,9 @@ def _load_run(
 ) -> StudyRun | None:
     """The run ``name`` of ``runs_dir``, or ``None`` while it lacks its spec, evaluation or
     measurement (or is of a method the study does not compare)."""
-    from fishertune.experiments.runner import EVALUATION_FILE, MEASURE_FILE, SPEC_FILE
-
-    folder = runs_dir / name
-    spec, evaluation, curvature = (
-        _read(folder / SPEC_FILE),
-        _read(folder / EVALUATION_FILE),
-        _read(folder / MEASURE_FILE),
-    )
-    if not (
-        isinstance(spec, dict)
-        and isinstance(evaluation, dict)
-        and isinstance(curvature, dict)
-        and isinstance(curvature.get("final"), dict)
-    ):
+    folder = RunFolder(runs_dir / name)
+    spec, evaluation, curvature = folder.spec, folder.evaluation, folder.curvature
+    if spec is None or evaluation is None or not folder.measured:
         return None
     overrides = spec.get("overrides", {})
     kind = overrides.get("method", "baseline")
@@ -224,14 +207,8 @@ def _load_run(
 
 
 def _cell(values: Sequence[float]) -> dict[str, float | int | None]:
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return {"mean": math.nan, "std": None, "n": 0}
-    mean = math.fsum(values) / len(values)
-    std = None
-    if len(values) > 1:
-        std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return {"mean": mean, "std": std, "n": len(values)}
+    """Mean ± std (:func:`~fishertune.experiments.report.mean_std`) of the finite values."""
+    return asdict(mean_std([v for v in values if math.isfinite(v)]))
 
 
 def _spread(*cells: dict[str, Any]) -> float:

@@ -49,21 +49,37 @@ wins over a preset of the same name. ``output_dir`` is relative to the current d
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
+from fishertune.experiments.blocks import (
+    EvaluationSpec,
+    MeasureSpec,
+    SlurmSpec,
+    env_block,
+    evaluation_block,
+    launcher_block,
+    measure_block,
+    report_block,
+    slurm_block,
+)
+from fishertune.experiments.fields import (
+    checked_name,
+    field_error,
+    mapping,
+    overrides_block,
+    resolve_path,
+    seed_list,
+    str_list,
+)
+from fishertune.files import MODEL_SUBDIR
 
 __all__ = [
     "BASE_RUN",
-    "EVALUATION_KEYS",
-    "LAUNCHERS",
-    "MEASURE_KEYS",
     "MODEL_SUBDIR",
-    "SLURM_KEYS",
     "EvaluationSpec",
     "ExperimentConfig",
     "MeasureSpec",
@@ -74,7 +90,6 @@ __all__ = [
     "parse_experiment",
 ]
 
-LAUNCHERS = ("local", "accelerate")
 TOP_LEVEL_KEYS = (
     "base_config",
     "output_dir",
@@ -94,146 +109,7 @@ TOP_LEVEL_KEYS = (
     "base",
     "measure",
 )
-EVALUATION_KEYS = (
-    "tasks",
-    "limit",
-    "batch_size",
-    "max_new_tokens",
-    "max_length",
-    "dataset",
-    "include_path",
-    "num_fewshot",
-    "model_args",
-    "device",
-    "alpacaeval_questions",
-    "mtbench_questions",
-    "answer_max_new_tokens",
-    "extra_args",
-)
-REPORT_KEYS = ("metrics", "study")
-STUDIES = ("equivalence",)
-MEASURE_KEYS = (
-    "batches",
-    "batch_size",
-    "probes",
-    "fisher_draws",
-    "max_length",
-    "split",
-    "checkpoints",
-    "seed",
-)
 BASE_RUN = "base"
-SLURM_KEYS = (
-    "partition",
-    "account",
-    "qos",
-    "nodes",
-    "gpus_per_node",
-    "cpus_per_task",
-    "mem",
-    "time",
-    "array_parallelism",
-    "sbatch",
-    "setup",
-    "max_requeues",
-    "signal_delay_s",
-    "job_name",
-    "folder",
-    "main_process_port",
-)
-_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-# Keys the grid sets itself; a method or ablation giving them would be silently overridden.
-RESERVED_OVERRIDES = ("output_dir", "seed", "config")
-MODEL_SUBDIR = "model"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-
-
-@dataclass(frozen=True)
-class EvaluationSpec:
-    """What ``fishertune evaluate`` runs on every finished run (see ``fishertune evaluate -h``)."""
-
-    tasks: tuple[str, ...] = ("offline",)
-    limit: int | float | None = None
-    batch_size: int | None = None
-    max_new_tokens: int | None = None
-    max_length: int | None = None
-    dataset: str | None = None
-    include_path: tuple[str, ...] = ()
-    num_fewshot: int | None = None
-    model_args: str | None = None
-    device: str | None = None
-    alpacaeval_questions: str | None = None
-    mtbench_questions: str | None = None
-    answer_max_new_tokens: int | None = None
-    extra_args: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class MeasureSpec:
-    """What the ``measure`` stage computes on every run (:mod:`fishertune.experiments.curvature`).
-
-    Attributes:
-        batches, batch_size: validation batches measured (the same ones for every run and
-            checkpoint: they are drawn with ``seed``).
-        probes: Rademacher probes per batch for ``Tr(H_X)`` (Hutchinson).
-        fisher_draws: token-F draws ``y' ~ p`` per batch for ``Tr(F_X)`` (default ``probes``).
-        max_length: truncation of the conversations.
-        split: the data split measured (the training data set's).
-        checkpoints: also measure every saved ``checkpoint-N`` (the curvature trajectory).
-        seed: seeds the batches, probes and draws.
-    """
-
-    batches: int = 2
-    batch_size: int = 8
-    probes: int = 4
-    fisher_draws: int | None = None
-    max_length: int = 128
-    split: str = "validation"
-    checkpoints: bool = True
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class SlurmSpec:
-    """Resources and behaviour of the SLURM job of each run (``--launcher slurm``).
-
-    Attributes:
-        partition, account, qos: ``sbatch --partition/--account/--qos``.
-        nodes: nodes per run; above 1 the run needs ``launcher: accelerate`` (one
-            ``accelerate launch`` per node).
-        gpus_per_node: ``sbatch --gpus-per-node``; with ``launcher: accelerate`` the run starts
-            ``nodes * gpus_per_node`` processes.
-        cpus_per_task: ``sbatch --cpus-per-task`` (one task per node).
-        mem: ``sbatch --mem`` (e.g. ``"480G"``; a number means GB).
-        time_min: time limit in minutes (``time:`` accepts SLURM's ``D-HH:MM:SS`` forms).
-        array_parallelism: at most this many runs of the grid at once (the array's ``%N``).
-        sbatch: further ``#SBATCH`` options, e.g. ``{constraint: h100, exclusive: true}``.
-        setup: shell lines run before the job's command (``module load ...``, ``source venv``).
-        max_requeues: how many times a run that reaches its time limit requeues itself
-            (preemptions always requeue).
-        signal_delay_s: seconds before the time limit at which the job is told to stop and requeue.
-        job_name: the jobs' name (default: the experiment file's stem).
-        folder: where submitit keeps the jobs' scripts, pickles and logs (default
-            ``OUTPUT_DIR/slurm``; must be on a file system the nodes share).
-        main_process_port: port of the multi-node rendezvous (default derived from the job id).
-    """
-
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    nodes: int = 1
-    gpus_per_node: int | None = None
-    cpus_per_task: int | None = None
-    mem: str | None = None
-    time_min: int = 60
-    array_parallelism: int | None = None
-    sbatch: dict[str, Any] = field(default_factory=dict)
-    setup: tuple[str, ...] = ()
-    max_requeues: int = 3
-    signal_delay_s: int = 120
-    job_name: str | None = None
-    folder: Path | None = None
-    main_process_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -324,302 +200,24 @@ class ExperimentConfig:
         return self.output_dir / "report"
 
 
-def _err(path: Path, where: str, message: str) -> FishertuneError:
-    return FishertuneError(f"{path}: {where}: {message}")
-
-
-def _resolve(
-    path: Path, where: str, value: Any, *, must_exist: bool = True, preset: str | None = None
-) -> Path:
-    """A path named in the experiment file; ``preset`` (a kind of :mod:`fishertune.presets`)
-    lets the value also be a shipped preset's name (``tiny``, ``paper/token-f``,
-    ``accelerate/deepspeed_zero3``), so the shipped grids work from an installed package."""
-    if not isinstance(value, str) or not value:
-        raise _err(path, where, f"expected a path string, got {value!r}")
-    candidate = Path(value).expanduser()
-    exists = Path.is_file if preset else Path.exists
-    if candidate.is_absolute():
-        if must_exist and not exists(candidate):
-            raise _err(path, where, f"{candidate} does not exist")
-        return candidate
-    if not must_exist:
-        return Path.cwd() / candidate
-    here = path.resolve().parent
-    for root in (Path.cwd(), here):
-        if exists(root / candidate):
-            return (root / candidate).resolve()
-    if preset is not None:
-        from fishertune.presets import preset_path
-
-        found = preset_path(value, preset)
-        if found is not None:
-            return found.resolve()
-    # Grids kept inside a checkout may name files relative to the repository root: try the
-    # experiment file's parent folders too.
-    for root in here.parents:
-        if exists(root / candidate):
-            return (root / candidate).resolve()
-    known = ""
-    if preset is not None:
-        from fishertune.presets import preset_names
-
-        known = f"; {preset} presets: {', '.join(preset_names(preset))}"
-    raise _err(
-        path,
-        where,
-        f"{value} not found (looked in the current directory and above {path.parent}){known}",
-    )
-
-
-def _mapping(
-    path: Path, where: str, value: Any, allowed: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """``value`` as a mapping with string keys (``None``: empty), only ``allowed`` ones if given."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _err(path, where, f"expected a mapping, got {type(value).__name__} {value!r}")
-    bad = [k for k in value if not isinstance(k, str)]
-    if bad:
-        raise _err(path, where, f"keys must be strings, got {bad!r}")
-    unknown = sorted(set(value) - set(allowed)) if allowed is not None else []
-    if unknown:
-        raise _err(
-            path, where, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}"
-        )
-    return dict(value)
-
-
-def _name(path: Path, where: str, name: str) -> str:
-    if not _NAME.match(name):
-        raise _err(
-            path,
-            where,
-            f"name {name!r} must start with a letter or digit and use only "
-            "letters, digits and _ . + - (it becomes a folder name)",
-        )
-    return name
-
-
-def _overrides(path: Path, where: str, value: Any) -> dict[str, Any]:
-    overrides = _mapping(path, where, value)
-    for key, item in overrides.items():
-        if key in RESERVED_OVERRIDES:
-            raise _err(path, f"{where}.{key}", "set by the grid for every run; remove it")
-        if item is None:
-            raise _err(
-                path,
-                f"{where}.{key}",
-                "null cannot be passed on a command line; remove the key "
-                "to keep the preset's value",
-            )
-        if isinstance(item, Mapping) and not item:
-            raise _err(path, f"{where}.{key}", "empty mapping")
-    return overrides
-
-
-def _seeds(path: Path, where: str, value: Any) -> tuple[int, ...]:
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
-    ):
-        raise _err(path, where, f"expected a non-empty list of integers, got {value!r}")
-    if len(set(value)) != len(value):
-        raise _err(path, where, f"seeds repeat: {value!r}")
-    return tuple(value)
-
-
-def _positive_int(path: Path, where: str, value: Any, *, allow_fraction: bool = False) -> Any:
-    if value is None:
-        return None
-    if allow_fraction and isinstance(value, float) and 0.0 < value <= 1.0:
-        return value
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _err(path, where, f"expected a non-negative integer, got {value!r}")
-    return value
-
-
-def _str_list(path: Path, where: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [item.strip() for item in value.split(",") if item.strip()]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise _err(path, where, f"expected a list of strings, got {value!r}")
-    return tuple(value)
-
-
-def _evaluation(path: Path, value: Any) -> EvaluationSpec:
-    raw = _mapping(path, "evaluation", value, EVALUATION_KEYS)
-    tasks = _str_list(path, "evaluation.tasks", raw.get("tasks", ["offline"]))
-    if not tasks:
-        raise _err(path, "evaluation.tasks", "empty task list")
-    include = tuple(
-        str(_resolve(path, "evaluation.include_path", p))
-        for p in _str_list(path, "evaluation.include_path", raw.get("include_path", []))
-    )
-    questions = {
-        key: str(_resolve(path, f"evaluation.{key}", raw[key])) if raw.get(key) else None
-        for key in ("alpacaeval_questions", "mtbench_questions")
-    }
-    model_args = raw.get("model_args")
-    if isinstance(model_args, Mapping):
-        model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
-    if model_args is not None and not isinstance(model_args, str):
-        raise _err(
-            path, "evaluation.model_args", f"expected k=v,... or a mapping, got {model_args!r}"
-        )
-    for key in ("dataset", "device"):
-        if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise _err(path, f"evaluation.{key}", f"expected a string, got {raw[key]!r}")
-    return EvaluationSpec(
-        tasks=tasks,
-        limit=_positive_int(path, "evaluation.limit", raw.get("limit"), allow_fraction=True),
-        batch_size=_positive_int(path, "evaluation.batch_size", raw.get("batch_size")),
-        max_new_tokens=_positive_int(path, "evaluation.max_new_tokens", raw.get("max_new_tokens")),
-        max_length=_positive_int(path, "evaluation.max_length", raw.get("max_length")),
-        dataset=raw.get("dataset"),
-        include_path=include,
-        num_fewshot=_positive_int(path, "evaluation.num_fewshot", raw.get("num_fewshot")),
-        model_args=model_args,
-        device=raw.get("device"),
-        answer_max_new_tokens=_positive_int(
-            path, "evaluation.answer_max_new_tokens", raw.get("answer_max_new_tokens")
-        ),
-        extra_args=_str_list(path, "evaluation.extra_args", raw.get("extra_args", [])),
-        **questions,
-    )
-
-
-def _slurm_time(path: Path, value: Any) -> int:
-    """Minutes from an integer or SLURM's ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = _SLURM_TIME.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise _err(
-            path,
-            "slurm.time",
-            f"expected minutes or SLURM's D-HH:MM:SS (quoted in YAML), got {value!r}",
-        )
-    days, first, second, third = (int(g) if g else None for g in match.groups())
-    if days is not None:  # D-HH[:MM[:SS]]
-        seconds = days * 86400 + first * 3600 + (second or 0) * 60 + (third or 0)
-    elif third is not None:  # HH:MM:SS
-        seconds = first * 3600 + second * 60 + third
-    elif second is not None:  # MM:SS
-        seconds = first * 60 + second
-    else:  # MM
-        seconds = first * 60
-    if seconds <= 0:
-        raise _err(path, "slurm.time", f"must be positive, got {value!r}")
-    return max(1, -(-seconds // 60))
-
-
-def _slurm(path: Path, value: Any, *, launcher: str, num_processes: int | None) -> SlurmSpec:
-    raw = _mapping(path, "slurm", value, SLURM_KEYS)
-    strings = {}
-    for key in ("partition", "account", "qos", "job_name"):
-        if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise _err(path, f"slurm.{key}", f"expected a string, got {raw[key]!r}")
-        strings[key] = raw.get(key)
-    counts = {}
-    for key in ("nodes", "gpus_per_node", "cpus_per_task", "array_parallelism", "max_requeues"):
-        counts[key] = _positive_int(path, f"slurm.{key}", raw.get(key))
-        if key != "max_requeues" and counts[key] == 0:
-            raise _err(path, f"slurm.{key}", "must be at least 1")
-    mem = raw.get("mem")
-    if isinstance(mem, (int, float)) and not isinstance(mem, bool) and mem > 0:
-        mem = f"{int(mem)}G"
-    if mem is not None and not isinstance(mem, str):
-        raise _err(path, "slurm.mem", f"expected e.g. '64G' or a number of GB, got {mem!r}")
-    sbatch = _mapping(path, "slurm.sbatch", raw.get("sbatch"))
-    for key, item in sbatch.items():
-        if not isinstance(item, (str, int, float, bool)):
-            raise _err(path, f"slurm.sbatch.{key}", f"expected a scalar, got {item!r}")
-    setup = raw.get("setup", [])
-    if isinstance(setup, str):
-        setup = [setup]
-    setup = _str_list(path, "slurm.setup", setup) if setup else ()
-    nodes = counts["nodes"] or 1
-    if nodes > 1 and launcher != "accelerate":
-        raise _err(
-            path,
-            "slurm.nodes",
-            "more than one node needs launcher: accelerate (one accelerate launch per node)",
-        )
-    gpus = counts["gpus_per_node"]
-    if num_processes and gpus and nodes * gpus != num_processes:
-        raise _err(
-            path,
-            "slurm",
-            f"num_processes {num_processes} differs from nodes x gpus_per_node = {nodes} x {gpus}",
-        )
-    if num_processes and gpus is None and num_processes % nodes == 0 and num_processes >= nodes:
-        gpus = num_processes // nodes  # ask SLURM for the GPUs that accelerate will use
-    port = _positive_int(path, "slurm.main_process_port", raw.get("main_process_port"))
-    signal_delay = _positive_int(path, "slurm.signal_delay_s", raw.get("signal_delay_s"))
-    return SlurmSpec(
-        **strings,
-        nodes=nodes,
-        gpus_per_node=gpus,
-        cpus_per_task=counts["cpus_per_task"],
-        mem=mem,
-        time_min=_slurm_time(path, raw["time"]) if raw.get("time") is not None else 60,
-        array_parallelism=counts["array_parallelism"],
-        sbatch=sbatch,
-        setup=tuple(setup),
-        max_requeues=3 if counts["max_requeues"] is None else counts["max_requeues"],
-        signal_delay_s=120 if signal_delay is None else signal_delay,
-        folder=_resolve(path, "slurm.folder", raw["folder"], must_exist=False)
-        if raw.get("folder")
-        else None,
-        main_process_port=port,
-    )
-
-
-def _measure(path: Path, value: Any) -> MeasureSpec | None:
-    if value is None:
-        return None
-    raw = _mapping(path, "measure", value, MEASURE_KEYS)
-    values: dict[str, Any] = {}
-    for key, low in (("batches", 1), ("batch_size", 1), ("probes", 2), ("fisher_draws", 2),
-                     ("max_length", 2), ("seed", 0)):  # fmt: skip
-        if key in raw:
-            item = raw[key]
-            if not isinstance(item, int) or isinstance(item, bool) or item < low:
-                raise _err(path, f"measure.{key}", f"expected an integer >= {low}, got {item!r}")
-            values[key] = item
-    if "split" in raw:
-        if not isinstance(raw["split"], str) or not raw["split"]:
-            raise _err(path, "measure.split", f"expected a split name, got {raw['split']!r}")
-        values["split"] = raw["split"]
-    if "checkpoints" in raw:
-        if not isinstance(raw["checkpoints"], bool):
-            raise _err(
-                path, "measure.checkpoints", f"expected true/false, got {raw['checkpoints']!r}"
-            )
-        values["checkpoints"] = raw["checkpoints"]
-    return MeasureSpec(**values)
-
-
 def _base_run(
     path: Path, value: Any, base: Path | None, overrides: dict[str, Any], runs_dir: Path
 ) -> RunSpec | None:
     """The ``base:`` block as the grid's first run (see the module docstring)."""
     if value is None:
         return None
-    body = _mapping(path, "base", value)
+    body = mapping(path, "base", value)
     own = body.pop("base_config", None)
     seed = body.pop("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise _err(path, "base.seed", f"expected an integer, got {seed!r}")
+        raise field_error(path, "base.seed", f"expected an integer, got {seed!r}")
     if own is not None:
-        config = _resolve(path, "base.base_config", own, preset="train")
+        config = resolve_path(path, "base.base_config", own, preset="train")
     elif base is not None:
         config = base
     else:
-        raise _err(path, "base", "no base_config: give one at the top level or in the block")
-    merged = {**overrides, **_overrides(path, "base", body), "seed": seed}
+        raise field_error(path, "base", "no base_config: give one at the top level or in the block")
+    merged = {**overrides, **overrides_block(path, "base", body), "seed": seed}
     return RunSpec(
         name=BASE_RUN,
         method=BASE_RUN,
@@ -633,10 +231,10 @@ def _base_run(
 
 def _top_level(path: Path, value: Any) -> dict[str, Any]:
     """The document as a mapping of known keys, with the required ones present."""
-    raw = _mapping(path, "top level", value, TOP_LEVEL_KEYS)
+    raw = mapping(path, "top level", value, TOP_LEVEL_KEYS)
     for key in ("output_dir", "methods", "seeds"):
         if key not in raw:
-            raise _err(path, key, "missing (required)")
+            raise field_error(path, key, "missing (required)")
     return raw
 
 
@@ -645,22 +243,24 @@ def _methods(
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
     """The ``methods:`` block: each method's training overrides and its training YAML (its own
     ``base_config``, else the top-level one)."""
-    methods_raw = _mapping(path, "methods", value)
+    methods_raw = mapping(path, "methods", value)
     if not methods_raw:
-        raise _err(path, "methods", "no methods given")
+        raise field_error(path, "methods", "no methods given")
     methods: dict[str, dict[str, Any]] = {}
     method_configs: dict[str, Path] = {}
     for name, body in methods_raw.items():
-        where = f"methods.{_name(path, 'methods', name)}"
-        body = _mapping(path, where, body)
+        where = f"methods.{checked_name(path, 'methods', name)}"
+        body = mapping(path, where, body)
         own = body.pop("base_config", None)
         if own is not None:
-            method_configs[name] = _resolve(path, f"{where}.base_config", own, preset="train")
+            method_configs[name] = resolve_path(path, f"{where}.base_config", own, preset="train")
         elif base is not None:
             method_configs[name] = base
         else:
-            raise _err(path, where, "no base_config: give one at the top level or in the method")
-        methods[name] = _overrides(path, where, body)
+            raise field_error(
+                path, where, "no base_config: give one at the top level or in the method"
+            )
+        methods[name] = overrides_block(path, where, body)
     return methods, method_configs
 
 
@@ -680,58 +280,16 @@ def _ablation_methods(
         else:
             names = chosen
             where = "ablation_methods"
-        names = _str_list(path, where, names)
+        names = str_list(path, where, names)
         missing = [n for n in names if n not in methods]
         if missing:
-            raise _err(path, where, f"unknown method(s) {missing}; methods: {list(methods)}")
+            raise field_error(path, where, f"unknown method(s) {missing}; methods: {list(methods)}")
         ablation_methods[ablation] = names
     if isinstance(chosen, Mapping):
         stray = sorted(set(chosen) - set(ablations))
         if stray:
-            raise _err(path, "ablation_methods", f"unknown ablation(s) {stray}")
+            raise field_error(path, "ablation_methods", f"unknown ablation(s) {stray}")
     return ablation_methods
-
-
-def _launcher(path: Path, raw: Mapping[str, Any]) -> tuple[str, Path | None, int | None]:
-    """``launcher``, ``accelerate_config`` and ``num_processes`` (the last two need
-    ``launcher: accelerate``)."""
-    launcher = raw.get("launcher", "local")
-    if launcher not in LAUNCHERS:
-        raise _err(path, "launcher", f"{launcher!r} is not one of {', '.join(LAUNCHERS)}")
-    accelerate_config = None
-    if raw.get("accelerate_config") is not None:
-        accelerate_config = _resolve(
-            path, "accelerate_config", raw["accelerate_config"], preset="accelerate"
-        )
-    num_processes = _positive_int(path, "num_processes", raw.get("num_processes"))
-    if launcher == "local" and (accelerate_config or num_processes):
-        raise _err(path, "launcher", "accelerate_config / num_processes need launcher: accelerate")
-    return launcher, accelerate_config, num_processes
-
-
-def _env(path: Path, value: Any) -> dict[str, str]:
-    """The ``env:`` block, values as the strings a process environment holds."""
-    env = _mapping(path, "env", value)
-    for key, item in env.items():
-        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            raise _err(path, f"env.{key}", f"expected a string or a number, got {item!r}")
-        env[key] = str(item)
-    return env
-
-
-def _report(path: Path, value: Any) -> tuple[tuple[str, ...] | None, str | None]:
-    """The ``report:`` block: the table's metrics (``None``: every metric) and the study."""
-    report = _mapping(path, "report", value)
-    unknown = sorted(set(report) - set(REPORT_KEYS))
-    if unknown:
-        raise _err(path, "report", f"unknown key(s) {unknown}; allowed: {list(REPORT_KEYS)}")
-    report_metrics = (
-        _str_list(path, "report.metrics", report["metrics"]) if "metrics" in report else None
-    )
-    study = report.get("study")
-    if study is not None and study not in STUDIES:
-        raise _err(path, "report.study", f"{study!r} is not one of {', '.join(STUDIES)}")
-    return report_metrics, study
 
 
 def _refuse_model_path_with_base(
@@ -743,14 +301,14 @@ def _refuse_model_path_with_base(
     """With a ``base:`` stage the grid sets every run's ``model_name_or_path``: refuse the
     name ``base`` for a method and ``model_name_or_path`` in any override block."""
     if BASE_RUN in methods:
-        raise _err(path, f"methods.{BASE_RUN}", "the name is taken by the base: stage")
+        raise field_error(path, f"methods.{BASE_RUN}", "the name is taken by the base: stage")
     for where, body in (
         [("overrides", overrides)]
         + [(f"methods.{name}", body) for name, body in methods.items()]
         + [(f"ablations.{name}", body) for name, body in ablations.items()]
     ):
         if "model_name_or_path" in body:
-            raise _err(
+            raise field_error(
                 path,
                 f"{where}.model_name_or_path",
                 "set by the grid to the base: stage's model; remove it",
@@ -773,25 +331,27 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
     path = Path(path)
     raw = _top_level(path, raw)
     base = (
-        _resolve(path, "base_config", raw["base_config"], preset="train")
+        resolve_path(path, "base_config", raw["base_config"], preset="train")
         if raw.get("base_config")
         else None
     )
-    output_dir = _resolve(path, "output_dir", raw["output_dir"], must_exist=False)
+    output_dir = resolve_path(path, "output_dir", raw["output_dir"], must_exist=False)
     methods, method_configs = _methods(path, raw["methods"], base)
-    seeds = _seeds(path, "seeds", raw["seeds"])
+    seeds = seed_list(path, "seeds", raw["seeds"])
     ablations = {
-        _name(path, "ablations", name): _overrides(path, f"ablations.{name}", body)
-        for name, body in _mapping(path, "ablations", raw.get("ablations")).items()
+        checked_name(path, "ablations", name): overrides_block(path, f"ablations.{name}", body)
+        for name, body in mapping(path, "ablations", raw.get("ablations")).items()
     }
     ablation_methods = _ablation_methods(path, raw.get("ablation_methods"), ablations, methods)
     ablation_seeds = (
-        _seeds(path, "ablation_seeds", raw["ablation_seeds"]) if "ablation_seeds" in raw else seeds
+        seed_list(path, "ablation_seeds", raw["ablation_seeds"])
+        if "ablation_seeds" in raw
+        else seeds
     )
-    launcher, accelerate_config, num_processes = _launcher(path, raw)
-    env = _env(path, raw.get("env"))
-    report_metrics, study = _report(path, raw.get("report"))
-    overrides = _overrides(path, "overrides", raw.get("overrides"))
+    launcher, accelerate_config, num_processes = launcher_block(path, raw)
+    env = env_block(path, raw.get("env"))
+    report_metrics, study = report_block(path, raw.get("report"))
+    overrides = overrides_block(path, "overrides", raw.get("overrides"))
     base_run = _base_run(path, raw.get("base"), base, overrides, output_dir / "runs")
     if base_run is not None:
         _refuse_model_path_with_base(path, overrides, methods, ablations)
@@ -806,19 +366,21 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         ablations=ablations,
         ablation_methods=ablation_methods,
         ablation_seeds=ablation_seeds,
-        evaluation=_evaluation(path, raw.get("evaluation")),
+        evaluation=evaluation_block(path, raw.get("evaluation")),
         launcher=launcher,
         accelerate_config=accelerate_config,
         num_processes=num_processes,
         env=env,
         report_metrics=report_metrics,
-        slurm=_slurm(path, raw.get("slurm"), launcher=launcher, num_processes=num_processes),
+        slurm=slurm_block(path, raw.get("slurm"), launcher=launcher, num_processes=num_processes),
         base_run=base_run,
-        measure=_measure(path, raw.get("measure")),
+        measure=measure_block(path, raw.get("measure")),
         study=study,
     )
     if study == "equivalence" and (base_run is None or config.measure is None):
-        raise _err(path, "report.study", "the equivalence study needs a base: and a measure: block")
+        raise field_error(
+            path, "report.study", "the equivalence study needs a base: and a measure: block"
+        )
     expand_grid(config)  # name collisions are a configuration error: find them now
     return config
 
@@ -916,7 +478,7 @@ def expand_grid(config: ExperimentConfig) -> list[RunSpec]:
     for run in runs:
         if run.name in seen:
             other = seen[run.name]
-            raise _err(
+            raise field_error(
                 config.path,
                 "methods/ablations",
                 f"two runs are both named {run.name!r} "

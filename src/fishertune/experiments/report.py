@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fishertune.files import read_json_record
+from fishertune.files import SPEC_FILE, RunFolder
 
 __all__ = [
     "CURVE_KEYS",
@@ -32,6 +32,7 @@ __all__ = [
     "default_metrics",
     "format_markdown",
     "load_run_records",
+    "mean_std",
     "metric_directions",
     "plot_benchmarks",
     "plot_training_curves",
@@ -127,12 +128,19 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _mean_std(values: Sequence[float]) -> Cell:
+def mean_std(values: Sequence[float]) -> Cell:
+    """Mean and sample standard deviation of ``values``, the one ``mean ± std`` of the reports:
+
+    ``mean = sum(v) / n``, ``std = sqrt(sum((v - mean)^2) / (n - 1))`` (``ddof=1``, as papers
+    report); ``std`` is ``None`` for a single value, and ``mean`` NaN for none (``n = 0``).
+    """
     n = len(values)
+    if n == 0:
+        return Cell(math.nan, None, 0)
     mean = math.fsum(values) / n
     if n == 1:
         return Cell(mean, None, 1)
-    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)  # ddof=1, as papers report
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
     return Cell(mean, math.sqrt(var), n)
 
 
@@ -210,9 +218,7 @@ def aggregate(
             value = record.metrics.get(column)
             if _finite(value):
                 values[row][column].append(float(value))
-    cells = {
-        row: {c: (_mean_std(v) if v else None) for c, v in values[row].items()} for row in rows
-    }
+    cells = {row: {c: (mean_std(v) if v else None) for c, v in values[row].items()} for row in rows}
     best: dict[str, set[str]] = {}
     for column in columns:
         direction = directions.get(column)
@@ -302,10 +308,6 @@ def load_run_records(runs_dir: str | Path, names: Sequence[str] | None = None) -
     (``{"metrics": {...}, "higher_is_better": {...}}`` or a flat mapping, e.g. judge scores added
     by hand) are merged in. Folders without a readable settings file are left out.
     """
-    from fishertune.experiments.grid import MODEL_SUBDIR
-    from fishertune.experiments.runner import EVALUATION_FILE, SPEC_FILE
-    from fishertune.files import RUN_RECORD
-
     runs_dir = Path(runs_dir)
     if names is None:
         children = runs_dir.iterdir() if runs_dir.is_dir() else []
@@ -313,15 +315,14 @@ def load_run_records(runs_dir: str | Path, names: Sequence[str] | None = None) -
     else:
         folders = [runs_dir / name for name in names]
     records = []
-    for folder in folders:
-        spec = read_json_record(folder / SPEC_FILE)
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+    for path in folders:
+        folder = RunFolder(path)
+        spec = folder.spec
+        if spec is None or not isinstance(spec.get("name"), str):
             continue
-        run = read_json_record(folder / MODEL_SUBDIR / RUN_RECORD)
-        run = run if isinstance(run, dict) else {}
-        evaluation = read_json_record(folder / EVALUATION_FILE)
-        state = read_json_record(folder / MODEL_SUBDIR / "trainer_state.json")
-        state = state if isinstance(state, dict) else {}
+        run = folder.run_record or {}
+        evaluation = folder.evaluation
+        state = folder.trainer_state or {}
         record = RunRecord(
             name=spec["name"],
             method=spec["method"],
@@ -330,8 +331,7 @@ def load_run_records(runs_dir: str | Path, names: Sequence[str] | None = None) -
             log_history=list(state.get("log_history", [])),
             wall_time_s=run.get("wall_time_s"),
         )
-        metrics = sorted(folder.glob("metrics_*.json"))
-        sources = [evaluation] + [read_json_record(path) for path in metrics]
+        sources = [evaluation, *folder.extra_metrics()]
         for source in sources:
             if not isinstance(source, dict):
                 continue
@@ -345,7 +345,7 @@ def load_run_records(runs_dir: str | Path, names: Sequence[str] | None = None) -
                 )
         if run.get("status") != "completed":
             record.status = "incomplete"
-        elif not isinstance(evaluation, dict):
+        elif evaluation is None:
             record.status = "trained"
         records.append(record)
     return records
@@ -363,7 +363,7 @@ def _band(per_seed: list[dict[float, float]]) -> tuple[list[float], list[float],
     steps = sorted({step for series in per_seed for step in series})
     means, stds = [], []
     for step in steps:
-        cell = _mean_std([series[step] for series in per_seed if step in series])
+        cell = mean_std([series[step] for series in per_seed if step in series])
         means.append(cell.mean)
         stds.append(cell.std or 0.0)
     return steps, means, stds

@@ -1,0 +1,375 @@
+"""The blocks of an experiment file that configure a stage or a launcher: ``evaluation:``,
+``measure:``, ``slurm:``, ``launcher:`` (with ``accelerate_config``, ``num_processes``),
+``env:`` and ``report:``, each checked into its spec."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fishertune.experiments.fields import (
+    field_error,
+    mapping,
+    non_negative_int,
+    resolve_path,
+    str_list,
+)
+
+__all__ = [
+    "EVALUATION_KEYS",
+    "LAUNCHERS",
+    "MEASURE_KEYS",
+    "SLURM_KEYS",
+    "STUDIES",
+    "EvaluationSpec",
+    "MeasureSpec",
+    "SlurmSpec",
+    "env_block",
+    "evaluation_block",
+    "launcher_block",
+    "measure_block",
+    "report_block",
+    "slurm_block",
+]
+
+LAUNCHERS = ("local", "accelerate")
+EVALUATION_KEYS = (
+    "tasks",
+    "limit",
+    "batch_size",
+    "max_new_tokens",
+    "max_length",
+    "dataset",
+    "include_path",
+    "num_fewshot",
+    "model_args",
+    "device",
+    "alpacaeval_questions",
+    "mtbench_questions",
+    "answer_max_new_tokens",
+    "extra_args",
+)
+REPORT_KEYS = ("metrics", "study")
+STUDIES = ("equivalence",)
+MEASURE_KEYS = (
+    "batches",
+    "batch_size",
+    "probes",
+    "fisher_draws",
+    "max_length",
+    "split",
+    "checkpoints",
+    "seed",
+)
+SLURM_KEYS = (
+    "partition",
+    "account",
+    "qos",
+    "nodes",
+    "gpus_per_node",
+    "cpus_per_task",
+    "mem",
+    "time",
+    "array_parallelism",
+    "sbatch",
+    "setup",
+    "max_requeues",
+    "signal_delay_s",
+    "job_name",
+    "folder",
+    "main_process_port",
+)
+SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """What ``fishertune evaluate`` runs on every finished run (see ``fishertune evaluate -h``)."""
+
+    tasks: tuple[str, ...] = ("offline",)
+    limit: int | float | None = None
+    batch_size: int | None = None
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    dataset: str | None = None
+    include_path: tuple[str, ...] = ()
+    num_fewshot: int | None = None
+    model_args: str | None = None
+    device: str | None = None
+    alpacaeval_questions: str | None = None
+    mtbench_questions: str | None = None
+    answer_max_new_tokens: int | None = None
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """What the ``measure`` stage computes on every run (:mod:`fishertune.experiments.curvature`).
+
+    Attributes:
+        batches, batch_size: validation batches measured (the same ones for every run and
+            checkpoint: they are drawn with ``seed``).
+        probes: Rademacher probes per batch for ``Tr(H_X)`` (Hutchinson).
+        fisher_draws: token-F draws ``y' ~ p`` per batch for ``Tr(F_X)`` (default ``probes``).
+        max_length: truncation of the conversations.
+        split: the data split measured (the training data set's).
+        checkpoints: also measure every saved ``checkpoint-N`` (the curvature trajectory).
+        seed: seeds the batches, probes and draws.
+    """
+
+    batches: int = 2
+    batch_size: int = 8
+    probes: int = 4
+    fisher_draws: int | None = None
+    max_length: int = 128
+    split: str = "validation"
+    checkpoints: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    """Resources and behaviour of the SLURM job of each run (``--launcher slurm``).
+
+    Attributes:
+        partition, account, qos: ``sbatch --partition/--account/--qos``.
+        nodes: nodes per run; above 1 the run needs ``launcher: accelerate`` (one
+            ``accelerate launch`` per node).
+        gpus_per_node: ``sbatch --gpus-per-node``; with ``launcher: accelerate`` the run starts
+            ``nodes * gpus_per_node`` processes.
+        cpus_per_task: ``sbatch --cpus-per-task`` (one task per node).
+        mem: ``sbatch --mem`` (e.g. ``"480G"``; a number means GB).
+        time_min: time limit in minutes (``time:`` accepts SLURM's ``D-HH:MM:SS`` forms).
+        array_parallelism: at most this many runs of the grid at once (the array's ``%N``).
+        sbatch: further ``#SBATCH`` options, e.g. ``{constraint: h100, exclusive: true}``.
+        setup: shell lines run before the job's command (``module load ...``, ``source venv``).
+        max_requeues: how many times a run that reaches its time limit requeues itself
+            (preemptions always requeue).
+        signal_delay_s: seconds before the time limit at which the job is told to stop and requeue.
+        job_name: the jobs' name (default: the experiment file's stem).
+        folder: where submitit keeps the jobs' scripts, pickles and logs (default
+            ``OUTPUT_DIR/slurm``; must be on a file system the nodes share).
+        main_process_port: port of the multi-node rendezvous (default derived from the job id).
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    time_min: int = 60
+    array_parallelism: int | None = None
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    setup: tuple[str, ...] = ()
+    max_requeues: int = 3
+    signal_delay_s: int = 120
+    job_name: str | None = None
+    folder: Path | None = None
+    main_process_port: int | None = None
+
+
+def evaluation_block(path: Path, value: Any) -> EvaluationSpec:
+    raw = mapping(path, "evaluation", value, EVALUATION_KEYS)
+    tasks = str_list(path, "evaluation.tasks", raw.get("tasks", ["offline"]))
+    if not tasks:
+        raise field_error(path, "evaluation.tasks", "empty task list")
+    include = tuple(
+        str(resolve_path(path, "evaluation.include_path", p))
+        for p in str_list(path, "evaluation.include_path", raw.get("include_path", []))
+    )
+    questions = {
+        key: str(resolve_path(path, f"evaluation.{key}", raw[key])) if raw.get(key) else None
+        for key in ("alpacaeval_questions", "mtbench_questions")
+    }
+    model_args = raw.get("model_args")
+    if isinstance(model_args, Mapping):
+        model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
+    if model_args is not None and not isinstance(model_args, str):
+        raise field_error(
+            path, "evaluation.model_args", f"expected k=v,... or a mapping, got {model_args!r}"
+        )
+    for key in ("dataset", "device"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise field_error(path, f"evaluation.{key}", f"expected a string, got {raw[key]!r}")
+    return EvaluationSpec(
+        tasks=tasks,
+        limit=non_negative_int(path, "evaluation.limit", raw.get("limit"), allow_fraction=True),
+        batch_size=non_negative_int(path, "evaluation.batch_size", raw.get("batch_size")),
+        max_new_tokens=non_negative_int(
+            path, "evaluation.max_new_tokens", raw.get("max_new_tokens")
+        ),
+        max_length=non_negative_int(path, "evaluation.max_length", raw.get("max_length")),
+        dataset=raw.get("dataset"),
+        include_path=include,
+        num_fewshot=non_negative_int(path, "evaluation.num_fewshot", raw.get("num_fewshot")),
+        model_args=model_args,
+        device=raw.get("device"),
+        answer_max_new_tokens=non_negative_int(
+            path, "evaluation.answer_max_new_tokens", raw.get("answer_max_new_tokens")
+        ),
+        extra_args=str_list(path, "evaluation.extra_args", raw.get("extra_args", [])),
+        **questions,
+    )
+
+
+def slurm_minutes(path: Path, value: Any) -> int:
+    """Minutes from an integer or SLURM's ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = SLURM_TIME.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise field_error(
+            path,
+            "slurm.time",
+            f"expected minutes or SLURM's D-HH:MM:SS (quoted in YAML), got {value!r}",
+        )
+    days, first, second, third = (int(g) if g else None for g in match.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = days * 86400 + first * 3600 + (second or 0) * 60 + (third or 0)
+    elif third is not None:  # HH:MM:SS
+        seconds = first * 3600 + second * 60 + third
+    elif second is not None:  # MM:SS
+        seconds = first * 60 + second
+    else:  # MM
+        seconds = first * 60
+    if seconds <= 0:
+        raise field_error(path, "slurm.time", f"must be positive, got {value!r}")
+    return max(1, -(-seconds // 60))
+
+
+def slurm_block(path: Path, value: Any, *, launcher: str, num_processes: int | None) -> SlurmSpec:
+    raw = mapping(path, "slurm", value, SLURM_KEYS)
+    strings = {}
+    for key in ("partition", "account", "qos", "job_name"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise field_error(path, f"slurm.{key}", f"expected a string, got {raw[key]!r}")
+        strings[key] = raw.get(key)
+    counts = {}
+    for key in ("nodes", "gpus_per_node", "cpus_per_task", "array_parallelism", "max_requeues"):
+        counts[key] = non_negative_int(path, f"slurm.{key}", raw.get(key))
+        if key != "max_requeues" and counts[key] == 0:
+            raise field_error(path, f"slurm.{key}", "must be at least 1")
+    mem = raw.get("mem")
+    if isinstance(mem, (int, float)) and not isinstance(mem, bool) and mem > 0:
+        mem = f"{int(mem)}G"
+    if mem is not None and not isinstance(mem, str):
+        raise field_error(path, "slurm.mem", f"expected e.g. '64G' or a number of GB, got {mem!r}")
+    sbatch = mapping(path, "slurm.sbatch", raw.get("sbatch"))
+    for key, item in sbatch.items():
+        if not isinstance(item, (str, int, float, bool)):
+            raise field_error(path, f"slurm.sbatch.{key}", f"expected a scalar, got {item!r}")
+    setup = raw.get("setup", [])
+    if isinstance(setup, str):
+        setup = [setup]
+    setup = str_list(path, "slurm.setup", setup) if setup else ()
+    nodes = counts["nodes"] or 1
+    if nodes > 1 and launcher != "accelerate":
+        raise field_error(
+            path,
+            "slurm.nodes",
+            "more than one node needs launcher: accelerate (one accelerate launch per node)",
+        )
+    gpus = counts["gpus_per_node"]
+    if num_processes and gpus and nodes * gpus != num_processes:
+        raise field_error(
+            path,
+            "slurm",
+            f"num_processes {num_processes} differs from nodes x gpus_per_node = {nodes} x {gpus}",
+        )
+    if num_processes and gpus is None and num_processes % nodes == 0 and num_processes >= nodes:
+        gpus = num_processes // nodes  # ask SLURM for the GPUs that accelerate will use
+    port = non_negative_int(path, "slurm.main_process_port", raw.get("main_process_port"))
+    signal_delay = non_negative_int(path, "slurm.signal_delay_s", raw.get("signal_delay_s"))
+    return SlurmSpec(
+        **strings,
+        nodes=nodes,
+        gpus_per_node=gpus,
+        cpus_per_task=counts["cpus_per_task"],
+        mem=mem,
+        time_min=slurm_minutes(path, raw["time"]) if raw.get("time") is not None else 60,
+        array_parallelism=counts["array_parallelism"],
+        sbatch=sbatch,
+        setup=tuple(setup),
+        max_requeues=3 if counts["max_requeues"] is None else counts["max_requeues"],
+        signal_delay_s=120 if signal_delay is None else signal_delay,
+        folder=resolve_path(path, "slurm.folder", raw["folder"], must_exist=False)
+        if raw.get("folder")
+        else None,
+        main_process_port=port,
+    )
+
+
+def measure_block(path: Path, value: Any) -> MeasureSpec | None:
+    if value is None:
+        return None
+    raw = mapping(path, "measure", value, MEASURE_KEYS)
+    values: dict[str, Any] = {}
+    for key, low in (("batches", 1), ("batch_size", 1), ("probes", 2), ("fisher_draws", 2),
+                     ("max_length", 2), ("seed", 0)):  # fmt: skip
+        if key in raw:
+            item = raw[key]
+            if not isinstance(item, int) or isinstance(item, bool) or item < low:
+                raise field_error(
+                    path, f"measure.{key}", f"expected an integer >= {low}, got {item!r}"
+                )
+            values[key] = item
+    if "split" in raw:
+        if not isinstance(raw["split"], str) or not raw["split"]:
+            raise field_error(path, "measure.split", f"expected a split name, got {raw['split']!r}")
+        values["split"] = raw["split"]
+    if "checkpoints" in raw:
+        if not isinstance(raw["checkpoints"], bool):
+            raise field_error(
+                path, "measure.checkpoints", f"expected true/false, got {raw['checkpoints']!r}"
+            )
+        values["checkpoints"] = raw["checkpoints"]
+    return MeasureSpec(**values)
+
+
+def launcher_block(path: Path, raw: Mapping[str, Any]) -> tuple[str, Path | None, int | None]:
+    """``launcher``, ``accelerate_config`` and ``num_processes`` (the last two need
+    ``launcher: accelerate``)."""
+    launcher = raw.get("launcher", "local")
+    if launcher not in LAUNCHERS:
+        raise field_error(path, "launcher", f"{launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    accelerate_config = None
+    if raw.get("accelerate_config") is not None:
+        accelerate_config = resolve_path(
+            path, "accelerate_config", raw["accelerate_config"], preset="accelerate"
+        )
+    num_processes = non_negative_int(path, "num_processes", raw.get("num_processes"))
+    if launcher == "local" and (accelerate_config or num_processes):
+        raise field_error(
+            path, "launcher", "accelerate_config / num_processes need launcher: accelerate"
+        )
+    return launcher, accelerate_config, num_processes
+
+
+def env_block(path: Path, value: Any) -> dict[str, str]:
+    """The ``env:`` block, values as the strings a process environment holds."""
+    env = mapping(path, "env", value)
+    for key, item in env.items():
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise field_error(path, f"env.{key}", f"expected a string or a number, got {item!r}")
+        env[key] = str(item)
+    return env
+
+
+def report_block(path: Path, value: Any) -> tuple[tuple[str, ...] | None, str | None]:
+    """The ``report:`` block: the table's metrics (``None``: every metric) and the study."""
+    report = mapping(path, "report", value)
+    unknown = sorted(set(report) - set(REPORT_KEYS))
+    if unknown:
+        raise field_error(path, "report", f"unknown key(s) {unknown}; allowed: {list(REPORT_KEYS)}")
+    report_metrics = (
+        str_list(path, "report.metrics", report["metrics"]) if "metrics" in report else None
+    )
+    study = report.get("study")
+    if study is not None and study not in STUDIES:
+        raise field_error(path, "report.study", f"{study!r} is not one of {', '.join(STUDIES)}")
+    return report_metrics, study
