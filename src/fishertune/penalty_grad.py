@@ -299,12 +299,16 @@ def exact_penalty_parts(
         return embeds.new_zeros((), dtype=dtype), rows
     # token-F and logit-F share v; the functions differ only by g, which fisher_objective picks
     g = fisher_objective(kind, logits, label_mask, targets)  # (m,)
+    squared = embeds.new_zeros((), dtype=dtype)
     per_row = []
     for s in range(g.shape[0]):
         (v,) = torch.autograd.grad(g[s], embeds, create_graph=True, retain_graph=True)
-        per_row.append(row_squared_norms(v, position_weights))
-    rows = torch.stack(per_row)  # (m, B)
-    return rows.sum() / g.shape[0], rows.detach()
+        if position_weights is None:
+            squared = squared + v.to(dtype).pow(2).sum()
+        else:
+            squared = squared + row_squared_norms(v, position_weights).sum()
+        per_row.append(row_squared_norms(v.detach(), position_weights))
+    return squared / g.shape[0], torch.stack(per_row)
 
 
 def exact_penalty(

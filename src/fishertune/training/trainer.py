@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 
 class FisherSFTTrainer(MasterWeights, SFTTrainer):
-    """``SFTTrainer`` for the methods baseline, neftune, token-f and logit-f.
+    """``SFTTrainer`` for the methods baseline, neftune, token-f, logit-f and hessian-trace.
 
     Takes the same arguments as ``trl.SFTTrainer``; ``args`` must be a
     :class:`~fishertune.training.config.FisherSFTConfig`.
@@ -304,14 +304,16 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
             # penalty_every, or no scored token in the penalized rows): plain CE.
             loss = step_loss.plain(model, inputs, normalizer)
         else:
+            penalized = step_loss.exact if self.args.penalty_grad == "exact" else step_loss.fd
+            loss = penalized(model, inputs, normalizer, coef, rows)
+            # with penalty_match_neftune_alpha: the effective mean coefficient of the rows
             self._record(
                 "penalty_coef",
                 warmup_coefficient(
                     self.state.global_step, self.args.penalty_coef, self.args.penalty_warmup_steps
-                ),
+                )
+                * step_loss.mean_row_coef,
             )
-            penalized = step_loss.exact if self.args.penalty_grad == "exact" else step_loss.fd
-            loss = penalized(model, inputs, normalizer, coef, rows)
         self._micro_step += 1
         if num_items_in_batch is None and not self.loss_is_scaled_for_ga:
             # transformers < 5.19 divides a loss computed without num_items_in_batch by the
