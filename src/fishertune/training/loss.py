@@ -33,7 +33,6 @@ from fishertune.penalty_grad import (
     exact_penalty_parts,
     fd_penalty_loss,
     hessian_fd_loss,
-    rademacher_probes,
     score_function_term,
 )
 from fishertune.streams import Stream
@@ -149,6 +148,8 @@ class MicroStepLoss:
         sums: the optimizer step's metric sums.
         stream: this micro-step's generator for a named stream (:mod:`fishertune.streams`).
         draw: ``draw(logits (B, L, V), label_mask (B, L)) -> (N, m)`` sampled targets ``y'``.
+        probe: ``probe(embeds (B, L, d), weights (B, L) | None) -> (K, B, L, d)`` Hutchinson
+            probes ``sqrt(w) z`` (hessian-trace).
     """
 
     def __init__(
@@ -159,6 +160,7 @@ class MicroStepLoss:
         sums: StepSums,
         stream: StreamFactory,
         draw: Callable[[Tensor, Tensor], Tensor],
+        probe: Callable[[Tensor, Tensor | None], Tensor],
     ) -> None:
         self.args = args
         self.accelerator = accelerator
@@ -166,6 +168,7 @@ class MicroStepLoss:
         self.sums = sums
         self.stream = stream
         self.draw = draw
+        self.probe = probe
         self.kind = {"token-f": "token", "logit-f": "logit", "hessian-trace": "hessian"}.get(
             args.method
         )
@@ -205,9 +208,8 @@ class MicroStepLoss:
         return weights
 
     def _probes(self, embeds: Tensor, weights: Tensor | None, rows: Tensor | None) -> Tensor:
-        """Hutchinson probes (K, B, L, d) from the draws' stream, zero outside ``rows``."""
-        generator = self.stream(Stream.PENALTY_TARGETS, embeds.device)
-        probes = rademacher_probes(embeds, self.args.penalty_samples, generator, weights)
+        """Hutchinson probes (K, B, L, d) (``probe`` callback), zero outside ``rows``."""
+        probes = self.probe(embeds, weights)
         if rows is not None:
             keep = torch.zeros(embeds.shape[0], dtype=probes.dtype, device=probes.device)
             keep[rows] = 1.0

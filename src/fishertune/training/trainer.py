@@ -42,7 +42,7 @@ from trl import SFTTrainer
 from fishertune.errors import FishertuneError
 from fishertune.noise import EmbeddingCapture, NEFTuneNoise, find_input_embeddings
 from fishertune.penalties import label_mask_from_labels, sample_targets
-from fishertune.penalty_grad import penalty_rows
+from fishertune.penalty_grad import penalty_rows, rademacher_probes
 from fishertune.schedules import every_k_coefficient, warmup_coefficient
 from fishertune.streams import Stream, stream_generator
 from fishertune.training.checkpoints import CheckpointRecord, restore_totals
@@ -178,6 +178,13 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
             generator=self._stream(Stream.PENALTY_TARGETS, logits.device),
         )
 
+    def draw_probes(self, embeds: Tensor, weights: Tensor | None) -> Tensor:
+        """hessian-trace's Rademacher probes ``sqrt(w) z`` (K, B, L, d), ``K =
+        penalty_samples`` (:func:`fishertune.penalty_grad.rademacher_probes`, from this
+        micro-step's draws stream)."""
+        generator = self._stream(Stream.PENALTY_TARGETS, embeds.device)
+        return rademacher_probes(embeds, self.args.penalty_samples, generator, weights)
+
     def current_penalty_coef(self) -> float:
         """Coefficient applied at this step: ``lambda(step)``, or with ``penalty_every = k`` the
         sum of ``lambda`` over this step and the ``k - 1`` unpenalized ones after it (0 on those),
@@ -291,7 +298,13 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
         )
         # built per micro-step: a hyperparameter search replaces the args and the accelerator
         step_loss = MicroStepLoss(
-            self.args, self.accelerator, self._capture, self._sums, self._stream, self.draw_targets
+            self.args,
+            self.accelerator,
+            self._capture,
+            self._sums,
+            self._stream,
+            self.draw_targets,
+            self.draw_probes,
         )
         coef = self.current_penalty_coef() if step_loss.kind is not None else 0.0
         rows = None
