@@ -237,6 +237,10 @@ def test_two_processes_match_one(curves: dict[int, dict], name: str) -> None:
         # (and the later steps) by the forward difference's own error, about 1e-3 relative;
         # central differences, with an error of order h^2, agree to float tolerance
         rel = 3e-3 if name.endswith("-fd") else 2e-4
+        if name.startswith("hessian"):
+            # a float32 second difference: its rounding (eps CE / h^2) and the per-rank h move
+            # the penalty by about 1% between layouts (measured 1.2% on the loss)
+            rel = 3e-2
         assert _column(two, key) == pytest.approx(_column(one, key), rel=rel, abs=1e-6), key
     # the penalty changes training: a curve different from the baseline's
     if name != "baseline":
