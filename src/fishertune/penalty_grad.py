@@ -21,6 +21,27 @@ tokens ``S = (1/m) sum_s ||v_s||^2`` (the caller divides by its normalizer ``N``
   only, with ``h = h_rel ||X|| / ||v||`` (:func:`~fishertune.penalties.fd_step_size`). logit-F's
   ``p`` stays the unperturbed one in every shifted evaluation.
 
+Two estimators of the penalty's gradient (``estimator``):
+
+* ``"paper"``: ``y'`` is treated as a constant target, so the gradient is
+  ``(1/m) sum_s grad_theta ||v_s||^2``. Its expectation is ``E[grad_theta ||s_y'||^2]``, which
+  misses the score-function half of ``grad_theta E[||s_y'||^2] = grad_theta Tr(F_X)``.
+* ``"unbiased"``: adds that half, ``E[||s_y'||^2 grad_theta log p(y'|X)]``, per row (the draws of
+  different rows are independent and ``||v||^2`` is a sum of rows' terms), with a leave-one-out
+  baseline over the ``m >= 2`` draws (:func:`score_function_term`). Its expectation is
+  ``grad_theta E[R]`` exactly.
+
+Per-position weights ``w`` (B, L) (``position_weights``) turn ``||v||^2`` into
+``sum_{b,l} w_bl ||v_bl||^2``: the coefficient that matches NEFTune's noise row by row
+(``w = a^2 / 6`` with the noise's own half-width ``a``). In fd mode the shift is then along
+``u = w v``: ``d/dh g(X + h u)|_0 = <v, w v>`` and ``grad_theta <v, w v> = 2 (dv/dtheta)^T w v``.
+
+The Hessian-trace penalty ``(1/K) sum_k u_k^T H_X u_k`` (Hutchinson, ``u_k`` Rademacher probes
+times ``sqrt(w)``, ``H_X`` the Hessian of the summed CE in ``X``) has an exact form
+(:func:`exact_hessian_trace`, double backward through a Hessian-vector product) and a
+finite-difference one (:func:`hessian_fd_loss`): ``(CE(X + h u) - 2 CE(X) + CE(X - h u)) / h^2``,
+value and parameter gradient both O(h^2) off, first-order autograd only.
+
 Penalizing ``k`` of ``B`` rows (:func:`penalty_rows`) and multiplying by ``B / k`` is unbiased for
 the whole batch's penalty: the rows' penalties add up (``v`` of a row depends on that row only),
 and each row is in the chosen subset with probability ``k / B``.
@@ -32,6 +53,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -49,14 +71,35 @@ from fishertune.penalties import (
 )
 
 __all__ = [
+    "DEFAULT_HESSIAN_FD_STEP",
+    "ESTIMATORS",
     "FDSettings",
     "Passes",
     "PenaltyLoss",
     "accumulate_gradients",
+    "exact_hessian_trace",
     "exact_penalty",
+    "exact_penalty_parts",
     "fd_penalty_loss",
+    "hessian_fd_loss",
     "penalty_rows",
+    "rademacher_probes",
+    "row_squared_norms",
+    "score_function_term",
 ]
+
+Estimator = Literal["paper", "unbiased"]
+ESTIMATORS = ("paper", "unbiased")
+
+# Relative step of the Hessian-trace second difference, h = h_rel ||X|| / ||u||. Its truncation
+# error is O(h^2) and its rounding O(eps / h^2): the best h_rel is about eps^(1/4), so larger than
+# the Fisher fd steps (tests/test_penalty_grad.py measures the order in float64).
+DEFAULT_HESSIAN_FD_STEP: dict[torch.dtype, float] = {
+    torch.float64: 1e-3,
+    torch.float32: 3e-2,
+    torch.bfloat16: 1e-1,
+    torch.float16: 1e-1,
+}
 
 Forward = Callable[[Tensor | None], tuple[Tensor, Tensor]]
 """``forward(shift) -> (logits (B, L, V), embeds (B, L, d))``: the model's logits with its input
@@ -94,10 +137,15 @@ class Passes:
 
     def scored_ce(self, logits: Tensor, labels: Tensor, label_mask: Tensor) -> Tensor:
         """CE summed over the scored tokens (float32, with graph); reports to ``on_scored``."""
+        return self.scored(logits, labels, label_mask)[0]
+
+    def scored(self, logits: Tensor, labels: Tensor, label_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`scored_ce` and the log-probabilities (N, V) it came from (with graph: the
+        unbiased estimator's ``log p(y')`` shares their backward)."""
         log_probs, targets = scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
         if self.on_scored is not None:
             self.on_scored(log_probs.detach(), targets, label_mask)
-        return -log_probs.gather(1, targets[:, None]).sum()
+        return -log_probs.gather(1, targets[:, None]).sum(), log_probs
 
 
 @dataclass(frozen=True)
@@ -167,30 +215,148 @@ def accumulate_gradients(
             param.grad.add_(grad.to(param.grad.dtype), alpha=scale)
 
 
-def exact_penalty(
-    kind: Kind, embeds: Tensor, logits: Tensor, label_mask: Tensor, targets: Tensor
-) -> Tensor:
-    """``S = (1/m) sum_s ||v_s||^2`` with the graph of every ``v_s`` (double backward).
+def row_squared_norms(direction: Tensor, position_weights: Tensor | None = None) -> Tensor:
+    """``S_b = sum_l w_bl ||v_bl||^2`` per row of one draw's ``v`` (B, L, d); ``w = 1`` if
+    ``position_weights`` (B, L) is ``None``. Float32 or wider, (B,)."""
+    squared = direction.to(torch.promote_types(direction.dtype, torch.float32)).pow(2).sum(-1)
+    if position_weights is not None:
+        squared = squared * position_weights.to(squared.dtype)
+    return squared.sum(-1)
+
+
+def _leave_one_out(row_squared: Tensor) -> Tensor:
+    """``S_bj - mean_{k != j} S_bk`` (m, B), detached."""
+    samples = row_squared.shape[0]
+    if samples < 2:
+        raise ValueError("the leave-one-out baseline needs m >= 2 draws per position")
+    squared = row_squared.detach()
+    return squared - (squared.sum(0, keepdim=True) - squared) / (samples - 1)
+
+
+def _row_log_likelihood(draw_log_probs: Tensor, label_mask: Tensor) -> Tensor:
+    """(B, m) ``sum_{t in row b} log p_t[y'_{t,j}]`` from (N, m) in ``label_mask`` order."""
+    rows = label_mask.nonzero()[:, 0]  # (N,) row of each scored position
+    batch = label_mask.shape[0]
+    return draw_log_probs.new_zeros(batch, draw_log_probs.shape[1]).index_add(
+        0, rows, draw_log_probs
+    )
+
+
+def score_function_term(draw_log_probs: Tensor, label_mask: Tensor, row_squared: Tensor) -> Tensor:
+    """The unbiased estimator's score-function half, as a term of value 0.
+
+    With ``m >= 2`` draws per row, row ``b``'s sampled log-likelihood of draw ``j``
+    ``log p(y'_bj | X) = sum_{t in row b} M_t log p_t[y'_{t,j}]`` and its penalty
+    ``S_bj = sum_l w_bl ||v_{j,bl}||^2`` (row ``b``'s part of ``||v_j||^2``), the term is
+
+        ``T = (1/m) sum_j sum_b stopgrad(S_bj - mean_{k != j} S_bk) log p(y'_bj | X)``
+
+    and ``E[grad_theta T] = E[S_bj grad_theta log p(y'_bj)]`` summed over rows: the baseline is
+    independent of draw ``j`` and ``E[grad_theta log p(y')] = 0``. Rows are independent given
+    ``X``, so row ``b``'s penalty needs only row ``b``'s likelihood (other rows' would add
+    variance, not expectation). ``(1/m) sum_j grad S_j + grad T`` is unbiased for
+    ``grad_theta E[S]``.
+
+    Args:
+        draw_log_probs: (N, m) ``log p_t[y'_{t,j}]`` at the scored positions of ``label_mask``
+            (row-major order), with graph.
+        label_mask: (B, L) bool: the positions of the rows of ``draw_log_probs``.
+        row_squared: (m, B) ``S_bj`` (detached here).
+
+    Returns:
+        Scalar ``T - stopgrad(T)``: 0, with ``T``'s gradient.
+    """
+    weights = _leave_one_out(row_squared).to(draw_log_probs.dtype)  # (m, B)
+    term = (weights * _row_log_likelihood(draw_log_probs, label_mask).T).sum() / weights.shape[0]
+    return term - term.detach()
+
+
+def exact_penalty_parts(
+    kind: Kind,
+    embeds: Tensor,
+    logits: Tensor,
+    label_mask: Tensor,
+    targets: Tensor,
+    position_weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``S = (1/m) sum_s sum_b S_bs`` with the graph of every ``v_s`` (double backward), and the
+    rows' ``S_bs`` (m, B), detached (:func:`row_squared_norms`).
 
     Args:
         embeds: (B, L, d) ``X``, the input ``logits`` were computed from.
         logits: (B, L, V).
         label_mask: (B, L) bool: the penalized scored positions.
         targets: (N, m) draws at those positions (:func:`~fishertune.penalties.sample_targets`).
+        position_weights: (B, L) ``w`` (``None``: 1).
 
     Returns:
-        Scalar, float32 (float64 for float64 logits): 0 without a scored position.
+        ``S`` (float32, float64 for float64 logits; 0 without a scored position) and (m, B).
     """
+    dtype = torch.promote_types(embeds.dtype, torch.float32)  # float32 at least, as g
+    samples = targets.shape[1]
     if targets.shape[0] == 0:
-        return embeds.new_zeros((), dtype=torch.promote_types(embeds.dtype, torch.float32))
+        rows = embeds.new_zeros((samples, embeds.shape[0]), dtype=dtype)
+        return embeds.new_zeros((), dtype=dtype), rows
     # token-F and logit-F share v; the functions differ only by g, which fisher_objective picks
     g = fisher_objective(kind, logits, label_mask, targets)  # (m,)
-    dtype = torch.promote_types(embeds.dtype, torch.float32)  # float32 at least, as g
     squared = embeds.new_zeros((), dtype=dtype)
+    per_row = []
     for s in range(g.shape[0]):
         (v,) = torch.autograd.grad(g[s], embeds, create_graph=True, retain_graph=True)
-        squared = squared + v.to(dtype).pow(2).sum()
-    return squared / g.shape[0]
+        if position_weights is None:
+            squared = squared + v.to(dtype).pow(2).sum()
+        else:
+            squared = squared + row_squared_norms(v, position_weights).sum()
+        per_row.append(row_squared_norms(v.detach(), position_weights))
+    return squared / g.shape[0], torch.stack(per_row)
+
+
+def exact_penalty(
+    kind: Kind, embeds: Tensor, logits: Tensor, label_mask: Tensor, targets: Tensor
+) -> Tensor:
+    """``S = (1/m) sum_s ||v_s||^2`` with the graph of every ``v_s`` (double backward); see
+    :func:`exact_penalty_parts`. Scalar, float32 (float64 for float64 logits)."""
+    return exact_penalty_parts(kind, embeds, logits, label_mask, targets)[0]
+
+
+def rademacher_probes(
+    embeds: Tensor,
+    probes: int,
+    generator: torch.Generator | None,
+    position_weights: Tensor | None = None,
+) -> Tensor:
+    """Hutchinson probes ``u_k = sqrt(w) z_k``, ``z_k`` uniform on ``{-1, 1}^(B L d)``, so that
+    ``E[u^T H u] = Tr(w H)``: (K, B, L, d) in ``embeds``' dtype, without gradient."""
+    shape = (probes, *embeds.shape)
+    device = generator.device if generator is not None else embeds.device
+    signs = torch.randint(2, shape, generator=generator, device=device)
+    unit = (2 * signs - 1).to(device=embeds.device, dtype=embeds.dtype)
+    if position_weights is not None:
+        unit = unit * position_weights.to(embeds.dtype).sqrt()[None, :, :, None]
+    return unit
+
+
+def exact_hessian_trace(loss_sum: Tensor, embeds: Tensor, probes: Tensor) -> Tensor:
+    """``(1/K) sum_k u_k^T H_X u_k``, ``H_X = d^2 loss_sum / dX^2``, with its graph.
+
+    One backward for ``grad_X loss`` (``create_graph``), one per probe for the Hessian-vector
+    product ``H u = grad_X <grad_X loss, u>`` (``create_graph``): backpropagating the result
+    differentiates third derivatives of the model (eager or SDPA-math attention).
+
+    Args:
+        loss_sum: scalar, computed from ``embeds`` (the CE summed over scored tokens).
+        embeds: (B, L, d) ``X``.
+        probes: (K, B, L, d) ``u_k`` (:func:`rademacher_probes`), zero on rows not penalized.
+    """
+    (grad,) = torch.autograd.grad(loss_sum, embeds, create_graph=True)
+    dtype = torch.promote_types(embeds.dtype, torch.float32)
+    total = embeds.new_zeros((), dtype=dtype)
+    for probe in probes:
+        (product,) = torch.autograd.grad(
+            (grad * probe).sum(), embeds, create_graph=True, retain_graph=True
+        )
+        total = total + (product.to(dtype) * probe.to(dtype)).sum()
+    return total / probes.shape[0]
 
 
 def _directions(
@@ -231,6 +397,8 @@ def fd_penalty_loss(
     weight: float,
     normalizer: Tensor,
     settings: FDSettings,
+    position_weights: Tensor | None = None,
+    estimator: Estimator = "paper",
 ) -> PenaltyLoss:
     """CE plus ``weight * S`` over a batch, with the penalty's gradient by finite differences.
 
@@ -247,11 +415,17 @@ def fd_penalty_loss(
         weight: the penalty's coefficient (times a row fraction's rescale).
         normalizer: divides CE and penalty alike (the caller's token count).
         settings: scheme, step and the fused option.
+        position_weights: (B, L) ``w`` of ``S = (1/m) sum_s sum_bl w_bl ||v_{s,bl}||^2``
+            (``None``: 1); the shifts are then along ``w v``.
+        estimator: ``"unbiased"`` adds :func:`score_function_term` (``m >= 2``): in the CE's
+            backward at ``X``, or (fused) at the shifted points, ``O(h)`` off (``O(h^2)`` for the
+            central pair) as the fused CE is.
 
     Returns:
         The loss still to backpropagate, the objective's value and ``S``.
     """
     run = _FiniteDifference(kind, passes, labels, settings, weight, normalizer)
+    run.position_weights, run.unbiased = position_weights, estimator == "unbiased"
     value, squared = run.unperturbed_pass(targets_for)
     run.shifted_passes()
     loss = sum(run.joint[1:], run.joint[0])
@@ -277,6 +451,9 @@ class _FiniteDifference:
         self.forward_scheme = settings.scheme == "forward"
         self.label_mask = label_mask_from_labels(labels)
         self.joint: list[Tensor] = []  # the parts left for the caller's backward
+        self.position_weights: Tensor | None = None
+        self.unbiased = False
+        self.score_weights: Tensor | None = None  # (m, B) leave-one-out weights (fused)
 
     def finish(self, part: Tensor, last: bool) -> None:
         if self.split and not last:
@@ -292,13 +469,20 @@ class _FiniteDifference:
         passes, settings, label_mask = self.passes, self.settings, self.label_mask
         with passes.no_sync() if self.split else contextlib.nullcontext():
             logits, embeds = passes.forward(None)
-            ce_sum = passes.scored_ce(logits, self.labels, label_mask)
+            ce_sum, log_probs = passes.scored(logits, self.labels, label_mask)
             self.targets = targets_for(logits, label_mask)
             with_params = self.fused and self.forward_scheme
             g, self.directions, g_grads = _directions(
                 self.kind, passes, logits, embeds, label_mask, self.targets, self.fused, with_params
             )
-            squared = penalty_from_direction(torch.stack(self.directions), label_mask, "sum")
+            weights = self.position_weights
+            if weights is None and not self.unbiased:
+                squared = penalty_from_direction(torch.stack(self.directions), label_mask, "sum")
+            else:
+                rows = torch.stack([row_squared_norms(v, weights) for v in self.directions])
+                squared = rows.sum() / rows.shape[0]
+            if weights is not None:  # shift along w v
+                self.directions = [v * weights.to(v.dtype)[..., None] for v in self.directions]
             value = (ce_sum.detach() + self.weight * squared) / self.normalizer
             self.reference_probs = (
                 torch.softmax(logits[label_mask].detach().float(), dim=-1)
@@ -316,6 +500,8 @@ class _FiniteDifference:
                 for v in self.directions
             ]
             self.draw_weight = self.weight / (len(self.directions) * self.normalizer)
+            if self.fused and self.unbiased:
+                self.score_weights = _leave_one_out(rows)
             if self.fused:
                 for grads, h in zip(g_grads, self.steps[: len(g_grads)], strict=True):  # forward
                     if h > 0:
@@ -323,6 +509,10 @@ class _FiniteDifference:
                         accumulate_gradients(passes.params, grads, scale)
             else:
                 part = ce_sum / self.normalizer
+                if self.unbiased:
+                    draws = log_probs.gather(1, self.targets)  # (N, m): shares CE's backward
+                    score = score_function_term(draws, label_mask, rows)
+                    part = part + self.weight / self.normalizer * score
                 if self.forward_scheme:
                     # the -(2/h) g(X) half of fd_surrogate; the +(2/h) g(X + h v) half is below
                     reference = sum(2.0 / h * g[s] for s, h in enumerate(self.steps) if h > 0)
@@ -355,7 +545,88 @@ class _FiniteDifference:
                     surrogate = fd_surrogate(g_shift, zero, step, scheme="central")
                     part = self.draw_weight * sign * surrogate
                 if self.fused:
-                    ce = scored_cross_entropy(logits, self.labels, self.label_mask)
+                    log_probs, labels = scored_log_probs(logits, self.labels, self.label_mask)
+                    ce = -log_probs.gather(1, labels[:, None]).sum()
                     part = part + ce / (self.normalizer * len(shifts))
+                    if self.score_weights is not None:  # draw s's score term, at X +- h u_s
+                        draws = log_probs.gather(1, self.targets[:, s : s + 1])  # (N, 1)
+                        rows = _row_log_likelihood(draws, self.label_mask)[:, 0]  # (B,)
+                        term = (self.score_weights[s].to(rows.dtype) * rows).sum()
+                        term = term / (len(self.directions) * len(signs))
+                        part = part + self.weight / self.normalizer * (term - term.detach())
                 self.finish(part, last=last)
             del logits
+
+
+def hessian_fd_loss(
+    passes: Passes,
+    labels: Tensor,
+    probes_for: Callable[[Tensor], Tensor],
+    *,
+    weight: float,
+    normalizer: Tensor,
+    relative_step: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> PenaltyLoss:
+    """CE plus ``weight * T`` with the Hutchinson Hessian trace ``T`` by second differences.
+
+    For each probe ``u_k`` (``probes_for(X) -> (K, B, L, d)``) and ``h_k = h_rel ||X|| / ||u_k||``,
+
+        ``T = (1/K) sum_k (CE(X + h_k u_k) - 2 CE(X) + CE(X - h_k u_k)) / h_k^2``
+
+    with ``CE`` summed over the scored tokens and ``X = X(theta)`` keeping its graph:
+    ``T = (1/K) sum_k u_k^T H_X u_k + O(h^2)``, and so is its parameter gradient, which is an
+    ordinary first-order backward of the same expression. The ``-2 CE(X)`` part joins the CE's
+    own backward at ``X``; with ``passes.backward`` every pass but the last is backpropagated
+    before the next forward (one graph in memory).
+
+    Args:
+        passes: the model (see :class:`Passes`); ``fused`` does not apply.
+        labels: (B, L) with -100 on unscored tokens.
+        probes_for: the probes, given ``X`` (:func:`rademacher_probes`).
+        weight, normalizer: as in :func:`fd_penalty_loss`.
+        relative_step: ``h_rel``; default :data:`DEFAULT_HESSIAN_FD_STEP` for ``compute_dtype``
+            (``X``'s dtype if not given).
+
+    Returns:
+        The loss still to backpropagate, the objective's value (``T`` being the second
+        difference) and ``T``.
+    """
+    split = passes.backward is not None
+    label_mask = label_mask_from_labels(labels)
+    joint: list[Tensor] = []
+    with passes.no_sync() if split else contextlib.nullcontext():
+        logits, embeds = passes.forward(None)
+        ce_sum = passes.scored_ce(logits, labels, label_mask)
+        del logits
+        probes = probes_for(embeds.detach())
+        if relative_step is None:
+            relative_step = DEFAULT_HESSIAN_FD_STEP[compute_dtype or embeds.dtype]
+        x_norm = embeds.detach().float().norm()
+        steps = [float(relative_step * x_norm / probe.float().norm()) for probe in probes]
+        inverse = [1.0 / h**2 if h > 0 else 0.0 for h in steps]
+        probe_weight = weight / (len(steps) * normalizer)
+        part = ce_sum / normalizer - probe_weight * 2.0 * sum(inverse) * ce_sum
+        if split:
+            passes.backward(part)
+        else:
+            joint.append(part)
+    ce_value = ce_sum.detach()
+    trace = ce_value.new_zeros(())
+    shifts = [(k, sign) for k in range(len(steps)) for sign in (1.0, -1.0)]
+    for index, (k, sign) in enumerate(shifts):
+        last = index == len(shifts) - 1
+        with passes.no_sync() if split and not last else contextlib.nullcontext():
+            logits, _ = passes.forward(sign * steps[k] * probes[k])
+            shifted = scored_cross_entropy(logits, labels, label_mask)
+            del logits
+            part = probe_weight * inverse[k] * shifted
+            trace = trace + inverse[k] * (shifted.detach() - ce_value)
+            if split and not last:
+                passes.backward(part)
+            else:
+                joint.append(part)
+    squared = trace / len(steps)
+    value = (ce_value + weight * squared) / normalizer
+    loss = sum(joint[1:], joint[0])
+    return PenaltyLoss(loss - loss.detach() + value, value.detach(), squared.detach())

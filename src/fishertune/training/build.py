@@ -34,8 +34,9 @@ def model_from_args(script_args: Any, training_args: Any, model_args: Any, token
     ``--use_peft``). Exact penalty gradients default to eager attention (double backward).
     """
     from fishertune.modeling import load_model as load
+    from fishertune.training.config import PENALTY_METHODS
 
-    exact = training_args.method in ("token-f", "logit-f") and training_args.penalty_grad == "exact"
+    exact = training_args.method in PENALTY_METHODS and training_args.penalty_grad == "exact"
     return load(
         model_args.model_name_or_path or TINY_MODEL,
         tokenizer,

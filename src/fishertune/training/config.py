@@ -8,8 +8,9 @@ from trl import SFTConfig
 
 from fishertune.errors import FishertuneError
 
-METHODS = ("baseline", "neftune", "token-f", "logit-f")
-PENALTY_METHODS = ("token-f", "logit-f")
+METHODS = ("baseline", "neftune", "token-f", "logit-f", "hessian-trace")
+PENALTY_METHODS = ("token-f", "logit-f", "hessian-trace")
+FISHER_METHODS = ("token-f", "logit-f")
 
 # The paper's settings (Llama-3.1-8B on Tulu 3), used when a penalty method is chosen without them.
 PAPER_PENALTY = {"token-f": (2e-6, 600), "logit-f": (1e-6, 800)}
@@ -26,6 +27,8 @@ PENALTY_FIELDS = (
     "penalty_fd_scheme",
     "penalty_fd_step",
     "penalty_fd_backward",
+    "penalty_estimator",
+    "penalty_match_neftune_alpha",
 )
 NEFTUNE_FIELDS = ("neftune_alpha", "neftune_length", "neftune_distribution")
 
@@ -45,7 +48,11 @@ class FisherSFTConfig(SFTConfig):
 
     method: str = field(
         default="baseline",
-        metadata={"help": "baseline, neftune, token-f or logit-f.", "choices": METHODS},
+        metadata={
+            "help": "baseline, neftune, token-f, logit-f or hessian-trace (the noise's own "
+            "second-order term lambda * Tr(H_X), Hutchinson probes).",
+            "choices": METHODS,
+        },
     )
     loss_reduction: str = field(
         default="mean",
@@ -81,7 +88,27 @@ class FisherSFTConfig(SFTConfig):
     )
     penalty_coef: float | None = field(
         default=None,
-        metadata={"help": "Penalty coefficient lambda (token-f/logit-f; paper: 2e-6 / 1e-6)."},
+        metadata={
+            "help": "Penalty coefficient lambda (token-f/logit-f; paper: 2e-6 / 1e-6; "
+            "hessian-trace: no default). With penalty_match_neftune_alpha: a multiplier of the "
+            "matched coefficients (default 1)."
+        },
+    )
+    penalty_estimator: str | None = field(
+        default=None,
+        metadata={
+            "help": "token-f/logit-f gradient: 'paper' (y' held constant: unbiased in value, "
+            "not in gradient) or 'unbiased' (adds the score-function term with a leave-one-out "
+            "baseline; needs penalty_samples >= 2). Default 'paper'."
+        },
+    )
+    penalty_match_neftune_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Give each row the coefficient alpha^2 / (6 L_b d) of NEFTune at this alpha "
+            "(L_b counted as neftune_length counts it), times penalty_coef, instead of one "
+            "lambda for the batch."
+        },
     )
     penalty_warmup_steps: int | None = field(
         default=None,
@@ -91,7 +118,11 @@ class FisherSFTConfig(SFTConfig):
         },
     )
     penalty_samples: int | None = field(
-        default=None, metadata={"help": "Draws y' per scored position (default 1, as the paper)."}
+        default=None,
+        metadata={
+            "help": "Draws y' per scored position (default 1, as the paper; 2 with "
+            "penalty_estimator=unbiased); hessian-trace: Hutchinson probes (default 1)."
+        },
     )
     penalty_sampling: str | None = field(
         default=None,
@@ -209,11 +240,15 @@ class FisherSFTConfig(SFTConfig):
         _choice("method", self.method, METHODS)
         _choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
         is_penalty = self.method in PENALTY_METHODS
+        matched = is_penalty and self.penalty_match_neftune_alpha is not None
         for names, active, label in (
-            (PENALTY_FIELDS, is_penalty, "token-f/logit-f"),
+            (PENALTY_FIELDS, is_penalty, "token-f/logit-f/hessian-trace"),
             (NEFTUNE_FIELDS, self.method == "neftune", "neftune"),
         ):
             given = [name for name in names if getattr(self, name) is not None]
+            if matched and names is NEFTUNE_FIELDS:
+                # the matched noise's length convention
+                given = [name for name in given if name != "neftune_length"]
             if given and not active:
                 raise FishertuneError(
                     f"{', '.join(given)} given with method={self.method!r}: these options belong "
@@ -225,11 +260,7 @@ class FisherSFTConfig(SFTConfig):
                 "method=neftune and neftune_alpha instead, so noise is never added twice"
             )
         if is_penalty:
-            coef, warmup = PAPER_PENALTY[self.method]
-            self.penalty_coef = coef if self.penalty_coef is None else float(self.penalty_coef)
-            if self.penalty_warmup_steps is None:
-                self.penalty_warmup_steps = warmup
-            self.penalty_samples = self.penalty_samples or 1
+            self._penalty_defaults(matched)
             self.penalty_sampling = self.penalty_sampling or "model"
             self.penalty_grad = self.penalty_grad or "exact"
             self.penalty_fraction = 1.0 if self.penalty_fraction is None else self.penalty_fraction
@@ -259,6 +290,8 @@ class FisherSFTConfig(SFTConfig):
             _choice("penalty_grad", self.penalty_grad, ("exact", "fd"))
             _choice("penalty_fd_scheme", self.penalty_fd_scheme, ("forward", "central"))
             _choice("penalty_fd_backward", self.penalty_fd_backward, ("auto", "split", "joint"))
+            _choice("penalty_estimator", self.penalty_estimator, ("paper", "unbiased"))
+            self._check_estimator()
             if self.packing:
                 raise FishertuneError(
                     f"packing is not supported with method={self.method}: with packed rows one "
@@ -275,3 +308,59 @@ class FisherSFTConfig(SFTConfig):
             self.neftune_distribution = self.neftune_distribution or "uniform"
             _choice("neftune_length", self.neftune_length, ("per_sequence", "padded"))
             _choice("neftune_distribution", self.neftune_distribution, ("uniform", "gaussian"))
+
+    def _penalty_defaults(self, matched: bool) -> None:
+        """The coefficient, warm-up, draws, estimator and matching defaults of a penalty."""
+        method = self.method
+        if matched:
+            alpha = float(self.penalty_match_neftune_alpha)
+            if alpha <= 0:
+                raise FishertuneError(f"penalty_match_neftune_alpha must be > 0, got {alpha}")
+            self.penalty_match_neftune_alpha = alpha
+            self.neftune_length = self.neftune_length or "per_sequence"
+            _choice("neftune_length", self.neftune_length, ("per_sequence", "padded"))
+            default_coef = 1.0  # a multiplier of the matched coefficients
+        elif method == "hessian-trace":
+            if self.penalty_coef is None:
+                raise FishertuneError(
+                    "method=hessian-trace needs penalty_coef or penalty_match_neftune_alpha "
+                    "(it has no paper setting)"
+                )
+            default_coef = 0.0
+        else:
+            default_coef = PAPER_PENALTY[method][0]
+        self.penalty_coef = default_coef if self.penalty_coef is None else float(self.penalty_coef)
+        if self.penalty_warmup_steps is None:
+            self.penalty_warmup_steps = PAPER_PENALTY.get(method, (0.0, 0))[1]
+        self.penalty_estimator = self.penalty_estimator or "paper"
+        unbiased = self.penalty_estimator == "unbiased"
+        self.penalty_samples = self.penalty_samples or (2 if unbiased else 1)
+
+    def _check_estimator(self) -> None:
+        if self.method == "hessian-trace":
+            given = [
+                name
+                for name, value in (
+                    ("penalty_estimator", self.penalty_estimator != "paper"),
+                    ("penalty_sampling", self.penalty_sampling != "model"),
+                )
+                if value
+            ]
+            if given:
+                raise FishertuneError(
+                    f"{', '.join(given)} given with method=hessian-trace: Hutchinson probes "
+                    "draw nothing from the model (its gradient is unbiased as it is)"
+                )
+            return
+        if self.penalty_estimator != "unbiased":
+            return
+        if self.penalty_samples < 2:
+            raise FishertuneError(
+                f"penalty_estimator=unbiased needs penalty_samples >= 2 (a leave-one-out "
+                f"baseline over the draws), got {self.penalty_samples}"
+            )
+        if self.penalty_sampling != "model":
+            raise FishertuneError(
+                "penalty_estimator=unbiased corrects the gradient of model sampling; with "
+                "penalty_sampling=uniform the draws do not depend on the model: use paper"
+            )

@@ -24,15 +24,29 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
-from fishertune.noise import EmbeddingCapture
+from fishertune.noise import EmbeddingCapture, NEFTuneNoise, find_input_embeddings
 from fishertune.penalties import label_mask_from_labels, scored_log_probs
-from fishertune.penalty_grad import FDSettings, Passes, exact_penalty, fd_penalty_loss
+from fishertune.penalty_grad import (
+    FDSettings,
+    Passes,
+    exact_hessian_trace,
+    exact_penalty_parts,
+    fd_penalty_loss,
+    hessian_fd_loss,
+    score_function_term,
+)
 from fishertune.streams import Stream
 from fishertune.training.checks import attention_implementation
 from fishertune.training.config import FisherSFTConfig
 from fishertune.training.stats import StepSums
 
-__all__ = ["MicroStepLoss", "exact_attention", "forward_logits", "loss_normalizer"]
+__all__ = [
+    "MicroStepLoss",
+    "exact_attention",
+    "forward_logits",
+    "loss_normalizer",
+    "matched_position_weights",
+]
 
 StreamFactory = Callable[[Stream, torch.device], torch.Generator]
 
@@ -100,6 +114,26 @@ def exact_attention(model: nn.Module, penalty_grad: str) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
+def matched_position_weights(
+    alpha: float, inputs: dict[str, Tensor], hidden_size: int, length_mode: str
+) -> Tensor:
+    """``w_bl = a_bl^2 / 6`` (B, L): NEFTune's second-order coefficient per position.
+
+    ``a_bl`` is the half-width the noise at ``alpha`` would use there
+    (:meth:`fishertune.noise.NEFTuneNoise.scale`, so ``L_b`` is counted exactly as the noise
+    counts it: per sequence from the attention mask, per packed segment from ``position_ids``, or
+    the padded length), 0 on padding in ``per_sequence`` mode. The penalty
+    ``sum_bl w_bl ||v_bl||^2`` (or ``Tr(w H_X)``) is then the noise's
+    ``E[CE(X + eps)] - CE(X) = sum_bl (a_bl^2 / 6) Tr(H_bl,bl) + O(a^4)`` with the Fisher (or the
+    Hessian itself) for ``H``: row ``b`` of an unpacked batch gets ``alpha^2 / (6 L_b d)``.
+    """
+    labels = inputs["labels"]
+    noise = NEFTuneNoise(alpha, length_mode=length_mode)
+    noise.set_batch(inputs.get("attention_mask"), inputs.get("position_ids"))
+    scale = noise.scale(torch.Size((*labels.shape, hidden_size)), labels.device)[..., 0]
+    return (scale.double() ** 2 / 6.0).expand(labels.shape)  # (B, L), float64
+
+
 def _select_rows(inputs: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     return {k: v[rows] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
 
@@ -114,6 +148,8 @@ class MicroStepLoss:
         sums: the optimizer step's metric sums.
         stream: this micro-step's generator for a named stream (:mod:`fishertune.streams`).
         draw: ``draw(logits (B, L, V), label_mask (B, L)) -> (N, m)`` sampled targets ``y'``.
+        probe: ``probe(embeds (B, L, d), weights (B, L) | None) -> (K, B, L, d)`` Hutchinson
+            probes ``sqrt(w) z`` (hessian-trace).
     """
 
     def __init__(
@@ -124,6 +160,7 @@ class MicroStepLoss:
         sums: StepSums,
         stream: StreamFactory,
         draw: Callable[[Tensor, Tensor], Tensor],
+        probe: Callable[[Tensor, Tensor | None], Tensor],
     ) -> None:
         self.args = args
         self.accelerator = accelerator
@@ -131,15 +168,53 @@ class MicroStepLoss:
         self.sums = sums
         self.stream = stream
         self.draw = draw
-        self.kind = {"token-f": "token", "logit-f": "logit"}.get(args.method)
+        self.probe = probe
+        self.kind = {"token-f": "token", "logit-f": "logit", "hessian-trace": "hessian"}.get(
+            args.method
+        )
+        # the mean over the penalized rows of the matched coefficient (1 when not matched)
+        self.mean_row_coef = 1.0
 
     def scored_ce(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """CE summed over scored tokens (float32, with graph) and the label mask; adds the CE,
         entropy, accuracy and token count to the step's sums."""
+        ce_sum, label_mask, _ = self._scored(logits, labels)
+        return ce_sum, label_mask
+
+    def _scored(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`scored_ce` and the log-probabilities (N, V), with graph."""
         label_mask = label_mask_from_labels(labels)
         log_probs, targets = scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
         self.sums.add_scored(log_probs, targets, label_mask)
-        return -log_probs.gather(1, targets[:, None]).sum(), label_mask
+        return -log_probs.gather(1, targets[:, None]).sum(), label_mask, log_probs
+
+    def _position_weights(
+        self, inputs: dict[str, Tensor], model: nn.Module, rows: Tensor
+    ) -> Tensor | None:
+        """:func:`matched_position_weights` with ``penalty_match_neftune_alpha`` (``None``
+        without); records the mean row coefficient of ``rows`` (a row's: its real tokens' mean)."""
+        alpha = self.args.penalty_match_neftune_alpha
+        if alpha is None:
+            return None
+        embedding = find_input_embeddings(model)
+        hidden = getattr(embedding, "embedding_dim", None) or embedding.weight.shape[-1]
+        weights = matched_position_weights(alpha, inputs, hidden, self.args.neftune_length)
+        if "attention_mask" in inputs:
+            real = inputs["attention_mask"][rows].to(weights.dtype)
+        else:
+            real = torch.ones_like(weights[rows])
+        per_row = (weights[rows] * real).sum(-1) / real.sum(-1).clamp(min=1.0)
+        self.mean_row_coef = float(per_row.mean())
+        return weights
+
+    def _probes(self, embeds: Tensor, weights: Tensor | None, rows: Tensor | None) -> Tensor:
+        """Hutchinson probes (K, B, L, d) (``probe`` callback), zero outside ``rows``."""
+        probes = self.probe(embeds, weights)
+        if rows is not None:
+            keep = torch.zeros(embeds.shape[0], dtype=probes.dtype, device=probes.device)
+            keep[rows] = 1.0
+            probes = probes * keep[None, :, None, None]
+        return probes
 
     def plain(self, model: nn.Module, inputs: dict[str, Tensor], normalizer: Tensor) -> Tensor:
         """``CE / N``: no penalty on this micro-step."""
@@ -182,13 +257,26 @@ class MicroStepLoss:
         rescale = labels.shape[0] / rows.numel()
         with exact_attention(model, self.args.penalty_grad):
             logits = forward_logits(model, inputs, rng_seed=self._rng_seed())
-            ce_sum, label_mask = self.scored_ce(logits, labels)
-            penalty_mask = torch.zeros_like(label_mask)
-            penalty_mask[rows] = label_mask[rows]
-            targets = self.draw(logits, penalty_mask)
-            squared = exact_penalty(self.kind, self.capture.embeds, logits, penalty_mask, targets)
+            ce_sum, label_mask, log_probs = self._scored(logits, labels)
+            embeds = self.capture.embeds
+            weights = self._position_weights(inputs, model, rows)
+            if self.kind == "hessian":
+                probes = self._probes(embeds, weights, rows)
+                squared = exact_hessian_trace(ce_sum, embeds, probes)
+                term = squared
+            else:
+                penalty_mask = torch.zeros_like(label_mask)
+                penalty_mask[rows] = label_mask[rows]
+                targets = self.draw(logits, penalty_mask)
+                squared, row_squared = exact_penalty_parts(
+                    self.kind, embeds, logits, penalty_mask, targets, weights
+                )
+                term = squared
+                if self.args.penalty_estimator == "unbiased":
+                    draws = log_probs[penalty_mask[label_mask]].gather(1, targets)
+                    term = squared + score_function_term(draws, penalty_mask, row_squared)
         self.sums.add_penalty(squared, rescale, coef)
-        return (ce_sum + coef * rescale * squared) / normalizer
+        return (ce_sum + coef * rescale * term) / normalizer
 
     def fd(
         self,
@@ -214,15 +302,31 @@ class MicroStepLoss:
             rest_part = self._rest_of_batch(model, inputs, rows, normalizer, split)
             inputs = _select_rows(inputs, rows)
         fused = split and self._grads_accumulate_locally(model)
-        result = fd_penalty_loss(
-            self.kind,
-            self._passes(model, inputs, split, fused),
-            inputs["labels"],
-            self.draw,
-            weight=coef * rescale,
-            normalizer=normalizer,
-            settings=self._fd_settings(inputs, fused),
-        )
+        all_rows = torch.arange(inputs["labels"].shape[0], device=inputs["labels"].device)
+        settings = self._fd_settings(inputs, fused)
+        weights = self._position_weights(inputs, model, all_rows)
+        if self.kind == "hessian":
+            result = hessian_fd_loss(
+                self._passes(model, inputs, split, False),
+                inputs["labels"],
+                lambda embeds: self._probes(embeds, weights, None),
+                weight=coef * rescale,
+                normalizer=normalizer,
+                relative_step=self.args.penalty_fd_step,
+                compute_dtype=settings.compute_dtype,
+            )
+        else:
+            result = fd_penalty_loss(
+                self.kind,
+                self._passes(model, inputs, split, fused),
+                inputs["labels"],
+                self.draw,
+                weight=coef * rescale,
+                normalizer=normalizer,
+                settings=settings,
+                position_weights=weights,
+                estimator=self.args.penalty_estimator,
+            )
         self.sums.add_penalty(result.squared, rescale, coef)
         if rest_part is None or split:
             return result.loss if rest_part is None else result.loss + rest_part.detach()

@@ -42,7 +42,7 @@ from trl import SFTTrainer
 from fishertune.errors import FishertuneError
 from fishertune.noise import EmbeddingCapture, NEFTuneNoise, find_input_embeddings
 from fishertune.penalties import label_mask_from_labels, sample_targets
-from fishertune.penalty_grad import penalty_rows
+from fishertune.penalty_grad import penalty_rows, rademacher_probes
 from fishertune.schedules import every_k_coefficient, warmup_coefficient
 from fishertune.streams import Stream, stream_generator
 from fishertune.training.checkpoints import CheckpointRecord, restore_totals
@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 
 class FisherSFTTrainer(MasterWeights, SFTTrainer):
-    """``SFTTrainer`` for the methods baseline, neftune, token-f and logit-f.
+    """``SFTTrainer`` for the methods baseline, neftune, token-f, logit-f and hessian-trace.
 
     Takes the same arguments as ``trl.SFTTrainer``; ``args`` must be a
     :class:`~fishertune.training.config.FisherSFTConfig`.
@@ -177,6 +177,13 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
             sampling=self.args.penalty_sampling,
             generator=self._stream(Stream.PENALTY_TARGETS, logits.device),
         )
+
+    def draw_probes(self, embeds: Tensor, weights: Tensor | None) -> Tensor:
+        """hessian-trace's Rademacher probes ``sqrt(w) z`` (K, B, L, d), ``K =
+        penalty_samples`` (:func:`fishertune.penalty_grad.rademacher_probes`, from this
+        micro-step's draws stream)."""
+        generator = self._stream(Stream.PENALTY_TARGETS, embeds.device)
+        return rademacher_probes(embeds, self.args.penalty_samples, generator, weights)
 
     def current_penalty_coef(self) -> float:
         """Coefficient applied at this step: ``lambda(step)``, or with ``penalty_every = k`` the
@@ -291,7 +298,13 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
         )
         # built per micro-step: a hyperparameter search replaces the args and the accelerator
         step_loss = MicroStepLoss(
-            self.args, self.accelerator, self._capture, self._sums, self._stream, self.draw_targets
+            self.args,
+            self.accelerator,
+            self._capture,
+            self._sums,
+            self._stream,
+            self.draw_targets,
+            self.draw_probes,
         )
         coef = self.current_penalty_coef() if step_loss.kind is not None else 0.0
         rows = None
@@ -304,14 +317,16 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
             # penalty_every, or no scored token in the penalized rows): plain CE.
             loss = step_loss.plain(model, inputs, normalizer)
         else:
+            penalized = step_loss.exact if self.args.penalty_grad == "exact" else step_loss.fd
+            loss = penalized(model, inputs, normalizer, coef, rows)
+            # with penalty_match_neftune_alpha: the effective mean coefficient of the rows
             self._record(
                 "penalty_coef",
                 warmup_coefficient(
                     self.state.global_step, self.args.penalty_coef, self.args.penalty_warmup_steps
-                ),
+                )
+                * step_loss.mean_row_coef,
             )
-            penalized = step_loss.exact if self.args.penalty_grad == "exact" else step_loss.fd
-            loss = penalized(model, inputs, normalizer, coef, rows)
         self._micro_step += 1
         if num_items_in_batch is None and not self.loss_is_scaled_for_ga:
             # transformers < 5.19 divides a loss computed without num_items_in_batch by the

@@ -1,0 +1,116 @@
+"""The unbiased estimator, NEFTune matching and hessian-trace through FisherSFTTrainer (tiny Llama,
+CPU, float32): fd against exact on the same draws or probes, the logged matched coefficient, and
+the options' refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fishertune.errors import FishertuneError
+from fishertune.training.cli import parse_args
+from test_trainer import _batch, _gradients_on_one_batch, base_args, trainer_for
+
+COMMON = {"penalty_coef": 1.0, "penalty_warmup_steps": 0}
+
+
+def _penalty_parts(chat_file, tmp_path, configs):
+    """Each config's step gradient minus the baseline's, all on one batch and one set of weights."""
+    trainers = [trainer_for(chat_file, tmp_path, method="baseline")]
+    trainers += [trainer_for(chat_file, tmp_path, **config) for config in configs]
+    baseline, *others = _gradients_on_one_batch(*trainers)
+    return [g - baseline for g in others], baseline
+
+
+def _relative(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("backward", ["split", "joint"])
+def test_unbiased_fd_matches_unbiased_exact_and_differs_from_paper(chat_file, tmp_path, backward):
+    """Same draws (m = 2): fd's score-function term (in the CE backward at X, or fused at the
+    shifted points under split) gives exact mode's gradient; the term itself is not negligible."""
+    unbiased = {"method": "token-f", "penalty_estimator": "unbiased", **COMMON}
+    (exact, fd, paper), _ = _penalty_parts(
+        chat_file,
+        tmp_path,
+        [
+            {**unbiased, "penalty_grad": "exact"},
+            {**unbiased, "penalty_grad": "fd", "penalty_fd_scheme": "central",
+             "penalty_fd_backward": backward},
+            {"method": "token-f", "penalty_samples": 2, "penalty_grad": "exact", **COMMON},
+        ],
+    )  # fmt: skip
+    assert _relative(fd, exact) < 1e-3, _relative(fd, exact)  # measured 1.4e-4
+    assert _relative(paper, exact) > 0.05
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_hessian_trace_fd_matches_exact(chat_file, tmp_path, weighted):
+    extra = {"penalty_match_neftune_alpha": 50.0, "penalty_coef": 1.0} if weighted else COMMON
+    config = {"method": "hessian-trace", "penalty_warmup_steps": 0, **extra}
+    (exact, fd), baseline = _penalty_parts(
+        chat_file,
+        tmp_path,
+        [{**config, "penalty_grad": "exact"}, {**config, "penalty_grad": "fd"}],
+    )
+    assert exact.norm() > 1e-3 * baseline.norm()
+    assert _relative(fd, exact) < 5e-3, _relative(fd, exact)  # measured 1.2e-3, 1.3e-3
+
+
+def test_matched_coefficient_is_logged_and_scales_the_penalty(chat_file, tmp_path):
+    """With penalty_match_neftune_alpha the step is CE + sum_b alpha^2/(6 L_b d) R_b: equal to a
+    run whose one lambda is the rows' coefficient when the rows are made equally long, and the
+    logged coefficient is the mean of alpha^2/(6 L_b d) over the rows."""
+    alpha = 20.0
+    matched = trainer_for(
+        chat_file, tmp_path, method="token-f", penalty_match_neftune_alpha=alpha,
+        penalty_warmup_steps=0, penalty_grad="exact", neftune_length="padded",
+    )  # fmt: skip
+    batch = _batch(matched)
+    length, hidden = batch["labels"].shape[1], matched.model.config.hidden_size
+    coef = alpha**2 / (6 * length * hidden)
+    plain = trainer_for(
+        chat_file, tmp_path, method="token-f", penalty_coef=coef, penalty_warmup_steps=0,
+        penalty_grad="exact",
+    )  # fmt: skip
+    g_matched, g_plain = _gradients_on_one_batch(matched, plain)
+    torch.testing.assert_close(g_matched, g_plain, rtol=1e-5, atol=1e-7)
+    assert matched._train_metrics["penalty_coef"][-1] == pytest.approx(coef, rel=1e-6)
+    per_sequence = trainer_for(
+        chat_file, tmp_path, method="token-f", penalty_match_neftune_alpha=alpha,
+        penalty_warmup_steps=0,
+    )  # fmt: skip
+    _gradients_on_one_batch(per_sequence)
+    lengths = batch["attention_mask"].sum(-1).double()
+    expected = float((alpha**2 / (6 * lengths * hidden)).mean())
+    assert per_sequence._train_metrics["penalty_coef"][-1] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"method": "token-f", "penalty_estimator": "unbiased", "penalty_samples": 1},
+         "needs penalty_samples >= 2"),
+        ({"method": "token-f", "penalty_estimator": "unbiased", "penalty_sampling": "uniform"},
+         "use paper"),
+        ({"method": "token-f", "penalty_estimator": "exactish"}, "penalty_estimator="),
+        ({"method": "hessian-trace"}, "needs penalty_coef or penalty_match_neftune_alpha"),
+        ({"method": "hessian-trace", "penalty_coef": 1, "penalty_estimator": "unbiased"},
+         "penalty_estimator given with method=hessian-trace"),
+        ({"method": "token-f", "penalty_match_neftune_alpha": 0}, "must be > 0"),
+        ({"method": "token-f", "neftune_length": "padded"}, "neftune_length given"),
+        ({"method": "baseline", "penalty_estimator": "unbiased"}, "penalty_estimator given"),
+    ],
+)  # fmt: skip
+def test_bad_estimator_options_give_one_clear_error(chat_file, tmp_path, overrides, message):
+    with pytest.raises(FishertuneError, match=message):
+        parse_args(base_args(chat_file, tmp_path / "out", **overrides))
+
+
+def test_unbiased_defaults_to_two_draws(chat_file, tmp_path):
+    args = parse_args(
+        base_args(chat_file, tmp_path / "out", method="logit-f", penalty_estimator="unbiased")
+    )
+    training = next(a for a in args if hasattr(a, "penalty_samples"))
+    assert training.penalty_samples == 2 and training.penalty_estimator == "unbiased"
