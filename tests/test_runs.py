@@ -342,3 +342,33 @@ def test_a_library_trainer_marks_checkpoints_and_resumes_its_totals(chat_file, t
     second.train(resume_from_checkpoint=True)
     assert second.run_totals["steps"] == 4  # 2 restored from the record, 2 trained now
     assert (tmp_path / "out" / "checkpoint-4" / RUN_CHECKPOINT_RECORD).is_file()
+
+
+def test_resume_after_an_interrupted_final_save_trains_nothing_more(chat_file, tmp_path, capsys):
+    """Stopped after the last step's checkpoint but before the run was marked completed (during
+    the final save): the resume trains no step past max_steps and saves the uninterrupted run's
+    weights bit for bit; the console's train_loss is the whole run's."""
+    import shutil
+
+    common = {**PENALTY, "max_steps": 3, **SAVING}
+    straight = tmp_path / "straight"
+    assert cli_main(["train", *base_args(chat_file, straight, **common)]) == 0
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(straight / "checkpoint-3", interrupted / "checkpoint-3")
+    run = record(straight)
+    run["status"] = "running"
+    (interrupted / RUN_RECORD).write_text(json.dumps(run))
+    capsys.readouterr()
+    argv = ["train", *base_args(chat_file, interrupted, **common), "--resume", "true"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-3"]
+    resumed = record(interrupted)
+    assert resumed["status"] == "completed" and resumed["global_step"] == 3
+    a, b = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    whole = record(straight)["metrics"]["train_loss"]
+    assert resumed["metrics"]["train_loss"] == pytest.approx(whole, rel=1e-12)
+    logged = [line for line in out.splitlines() if "'train_loss'" in line]
+    assert logged and f"'train_loss': '{whole:.4g}'" in logged[-1], logged
