@@ -372,3 +372,53 @@ def test_resume_after_an_interrupted_final_save_trains_nothing_more(chat_file, t
     assert resumed["metrics"]["train_loss"] == pytest.approx(whole, rel=1e-12)
     logged = [line for line in out.splitlines() if "'train_loss'" in line]
     assert logged and f"'train_loss': '{whole:.4g}'" in logged[-1], logged
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("learning_rate: true", "learning_rate must be a number, got true"),
+        ("learning_rate: [0.1]", "learning_rate must be a number, got [0.1]"),
+        ("learning_rate: null", "learning_rate must be a number, got null"),
+        ("learning_rate: {lr: 1}", "learning_rate must be a number, got {'lr': 1}"),
+        ("learning_rate: 1e400", "learning_rate must be a finite number, got '1e400'"),
+        ("penalty_coef: .nan", "penalty_coef must be a finite number, got nan"),
+        ("penalty_warmup_steps: 1.5", "penalty_warmup_steps must be an integer, got 1.5"),
+        ("dataset_fraction: .inf", "dataset_fraction must be a finite number, got inf"),
+        ("lora_dropout: false", "lora_dropout must be a number, got false"),
+    ],
+)
+def test_yaml_numbers_are_checked_with_their_line(chat_file, tmp_path, line, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: token-f\nmax_steps: 2\n{line}\n")
+    with pytest.raises(FishertuneError) as info:
+        validate_train_argv(["--config", str(config), "--dataset_name", str(chat_file),
+                             "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    assert str(info.value) == f"{config} line 3: {message}"
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("penalty_coef", "nan"),  # compared false with every bound: it switched the penalty off
+        ("penalty_coef", "inf"),
+        ("penalty_fd_step", "nan"),
+        ("learning_rate", "inf"),
+        ("learning_rate", "nan"),
+        ("dataset_fraction", "nan"),
+        ("lora_alpha", "inf"),
+    ],
+)
+def test_non_finite_numbers_on_the_command_line_are_refused(chat_file, tmp_path, option, value):
+    argv = base_args(chat_file, tmp_path / "o", **{**PENALTY, option: value})
+    with pytest.raises(FishertuneError) as info:
+        validate_train_argv(argv)
+    assert option in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_library_config_refuses_a_nan_coefficient():
+    from fishertune.training import FisherSFTConfig
+
+    with pytest.raises(FishertuneError, match="penalty_coef must be a finite number, got nan"):
+        FisherSFTConfig(output_dir="unused", method="token-f", penalty_coef=math.nan)
