@@ -32,7 +32,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -51,7 +50,13 @@ from fishertune.experiments.grid import (
     RunSpec,
     expand_grid,
 )
-from fishertune.files import CHECKPOINT_RECORD, RUN_RECORD, read_json_record, write_json_atomic
+from fishertune.files import (
+    CHECKPOINT_RECORD,
+    RUN_RECORD,
+    FolderLock,
+    read_json_record,
+    write_json_atomic,
+)
 
 __all__ = [
     "EVALUATION_FILE",
@@ -634,46 +639,13 @@ def update_status(
         )
 
 
-class RunnerLock:
-    """``with RunnerLock(output_dir):`` one runner per output directory.
-
-    An ``flock`` on ``OUTPUT_DIR/.fishertune-runner.lock``, which holds the owner's PID and host so
-    that a refused runner can name it. The kernel drops the lock when its owner dies, so a lock
-    file left by a dead runner is simply taken over.
-    """
+class RunnerLock(FolderLock):
+    """``with RunnerLock(output_dir):`` one runner per output directory: a
+    :class:`~fishertune.files.FolderLock` on ``OUTPUT_DIR/.fishertune-runner.lock`` (the owner's
+    PID and host, taken over when its owner died)."""
 
     def __init__(self, output_dir: Path) -> None:
-        self.path = Path(output_dir) / LOCK_FILE
-        self._handle: Any = None
-
-    def __enter__(self) -> RunnerLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().split()
-            handle.close()
-            who = f"PID {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
-            raise FishertuneError(
-                f"another fishertune experiment ({who}) is running on {self.path.parent}; wait "
-                f"for it to end or stop it (its lock: {self.path})"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()} {socket.gethostname()}\n")
-        handle.flush()
-        self._handle = handle
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.seek(0)
-            self._handle.truncate()
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+        super().__init__(Path(output_dir) / LOCK_FILE, "fishertune experiment", output_dir)
 
 
 def prepare_run(config: ExperimentConfig, run: RunSpec, *, pending: bool) -> None:

@@ -25,6 +25,7 @@ Run management (what ``fishertune train`` guarantees):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,8 +41,16 @@ from pathlib import Path
 from typing import Any
 
 from fishertune.data.tokenizer import TINY_TOKENIZER
-from fishertune.errors import FishertuneError, first_line
-from fishertune.files import CHECKPOINT_RECORD, RUN_RECORD, write_json_atomic
+from fishertune.errors import FishertuneError, describe_fault, first_line
+from fishertune.files import (
+    CHECKPOINT_RECORD,
+    RECORD_RESERVE,
+    RUN_RECORD,
+    FolderLock,
+    read_json_record,
+    reserve_space,
+    write_json_reserved,
+)
 from fishertune.modeling import TINY_MODEL
 from fishertune.training.numbers import check_number, check_numbers, number_fields
 
@@ -641,16 +650,35 @@ def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _describe(err: BaseException) -> str:
-    if isinstance(err, SystemExit) and err.code == 128 + signal.SIGTERM:
-        return "terminated (SIGTERM)"
-    if isinstance(err, KeyboardInterrupt):
-        return "interrupted (Ctrl-C)"
-    return first_line(err)
+def _describe(err: BaseException, output_dir: Path) -> str:
+    fault = describe_fault(err, output_dir)  # Ctrl-C, SIGTERM, a full disk: the console's line
+    return fault[0] if fault is not None else first_line(err)
 
 
-def _write_record(output_dir: str, payload: dict[str, Any]) -> None:
-    write_json_atomic(Path(output_dir) / RUN_RECORD, payload, sort_keys=True)
+@contextlib.contextmanager
+def _signals_held() -> Any:
+    """Ctrl-C and SIGTERM wait until the block is done (a record write is not cut short)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+def _write_record(output_dir: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """The run record, atomically, with the space reserved at the start (:func:`_run`) freed
+    for it if the disk is full; signals wait until it is written."""
+    with _signals_held():
+        write_json_reserved(
+            Path(output_dir) / RUN_RECORD,
+            payload,
+            Path(output_dir) / RECORD_RESERVE,
+            sort_keys=True,
+        )
 
 
 def _finish_run(
@@ -680,6 +708,7 @@ def _finish_run(
             metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         )
         _write_record(training_args.output_dir, record)
+        (output_dir / RECORD_RESERVE).unlink(missing_ok=True)
         if replacement is not None:
             replacement.commit()
         print(f"saved to {training_args.output_dir}")
@@ -693,6 +722,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     script_args, training_args, model_args = parse_args(argv)
     check_values(script_args, training_args)
+    # held from before output_dir is looked at until the run ends: a second process on the same
+    # folder is refused instead of deciding, too, that the folder is free
+    main_process = os.environ.get("RANK", "0") == "0"
+    with output_lock(training_args.output_dir) if main_process else contextlib.nullcontext():
+        return _plan_and_run(argv, script_args, training_args, model_args)
+
+
+def output_lock(output_dir: str | os.PathLike) -> FolderLock:
+    """The lock that keeps one ``fishertune train`` per output folder: ``.NAME.lock`` beside the
+    folder (a lock inside it would move away with a replaced run), naming its holder's PID."""
+    path = Path(output_dir).resolve()
+    return FolderLock(path.parent / f".{path.name}.lock", "fishertune train", path)
+
+
+def _plan_and_run(argv: list[str], script_args: Any, training_args: Any, model_args: Any) -> int:
     plan = plan_output_dir(script_args, training_args, model_args)
     if plan.done:
         print(plan.done)
@@ -754,6 +798,8 @@ def _run(
             logger.info("resuming from %s (step %s)", plan.checkpoint, saved.get("step"))
         if main_process:
             _write_record(training_args.output_dir, record)
+            # room for the record's last word (completed or failed) should the disk fill up
+            reserve_space(output_dir / RECORD_RESERVE)
         result = trainer.train(
             resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None
         )
@@ -765,7 +811,11 @@ def _run(
         if isinstance(err, TrainingDivergedError):
             print(f"error: {err}", file=sys.stderr)
             return 1
-        raise
+        fault = describe_fault(err, output_dir)  # a signal, a full disk: one line, a status
+        if fault is None:
+            raise
+        print(f"error: {fault[0]}", file=sys.stderr)
+        return fault[1]
     finally:
         if main_thread:  # None: the previous handler was not set from Python
             signal.signal(signal.SIGTERM, previous_sigterm or signal.SIG_DFL)
@@ -787,11 +837,23 @@ def _record_failure(
     shutil.rmtree(_staged_base(output_dir), ignore_errors=True)
     if replacement is not None and latest_checkpoint(output_dir) is None:
         replacement.restore()
-    else:
-        record.update(
-            status="failed",
-            error=_describe(err),
-            global_step=trainer.state.global_step,
-            wall_time_s=round(time.time() - start, 2),
-        )
+        return
+    written = read_json_record(output_dir / RUN_RECORD)
+    if isinstance(written, dict) and written.get("status") == "completed":
+        return  # stopped after the run was saved and recorded: it did complete
+    record.update(
+        status="failed",
+        error=_describe(err, output_dir),
+        global_step=trainer.state.global_step,
+        wall_time_s=round(time.time() - start, 2),
+    )
+    try:
         _write_record(training_args.output_dir, record)
+    except OSError as failure:
+        print(
+            f"error: the run record {output_dir / RUN_RECORD} could not be updated "
+            f"({first_line(failure)}); it does not say that this run failed",
+            file=sys.stderr,
+        )
+    else:
+        (output_dir / RECORD_RESERVE).unlink(missing_ok=True)
