@@ -1043,11 +1043,15 @@ def _run_queue(
                     free.append(slot)
     except BaseException:
         stop_children()
+        # a run whose stages all finished before the stop took effect is completed, as
+        # --status (which reads the run folders) says
         stopped = [
             RunResult(
                 name=run.name,
-                status="interrupted",
-                message="the runner was stopped; run the same command to resume",
+                status="completed" if not pending_stages(config, run) else "interrupted",
+                message=None
+                if not pending_stages(config, run)
+                else "the runner was stopped; run the same command to resume",
                 wall_time_s=round(time.time() - begun, 2),
                 started=begun,
             )

@@ -438,18 +438,38 @@ def plan_output_dir(script_args: Any, training_args: Any, model_args: Any) -> Ou
         plan.checkpoint = latest_checkpoint(path)
         if plan.checkpoint is None:
             raise FishertuneError(
-                f"--resume: no complete checkpoint in {path} (set save_steps and run without "
-                "--resume first)"
+                f"--resume: no complete checkpoint in {path} to resume from; start the run "
+                "again with --overwrite_output_dir true instead of --resume (and a save_steps "
+                "that keeps checkpoints)"
             )
         return plan
     if non_empty:
         if not script_args.overwrite_output_dir:
-            raise FishertuneError(
-                f"output_dir {path} exists and is not empty: pass --resume to continue it, "
-                "--overwrite_output_dir to replace it, or choose another directory"
-            )
+            raise FishertuneError(f"output_dir {path} exists and is not empty: {_choices(path)}")
         plan.replace = True
     return plan
+
+
+def _choices(path: Path) -> str:
+    """What a user can do with a non-empty output folder: only the flags that would work."""
+    record = read_json_record(path / RUN_RECORD)
+    status = record.get("status") if isinstance(record, dict) else None
+    checkpoint = latest_checkpoint(path)
+    if status == "completed":
+        return (
+            "it holds a completed run; pass --overwrite_output_dir true to replace it, or "
+            "choose another directory"
+        )
+    if checkpoint is not None:
+        return (
+            f"pass --resume true to continue it from {checkpoint.name}, "
+            "--overwrite_output_dir true to replace it, or choose another directory"
+        )
+    return (
+        f"it holds {'a run with no complete checkpoint' if status else 'no fishertune run'}; "
+        "pass --overwrite_output_dir true to replace it (a run is started again from its "
+        "beginning), or choose another directory"
+    )
 
 
 class _Replacement:
@@ -491,6 +511,10 @@ def check_model_options(script_args: Any, model_args: Any) -> None:
     """Refuse, one line each, the ``trl sft`` model options ``fishertune train`` cannot honour
     (and numbers that are not finite numbers of their type)."""
     check_numbers(model_args)
+    if model_args.model_name_or_path and model_args.model_name_or_path != TINY_MODEL:
+        from fishertune.modeling import check_model_source
+
+        check_model_source(model_args.model_name_or_path)  # corrupt weights, unfinished runs
     for name in ("load_in_4bit", "load_in_8bit"):
         if getattr(model_args, name, False):
             raise FishertuneError(
