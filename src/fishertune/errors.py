@@ -56,7 +56,7 @@ def describe_fault(
     except OSError:
         return fault
     if free < _FULL_BELOW:
-        return f"the disk holding {folder} is full ({free} bytes free): {fault[0]}", 1
+        return f"the disk holding {folder} is full: {fault[0]}", 1
     return fault
 
 

@@ -410,6 +410,7 @@ def plan_output_dir(script_args: Any, training_args: Any, model_args: Any) -> Ou
     plan = OutputPlan(settings=settings)
     if path.exists() and not path.is_dir():
         raise FishertuneError(f"output_dir {path} is a file, not a folder")
+    _check_writable(path)
     for aside in sorted(path.parent.glob(f".{path.name}.replaced-*")):
         logger.warning(
             "%s holds the run that was in %s before an interrupted --overwrite_output_dir: "
@@ -753,10 +754,20 @@ def main(argv: list[str] | None = None) -> int:
         return _plan_and_run(argv, script_args, training_args, model_args)
 
 
+def _check_writable(path: Path) -> None:
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK):  # EROFS for a read-only mount, root included
+        raise FishertuneError(
+            f"output_dir {path}: {existing} is not writable (a read-only file system or "
+            "another user's folder)"
+        )
+
+
 def output_lock(output_dir: str | os.PathLike) -> FolderLock:
     """The lock that keeps one ``fishertune train`` per output folder: ``.NAME.lock`` beside the
     folder (a lock inside it would move away with a replaced run), naming its holder's PID."""
     path = Path(output_dir).resolve()
+    _check_writable(path)
     return FolderLock(path.parent / f".{path.name}.lock", "fishertune train", path)
 
 
