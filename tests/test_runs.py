@@ -422,3 +422,47 @@ def test_a_library_config_refuses_a_nan_coefficient():
 
     with pytest.raises(FishertuneError, match="penalty_coef must be a finite number, got nan"):
         FisherSFTConfig(output_dir="unused", method="token-f", penalty_coef=math.nan)
+
+
+def test_a_folder_without_checkpoint_is_sent_to_overwrite_both_ways(chat_file, tmp_path):
+    """A run stopped before its first checkpoint: neither a plain rerun nor --resume sends the
+    user to the other; both name --overwrite_output_dir."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / RUN_RECORD).write_text(json.dumps({"status": "failed", "settings": None}))
+    for extra in ([], ["--resume", "true"]):
+        with pytest.raises(FishertuneError) as info:
+            validate_train_argv([*base_args(chat_file, out), *extra])
+        message = str(info.value)
+        assert "--overwrite_output_dir true" in message and "pass --resume" not in message
+
+
+def test_model_folders_that_are_not_finished_models_are_refused_before_loading(tmp_path):
+    """A truncated safetensors file and a run whose record is not `completed` are named in one
+    line by the check every loader runs first (evaluate, analyze, train)."""
+    from safetensors.torch import save_file
+
+    from fishertune.modeling import check_model_source
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(64, 64)}, folder / "model.safetensors")
+    check_model_source(str(folder))
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    with pytest.raises(FishertuneError, match=r"model\.safetensors: not a complete safetensors"):
+        check_model_source(str(folder))
+    (folder / "model.safetensors").write_bytes(data)
+    (folder / RUN_RECORD).write_text(json.dumps({"status": "failed", "error": "disk full"}))
+    with pytest.raises(FishertuneError, match=r"run has not completed \(status failed: disk full"):
+        check_model_source(str(folder))
+    (folder / RUN_RECORD).write_text(json.dumps({"status": "running"}))
+    run_folder = tmp_path / "no-weights-yet"
+    run_folder.mkdir()
+    (run_folder / RUN_RECORD).write_text(json.dumps({"status": "running"}))
+    from fishertune.modeling import load_tokenizer
+
+    with pytest.raises(FishertuneError, match="run has not completed") as info:
+        load_tokenizer(str(run_folder))  # not "pass a tokenizer name"
+    assert "tokenizer" not in str(info.value)

@@ -1048,14 +1048,15 @@ def _run_queue(
         stopped = [
             RunResult(
                 name=run.name,
-                status="completed" if not pending_stages(config, run) else "interrupted",
-                message=None
-                if not pending_stages(config, run)
-                else "the runner was stopped; run the same command to resume",
+                status="interrupted" if pending else "completed",
+                message="the runner was stopped; run the same command to resume"
+                if pending
+                else None,
                 wall_time_s=round(time.time() - begun, 2),
                 started=begun,
             )
             for index, run, slot, begun in [*running.values(), *serial]
+            for pending in [bool(pending_stages(config, run))]
         ]
         if stopped:
             update_status(config, stopped)

@@ -18,8 +18,11 @@ Run management (what ``fishertune train`` guarantees):
   ``failed`` (with the error). A failed run exits non-zero and never saves a final model.
 * ``--resume`` continues from the latest complete checkpoint (named in the log) with the same
   settings only (a difference is refused, naming it), reaches the same weights as an
-  uninterrupted run, and reports ``train_loss`` over the whole run; on a completed run it does
-  nothing.
+  uninterrupted run, never trains past ``max_steps`` (also after a stop during the final
+  save), and reports ``train_loss`` over the whole run; on a completed run it does nothing.
+* One process per output folder (:func:`output_lock`). Ctrl-C, SIGTERM and I/O faults (a full
+  disk, a read-only folder) end in one line and exit status 130, 143 or 1, with the record
+  marked ``failed`` (space for that write is reserved at the start).
 """
 
 from __future__ import annotations
