@@ -686,15 +686,15 @@ def _describe(err: BaseException, output_dir: Path) -> str:
 @contextlib.contextmanager
 def _signals_held() -> Any:
     """Ctrl-C and SIGTERM wait until the block is done (a record write is not cut short)."""
-    held = {signal.SIGINT, signal.SIGTERM}
     main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    if not main_thread:
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
-        if main_thread:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)  # nested blocks keep the outer's
 
 
 def _write_record(output_dir: str | os.PathLike, payload: dict[str, Any]) -> None:
@@ -845,7 +845,8 @@ def _run(
         return 0
     except BaseException as err:
         if main_process:
-            _record_failure(trainer, training_args, record, replacement, err, start)
+            with _signals_held():  # a second Ctrl-C cannot leave the record saying running
+                _record_failure(trainer, training_args, record, replacement, err, start)
         if isinstance(err, TrainingDivergedError):
             print(f"error: {err}", file=sys.stderr)
             return 1
