@@ -515,10 +515,13 @@ def check_model_options(script_args: Any, model_args: Any) -> None:
     """Refuse, one line each, the ``trl sft`` model options ``fishertune train`` cannot honour
     (and numbers that are not finite numbers of their type)."""
     check_numbers(model_args)
-    if model_args.model_name_or_path and model_args.model_name_or_path != TINY_MODEL:
+    name = model_args.model_name_or_path
+    # an existing folder's weights and run record, before the data is read; a folder that does
+    # not exist yet (a grid's base run, validated before it is trained) is the loader's to refuse
+    if name and name != TINY_MODEL and Path(name).expanduser().is_dir():
         from fishertune.modeling import check_model_source
 
-        check_model_source(model_args.model_name_or_path)  # corrupt weights, unfinished runs
+        check_model_source(name)
     for name in ("load_in_4bit", "load_in_8bit"):
         if getattr(model_args, name, False):
             raise FishertuneError(
