@@ -637,6 +637,30 @@ def test_stopping_the_runner_stops_its_children(tmp_path: Path, base_config: Pat
     assert [(e["name"], e["status"]) for e in status] == [("baseline-seed0", "interrupted")]
 
 
+def test_a_run_that_finished_as_the_runner_stopped_is_recorded_completed(
+    tmp_path: Path, base_config: Path
+) -> None:
+    """The stop lands just as a run's last stage has written its product: the status file
+    says completed, as --status (which reads the run folders) does, not interrupted."""
+    from fishertune.experiments.slurm import grid_status
+
+    config = parse_experiment(experiment(tmp_path, base_config, seeds=[0]), tmp_path / "e.yaml")
+    fake = FakeLauncher()
+
+    def stopped_after_evaluating(command: list[str], log_path: Path, env: dict[str, str]) -> int:
+        code = fake(command, log_path, env)
+        if "evaluate" in command:
+            raise KeyboardInterrupt
+        return code
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, launcher=stopped_after_evaluating, log=lambda _: None)
+    first = expand_grid(config)[0].name
+    assert read_status(config.output_dir)[first]["status"] == "completed"
+    views = {view.name: view.state for view in grid_status(config, states=lambda ids: {})}
+    assert views[first] == "completed"
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 

@@ -342,3 +342,127 @@ def test_a_library_trainer_marks_checkpoints_and_resumes_its_totals(chat_file, t
     second.train(resume_from_checkpoint=True)
     assert second.run_totals["steps"] == 4  # 2 restored from the record, 2 trained now
     assert (tmp_path / "out" / "checkpoint-4" / RUN_CHECKPOINT_RECORD).is_file()
+
+
+def test_resume_after_an_interrupted_final_save_trains_nothing_more(chat_file, tmp_path, capsys):
+    """Stopped after the last step's checkpoint but before the run was marked completed (during
+    the final save): the resume trains no step past max_steps and saves the uninterrupted run's
+    weights bit for bit; the console's train_loss is the whole run's."""
+    import shutil
+
+    common = {**PENALTY, "max_steps": 3, **SAVING}
+    straight = tmp_path / "straight"
+    assert cli_main(["train", *base_args(chat_file, straight, **common)]) == 0
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(straight / "checkpoint-3", interrupted / "checkpoint-3")
+    run = record(straight)
+    run["status"] = "running"
+    (interrupted / RUN_RECORD).write_text(json.dumps(run))
+    capsys.readouterr()
+    argv = ["train", *base_args(chat_file, interrupted, **common), "--resume", "true"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-3"]
+    resumed = record(interrupted)
+    assert resumed["status"] == "completed" and resumed["global_step"] == 3
+    a, b = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    whole = record(straight)["metrics"]["train_loss"]
+    assert resumed["metrics"]["train_loss"] == pytest.approx(whole, rel=1e-12)
+    logged = [line for line in out.splitlines() if "'train_loss'" in line]
+    assert logged and f"'train_loss': '{whole:.4g}'" in logged[-1], logged
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("learning_rate: true", "learning_rate must be a number, got true"),
+        ("learning_rate: [0.1]", "learning_rate must be a number, got [0.1]"),
+        ("learning_rate: null", "learning_rate must be a number, got null"),
+        ("learning_rate: {lr: 1}", "learning_rate must be a number, got {'lr': 1}"),
+        ("learning_rate: 1e400", "learning_rate must be a finite number, got '1e400'"),
+        ("penalty_coef: .nan", "penalty_coef must be a finite number, got nan"),
+        ("penalty_warmup_steps: 1.5", "penalty_warmup_steps must be an integer, got 1.5"),
+        ("dataset_fraction: .inf", "dataset_fraction must be a finite number, got inf"),
+        ("lora_dropout: false", "lora_dropout must be a number, got false"),
+    ],
+)
+def test_yaml_numbers_are_checked_with_their_line(chat_file, tmp_path, line, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: token-f\nmax_steps: 2\n{line}\n")
+    with pytest.raises(FishertuneError) as info:
+        validate_train_argv(["--config", str(config), "--dataset_name", str(chat_file),
+                             "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    assert str(info.value) == f"{config} line 3: {message}"
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("penalty_coef", "nan"),  # compared false with every bound: it switched the penalty off
+        ("penalty_coef", "inf"),
+        ("penalty_fd_step", "nan"),
+        ("learning_rate", "inf"),
+        ("learning_rate", "nan"),
+        ("dataset_fraction", "nan"),
+        ("lora_alpha", "inf"),
+    ],
+)
+def test_non_finite_numbers_on_the_command_line_are_refused(chat_file, tmp_path, option, value):
+    argv = base_args(chat_file, tmp_path / "o", **{**PENALTY, option: value})
+    with pytest.raises(FishertuneError) as info:
+        validate_train_argv(argv)
+    assert option in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_library_config_refuses_a_nan_coefficient():
+    from fishertune.training import FisherSFTConfig
+
+    with pytest.raises(FishertuneError, match="penalty_coef must be a finite number, got nan"):
+        FisherSFTConfig(output_dir="unused", method="token-f", penalty_coef=math.nan)
+
+
+def test_a_folder_without_checkpoint_is_sent_to_overwrite_both_ways(chat_file, tmp_path):
+    """A run stopped before its first checkpoint: neither a plain rerun nor --resume sends the
+    user to the other; both name --overwrite_output_dir."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / RUN_RECORD).write_text(json.dumps({"status": "failed", "settings": None}))
+    for extra in ([], ["--resume", "true"]):
+        with pytest.raises(FishertuneError) as info:
+            validate_train_argv([*base_args(chat_file, out), *extra])
+        message = str(info.value)
+        assert "--overwrite_output_dir true" in message and "pass --resume" not in message
+
+
+def test_model_folders_that_are_not_finished_models_are_refused_before_loading(tmp_path):
+    """A truncated safetensors file and a run whose record is not `completed` are named in one
+    line by the check every loader runs first (evaluate, analyze, train)."""
+    from safetensors.torch import save_file
+
+    from fishertune.modeling import check_model_source
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(64, 64)}, folder / "model.safetensors")
+    check_model_source(str(folder))
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    with pytest.raises(FishertuneError, match=r"model\.safetensors: not a complete safetensors"):
+        check_model_source(str(folder))
+    (folder / "model.safetensors").write_bytes(data)
+    (folder / RUN_RECORD).write_text(json.dumps({"status": "failed", "error": "disk full"}))
+    with pytest.raises(FishertuneError, match=r"run has not completed \(status failed: disk full"):
+        check_model_source(str(folder))
+    (folder / RUN_RECORD).write_text(json.dumps({"status": "running"}))
+    run_folder = tmp_path / "no-weights-yet"
+    run_folder.mkdir()
+    (run_folder / RUN_RECORD).write_text(json.dumps({"status": "running"}))
+    from fishertune.modeling import load_tokenizer
+
+    with pytest.raises(FishertuneError, match="run has not completed") as info:
+        load_tokenizer(str(run_folder))  # not "pass a tokenizer name"
+    assert "tokenizer" not in str(info.value)

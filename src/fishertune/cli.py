@@ -8,9 +8,11 @@ does not pay for TRL's import and ``--help`` is fast.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
-from fishertune.errors import FishertuneError
+from fishertune.errors import TERMINATED, FishertuneError, describe_fault
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fishertune.training.cli", "fine-tune a causal LM with a method (YAML + overrides)"),
@@ -44,12 +46,29 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
+    # SIGTERM (a scheduler's stop, `kill`) unwinds as SystemExit(143), like Ctrl-C, so that a
+    # command ends in one line and a training run records how it ended
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        module = importlib.import_module(COMMANDS[command][0])
         return int(module.main(rest) or 0)
     except FishertuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BaseException as err:
+        fault = describe_fault(err)
+        if fault is None:
+            raise
+        print(f"error: {fault[0]}", file=sys.stderr)
+        return fault[1]
+    finally:
+        if main_thread:  # None: the previous handler was not set from Python
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(TERMINATED)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -54,6 +55,8 @@ MODEL_SUBDIR = "model"  # an experiment run's `fishertune train --output_dir`
 ANSWERS_SUBDIR = "answers"  # an experiment run's answer exports
 STATUS_FILE = "experiment_status.json"  # beside runs/: one entry per run
 LOCK_FILE = ".fishertune-runner.lock"  # beside runs/: the runner holding the output folder
+RECORD_RESERVE = ".fishertune_run.reserve"  # space kept free for the run record's last word
+RESERVE_BYTES = 256 * 1024  # a run record is a few kB: room for it many times over
 
 
 def write_json_atomic(
@@ -65,6 +68,7 @@ def write_json_atomic(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the record from the team
         with os.fdopen(fd, "w") as file:
             json.dump(payload, file, indent=2, sort_keys=sort_keys, allow_nan=allow_nan)
             file.write("\n")
@@ -73,6 +77,35 @@ def write_json_atomic(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def reserve_space(path: str | os.PathLike, size: int = RESERVE_BYTES) -> Path:
+    """Allocate ``size`` bytes at ``path`` (real blocks, not a sparse file) for
+    :func:`write_json_reserved` to free when the disk is full."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:  # a file system without fallocate: write the bytes
+        os.write(fd, bytes(size))
+    finally:
+        os.close(fd)
+    return path
+
+
+def write_json_reserved(
+    path: str | os.PathLike, payload: Any, reserve: str | os.PathLike, **options: Any
+) -> Path:
+    """:func:`write_json_atomic`; when that fails for lack of space (a full disk or quota, a
+    file-size limit), free ``reserve`` (:func:`reserve_space`) and write again, so a run's
+    record can still say how the run ended. Raises the ``OSError`` when that fails too."""
+    try:
+        return write_json_atomic(path, payload, **options)
+    except OSError:
+        if not Path(reserve).is_file():
+            raise
+        Path(reserve).unlink()
+        return write_json_atomic(path, payload, **options)
 
 
 def read_json_record(path: str | os.PathLike) -> Any:
@@ -274,32 +307,56 @@ def write_status(
         )
 
 
-class RunnerLock:
-    """``with RunnerLock(output_dir):`` one runner per output directory.
+_UMASK_LOCK = threading.Lock()
 
-    An ``flock`` on ``OUTPUT_DIR/.fishertune-runner.lock``, which holds the owner's PID and host so
-    that a refused runner can name it. The kernel drops the lock when its owner dies, so a lock
-    file left by a dead runner is simply taken over.
+
+def _umask() -> int:
+    # os.umask only reads the mask by setting it: set it back at once, one thread at a time
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+class FolderLock:
+    """``with FolderLock(lock_path, what, folder):`` one process at a time on ``folder``.
+
+    An exclusive, non-blocking ``flock`` on ``lock_path``, which holds the owner's PID and host
+    so that a refused process can name it (``"another {what} (PID N on HOST) is running on
+    {folder}..."``). The kernel drops the lock when its owner dies, however it dies (SIGKILL
+    included), so a lock file left by a dead process is simply taken over. The file is removed
+    on release; a process that opened it just before then finds, once it holds the lock, that
+    the path now names another file (or none) and starts again on the new one.
     """
 
-    def __init__(self, output_dir: Path) -> None:
-        self.path = Path(output_dir) / LOCK_FILE
+    def __init__(self, lock_path: str | os.PathLike, what: str, folder: str | os.PathLike) -> None:
+        self.path = Path(lock_path)
+        self.what = what
+        self.folder = Path(folder)
         self._handle: Any = None
 
-    def __enter__(self) -> RunnerLock:
+    def __enter__(self) -> FolderLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().split()
-            handle.close()
-            who = f"PID {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
-            raise FishertuneError(
-                f"another fishertune experiment ({who}) is running on {self.path.parent}; wait "
-                f"for it to end or stop it (its lock: {self.path})"
-            ) from None
+        while True:
+            handle = self.path.open("a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().split()
+                handle.close()
+                who = f"PID {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+                raise FishertuneError(
+                    f"another {self.what} ({who}) is running on {self.folder}; wait for it to "
+                    f"end or stop it (its lock: {self.path})"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()  # released and removed by its previous owner meanwhile: again
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()} {socket.gethostname()}\n")
@@ -309,8 +366,16 @@ class RunnerLock:
 
     def __exit__(self, *exc: object) -> None:
         if self._handle is not None:
-            self._handle.seek(0)
-            self._handle.truncate()
+            self.path.unlink(missing_ok=True)  # while still held: see the class docstring
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+
+class RunnerLock(FolderLock):
+    """``with RunnerLock(output_dir):`` one runner per output directory: a :class:`FolderLock` on
+    ``OUTPUT_DIR/.fishertune-runner.lock`` (the owner's PID and host, taken over when its owner
+    died)."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        super().__init__(Path(output_dir) / LOCK_FILE, "fishertune experiment", output_dir)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from fishertune.errors import FishertuneError, first_line
+from fishertune.files import RUN_RECORD, read_json_record
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -118,10 +119,38 @@ def check_model_source(name_or_path: str) -> None:
     """Refuse, before anything is loaded, a local path that is not a saved model folder (one
     line naming it); hub names pass (they are checked on loading)."""
     folder = _local_folder(name_or_path, "model")
-    if folder is not None and not ((folder / "config.json").is_file() or is_adapter_folder(folder)):
+    if folder is None:
+        return
+    run = read_json_record(folder / RUN_RECORD)
+    if isinstance(run, dict) and run.get("status") != "completed":
+        # a fishertune run folder: the top-level weights (if any) are not a finished run's
+        why = f": {run['error']}" if run.get("error") else ""
+        raise FishertuneError(
+            f"model {name_or_path}: its run has not completed (status {run.get('status')}{why}); "
+            "finish it (fishertune train with the same options and --resume true) or give one "
+            "of its complete checkpoints (checkpoint-N)"
+        )
+    if not ((folder / "config.json").is_file() or is_adapter_folder(folder)):
         raise FishertuneError(
             f"model {name_or_path}: not a saved model folder (no config.json or {ADAPTER_CONFIG})"
         )
+    for weights in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(weights)
+
+
+def _check_safetensors(path: Path) -> None:
+    """A truncated or corrupt ``.safetensors`` file, refused before anything is loaded:
+    opening one reads its header and checks that the file holds every tensor it lists."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise FishertuneError(
+            f"{path}: not a complete safetensors file ({first_line(err)}); copy it again or "
+            "save the model again"
+        ) from err
 
 
 def is_adapter_folder(name_or_path: str | Path) -> bool:
@@ -276,6 +305,7 @@ def _load_tokenizer(
         )
     if model == TINY_MODEL:
         return load_chat_tokenizer(TINY_TOKENIZER)
+    check_model_source(model)  # a run folder without its final model is named as such
     folder = _local_folder(model, "model")
     source = _tokenizer_source(model, folder)
     return load_chat_tokenizer(

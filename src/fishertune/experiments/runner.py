@@ -305,15 +305,20 @@ def _run_queue(
                     free.append(slot)
     except BaseException:
         stop_children()
+        # a run whose stages all finished before the stop took effect is completed, as
+        # --status (which reads the run folders) says
         stopped = [
             RunResult(
                 name=run.name,
-                status="interrupted",
-                message="the runner was stopped; run the same command to resume",
+                status="interrupted" if pending else "completed",
+                message="the runner was stopped; run the same command to resume"
+                if pending
+                else None,
                 wall_time_s=round(time.time() - begun, 2),
                 started=begun,
             )
             for index, run, slot, begun in [*running.values(), *serial]
+            for pending in [bool(pending_stages(config, run))]
         ]
         if stopped:
             update_status(config, stopped)

@@ -14,6 +14,7 @@ from fishertune.data.formats import DataOptions
 from fishertune.data.tokenizer import TINY_TOKENIZER
 from fishertune.errors import FishertuneError
 from fishertune.modeling import TINY_MODEL
+from fishertune.training.numbers import check_number, check_numbers, number_fields
 from fishertune.training.output_dir import plan_output_dir
 
 
@@ -106,6 +107,8 @@ def parse_args(argv: list[str]) -> tuple[Any, Any, Any]:
         argv = [*argv[: index + 1], str(path), *argv[index + 2 :]]
         lines = _check_config_keys(path)
     given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    if path is not None:
+        _check_yaml_numbers(path, lines, given)
 
     def where(message: str, name: str | None = None) -> str:
         # the option's YAML line, unless the command line overrides it
@@ -161,8 +164,31 @@ def _check_config_keys(path: Path) -> dict[str, int]:
     return lines
 
 
+def _check_yaml_numbers(path: Path, lines: dict[str, int], overridden: set[str]) -> None:
+    """YAML values reach the options unconverted (a bool, a list, null, text argparse converts
+    with ``float``: ``1e400``): check the numeric ones here, where their line is known."""
+    import yaml
+    from trl import ModelConfig
+
+    from fishertune.training.config import FisherSFTConfig
+
+    numbers = {
+        name: kind
+        for cls in (_script_arguments_class(), FisherSFTConfig, ModelConfig)
+        for name, kind in number_fields(cls).items()
+    }
+    for key, value in yaml.safe_load(path.read_text(encoding="utf-8-sig")).items():
+        if key in numbers and key not in overridden:
+            try:
+                check_number(key, value, *numbers[key])
+            except FishertuneError as err:
+                raise FishertuneError(f"{path} line {lines[key]}: {err}") from None
+
+
 def check_values(script_args: Any, training_args: Any) -> None:
-    """Sizes and rates that TRL / transformers accept but cannot train with."""
+    """Numbers of the right type and finite (:mod:`.numbers`); sizes and rates that TRL /
+    transformers accept but cannot train with."""
+    check_numbers(script_args)  # the training options checked theirs when they were built
     positive = {
         "max_length": training_args.max_length,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
@@ -222,7 +248,16 @@ def validate_train_argv(argv: list[str], *, check_output_dir: bool = True) -> tu
 
 
 def check_model_options(script_args: Any, model_args: Any) -> None:
-    """Refuse, one line each, the ``trl sft`` model options ``fishertune train`` cannot honour."""
+    """Refuse, one line each, the ``trl sft`` model options ``fishertune train`` cannot honour
+    (and numbers that are not finite numbers of their type)."""
+    check_numbers(model_args)
+    name = model_args.model_name_or_path
+    # an existing folder's weights and run record, before the data is read; a folder that does
+    # not exist yet (a grid's base run, validated before it is trained) is the loader's to refuse
+    if name and name != TINY_MODEL and Path(name).expanduser().is_dir():
+        from fishertune.modeling import check_model_source
+
+        check_model_source(name)
     for name in ("load_in_4bit", "load_in_8bit"):
         if getattr(model_args, name, False):
             raise FishertuneError(

@@ -18,14 +18,19 @@ Run management (what ``fishertune train`` guarantees):
   ``failed`` (with the error). A failed run exits non-zero and never saves a final model.
 * ``--resume`` continues from the latest complete checkpoint (named in the log) with the same
   settings only (a difference is refused, naming it), reaches the same weights as an
-  uninterrupted run, and reports ``train_loss`` over the whole run; on a completed run it does
-  nothing.
+  uninterrupted run, never trains past ``max_steps`` (also after a stop during the final
+  save), and reports ``train_loss`` over the whole run; on a completed run it does nothing.
+* One process per output folder (:func:`~fishertune.training.output_dir.output_lock`). Ctrl-C,
+  SIGTERM and I/O faults (a full disk, a read-only folder) end in one line and exit status 130,
+  143 or 1, with the record marked ``failed`` (space for that write is reserved at the start).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -35,13 +40,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fishertune.errors import first_line
+from fishertune.errors import describe_fault, first_line
 from fishertune.files import (
     CHECKPOINT_RECORD,
     DATA_REPORT,
+    RECORD_RESERVE,
     RUN_RECORD,
     latest_checkpoint,
+    read_json_record,
+    reserve_space,
     write_json_atomic,
+    write_json_reserved,
 )
 from fishertune.training.arguments import (
     build_parser,
@@ -53,6 +62,7 @@ from fishertune.training.build import build_trainer, save_merged_model, tokenize
 from fishertune.training.output_dir import (
     OutputPlan,
     Replacement,
+    output_lock,
     place_staged_base,
     plan_output_dir,
     staged_base,
@@ -78,16 +88,35 @@ def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _describe(err: BaseException) -> str:
-    if isinstance(err, SystemExit) and err.code == 128 + signal.SIGTERM:
-        return "terminated (SIGTERM)"
-    if isinstance(err, KeyboardInterrupt):
-        return "interrupted (Ctrl-C)"
-    return first_line(err)
+def _describe(err: BaseException, output_dir: Path) -> str:
+    fault = describe_fault(err, output_dir)  # Ctrl-C, SIGTERM, a full disk: the console's line
+    return fault[0] if fault is not None else first_line(err)
 
 
-def _write_record(output_dir: str, payload: dict[str, Any]) -> None:
-    write_json_atomic(Path(output_dir) / RUN_RECORD, payload, sort_keys=True)
+@contextlib.contextmanager
+def _signals_held() -> Any:
+    """Ctrl-C and SIGTERM wait until the block is done (a record write is not cut short)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not main_thread:
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)  # nested blocks keep the outer's
+
+
+def _write_record(output_dir: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """The run record, atomically, with the space reserved at the start (:func:`_run`) freed
+    for it if the disk is full; signals wait until it is written."""
+    with _signals_held():
+        write_json_reserved(
+            Path(output_dir) / RUN_RECORD,
+            payload,
+            Path(output_dir) / RECORD_RESERVE,
+            sort_keys=True,
+        )
 
 
 def _finish_run(
@@ -117,6 +146,7 @@ def _finish_run(
             metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         )
         _write_record(training_args.output_dir, record)
+        (output_dir / RECORD_RESERVE).unlink(missing_ok=True)
         if replacement is not None:
             replacement.commit()
         print(f"saved to {training_args.output_dir}")
@@ -130,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     script_args, training_args, model_args = parse_args(argv)
     check_values(script_args, training_args)
+    # held from before output_dir is looked at until the run ends: a second process on the same
+    # folder is refused instead of deciding, too, that the folder is free
+    main_process = os.environ.get("RANK", "0") == "0"
+    with output_lock(training_args.output_dir) if main_process else contextlib.nullcontext():
+        return _plan_and_run(argv, script_args, training_args, model_args)
+
+
+def _plan_and_run(argv: list[str], script_args: Any, training_args: Any, model_args: Any) -> int:
     plan = plan_output_dir(script_args, training_args, model_args)
     if plan.done:
         print(plan.done)
@@ -206,6 +244,8 @@ def _run(
             logger.info("resuming from %s (step %s)", plan.checkpoint, saved.get("step"))
         if main_process:
             _write_record(training_args.output_dir, record)
+            # room for the record's last word (completed or failed) should the disk fill up
+            reserve_space(output_dir / RECORD_RESERVE)
             _write_data_reports(trainer, output_dir)
         result = trainer.train(
             resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None
@@ -214,11 +254,16 @@ def _run(
         return 0
     except BaseException as err:
         if main_process:
-            _record_failure(trainer, training_args, record, replacement, err, start)
+            with _signals_held():  # a second Ctrl-C cannot leave the record saying running
+                _record_failure(trainer, training_args, record, replacement, err, start)
         if isinstance(err, TrainingDivergedError):
             print(f"error: {err}", file=sys.stderr)
             return 1
-        raise
+        fault = describe_fault(err, output_dir)  # a signal, a full disk: one line, a status
+        if fault is None:
+            raise
+        print(f"error: {fault[0]}", file=sys.stderr)
+        return fault[1]
     finally:
         if main_thread:  # None: the previous handler was not set from Python
             signal.signal(signal.SIGTERM, previous_sigterm or signal.SIG_DFL)
@@ -240,11 +285,23 @@ def _record_failure(
     shutil.rmtree(staged_base(output_dir), ignore_errors=True)
     if replacement is not None and latest_checkpoint(output_dir) is None:
         replacement.restore()
-    else:
-        record.update(
-            status="failed",
-            error=_describe(err),
-            global_step=trainer.state.global_step,
-            wall_time_s=round(time.time() - start, 2),
-        )
+        return
+    written = read_json_record(output_dir / RUN_RECORD)
+    if isinstance(written, dict) and written.get("status") == "completed":
+        return  # stopped after the run was saved and recorded: it did complete
+    record.update(
+        status="failed",
+        error=_describe(err, output_dir),
+        global_step=trainer.state.global_step,
+        wall_time_s=round(time.time() - start, 2),
+    )
+    try:
         _write_record(training_args.output_dir, record)
+    except OSError as failure:
+        print(
+            f"error: the run record {output_dir / RUN_RECORD} could not be updated "
+            f"({first_line(failure)}); it does not say that this run failed",
+            file=sys.stderr,
+        )
+    else:
+        (output_dir / RECORD_RESERVE).unlink(missing_ok=True)

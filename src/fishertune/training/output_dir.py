@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
-from fishertune.files import RUN_RECORD, latest_checkpoint
+from fishertune.files import RUN_RECORD, FolderLock, latest_checkpoint, read_json_record
 from fishertune.modeling import TINY_MODEL
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ def plan_output_dir(script_args: Any, training_args: Any, model_args: Any) -> Ou
     plan = OutputPlan(settings=settings)
     if path.exists() and not path.is_dir():
         raise FishertuneError(f"output_dir {path} is a file, not a folder")
+    check_writable(path)
     for aside in sorted(path.parent.glob(f".{path.name}.replaced-*")):
         logger.warning(
             "%s holds the run that was in %s before an interrupted --overwrite_output_dir: "
@@ -188,18 +189,56 @@ def plan_output_dir(script_args: Any, training_args: Any, model_args: Any) -> Ou
         plan.checkpoint = latest_checkpoint(path)
         if plan.checkpoint is None:
             raise FishertuneError(
-                f"--resume: no complete checkpoint in {path} (set save_steps and run without "
-                "--resume first)"
+                f"--resume: no complete checkpoint in {path} to resume from; start the run "
+                "again with --overwrite_output_dir true instead of --resume (and a save_steps "
+                "that keeps checkpoints)"
             )
         return plan
     if non_empty:
         if not script_args.overwrite_output_dir:
-            raise FishertuneError(
-                f"output_dir {path} exists and is not empty: pass --resume to continue it, "
-                "--overwrite_output_dir to replace it, or choose another directory"
-            )
+            raise FishertuneError(f"output_dir {path} exists and is not empty: {_choices(path)}")
         plan.replace = True
     return plan
+
+
+def _choices(path: Path) -> str:
+    """What a user can do with a non-empty output folder: only the flags that would work."""
+    record = read_json_record(path / RUN_RECORD)
+    status = record.get("status") if isinstance(record, dict) else None
+    checkpoint = latest_checkpoint(path)
+    if status == "completed":
+        return (
+            "it holds a completed run; pass --overwrite_output_dir true to replace it, or "
+            "choose another directory"
+        )
+    if checkpoint is not None:
+        return (
+            f"pass --resume true to continue it from {checkpoint.name}, "
+            "--overwrite_output_dir true to replace it, or choose another directory"
+        )
+    return (
+        f"it holds {'a run with no complete checkpoint' if status else 'no fishertune run'}; "
+        "pass --overwrite_output_dir true to replace it (a run is started again from its "
+        "beginning), or choose another directory"
+    )
+
+
+def check_writable(path: Path) -> None:
+    """The output folder (or its nearest existing parent) can be written, before anything loads."""
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK):  # EROFS for a read-only mount, root included
+        raise FishertuneError(
+            f"output_dir {path}: {existing} is not writable (a read-only file system or "
+            "another user's folder)"
+        )
+
+
+def output_lock(output_dir: str | os.PathLike) -> FolderLock:
+    """The lock that keeps one ``fishertune train`` per output folder: ``.NAME.lock`` beside the
+    folder (a lock inside it would move away with a replaced run), naming its holder's PID."""
+    path = Path(output_dir).resolve()
+    check_writable(path)
+    return FolderLock(path.parent / f".{path.name}.lock", "fishertune train", path)
 
 
 class Replacement:

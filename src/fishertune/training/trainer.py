@@ -145,8 +145,7 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
         with self._method_hooks():
             output = super().train(*args, **kwargs)
         self._tick()
-        totals = self.run_totals
-        if totals["steps"] + totals["skipped_steps"] != self.state.global_step:
+        if not self._totals_cover_run():
             return output
         whole = self.run_train_loss()
         for entry in reversed(self.state.log_history):
@@ -199,11 +198,27 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """transformers' logging path, with this trainer's training metrics averaged over the
-        steps since the last log (as TRL averages its own)."""
+        steps since the last log (as TRL averages its own), and the end of training's
+        ``train_loss`` over the whole run (the console and the record then agree after a
+        resume; transformers' own covers this ``train()`` call only)."""
         if self.model.training and self._train_metrics:
             logs.update({k: sum(v) / len(v) for k, v in self._train_metrics.items()})
             self._train_metrics = {}
+        if "train_loss" in logs and self._totals_cover_run():
+            logs["train_loss"] = self.run_train_loss()
         super().log(logs, start_time)
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, Any]:
+        """transformers' batches of one optimizer step; none, and training stopped, once
+        ``max_steps`` is reached. transformers checks for the end only after a step, so a
+        resume from the checkpoint of the last step (a run stopped during its final save)
+        would otherwise train one step past ``max_steps``."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_epoch_stop = self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Tensor:
         """transformers' step; the loss it returns (what the ``loss`` log sums) joins the step's
@@ -255,6 +270,10 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
     def _tick(self) -> None:
         started, before = self._clock
         self.run_totals["wall_time_s"] = round(before + time.time() - started, 3)
+
+    def _totals_cover_run(self) -> bool:
+        totals = self.run_totals
+        return totals["steps"] + totals["skipped_steps"] == self.state.global_step
 
     def run_train_loss(self) -> float:
         """Mean objective per optimizer step over the whole run, resumed parts included."""
