@@ -235,7 +235,9 @@ def validate_train_argv(argv: list[str], *, check_output_dir: bool = True) -> tu
 
     script_args, training_args, model_args = parse_args(argv)
     check_values(script_args, training_args)
-    check_model_options(script_args, model_args)
+    # a grid checks its runs ahead of its stages (check_output_dir false): a run's model may be
+    # the base stage's, not trained yet or interrupted; the run's own train checks it at launch
+    check_model_options(script_args, model_args, check_source=check_output_dir)
     if not script_args.dataset_name:
         raise FishertuneError("dataset_name is required (a hub name, a local file or folder)")
     options = DataOptions.from_args(script_args)
@@ -247,14 +249,14 @@ def validate_train_argv(argv: list[str], *, check_output_dir: bool = True) -> tu
     return script_args, training_args, model_args
 
 
-def check_model_options(script_args: Any, model_args: Any) -> None:
+def check_model_options(script_args: Any, model_args: Any, *, check_source: bool = True) -> None:
     """Refuse, one line each, the ``trl sft`` model options ``fishertune train`` cannot honour
-    (and numbers that are not finite numbers of their type)."""
+    (and numbers that are not finite numbers of their type); with ``check_source``, a local
+    model folder's weights and run record too, before the data is read."""
     check_numbers(model_args)
     name = model_args.model_name_or_path
-    # an existing folder's weights and run record, before the data is read; a folder that does
-    # not exist yet (a grid's base run, validated before it is trained) is the loader's to refuse
-    if name and name != TINY_MODEL and Path(name).expanduser().is_dir():
+    # a folder that does not exist is the loader's to refuse (a hub name, or a clear message)
+    if check_source and name and name != TINY_MODEL and Path(name).expanduser().is_dir():
         from fishertune.modeling import check_model_source
 
         check_model_source(name)
