@@ -44,9 +44,8 @@ from fishertune.penalties import (
     fisher_objective,
     label_mask_from_labels,
     penalty_from_direction,
-    scored_cross_entropy,
-    scored_log_probs,
 )
+from fishertune.vocab import scored_softmax, scored_terms
 
 __all__ = [
     "FDSettings",
@@ -80,8 +79,8 @@ class Passes:
             loss holding every pass is returned, and all graphs stay in memory until then).
         no_sync: a context under which forwards and backwards before the last one run (DDP's
             ``no_sync``): gradients are reduced once, by the final backward.
-        on_scored: called once with ``(log_probs (N, V), targets (N,), label_mask (B, L))`` at the
-            unperturbed ``X``, for metrics (entropy, accuracy); log-probs in float32 or wider.
+        on_scored: called once with ``(statistics (4,), vocab_size)`` at the unperturbed ``X``,
+            for metrics (:class:`fishertune.vocab.ScoredTerms`: tokens, entropy, accuracy, CE).
         params: the trainable parameters; only for ``FDSettings.fused``, which accumulates
             ``-(2/h) grad_theta g(X)`` into their ``.grad`` by hand.
     """
@@ -89,15 +88,8 @@ class Passes:
     forward: Forward
     backward: Backward | None = None
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    on_scored: Callable[[Tensor, Tensor, Tensor], None] | None = None
+    on_scored: Callable[[Tensor, int], None] | None = None
     params: Sequence[Tensor] = field(default_factory=list)
-
-    def scored_ce(self, logits: Tensor, labels: Tensor, label_mask: Tensor) -> Tensor:
-        """CE summed over the scored tokens (float32, with graph); reports to ``on_scored``."""
-        log_probs, targets = scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
-        if self.on_scored is not None:
-            self.on_scored(log_probs.detach(), targets, label_mask)
-        return -log_probs.gather(1, targets[:, None]).sum()
 
 
 @dataclass(frozen=True)
@@ -194,19 +186,11 @@ def exact_penalty(
 
 
 def _directions(
-    kind: Kind,
-    passes: Passes,
-    logits: Tensor,
-    embeds: Tensor,
-    label_mask: Tensor,
-    targets: Tensor,
-    fused: bool,
-    with_params: bool,
-) -> tuple[Tensor, list[Tensor], list[list[Tensor | None]]]:
-    """``g(X)`` (m,), ``v_s = grad_X g_s`` (detached), and with ``with_params`` (fused forward
+    passes: Passes, g: Tensor, embeds: Tensor, fused: bool, with_params: bool
+) -> tuple[list[Tensor], list[list[Tensor | None]]]:
+    """``v_s = grad_X g_s`` (detached) of ``g(X)`` (m,), and with ``with_params`` (fused forward
     differences) ``grad_theta g_s(X)`` from the same backward. The graph is freed after the
     last draw when nothing else backpropagates through it (fused)."""
-    g = fisher_objective(kind, logits, label_mask, targets)  # (m,)
     directions, g_grads = [], []
     for s in range(g.shape[0]):
         last_draw = s == g.shape[0] - 1
@@ -219,7 +203,7 @@ def _directions(
             keep = not fused or not last_draw  # the unfused CE backward needs the graph
             (v,) = torch.autograd.grad(g[s], embeds, retain_graph=keep)
         directions.append(v.detach())  # (B, L, d)
-    return g, directions, g_grads
+    return directions, g_grads
 
 
 def fd_penalty_loss(
@@ -276,6 +260,7 @@ class _FiniteDifference:
         self.fused = settings.fused and self.split
         self.forward_scheme = settings.scheme == "forward"
         self.label_mask = label_mask_from_labels(labels)
+        self.next_tokens = labels[:, 1:][self.label_mask[:, :-1]]  # (N,) y_{t+1}
         self.joint: list[Tensor] = []  # the parts left for the caller's backward
 
     def finish(self, part: Tensor, last: bool) -> None:
@@ -288,23 +273,34 @@ class _FiniteDifference:
         self, targets_for: Callable[[Tensor, Tensor], Tensor]
     ) -> tuple[Tensor, Tensor]:
         """The forward at ``X``: CE, draws, ``v = grad_X g`` and the steps; the ``-(2/h) g(X)``
-        term (or, fused, its gradient by hand). Returns the objective's value and ``S``."""
+        term (or, fused, its gradient by hand). Returns the objective's value and ``S``.
+
+        CE, ``g`` and the metrics share one log-sum-exp per position, read chunk by chunk
+        (:func:`fishertune.vocab.scored_terms`); logit-F's ``p_ref`` is the one (N, V) tensor
+        kept for the shifted passes."""
         passes, settings, label_mask = self.passes, self.settings, self.label_mask
         with passes.no_sync() if self.split else contextlib.nullcontext():
             logits, embeds = passes.forward(None)
-            ce_sum = passes.scored_ce(logits, self.labels, label_mask)
             self.targets = targets_for(logits, label_mask)
-            with_params = self.fused and self.forward_scheme
-            g, self.directions, g_grads = _directions(
-                self.kind, passes, logits, embeds, label_mask, self.targets, self.fused, with_params
+            self.reference_probs = (
+                scored_softmax(logits.detach(), label_mask) if self.kind == "logit" else None
             )
+            terms = scored_terms(
+                logits,
+                label_mask,
+                self.next_tokens,
+                self.targets,
+                kind=self.kind,
+                reference=self.reference_probs,
+                statistics=passes.on_scored is not None,
+            )
+            ce_sum, g = terms.ce, terms.g
+            if passes.on_scored is not None:
+                passes.on_scored(terms.statistics, logits.shape[-1])
+            with_params = self.fused and self.forward_scheme
+            self.directions, g_grads = _directions(passes, g, embeds, self.fused, with_params)
             squared = penalty_from_direction(torch.stack(self.directions), label_mask, "sum")
             value = (ce_sum.detach() + self.weight * squared) / self.normalizer
-            self.reference_probs = (
-                torch.softmax(logits[label_mask].detach().float(), dim=-1)
-                if self.kind == "logit"
-                else None
-            )
             self.steps = [
                 fd_step_size(
                     embeds,
@@ -341,13 +337,16 @@ class _FiniteDifference:
             step = self.steps[s]
             with self.passes.no_sync() if self.split and not last else contextlib.nullcontext():
                 logits, _ = self.passes.forward(sign * step * self.directions[s])
-                g_shift = fisher_objective(
-                    self.kind,
+                # fused: the CE of these rows at the shifted point, from the same log-sum-exp
+                terms = scored_terms(
                     logits,
                     self.label_mask,
+                    self.next_tokens if self.fused else None,
                     self.targets[:, s : s + 1],
-                    self.reference_probs,
+                    kind=self.kind,
+                    reference=self.reference_probs,
                 )
+                g_shift = terms.g
                 zero = torch.zeros_like(g_shift)
                 if self.forward_scheme:
                     part = self.draw_weight * fd_surrogate(g_shift, zero, step)
@@ -355,7 +354,6 @@ class _FiniteDifference:
                     surrogate = fd_surrogate(g_shift, zero, step, scheme="central")
                     part = self.draw_weight * sign * surrogate
                 if self.fused:
-                    ce = scored_cross_entropy(logits, self.labels, self.label_mask)
-                    part = part + ce / (self.normalizer * len(shifts))
+                    part = part + terms.ce / (self.normalizer * len(shifts))
                 self.finish(part, last=last)
             del logits
