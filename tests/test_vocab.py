@@ -42,7 +42,7 @@ def _batch(seed: int = 0, dtype: torch.dtype = torch.float64):
 
 
 def test_chunks_cover_the_rows_once():
-    chunks = list(vocab.row_chunks(19, V))
+    chunks = list(vocab.row_chunks(19, V, torch.device("cpu")))
     assert [c.stop - c.start for c in chunks] == [3] * 6 + [1]
     assert chunks[0].start == 0 and chunks[-1].stop == 19
     assert vocab.scored_rows(torch.tensor([[False, True], [True, True]])).tolist() == [1, 2, 3]

@@ -53,9 +53,11 @@ __all__ = [
 ]
 
 # Rows per chunk: as many as fit this many bytes of float32 (65 rows at V = 128,256; 1024 at
-# V = 8192). Large enough that per-chunk overhead is negligible, small enough to stay in cache
-# levels and far below an (N, V) tensor.
+# V = 8192). On a CPU large enough that per-chunk overhead is negligible and far below an (N, V)
+# tensor; on an accelerator larger, so that a chunk's kernels are not dominated by launches (a
+# few chunk-sized temporaries are live at once: 1 GB or less there).
 CHUNK_BYTES = 32 * 2**20
+ACCELERATOR_CHUNK_BYTES = 256 * 2**20
 
 # index of each statistic in ScoredTerms.statistics
 STAT_TOKENS, STAT_ENTROPY, STAT_CORRECT, STAT_CE = range(4)
@@ -66,10 +68,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def row_chunks(count: int, vocab: int) -> Iterator[slice]:
-    """Slices of ``range(count)`` with about :data:`CHUNK_BYTES` of float32 ``(rows, vocab)``
-    each (at least one row)."""
-    rows = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+def row_chunks(count: int, vocab: int, device: torch.device) -> Iterator[slice]:
+    """Slices of ``range(count)`` with about :data:`CHUNK_BYTES` (on a CPU) or
+    :data:`ACCELERATOR_CHUNK_BYTES` of float32 ``(rows, vocab)`` each (at least one row)."""
+    budget = CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+    rows = max(1, budget // (4 * max(vocab, 1)))
     for start in range(0, count, rows):
         yield slice(start, min(start + rows, count))
 
@@ -136,7 +139,7 @@ def softmax_draws(
     n = rows.numel()
     u = torch.rand(n, samples, generator=generator, device=logits.device, dtype=torch.float64)
     draws = torch.empty(n, samples, dtype=torch.long, device=logits.device)
-    for chunk in row_chunks(n, flat.shape[1]):
+    for chunk in row_chunks(n, flat.shape[1], flat.device):
         probs = torch.softmax(flat[rows[chunk]].float(), dim=-1)
         draws[chunk] = inverse_cdf(probs, u[chunk], block)
     return draws
@@ -150,7 +153,7 @@ def scored_softmax(logits: Tensor, label_mask: Tensor) -> Tensor:
     flat, rows = _flat(logits), scored_rows(label_mask)
     dtype = compute_dtype(flat.dtype)
     out = torch.empty(rows.numel(), flat.shape[1], dtype=dtype, device=flat.device)
-    for chunk in row_chunks(rows.numel(), flat.shape[1]):
+    for chunk in row_chunks(rows.numel(), flat.shape[1], flat.device):
         out[chunk] = torch.softmax(flat[rows[chunk]].to(dtype), dim=-1)
     return out
 
@@ -237,7 +240,7 @@ class _ScoredTerms(torch.autograd.Function):
         baseline = flat.new_zeros(n, dtype=dtype) if kind == "logit" and draws is not None else None
         entropy = flat.new_zeros((), dtype=torch.float64)
         correct = flat.new_zeros((), dtype=torch.float64)
-        for chunk in row_chunks(n, vocab):
+        for chunk in row_chunks(n, vocab, flat.device):
             z = flat[rows[chunk]].to(dtype)  # (c, V)
             if lse is not None:
                 lse[chunk] = torch.logsumexp(z, dim=-1)
@@ -278,7 +281,7 @@ class _ScoredTerms(torch.autograd.Function):
         use_ce = labels is not None and bool(grad_ce != 0)
         use_g = draws is not None and grad_g.numel() > 0 and bool((grad_g != 0).any())
         g_total = grad_g.sum().to(dtype) if use_g else None
-        for chunk in row_chunks(n, vocab):
+        for chunk in row_chunks(n, vocab, flat.device):
             z = flat[rows[chunk]].to(dtype)
             part = None
             if use_ce or (use_g and ctx.kind == "token"):
