@@ -282,16 +282,14 @@ class _FiniteDifference:
         with passes.no_sync() if self.split else contextlib.nullcontext():
             logits, embeds = passes.forward(None)
             self.targets = targets_for(logits, label_mask)
-            self.reference_probs = (
-                scored_softmax(logits.detach(), label_mask) if self.kind == "logit" else None
-            )
+            # logit-F's p_ref here is softmax(z) of these logits, computed by the chunks as they
+            # go: bit for bit the scored_softmax kept below for the shifted passes
             terms = scored_terms(
                 logits,
                 label_mask,
                 self.next_tokens,
                 self.targets,
                 kind=self.kind,
-                reference=self.reference_probs,
                 statistics=passes.on_scored is not None,
             )
             ce_sum, g = terms.ce, terms.g
@@ -301,6 +299,10 @@ class _FiniteDifference:
             self.directions, g_grads = _directions(passes, g, embeds, self.fused, with_params)
             squared = penalty_from_direction(torch.stack(self.directions), label_mask, "sum")
             value = (ce_sum.detach() + self.weight * squared) / self.normalizer
+            # after the backward at X: its gradient buffer is freed before this one is made
+            self.reference_probs = (
+                scored_softmax(logits.detach(), label_mask) if self.kind == "logit" else None
+            )
             self.steps = [
                 fd_step_size(
                     embeds,
