@@ -33,6 +33,10 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
         hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=4, vocab_size=8192, tie_word_embeddings=False,
     ),
+    "vocab": dict(  # a Llama-3 vocabulary (128,256, untied) on the tiny trunk's width, 2 layers
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=128256, tie_word_embeddings=False,
+    ),
     "small": dict(  # gpu_check.py's gradient-accuracy shape: Llama's layout (GQA, tied), 70M
         hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=12,
         num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=True,

@@ -31,6 +31,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fishertune.vocab import inverse_cdf, softmax_draws
+
 __all__ = [
     "DEFAULT_FD_STEP",
     "fd_step_size",
@@ -134,15 +136,14 @@ def sample_targets(
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    with torch.no_grad():
-        scored = logits[label_mask]  # (N, V)
-        n, vocab = scored.shape
-        if n == 0:
-            return torch.empty(0, samples, dtype=torch.long, device=logits.device)
-        if sampling == "model":
-            return _inverse_cdf_draws(torch.softmax(scored.float(), dim=-1), samples, generator)
-        if sampling == "uniform":
-            return torch.randint(vocab, (n, samples), generator=generator, device=logits.device)
+    if not label_mask.any():
+        return torch.empty(0, samples, dtype=torch.long, device=logits.device)
+    if sampling == "model":
+        # chunk by chunk over the scored positions: no (N, V) softmax (fishertune.vocab)
+        return softmax_draws(logits, label_mask, samples, generator, _CDF_BLOCK)
+    if sampling == "uniform":
+        n, vocab = int(label_mask.sum()), logits.shape[-1]
+        return torch.randint(vocab, (n, samples), generator=generator, device=logits.device)
     raise ValueError(f"sampling must be 'model' or 'uniform', got {sampling!r}")
 
 
@@ -152,38 +153,15 @@ _CDF_BLOCK = 256
 def _inverse_cdf_draws(
     probs: Tensor, samples: int, generator: torch.Generator | None, block: int = _CDF_BLOCK
 ) -> Tensor:
-    """``samples`` draws per row of ``probs`` (N, V) by inverse CDF, in float64, two-level.
-
-    ``u ~ U(0, total)``; the block of ``block`` consecutive tokens is found on the float64 CDF of
-    the block sums (N, V / block), then the token on the float64 CDF inside that block: the same
-    law as ``torch.multinomial`` (about 8x faster on CPU at large V). A float32 CDF over the
-    whole vocabulary cannot do this: near 1 its spacing is 6e-8, so at V = 128k thousands of
-    tokens of probability below that (up to 3e-4 of mass in all) are never drawn, or their mass
-    lands on a few of them. Memory beyond the float32 probabilities: (N, V / block) and
-    (N, samples, block) float64; no (N, V) buffer besides them.
+    """``samples`` draws per row of ``probs`` (N, V) by inverse CDF
+    (:func:`fishertune.vocab.inverse_cdf`), uniforms from ``generator``.
 
     Returns:
         (N, samples) int64.
     """
-    n, vocab = probs.shape
-    full = vocab // block
-    sums = [probs[:, : full * block].view(n, full, block).sum(-1)]  # (N, K) float32
-    if full * block < vocab:
-        sums.append(probs[:, full * block :].sum(-1, keepdim=True))  # the shorter last block
-    # float32 block sums are exact to 1e-7 of each block's own mass; only the running total
-    # needs float64, so that a block of mass 1e-9 after a total of 0.9999 keeps its share
-    block_cdf = torch.cat(sums, dim=1).double().cumsum_(-1)  # (N, K)
-    blocks = block_cdf.shape[1]
-    # scaling u by the computed total keeps the law the increments of the computed cdf
+    n = probs.shape[0]
     u = torch.rand(n, samples, generator=generator, device=probs.device, dtype=torch.float64)
-    u = u * block_cdf[:, -1:]
-    chosen = torch.searchsorted(block_cdf, u, right=True).clamp_(max=blocks - 1)  # (N, s)
-    below = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp(min=0)), 0.0)
-    tokens = chosen[..., None] * block + torch.arange(block, device=probs.device)  # (N, s, b)
-    inside = probs.gather(1, tokens.clamp(max=vocab - 1).view(n, -1)).view(tokens.shape)
-    inner_cdf = inside.double().masked_fill_(tokens >= vocab, 0.0).cumsum_(-1)  # (N, s, b)
-    inner = torch.searchsorted(inner_cdf, (u - below)[..., None], right=True)[..., 0]
-    return (chosen * block + inner.clamp_(max=block - 1)).clamp_(max=vocab - 1)
+    return inverse_cdf(probs, u, block)
 
 
 def fisher_objective(

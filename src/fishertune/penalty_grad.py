@@ -66,9 +66,8 @@ from fishertune.penalties import (
     fisher_objective,
     label_mask_from_labels,
     penalty_from_direction,
-    scored_cross_entropy,
-    scored_log_probs,
 )
+from fishertune.vocab import scored_softmax, scored_terms
 
 __all__ = [
     "DEFAULT_HESSIAN_FD_STEP",
@@ -123,8 +122,8 @@ class Passes:
             loss holding every pass is returned, and all graphs stay in memory until then).
         no_sync: a context under which forwards and backwards before the last one run (DDP's
             ``no_sync``): gradients are reduced once, by the final backward.
-        on_scored: called once with ``(log_probs (N, V), targets (N,), label_mask (B, L))`` at the
-            unperturbed ``X``, for metrics (entropy, accuracy); log-probs in float32 or wider.
+        on_scored: called once with ``(statistics (4,), vocab_size)`` at the unperturbed ``X``,
+            for metrics (:class:`fishertune.vocab.ScoredTerms`: tokens, entropy, accuracy, CE).
         params: the trainable parameters; only for ``FDSettings.fused``, which accumulates
             ``-(2/h) grad_theta g(X)`` into their ``.grad`` by hand.
     """
@@ -132,20 +131,21 @@ class Passes:
     forward: Forward
     backward: Backward | None = None
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    on_scored: Callable[[Tensor, Tensor, Tensor], None] | None = None
+    on_scored: Callable[[Tensor, int], None] | None = None
     params: Sequence[Tensor] = field(default_factory=list)
 
     def scored_ce(self, logits: Tensor, labels: Tensor, label_mask: Tensor) -> Tensor:
-        """CE summed over the scored tokens (float32, with graph); reports to ``on_scored``."""
-        return self.scored(logits, labels, label_mask)[0]
-
-    def scored(self, logits: Tensor, labels: Tensor, label_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`scored_ce` and the log-probabilities (N, V) it came from (with graph: the
-        unbiased estimator's ``log p(y')`` shares their backward)."""
-        log_probs, targets = scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
+        """CE summed over the scored tokens (float32, with graph), chunk by chunk
+        (:func:`fishertune.vocab.scored_terms`); reports its statistics to ``on_scored``."""
+        terms = scored_terms(
+            logits,
+            label_mask,
+            _next_tokens(labels, label_mask),
+            statistics=self.on_scored is not None,
+        )
         if self.on_scored is not None:
-            self.on_scored(log_probs.detach(), targets, label_mask)
-        return -log_probs.gather(1, targets[:, None]).sum(), log_probs
+            self.on_scored(terms.statistics, logits.shape[-1])
+        return terms.ce
 
 
 @dataclass(frozen=True)
@@ -233,6 +233,11 @@ def _leave_one_out(row_squared: Tensor) -> Tensor:
     return squared - (squared.sum(0, keepdim=True) - squared) / (samples - 1)
 
 
+def _next_tokens(labels: Tensor, label_mask: Tensor) -> Tensor:
+    """(N,) the CE's targets ``y_{t+1}`` at the scored positions, in ``label_mask`` order."""
+    return labels[:, 1:][label_mask[:, :-1]]
+
+
 def _row_log_likelihood(draw_log_probs: Tensor, label_mask: Tensor) -> Tensor:
     """(B, m) ``sum_{t in row b} log p_t[y'_{t,j}]`` from (N, m) in ``label_mask`` order."""
     rows = label_mask.nonzero()[:, 0]  # (N,) row of each scored position
@@ -266,8 +271,14 @@ def score_function_term(draw_log_probs: Tensor, label_mask: Tensor, row_squared:
     Returns:
         Scalar ``T - stopgrad(T)``: 0, with ``T``'s gradient.
     """
-    weights = _leave_one_out(row_squared).to(draw_log_probs.dtype)  # (m, B)
-    term = (weights * _row_log_likelihood(draw_log_probs, label_mask).T).sum() / weights.shape[0]
+    return _score_term(_row_log_likelihood(draw_log_probs, label_mask), row_squared)
+
+
+def _score_term(row_log_likelihood: Tensor, row_squared: Tensor) -> Tensor:
+    """:func:`score_function_term` from the rows' ``log p(y'_bj | X)`` (B, m), with graph
+    (:func:`fishertune.vocab.scored_terms`' ``row_log_likelihood``)."""
+    weights = _leave_one_out(row_squared).to(row_log_likelihood.dtype)  # (m, B)
+    term = (weights * row_log_likelihood.T).sum() / weights.shape[0]
     return term - term.detach()
 
 
@@ -360,19 +371,11 @@ def exact_hessian_trace(loss_sum: Tensor, embeds: Tensor, probes: Tensor) -> Ten
 
 
 def _directions(
-    kind: Kind,
-    passes: Passes,
-    logits: Tensor,
-    embeds: Tensor,
-    label_mask: Tensor,
-    targets: Tensor,
-    fused: bool,
-    with_params: bool,
-) -> tuple[Tensor, list[Tensor], list[list[Tensor | None]]]:
-    """``g(X)`` (m,), ``v_s = grad_X g_s`` (detached), and with ``with_params`` (fused forward
+    passes: Passes, g: Tensor, embeds: Tensor, fused: bool, with_params: bool
+) -> tuple[list[Tensor], list[list[Tensor | None]]]:
+    """``v_s = grad_X g_s`` (detached) of ``g(X)`` (m,), and with ``with_params`` (fused forward
     differences) ``grad_theta g_s(X)`` from the same backward. The graph is freed after the
     last draw when nothing else backpropagates through it (fused)."""
-    g = fisher_objective(kind, logits, label_mask, targets)  # (m,)
     directions, g_grads = [], []
     for s in range(g.shape[0]):
         last_draw = s == g.shape[0] - 1
@@ -385,7 +388,7 @@ def _directions(
             keep = not fused or not last_draw  # the unfused CE backward needs the graph
             (v,) = torch.autograd.grad(g[s], embeds, retain_graph=keep)
         directions.append(v.detach())  # (B, L, d)
-    return g, directions, g_grads
+    return directions, g_grads
 
 
 def fd_penalty_loss(
@@ -450,6 +453,7 @@ class _FiniteDifference:
         self.fused = settings.fused and self.split
         self.forward_scheme = settings.scheme == "forward"
         self.label_mask = label_mask_from_labels(labels)
+        self.next_tokens = _next_tokens(labels, self.label_mask)
         self.joint: list[Tensor] = []  # the parts left for the caller's backward
         self.position_weights: Tensor | None = None
         self.unbiased = False
@@ -465,16 +469,32 @@ class _FiniteDifference:
         self, targets_for: Callable[[Tensor, Tensor], Tensor]
     ) -> tuple[Tensor, Tensor]:
         """The forward at ``X``: CE, draws, ``v = grad_X g`` and the steps; the ``-(2/h) g(X)``
-        term (or, fused, its gradient by hand). Returns the objective's value and ``S``."""
+        term (or, fused, its gradient by hand). Returns the objective's value and ``S``.
+
+        CE, ``g`` and the metrics share one log-sum-exp per position, read chunk by chunk
+        (:func:`fishertune.vocab.scored_terms`); logit-F's ``p_ref`` is the one (N, V) tensor
+        kept for the shifted passes."""
         passes, settings, label_mask = self.passes, self.settings, self.label_mask
         with passes.no_sync() if self.split else contextlib.nullcontext():
             logits, embeds = passes.forward(None)
-            ce_sum, log_probs = passes.scored(logits, self.labels, label_mask)
             self.targets = targets_for(logits, label_mask)
-            with_params = self.fused and self.forward_scheme
-            g, self.directions, g_grads = _directions(
-                self.kind, passes, logits, embeds, label_mask, self.targets, self.fused, with_params
+            # logit-F's p_ref here is softmax(z) of these logits, computed by the chunks as they
+            # go: bit for bit the scored_softmax kept below for the shifted passes
+            terms = scored_terms(
+                logits,
+                label_mask,
+                self.next_tokens,
+                self.targets,
+                kind=self.kind,
+                statistics=passes.on_scored is not None,
+                # the unbiased estimator's log p(y' | X) per row and draw, sharing the CE's backward
+                row_log_likelihood=self.unbiased and not self.fused,
             )
+            ce_sum, g = terms.ce, terms.g
+            if passes.on_scored is not None:
+                passes.on_scored(terms.statistics, logits.shape[-1])
+            with_params = self.fused and self.forward_scheme
+            self.directions, g_grads = _directions(passes, g, embeds, self.fused, with_params)
             weights = self.position_weights
             if weights is None and not self.unbiased:
                 squared = penalty_from_direction(torch.stack(self.directions), label_mask, "sum")
@@ -484,10 +504,9 @@ class _FiniteDifference:
             if weights is not None:  # shift along w v
                 self.directions = [v * weights.to(v.dtype)[..., None] for v in self.directions]
             value = (ce_sum.detach() + self.weight * squared) / self.normalizer
+            # after the backward at X: its gradient buffer is freed before this one is made
             self.reference_probs = (
-                torch.softmax(logits[label_mask].detach().float(), dim=-1)
-                if self.kind == "logit"
-                else None
+                scored_softmax(logits.detach(), label_mask) if self.kind == "logit" else None
             )
             self.steps = [
                 fd_step_size(
@@ -509,9 +528,8 @@ class _FiniteDifference:
                         accumulate_gradients(passes.params, grads, scale)
             else:
                 part = ce_sum / self.normalizer
-                if self.unbiased:
-                    draws = log_probs.gather(1, self.targets)  # (N, m): shares CE's backward
-                    score = score_function_term(draws, label_mask, rows)
+                if self.unbiased:  # shares the CE's backward (one chunked pass)
+                    score = _score_term(terms.row_log_likelihood, rows)
                     part = part + self.weight / self.normalizer * score
                 if self.forward_scheme:
                     # the -(2/h) g(X) half of fd_surrogate; the +(2/h) g(X + h v) half is below
@@ -531,13 +549,17 @@ class _FiniteDifference:
             step = self.steps[s]
             with self.passes.no_sync() if self.split and not last else contextlib.nullcontext():
                 logits, _ = self.passes.forward(sign * step * self.directions[s])
-                g_shift = fisher_objective(
-                    self.kind,
+                # fused: the CE of these rows at the shifted point, from the same log-sum-exp
+                terms = scored_terms(
                     logits,
                     self.label_mask,
+                    self.next_tokens if self.fused else None,
                     self.targets[:, s : s + 1],
-                    self.reference_probs,
+                    kind=self.kind,
+                    reference=self.reference_probs,
+                    row_log_likelihood=self.score_weights is not None,
                 )
+                g_shift = terms.g
                 zero = torch.zeros_like(g_shift)
                 if self.forward_scheme:
                     part = self.draw_weight * fd_surrogate(g_shift, zero, step)
@@ -545,12 +567,9 @@ class _FiniteDifference:
                     surrogate = fd_surrogate(g_shift, zero, step, scheme="central")
                     part = self.draw_weight * sign * surrogate
                 if self.fused:
-                    log_probs, labels = scored_log_probs(logits, self.labels, self.label_mask)
-                    ce = -log_probs.gather(1, labels[:, None]).sum()
-                    part = part + ce / (self.normalizer * len(shifts))
+                    part = part + terms.ce / (self.normalizer * len(shifts))
                     if self.score_weights is not None:  # draw s's score term, at X +- h u_s
-                        draws = log_probs.gather(1, self.targets[:, s : s + 1])  # (N, 1)
-                        rows = _row_log_likelihood(draws, self.label_mask)[:, 0]  # (B,)
+                        rows = terms.row_log_likelihood[:, 0]  # (B,)
                         term = (self.score_weights[s].to(rows.dtype) * rows).sum()
                         term = term / (len(self.directions) * len(signs))
                         part = part + self.weight / self.normalizer * (term - term.detach())
@@ -594,6 +613,7 @@ def hessian_fd_loss(
     """
     split = passes.backward is not None
     label_mask = label_mask_from_labels(labels)
+    next_tokens = _next_tokens(labels, label_mask)
     joint: list[Tensor] = []
     with passes.no_sync() if split else contextlib.nullcontext():
         logits, embeds = passes.forward(None)
@@ -618,7 +638,7 @@ def hessian_fd_loss(
         last = index == len(shifts) - 1
         with passes.no_sync() if split and not last else contextlib.nullcontext():
             logits, _ = passes.forward(sign * steps[k] * probes[k])
-            shifted = scored_cross_entropy(logits, labels, label_mask)
+            shifted = scored_terms(logits, label_mask, next_tokens).ce  # chunked, no (N, V)
             del logits
             part = probe_weight * inverse[k] * shifted
             trace = trace + inverse[k] * (shifted.detach() - ce_value)

@@ -370,7 +370,7 @@ class MicroStepLoss:
             forward,
             self.accelerator.backward if split else None,
             no_sync=lambda: self._no_sync(model),
-            on_scored=self.sums.add_scored,
+            on_scored=self.sums.add_statistics,
             params=[p for p in model.parameters() if p.requires_grad] if fused else [],
         )
 

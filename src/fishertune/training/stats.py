@@ -32,6 +32,10 @@ class Sum(enum.IntEnum):
     LOSS = 7  # the loss the training step returned (what transformers logs as `loss`)
 
 
+# the entries of fishertune.vocab.ScoredTerms.statistics, in order
+_STATISTICS = (Sum.TOKENS, Sum.ENTROPY, Sum.CORRECT, Sum.CE)
+
+
 class StepSums:
     """The running sums of one optimizer step on one rank."""
 
@@ -54,6 +58,14 @@ class StepSums:
         self.add(Sum.ENTROPY, -(log_probs.exp() * log_probs).sum())
         self.add(Sum.CORRECT, (log_probs.argmax(-1) == targets).sum())
         self.add(Sum.CE, -log_probs.gather(1, targets[:, None]).sum())
+
+    @torch.no_grad()
+    def add_statistics(self, statistics: Tensor, vocab_size: int) -> None:
+        """The same sums from :class:`fishertune.vocab.ScoredTerms`' ``statistics`` (4,):
+        tokens, entropy, argmax-correct count, CE (computed chunk by chunk)."""
+        self.vocab_size = vocab_size
+        for index, value in zip(_STATISTICS, statistics.detach().double(), strict=True):
+            self.add(index, value)
 
     @torch.no_grad()
     def add_penalty(self, squared_norm: Tensor, rescale: float, coef: float) -> None:
