@@ -66,6 +66,7 @@ def worker(spec: dict) -> None:
     pins as one JSON line."""
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
+
     from conftest import write_chat_file
     from test_pinned_weights import load_pins, relative_distance, weight_update
 
