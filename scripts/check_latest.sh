@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The newest versions pyproject.toml allows, against a quick part of the test suite: a fresh venv
 # (torch stays the CPU build of constraints.txt), every other package at its newest allowed
-# version, then the tests below on this checkout's src/. It reports which packages are newer than
+# version, then the tests below on this checkout's src/. It reports which versions differ from
 # requirements-lock.txt and whether the tests pass; CI runs it without failing on it (a release
 # outside this project's control must not block a change here, but should be seen before the lock
 # moves to it: `bash scripts/lock.sh --upgrade`).
@@ -28,11 +28,11 @@ source scripts/torch_source.sh
 start=$SECONDS
 timeout "$LIMIT" "$UV" pip install --quiet --python "$WORK/venv/bin/python" --upgrade \
     "${TORCH_SOURCE[@]}" -c "$WORK/torch.txt" -r pyproject.toml --extra all
-"$UV" pip freeze --python "$WORK/venv/bin/python" >"$WORK/freeze.txt"
+"$UV" pip freeze --quiet --python "$WORK/venv/bin/python" >"$WORK/freeze.txt"
 newer=$(awk -F'==' 'NR == FNR { split($2, v, " "); lock[tolower($1)] = v[1]; next }
     /==/ { name = tolower($1); if (name in lock && lock[name] != $2) print "  " $1 " " lock[name] " -> " $2 }' \
     <(grep -E '^[A-Za-z0-9_.-]+==' requirements-lock.txt) "$WORK/freeze.txt")
-echo "check_latest: packages newer than requirements-lock.txt:"
+echo "check_latest: versions that differ from requirements-lock.txt (lock -> newest resolution):"
 echo "${newer:-  none}"
 left=$((LIMIT - (SECONDS - start)))
 [ "$left" -gt 30 ] || { echo "check_latest: no time left for the tests" >&2; exit 1; }
