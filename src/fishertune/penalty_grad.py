@@ -484,8 +484,12 @@ class _FiniteDifference:
             if weights is not None:  # shift along w v
                 self.directions = [v * weights.to(v.dtype)[..., None] for v in self.directions]
             value = (ce_sum.detach() + self.weight * squared) / self.normalizer
+            # p_ref in the dtype fisher_objective computed g(X) in (float64 stays float64): a
+            # float32 p_ref at X + h v against g(X)'s own float64 one would put its rounding,
+            # about 1e-7 |z|, into g(X + h v) - g(X) and so 1e-7 |z| / h into the fd gradient
+            scored = logits[label_mask].detach()
             self.reference_probs = (
-                torch.softmax(logits[label_mask].detach().float(), dim=-1)
+                torch.softmax(scored.to(torch.promote_types(scored.dtype, torch.float32)), -1)
                 if self.kind == "logit"
                 else None
             )
