@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The installed-package path, as a new user takes it: build the wheel, install it with its `train`
-# extra into a fresh virtual environment (torch pinned by constraints.txt, as scripts/setup.sh
-# does), then from an empty temporary folder run
+# extra into a fresh virtual environment with pip, then from an empty temporary folder run
 #   fishertune demo --max_steps 5
 #   fishertune train --config tiny --max_steps 2 --output_dir OUT
+# Versions: those of requirements-lock.txt (as CI's other steps), given to pip as constraints;
+# CHECK_WHEEL_CONSTRAINTS=constraints.txt takes a user's path (torch pinned, the rest newest).
 # Both must succeed, the demo must print its table and keep library noise off the terminal, and
 # the training run must record itself as completed.
 #
@@ -15,9 +16,10 @@ PY=${PYTHON:-python3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 VENV=${CHECK_WHEEL_VENV:-$WORK/venv}
+CONSTRAINTS=${CHECK_WHEEL_CONSTRAINTS:-$ROOT/requirements-lock.txt}
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet -c "$ROOT/constraints.txt" "torch==2.13.0"
+"$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS" "torch==2.13.0"
 # The wheel is built from a copy of the committed and untracked-but-not-ignored files, so that no
 # build/ or egg-info left in the checkout leaks into it, and the checkout is left untouched.
 mkdir -p "$WORK/src"
@@ -31,7 +33,7 @@ fi
 "$VENV/bin/python" -m pip wheel --quiet --no-deps --wheel-dir "$WORK/dist" "$WORK/src"
 WHEEL=$(ls "$WORK"/dist/fishertune-*.whl)
 "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "$WHEEL"
-"$VENV/bin/python" -m pip install --quiet -c "$ROOT/constraints.txt" "${WHEEL}[train]"
+"$VENV/bin/python" -m pip install --quiet -c "$CONSTRAINTS" "${WHEEL}[train]"
 echo "installed $(basename "$WHEEL") into $VENV"
 
 RUN=$WORK/empty

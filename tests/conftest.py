@@ -13,7 +13,11 @@ TOPICS = ["apples", "rivers", "stars", "clocks", "maps", "songs", "bridges", "ga
 @pytest.fixture(scope="session")
 def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """48 two-turn conversations with a `source` (odd/even) column, as JSONL."""
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    return write_chat_file(tmp_path_factory.mktemp("data") / "chat.jsonl")
+
+
+def write_chat_file(path: Path) -> Path:
+    """Writes the :func:`chat_file` conversations to ``path``."""
     rows = []
     for i in range(48):
         topic = TOPICS[i % len(TOPICS)]

@@ -28,6 +28,8 @@ from micro import CausalMix
 from micro import exact_fisher_trace as micro_fisher_trace
 from micro import label_mask as micro_label_mask
 
+pytestmark = pytest.mark.numerics  # CI runs these again under ATEN_CPU_CAPABILITY=default
+
 DTYPE = torch.float64
 
 

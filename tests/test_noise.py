@@ -23,6 +23,8 @@ from fishertune.noise import (
     segment_lengths,
 )
 
+pytestmark = pytest.mark.numerics  # CI runs these again under ATEN_CPU_CAPABILITY=default
+
 VOCAB, D, L, B = 1000, 256, 64, 4
 ALPHA = 5.0
 LENGTHS = [64, 40, 17, 5]  # real tokens per row; row 3 is left-padded, the others right-padded

@@ -29,6 +29,8 @@ from micro import (
     relative_error,
 )
 
+pytestmark = pytest.mark.numerics  # CI runs these again under ATEN_CPU_CAPABILITY=default
+
 PENALTIES = {"token": token_fisher, "logit": logit_fisher}
 
 # Two rows of length 5: a two-token prompt in row 0, a one-token prompt and one right-padding

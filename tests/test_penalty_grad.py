@@ -24,6 +24,8 @@ from fishertune.penalty_grad import (
 )
 from micro import CausalMix, label_mask, reference_penalty
 
+pytestmark = pytest.mark.numerics  # CI runs these again under ATEN_CPU_CAPABILITY=default
+
 # Four rows of length 5 (prompts of different lengths, one right-padded row): N = 12.
 INPUT_IDS = torch.tensor([[0, 3, 1, 4, 2], [5, 2, 2, 0, 1], [1, 1, 4, 3, 0], [2, 5, 0, 1, 3]])
 ATTENTION = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])

@@ -213,6 +213,7 @@ def _changed_fraction(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     return changed / sum(t.numel() for t in a.values())
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", ["token-f-fd", pytest.param("baseline", marks=pytest.mark.slow)])
 def test_bf16_checkpoint_trains_like_float32_master_weights(models, chat_file, tmp_path, method):
     """Loaded in bf16 or in float32, the same bf16 checkpoint reaches the same weights (up to
@@ -242,6 +243,7 @@ def test_bf16_checkpoint_trains_like_float32_master_weights(models, chat_file, t
     assert master > 0.5 and pure < 0.1, (master, pure)
 
 
+@pytest.mark.numerics
 def test_resume_of_a_bf16_model_continues_from_float32_master_weights(models, chat_file, tmp_path):
     """Checkpoints hold the float32 master weights (the final model is bf16): a resumed run ends
     exactly where an uninterrupted one does."""

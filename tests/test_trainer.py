@@ -286,6 +286,7 @@ def test_gradient_accumulation_gives_the_same_update(chat_file, tmp_path):
     assert torch.nn.functional.cosine_similarity(exact, fd, dim=0) > 0.99
 
 
+@pytest.mark.numerics
 def test_resume_reaches_the_same_weights(chat_file, tmp_path):
     common = {
         "method": "token-f",

@@ -504,7 +504,10 @@ class _FiniteDifference:
             if weights is not None:  # shift along w v
                 self.directions = [v * weights.to(v.dtype)[..., None] for v in self.directions]
             value = (ce_sum.detach() + self.weight * squared) / self.normalizer
-            # after the backward at X: its gradient buffer is freed before this one is made
+            # after the backward at X: its gradient buffer is freed before this one is made. p_ref
+            # in the dtype g(X) was computed in (float64 stays float64): a float32 p_ref at
+            # X + h v against g(X)'s own float64 one would put its rounding, about 1e-7 |z|, into
+            # g(X + h v) - g(X) and so 1e-7 |z| / h into the fd gradient
             self.reference_probs = (
                 scored_softmax(logits.detach(), label_mask) if self.kind == "logit" else None
             )
