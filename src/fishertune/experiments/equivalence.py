@@ -26,7 +26,7 @@ seed share the base and the data order):
   95% interval (one point per seed and level);
 * practitioner's choice: each method at its best level by mean validation loss, its test-loss
   difference to the baseline, and its measured seconds per training step (the runs' own
-  ``train_runtime / global_step``, median over seeds) against the baseline's.
+  ``train_runtime / global_step``, mean over all its runs) against the baseline's.
 
 Curvature (the ``measure`` stage, :mod:`fishertune.experiments.curvature`): ``Tr(F_X)``,
 ``Tr(H_X)``, the gap, per split measured, with their between-batch standard errors; the embedding
@@ -349,7 +349,7 @@ def summarize(base: dict[str, Any], runs: Sequence[StudyRun], *, margin: float) 
             }
         )
     slopes = {kind: _slope(runs, baseline, kind, base) for kind in REGULARIZERS}
-    choice = _choice(levels, baseline, margin)
+    choice = _choice(levels, runs)
     measured = [
         {"name": r.name, "kind": r.kind, "alpha": r.alpha, "seed": r.seed, "splits": r.curvature}
         for r in runs
@@ -366,16 +366,13 @@ def summarize(base: dict[str, Any], runs: Sequence[StudyRun], *, margin: float) 
     }
 
 
-def _choice(
-    levels: Sequence[dict[str, Any]], baseline: Sequence[StudyRun], margin: float
-) -> dict[str, Any]:
+def _choice(levels: Sequence[dict[str, Any]], runs: Sequence[StudyRun]) -> dict[str, Any]:
     """Each regularizer at its level of lowest mean validation loss: that level, its test-loss
-    difference to the baseline (paired, 95% CI) and its cost per step against the baseline's."""
-    base_step = _cell([r.values["step_s"] for r in baseline])
-    base_step_median = pystats.median(
-        [r.values["step_s"] for r in baseline if math.isfinite(r.values["step_s"])] or [math.nan]
-    )
-    out: dict[str, Any] = {"baseline_step_s": base_step_median, "baseline_step": base_step}
+    difference to the baseline (paired, 95% CI), and its cost per step (mean over all its runs,
+    every level: the computation per step does not depend on the strength) against the
+    baseline's."""
+    steps = {kind: _cell([r.values["step_s"] for r in runs if r.kind == kind]) for kind in KINDS}
+    out: dict[str, Any] = {"baseline_step": steps["baseline"]}
     for kind in REGULARIZERS:
         candidates = [
             lv for lv in levels if kind in lv["rows"] and lv["rows"][kind]["val_loss"]["n"]
@@ -389,9 +386,10 @@ def _choice(
             "val_loss": best["rows"][kind]["val_loss"],
             "test_loss": best["rows"][kind]["test_loss"],
             "test_vs_baseline": best["test_vs_baseline"].get(kind),
-            "step_s": best["rows"][kind]["step_s"]["mean"],
-            "cost_vs_baseline": best["rows"][kind]["step_s"]["mean"] / base_step["mean"]
-            if base_step["n"]
+            "step_s": steps[kind]["mean"],
+            "step_sd": steps[kind]["sd"],
+            "cost_vs_baseline": steps[kind]["mean"] / steps["baseline"]["mean"]
+            if steps["baseline"]["n"]
             else math.nan,
         }
     return out
@@ -574,8 +572,9 @@ def format_markdown(summary: dict[str, Any], *, title: str = "Equivalence study"
         )
     parts.append("\n".join(lines) + "\n")
     parts.append(
-        f"Baseline: {_num(choice['baseline_step']['mean'], '.3f')} s / step (mean over its runs; "
-        "runs shared the machine with others, so costs are indicative).\n"
+        f"Baseline: {_num(choice['baseline_step']['mean'], '.3f')} s / step. s / step is the mean "
+        "over all of a method's runs (every level); runs shared the machine with other jobs, so "
+        "costs are indicative.\n"
     )
     parts.append(
         "## Curvature (the base and the measured runs)\n\n± = between-batch standard error; "
