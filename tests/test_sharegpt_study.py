@@ -298,7 +298,17 @@ def test_shortened_study_end_to_end(tmp_path: Path) -> None:
         assert found["mean"] == pytest.approx(mean, abs=1e-12)
         assert found["low"] == pytest.approx(mean - half, rel=1e-9)
         assert found["high"] == pytest.approx(mean + half, rel=1e-9)
-        assert found["verdict"] in ("equivalent", "different", "no detectable difference")
+        tost = stats.ttest_1samp(diffs, -0.05, alternative="greater").pvalue
+        tost = max(tost, stats.ttest_1samp(diffs, 0.05, alternative="less").pvalue)
+        assert found["tost_p"] == pytest.approx(tost, rel=1e-9)
+        equivalent, detected = tost < 0.05, mean - half > 0 or mean + half < 0
+        expected = {
+            (True, True): "different, inside the margin",
+            (True, False): "equivalent",
+            (False, True): "different",
+            (False, False): "no detectable difference",
+        }[(equivalent, detected)]
+        assert found["verdict"] == expected
         assert found["cause"] == "Taylor remainder + noise gradient variance"
         assert found["seeds"] == [0, 1]
     slope = summary["slopes"]["neftune"]

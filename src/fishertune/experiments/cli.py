@@ -176,7 +176,8 @@ def _refuse_conflicting_flags(args: argparse.Namespace) -> None:
         raise FishertuneError("--status cannot be combined with --report_only or --dry_run")
     if args.launcher == "slurm" and (args.parallel != 1 or args.gpus or args.preload):
         raise FishertuneError(
-            "--parallel / --gpus / --preload are for --launcher local (SLURM: array_parallelism)"
+            "--parallel / --gpus are for --launcher local, as is --preload "
+            "(SLURM: array_parallelism)"
         )
 
 

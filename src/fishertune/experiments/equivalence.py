@@ -18,8 +18,10 @@ seed share the base and the data order):
 
 * every comparison: mean difference of validation (and test) loss with its 95% t interval;
 * equivalence only by two one-sided tests against ``margin`` (fixed in the preset before the
-  run): *equivalent* when the 90% interval lies inside ``(-margin, margin)``; *different* when
-  the 95% interval excludes 0; otherwise *no detectable difference* (and not equivalence);
+  run): *equivalent* when the 90% interval lies inside ``(-margin, margin)`` and the 95% one
+  holds 0; *different, inside the margin* when the first holds but the 95% interval excludes 0;
+  *different* when only the 95% interval excludes 0; otherwise *no detectable difference* (and
+  not equivalence);
 * ``seeds_for_power``: the seeds a paired t-test would need to detect a difference of ``margin``
   with 80% power at the measured spread;
 * NEFTune's (and each penalty's) paired effect against ``a^2``: a least-squares slope with its
@@ -260,7 +262,9 @@ def _paired(
     values, reference = [p[1] for p in pairs], [p[2] for p in pairs]
     diff = paired_difference(values, reference)
     tost = equivalence_test(values, reference, margin=margin)
-    if tost.equivalent:
+    if tost.equivalent and diff.detected:
+        verdict = "different, inside the margin"
+    elif tost.equivalent:
         verdict = "equivalent"
     elif diff.detected:
         verdict = "different"
@@ -506,8 +510,10 @@ def format_markdown(summary: dict[str, Any], *, title: str = "Equivalence study"
     parts.append(
         f"Equivalence margin (fixed in the preset before the run): ±{margin:g} nats of loss. "
         "Verdicts: *equivalent* = the 90% CI of the paired difference lies inside the margin "
-        "(two one-sided tests at 5%); *different* = the 95% CI excludes 0; otherwise *no "
-        "detectable difference*. Paired differences are per seed (same base, same data order); "
+        "(two one-sided tests at 5%) and the 95% CI holds 0; *different, inside the margin* = "
+        "the 90% CI inside the margin, the 95% CI excluding 0; *different* = the 95% CI "
+        "excludes 0 and the 90% CI leaves the margin; otherwise *no detectable difference*. "
+        "Paired differences are per seed (same base, same data order); "
         "cells are mean [95% CI]. 'seeds for 80%' = seeds a paired t-test would need to detect a "
         "difference of the margin at the measured spread.\n"
     )
