@@ -7,11 +7,7 @@ evaluation and measurement code (in this process, to keep it fast) and checks it
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +164,10 @@ def test_slurm_refuses_the_grid_before_its_base_is_done(tmp_path: Path, base_con
         ({"measure": {"probes": 1}}, "measure.probes: expected an integer >= 2"),
         ({"measure": {"probez": 1}}, "measure: unknown key"),
         ({"report": {"study": "other"}}, "report.study: 'other' is not one of"),
+        ({"report": {"margin": -1}}, "report.margin: expected a positive number"),
+        ({"measure": {"seeds": [0, 0]}}, "measure.seeds: seeds repeat"),
+        ({"study_data": {"finetune": 3}}, "study_data.out: missing"),
+        ({"study_data": {"out": "d", "finetune": "x"}}, "study_data.finetune: expected a number"),
     ],
 )
 def test_bad_stage_blocks_name_the_field(
@@ -177,156 +177,9 @@ def test_bad_stage_blocks_name_the_field(
     raw.update(change)
     with pytest.raises(FishertuneError, match=message):
         parse_experiment(raw, tmp_path / "e.yaml")
-    raw = experiment(tmp_path, base_config, report={"study": "equivalence"})
+    raw = experiment(tmp_path, base_config, report={"study": "equivalence", "margin": 0.01})
     with pytest.raises(FishertuneError, match="needs a base: and a measure: block"):
         parse_experiment(raw, tmp_path / "e.yaml")
-
-
-def test_shipped_equivalence_grid(tmp_path: Path) -> None:
-    """The preset: base, then baseline + 5 levels x 3 methods, 3 seeds, matched coefficients."""
-    from fishertune.experiments.grid import load_experiment
-
-    config = load_experiment("equivalence", output_dir=tmp_path / "out")
-    runs = expand_grid(config)
-    assert len(runs) == 1 + 3 * (1 + 5 * 3) and runs[0].name == "base"
-    assert config.study == "equivalence" and config.measure is not None
-    neftune = {r.method: r.overrides for r in runs if r.overrides.get("method") == "neftune"}
-    ratios = []
-    for name, overrides in neftune.items():
-        level = name.removeprefix("neftune-")
-        token, logit = config.methods[f"token-f-{level}"], config.methods[f"logit-f-{level}"]
-        # lambda_eq = alpha^2 / (6 L d) with the preset's L = 25, d = 128; no warm-up
-        coef = overrides["neftune_alpha"] ** 2 / (6 * 25 * 128)
-        assert token["penalty_coef"] == pytest.approx(coef, rel=2e-3)
-        assert logit["penalty_coef"] == token["penalty_coef"]
-        assert token["penalty_warmup_steps"] == logit["penalty_warmup_steps"] == 0
-        ratios.append(overrides["neftune_alpha"] / math.sqrt(25 * 128) / 0.0506)
-    assert min(ratios) == pytest.approx(0.05, rel=1e-2)
-    assert max(ratios) == pytest.approx(2.0, rel=1e-2)
-
-
-# ----------------------------------------------------------------------------- end to end
-
-
-def in_process(command: list[str], log_path: Path, env: dict[str, str]) -> int:
-    """Runs a stage's ``python -m MODULE ARGS`` as ``MODULE.main(ARGS)`` in this process (a fresh
-    interpreter per stage costs several seconds of imports), its output in the stage's log."""
-    module, args = command[2], command[3:]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            code = importlib.import_module(module).main(args)
-    except FishertuneError as err:
-        out.write(f"error: {err}\n")
-        code = 2
-    log_path.write_text(out.getvalue())
-    return code
-
-
-def finite_numbers(value: Any, where: str = "") -> list[str]:
-    """Paths of every non-finite number in a JSON document (``None`` is not a number)."""
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in finite_numbers(v, f"{where}.{k}")]
-    if isinstance(value, list):
-        return [p for i, v in enumerate(value) for p in finite_numbers(v, f"{where}[{i}]")]
-    if isinstance(value, float) and not math.isfinite(value):
-        return [where]
-    return []
-
-
-def test_shortened_equivalence_grid_end_to_end(tmp_path: Path) -> None:
-    """Base, then one noise level (a/rms = 0.5) x baseline / NEFTune / token-F / logit-F, one
-    seed, a few steps of a 32-wide model: the alphas placed from the base's own measurement (the
-    preset's documented step), the report's structure and that every number in it is finite."""
-    tiny = {
-        "tiny_hidden_size": 32,
-        "per_device_train_batch_size": 4,
-        "report_to": "none",
-        "disable_tqdm": True,
-        "logging_steps": 1,
-        "dataset_fraction": 0.02,
-        "max_steps": 4,
-        "save_steps": 2,
-        "save_total_limit": 5,
-    }
-    raw: dict[str, Any] = {
-        "base_config": str(REPO / "configs/tiny.yaml"),
-        "output_dir": str(tmp_path / "out"),
-        "overrides": tiny,
-        "base": {"max_steps": 6, "save_steps": 6, "dataset_fraction": 0.05},
-        "methods": {"baseline": {"method": "baseline"}},
-        "seeds": [0],
-        "evaluation": {"tasks": ["offline"], "limit": 4, "max_new_tokens": 4},
-        "measure": {"batches": 1, "batch_size": 2, "probes": 2, "max_length": 64},
-        "report": {"study": "equivalence"},
-        "env": {"OMP_NUM_THREADS": "1"},
-    }
-    path = write_yaml(tmp_path / "equivalence.yaml", raw)
-    config = parse_experiment(raw, path)
-    results = run_experiment(config, launcher=in_process, only=["base"], log=lambda _: None)
-    assert [r.status for r in results] == ["completed"], results
-
-    base = json.loads((config.runs_dir / "base" / "curvature.json").read_text())["final"]
-    rms, length, d = base["embedding_rms"], base["typical_length"], base["hidden_size"]
-    assert d == 32 and rms > 0
-    alpha = 0.5 * rms * math.sqrt(length * d)
-    coef = alpha**2 / (6 * length * d)
-    raw["methods"].update(
-        {
-            "neftune-r0.5": {"method": "neftune", "neftune_alpha": alpha},
-            "token-f-r0.5": {"method": "token-f", "penalty_coef": coef, "penalty_warmup_steps": 0},
-            "logit-f-r0.5": {"method": "logit-f", "penalty_coef": coef, "penalty_warmup_steps": 0},
-        }
-    )
-    write_yaml(path, raw)
-    config = parse_experiment(raw, path)
-    results = run_experiment(config, launcher=in_process, log=lambda _: None)
-    assert [r.status for r in results] == ["skipped"] + ["completed"] * 4, [
-        (r.name, r.message) for r in results
-    ]
-    assert experiment_cli.main(["--config", str(path), "--report_only"]) == 0
-
-    report_dir = tmp_path / "out" / "report"
-    summary = json.loads((report_dir / "equivalence.json").read_text())
-    assert finite_numbers(summary) == []
-    (level,) = summary["levels"]
-    assert level["ratio"] == pytest.approx(0.5)  # recomputed from the base's measurement
-    assert level["alpha"] == pytest.approx(alpha, rel=1e-9)
-    assert level["lambda_eq"] == pytest.approx(coef, rel=1e-9)
-    assert list(level["rows"]) == ["baseline", "neftune", "token-f", "logit-f"]
-    for row in level["rows"].values():
-        for key in ("val_loss", "delta_val_loss", "trace_f", "trace_h", "gap", "exact_match"):
-            assert row[key]["n"] == 1 and math.isfinite(row[key]["mean"])
-        # the gap is Tr(H_X) - Tr(F_X) of the same measurement
-        assert row["gap"]["mean"] == pytest.approx(row["trace_h"]["mean"] - row["trace_f"]["mean"])
-    assert level["rows"]["baseline"]["delta_val_loss"]["mean"] == pytest.approx(0.0, abs=1e-12)
-    neftune = level["rows"]["neftune"]
-    assert neftune["delta_val_loss"]["mean"] == pytest.approx(
-        neftune["val_loss"]["mean"] - level["rows"]["baseline"]["val_loss"]["mean"]
-    )
-    assert set(level["agreement"]) == {"token-f", "logit-f"}
-    for run in summary["runs"]:
-        # step 0 (the base model), the checkpoint at step 2, the final model at step 4
-        assert [point[0] for point in run["trajectory"]] == [0, 2, 4]
-
-    text = (report_dir / "equivalence.md").read_text()
-    assert "## a/rms = 0.5 (alpha = " in text and "## Reading" in text
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
-    table = [lines[start], *lines[start + 2 : start + 6]]
-    assert table[0].startswith("| method | val loss | Δ val loss | Tr(F_X) | Tr(H_X) |")
-    assert [line.split(" | ")[0] for line in table[1:]] == [
-        "| baseline",
-        "| NEFTune",
-        "| token-F",
-        "| logit-F",
-    ]
-    assert "token-F vs NEFTune, validation loss" in text and "Gauss-Newton gap" in text
-    assert "## Agreement by level" in text and "## Paired by seed" in text
-    # one seed: the paired difference is the plain difference of the two runs
-    assert level["paired_vs_neftune"]["token-f"]["mean"] == pytest.approx(
-        level["rows"]["token-f"]["val_loss"]["mean"] - neftune["val_loss"]["mean"]
-    )
-    for name in ("val_loss", "curvature", "trajectories"):
-        assert (report_dir / f"equivalence_{name}.png").read_bytes()[:8] == PNG_MAGIC
+    raw = staged(tmp_path, base_config, report={"study": "equivalence"})
+    with pytest.raises(FishertuneError, match=r"report\.margin: the equivalence study needs"):
+        parse_experiment(raw, tmp_path / "e.yaml")

@@ -150,6 +150,7 @@ def test_metrics_declare_direction() -> None:
     assert set(METRICS) == set(METRIC_DESCRIPTIONS)
     assert METRICS == {
         "val_loss": False,
+        "test_loss": False,
         "perplexity": False,
         "exact_match": True,
         "ifeval_strict": True,
@@ -189,11 +190,12 @@ def test_offline_scores_known_answers(tok, model) -> None:
     assert sorted(scripted.prompts_seen) == sorted(right)  # every test prompt, once
 
 
-def test_val_loss_matches_manual_cross_entropy(tok, model) -> None:
-    n = 12
-    validation = load_conversations("builtin:tiny-tasks", "validation").select(range(n))
+def _manual_loss(tok, model, split: str, n: int) -> float:
+    """Token-weighted CE over the assistant tokens of the first ``n`` rows, one row at a time in
+    float64."""
+    rows = load_conversations("builtin:tiny-tasks", split).select(range(n))
     total, count = 0.0, 0
-    for row in validation:
+    for row in rows:
         enc = tokenize_conversation(tok, row["messages"], 512)
         ids = torch.tensor([enc["input_ids"]])
         with torch.no_grad():
@@ -202,7 +204,20 @@ def test_val_loss_matches_manual_cross_entropy(tok, model) -> None:
             if enc["assistant_masks"][t]:
                 total -= float(torch.log_softmax(logits[t - 1], -1)[ids[0, t]])
                 count += 1
-    manual = total / count
+    return total / count
+
+
+def test_losses_only_without_generation(tok, model) -> None:
+    """max_new_tokens=0: validation and test losses, no generation metric."""
+    scores = evaluate_offline(model, tok, limit=6, batch_size=4, max_new_tokens=0)
+    assert set(scores) == {"val_loss", "test_loss", "perplexity", "n_test"}
+    assert scores["test_loss"] == pytest.approx(_manual_loss(tok, model, "test", 6), rel=1e-5)
+    assert scores["val_loss"] == pytest.approx(_manual_loss(tok, model, "validation", 6), rel=1e-5)
+
+
+def test_val_loss_matches_manual_cross_entropy(tok, model) -> None:
+    n = 12
+    manual = _manual_loss(tok, model, "validation", n)
     scores = evaluate_offline(model, tok, limit=n, batch_size=5, max_new_tokens=4)
     assert scores["val_loss"] == pytest.approx(manual, rel=1e-5)
     assert scores["perplexity"] == pytest.approx(math.exp(manual), rel=1e-5)

@@ -46,7 +46,7 @@ def test_preset_names_by_kind() -> None:
     names = _on_disk()
     assert {"tiny", "paper/token-f", "experiments/tiny", "accelerate/fsdp"} <= names
     assert set(preset_names()) == names
-    assert preset_names("experiment") == ["equivalence", "paper", "tiny", "tiny-ablations"]
+    assert preset_names("experiment") == ["paper", "sharegpt-equivalence", "tiny", "tiny-ablations"]
     assert set(preset_names("train")) == {
         n for n in names if not n.startswith(("experiments/", "accelerate/"))
     }

@@ -6,7 +6,7 @@ without ``.yaml``; each command takes the names of its own kind:
 
 - training presets (``fishertune train --config NAME``): ``tiny``, ``paper/token-f``, ...
 - experiment grids (``fishertune experiment --config NAME``): ``tiny``, ``tiny-ablations``,
-  ``equivalence``,
+  ``sharegpt-equivalence``,
   ``paper`` (also ``experiments/tiny``)
 - accelerate launch configs: ``accelerate/fsdp``, ... (``fishertune presets --path
   accelerate/fsdp`` prints the file for ``accelerate launch --config_file``)

@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch_size", type=int, default=8, help="batch size of every stage")
     p.add_argument(
-        "--max_new_tokens", type=int, default=64, help="offline: generation budget per test reply"
+        "--max_new_tokens",
+        type=int,
+        default=64,
+        help="offline: generation budget per test reply (0: losses only)",
     )
     p.add_argument("--max_length", type=int, default=None, help="truncation length (tokens)")
     p.add_argument(
@@ -201,7 +204,9 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[Path, list[str]]:
         "--answer_max_new_tokens": args.answer_max_new_tokens,
     }
     for name, value in sizes.items():
-        if value is not None and value < (0 if name == "--num_fewshot" else 1):
+        if value is not None and value < (
+            0 if name in ("--num_fewshot", "--max_new_tokens") else 1
+        ):
             raise FishertuneError(f"{name} must be positive, got {value}")
     return model_dir, tasks
 

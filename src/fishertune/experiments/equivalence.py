@@ -1,121 +1,209 @@
-"""The equivalence study's report: NEFTune vs its matched Fisher penalty, across noise scales.
+"""The equivalence study's report: NEFTune vs its matched curvature penalties, causes separated.
 
 NEFTune adds uniform noise of half-width ``a = alpha / sqrt(L d)`` to the input embeddings ``X``;
-to second order ``E_eps[loss(X + eps)] = loss(X) + (a^2 / 6) Tr(H_X)``. A curvature penalty with
-``lambda_eq = a^2 / 6 = alpha^2 / (6 L d)`` (in the CE's mean reduction) on ``Tr(F_X)`` -- the
-Gauss-Newton part of ``Tr(H_X)`` -- should therefore train like the noise, as long as (i) the
-noise is small against the embeddings (``a / rms(X)`` small: the Taylor series is cut after its
-second term) and (ii) the Gauss-Newton gap ``Tr(H_X) - Tr(F_X)`` is small against ``Tr(F_X)``
-(the penalty sees ``lambda_eq Tr(F_X)``, the noise ``lambda_eq Tr(H_X)``).
+to second order ``E_eps[CE(X + eps)] = CE(X) + (a^2 / 6) Tr(H_X)``. The grid (the shipped
+``sharegpt-equivalence`` preset) trains, per noise level, four regularizers matched to the same
+``alpha`` row by row (``lambda_b = alpha^2 / (6 L_b d)``), plus the baseline, over paired seeds.
+Each adjacent pair differs by one cause:
 
-This module reads a grid with a ``base:`` stage and a ``measure:`` stage (the shipped
-``equivalence`` preset) and writes, into the report folder:
+* NEFTune vs **Hessian-trace** (``lambda Tr(H_X)``, the noise's own second-order term): the
+  Taylor series' higher terms and the noise's gradient variance;
+* Hessian-trace vs **token-F unbiased** (``lambda Tr(F_X)`` with an unbiased gradient): the
+  Gauss-Newton gap ``Tr(H_X) - Tr(F_X)``;
+* token-F unbiased vs **token-F paper** (the seed's estimator, ``y'`` held constant): the
+  estimator's gradient bias (its dropped score-function term).
 
-* ``equivalence.md``: per noise level, one table (rows baseline, NEFTune, token-F, logit-F;
-  columns validation loss and its change against the baseline, ``Tr(F_X)``, ``Tr(H_X)``, their
-  gap, exact match; ``mean ± std`` over seeds), then the agreement statement computed from them;
-* ``equivalence.json``: the same numbers;
-* ``equivalence_val_loss.png``, ``equivalence_curvature.png``, ``equivalence_trajectories.png``.
+Statistics (:mod:`fishertune.experiments.statistics`), all on per-seed differences (runs of one
+seed share the base and the data order):
 
-Each run's noise level is computed, not read from its name: with the base model's measured
-``rms``, median length ``L`` and width ``d`` (its ``curvature.json``), NEFTune's is
-``alpha / sqrt(L d) / rms`` and a penalty's ``sqrt(6 lambda) / rms`` (the ``a`` whose matched
-coefficient it is). Runs are grouped by that value rounded to two significant digits.
+* every comparison: mean difference of validation (and test) loss with its 95% t interval;
+* equivalence only by two one-sided tests against ``margin`` (fixed in the preset before the
+  run): *equivalent* when the 90% interval lies inside ``(-margin, margin)`` and the 95% one
+  holds 0; *different, inside the margin* when the first holds but the 95% interval excludes 0;
+  *different* when only the 95% interval excludes 0; otherwise *no detectable difference* (and
+  not equivalence);
+* ``seeds_for_power``: the seeds a paired t-test would need to detect a difference of ``margin``
+  with 80% power at the measured spread;
+* NEFTune's (and each penalty's) paired effect against ``a^2``: a least-squares slope with its
+  95% interval (one point per seed and level);
+* practitioner's choice: each method at its best level by mean validation loss, its test-loss
+  difference to the baseline, and its measured seconds per training step (the runs' own
+  ``train_runtime / global_step``, mean over all its runs) against the baseline's.
 
-Agreement: at a level, a penalty and NEFTune *agree* on a quantity when their means over seeds
-differ by at most the combined seed spread ``sqrt(sd_pen^2 + sd_nef^2)`` (the standard deviation
-of the difference of two single runs). NEFTune *moves* a quantity when its mean differs from the
-baseline's by more than the same kind of spread; agreement where neither moves is reported as
-such, since it says nothing about the equivalence.
+Curvature (the ``measure`` stage, :mod:`fishertune.experiments.curvature`): ``Tr(F_X)``,
+``Tr(H_X)``, the gap, per split measured, with their between-batch standard errors; the embedding
+rms and the scale-free curvature ``rms^2 Tr`` of every measured run.
+
+Written into the report folder: ``equivalence.md``, ``equivalence.json``,
+``equivalence_pairs.png`` (the four comparisons per level with 95% intervals and the margin),
+``equivalence_slope.png`` (effect vs ``a^2`` with the fitted lines), ``equivalence_choice.png``
+(test-loss change at the best level vs cost per step).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics as pystats
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
-from fishertune.experiments.report import mean_std
+from fishertune.experiments.statistics import (
+    equivalence_test,
+    paired_difference,
+    scaling_slope,
+    seeds_for_power,
+)
 from fishertune.files import MEASURE_FILE, RunFolder
 
 __all__ = [
+    "COMPARISONS",
     "KINDS",
-    "QUANTITIES",
     "StudyRun",
     "format_markdown",
     "load_study",
+    "run_kind",
     "summarize",
     "write_equivalence_report",
 ]
 
-KINDS = ("baseline", "neftune", "token-f", "logit-f")
-PENALTIES = ("token-f", "logit-f")
-# (key, label): the quantities of the tables; "delta_val_loss" is derived from val_loss.
-QUANTITIES = (
-    ("val_loss", "val loss"),
-    ("delta_val_loss", "Δ val loss"),
-    ("trace_f", "Tr(F_X)"),
-    ("trace_h", "Tr(H_X)"),
-    ("gap", "Tr(H_X)-Tr(F_X)"),
-    ("exact_match", "exact match"),
+KINDS = ("baseline", "neftune", "hessian-trace", "token-f-unbiased", "token-f-paper")
+REGULARIZERS = KINDS[1:]
+LABELS = {
+    "baseline": "baseline",
+    "neftune": "NEFTune",
+    "hessian-trace": "Hessian-trace",
+    "token-f-unbiased": "token-F unbiased",
+    "token-f-paper": "token-F paper",
+}
+COLORS = {
+    "baseline": "0.35",
+    "neftune": "C1",
+    "hessian-trace": "C4",
+    "token-f-unbiased": "C2",
+    "token-f-paper": "C3",
+}
+# (first, second, the cause their difference isolates)
+COMPARISONS: tuple[tuple[str, str, str], ...] = (
+    ("neftune", "baseline", "NEFTune's effect"),
+    ("hessian-trace", "neftune", "Taylor remainder + noise gradient variance"),
+    ("token-f-unbiased", "hessian-trace", "Gauss-Newton gap"),
+    ("token-f-paper", "token-f-unbiased", "estimator bias"),
+    ("token-f-paper", "neftune", "all causes: the seed's Fisher penalty vs NEFTune"),
 )
-LABELS = {"baseline": "baseline", "neftune": "NEFTune", "token-f": "token-F", "logit-f": "logit-F"}
-COLORS = {"baseline": "0.35", "neftune": "C1", "token-f": "C2", "logit-f": "C3"}
+METRICS = ("val_loss", "test_loss")
+
+
+def run_kind(overrides: dict[str, Any]) -> tuple[str, float] | None:
+    """A run's kind (one of :data:`KINDS`) and its matched ``alpha`` (0 for the baseline), from
+    its training overrides; ``None`` for a run the study does not compare."""
+    method = overrides.get("method", "baseline")
+    if method == "baseline":
+        return "baseline", 0.0
+    if method == "neftune":
+        return "neftune", float(overrides["neftune_alpha"])
+    alpha = overrides.get("penalty_match_neftune_alpha")
+    if alpha is None:
+        return None
+    if method == "hessian-trace":
+        return "hessian-trace", float(alpha)
+    if method == "token-f":
+        estimator = overrides.get("penalty_estimator") or "paper"
+        return f"token-f-{estimator}", float(alpha)
+    return None
 
 
 @dataclass
 class StudyRun:
-    """One fine-tuning run of the study.
-
-    Attributes:
-        name, kind, seed: the run's name, method (one of :data:`KINDS`) and seed.
-        ratio: its noise level ``a / rms`` (0 for the baseline).
-        values: final ``val_loss`` (offline evaluator, whole validation split), ``exact_match``,
-            and on the measured validation batches ``ce``, ``trace_f``, ``trace_h``, ``gap``.
-        trajectory: ``(step, Tr(F_X), Tr(H_X), CE)`` at each measured checkpoint, step 0 being
-            the base model.
-    """
+    """One fine-tuning run: name, kind, seed, matched ``alpha``; ``values`` holds ``val_loss``,
+    ``test_loss`` and ``step_s`` (training seconds per step); ``curvature`` the measured splits
+    (``{split: {trace_f, trace_h, gap, *_se, rms, loss}}``; empty when not measured)."""
 
     name: str
     kind: str
     seed: int
-    ratio: float
+    alpha: float
     values: dict[str, float] = field(default_factory=dict)
-    trajectory: list[tuple[int, float, float, float]] = field(default_factory=list)
+    curvature: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _curvature_values(entry: dict[str, Any]) -> dict[str, float]:
+def _curvature(record: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """Per measured split: the means and between-batch standard errors."""
+    if not record:
+        return {}
+    splits = record.get("splits") or {record.get("split", "validation"): record["final"]}
+    out = {}
+    for split, entry in splits.items():
+        values = {"rms": float(entry["embedding_rms"]), "loss": float(entry["loss"]["mean"])}
+        for key in ("trace_f", "trace_h", "gap"):
+            values[key] = float(entry[key]["mean"])
+            values[f"{key}_se"] = float(entry[key].get("se_batches", math.nan))
+        values["batches"] = int(entry["trace_f"].get("num_batches", 0))
+        out[split] = values
+    return out
+
+
+def _step_seconds(folder: RunFolder) -> float:
+    record = folder.run_record or {}
+    runtime = (record.get("metrics") or {}).get("train_runtime")
+    steps = record.get("global_step")
+    if not runtime or not steps:
+        return math.nan
+    return float(runtime) / float(steps)
+
+
+def _base_numbers(runs_dir: Path) -> dict[str, Any]:
+    from fishertune.experiments.grid import BASE_RUN
+
+    folder = RunFolder(runs_dir / BASE_RUN)
+    if not folder.measured:
+        raise FishertuneError(
+            f"{runs_dir / BASE_RUN / MEASURE_FILE}: the base stage has no measurement yet; "
+            "the equivalence report needs it (its rms, L and d place every noise level)"
+        )
+    final = folder.curvature["final"]
+    metrics = (folder.evaluation or {}).get("metrics", {})
+    record = folder.run_record or {}
     return {
-        "ce": float(entry["loss"]["mean"]),
-        "trace_f": float(entry["trace_f"]["mean"]),
-        "trace_h": float(entry["trace_h"]["mean"]),
-        "gap": float(entry["gap"]["mean"]),
+        "rms": float(final["embedding_rms"]),
+        "length": int(final["typical_length"]),
+        "hidden_size": int(final["hidden_size"]),
+        "val_loss": float(metrics.get("offline/val_loss", math.nan)),
+        "test_loss": float(metrics.get("offline/test_loss", math.nan)),
+        "steps": record.get("global_step"),
+        "train_loss": (record.get("metrics") or {}).get("train_loss"),
+        "tokens_seen": _tokens_seen(folder),
+        "parameters": _parameters(folder),
+        "curvature": _curvature(folder.curvature),
     }
 
 
-def _point(step: int, entry: dict[str, Any]) -> tuple[int, float, float, float]:
-    values = _curvature_values(entry)
-    return (step, values["trace_f"], values["trace_h"], values["ce"])
+def _tokens_seen(folder: RunFolder) -> float | None:
+    """TRL's ``num_tokens`` at the last logged step of the base's training."""
+    history = (folder.trainer_state or {}).get("log_history", [])
+    counts = [float(e["num_tokens"]) for e in history if "num_tokens" in e]
+    return counts[-1] if counts else None
 
 
-def _significant(value: float, digits: int = 2) -> float:
-    if value == 0 or not math.isfinite(value):
-        return value
-    return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+def _parameters(folder: RunFolder) -> int | None:
+    """The number of parameters in the base's saved weights (safetensors header shapes)."""
+    weights = folder.model_dir / "model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(weights), framework="np") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            total += math.prod(f.get_slice(key).get_shape())
+    return total
 
 
 def load_study(runs_dir: str | Path, names: Sequence[str]) -> tuple[dict[str, Any], list[StudyRun]]:
-    """The base model's measurement and the finished runs among ``names``.
-
-    Returns:
-        ``(base, runs)``: ``base`` holds ``rms``, ``length`` (``L``), ``hidden_size`` (``d``),
-        ``val_loss``, ``exact_match`` and ``curvature`` (``ce``, ``trace_f``, ``trace_h``,
-        ``gap``) of the base model; ``runs`` the runs that have both an ``evaluation.json`` and a
-        ``curvature.json``.
+    """The base's numbers and every evaluated run among ``names`` the study compares.
 
     Raises:
         FishertuneError: when the base run has no measurement yet.
@@ -123,483 +211,489 @@ def load_study(runs_dir: str | Path, names: Sequence[str]) -> tuple[dict[str, An
     from fishertune.experiments.grid import BASE_RUN
 
     runs_dir = Path(runs_dir)
-    base, start = _load_base(runs_dir)
+    base = _base_numbers(runs_dir)
     runs = []
     for name in names:
         if name == BASE_RUN:
             continue
-        run = _load_run(runs_dir, name, base, start)
-        if run is not None:
-            runs.append(run)
+        folder = RunFolder(runs_dir / name)
+        spec, evaluation = folder.spec, folder.evaluation
+        if spec is None or evaluation is None:
+            continue
+        found = run_kind(spec.get("overrides", {}))
+        if found is None:
+            continue
+        metrics = evaluation.get("metrics", {})
+        runs.append(
+            StudyRun(
+                name=name,
+                kind=found[0],
+                seed=int(spec.get("seed", 0)),
+                alpha=found[1],
+                values={
+                    "val_loss": float(metrics.get("offline/val_loss", math.nan)),
+                    "test_loss": float(metrics.get("offline/test_loss", math.nan)),
+                    "step_s": _step_seconds(folder),
+                },
+                curvature=_curvature(folder.curvature) if folder.measured else {},
+            )
+        )
     return base, runs
 
 
-def _load_base(runs_dir: Path) -> tuple[dict[str, Any], tuple[int, float, float, float]]:
-    """The base model's numbers (as :func:`load_study` returns them) and its trajectory point,
-    step 0 of every run's trajectory."""
-    from fishertune.experiments.grid import BASE_RUN
-
-    folder = RunFolder(runs_dir / BASE_RUN)
-    measured = folder.curvature
-    if not folder.measured:
-        raise FishertuneError(
-            f"{runs_dir / BASE_RUN / MEASURE_FILE}: the base stage has no measurement yet; "
-            "the equivalence report needs it (its rms, L and d give every run's noise level)"
-        )
-    final = measured["final"]
-    base_metrics = (folder.evaluation or {}).get("metrics", {})
-    base = {
-        "rms": float(final["embedding_rms"]),
-        "length": int(final["typical_length"]),
-        "hidden_size": int(final["hidden_size"]),
-        "val_loss": float(base_metrics.get("offline/val_loss", math.nan)),
-        "exact_match": float(base_metrics.get("offline/exact_match", math.nan)),
-        "curvature": _curvature_values(final),
-        "se": {key: float(final[key]["se_estimator"]) for key in ("trace_f", "trace_h", "gap")},
-    }
-    return base, _point(0, final)
+def _cell(values: Sequence[float]) -> dict[str, Any]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return {"mean": math.nan, "sd": math.nan, "n": 0}
+    sd = pystats.stdev(finite) if len(finite) > 1 else math.nan
+    return {"mean": pystats.fmean(finite), "sd": sd, "n": len(finite)}
 
 
-def _noise_scale(kind: str, overrides: dict[str, Any], base: dict[str, Any]) -> float:
-    """A run's noise half-width ``a``: NEFTune's ``alpha / sqrt(L d)``, a penalty's ``a`` whose
-    matched coefficient ``a^2 / 6`` it uses, 0 for the baseline."""
-    if kind == "neftune":
-        from fishertune.schedules import neftune_scale
-
-        return neftune_scale(float(overrides["neftune_alpha"]), base["length"], base["hidden_size"])
-    if kind in PENALTIES:
-        return math.sqrt(6.0 * float(overrides["penalty_coef"]))
-    return 0.0
-
-
-def _load_run(
-    runs_dir: Path, name: str, base: dict[str, Any], start: tuple[int, float, float, float]
-) -> StudyRun | None:
-    """The run ``name`` of ``runs_dir``, or ``None`` while it lacks its spec, evaluation or
-    measurement (or is of a method the study does not compare)."""
-    folder = RunFolder(runs_dir / name)
-    spec, evaluation, curvature = folder.spec, folder.evaluation, folder.curvature
-    if spec is None or evaluation is None or not folder.measured:
+def _paired(
+    first: Sequence[StudyRun], second: Sequence[StudyRun], metric: str, margin: float
+) -> dict[str, Any] | None:
+    """Paired difference (95% CI), TOST against ``margin``, the seeds needed for 80% power at
+    ``margin`` and the verdict, over the seeds both have; ``None`` with fewer than 2 pairs."""
+    by_seed = {r.seed: r.values[metric] for r in second}
+    pairs = sorted((r.seed, r.values[metric], by_seed[r.seed]) for r in first if r.seed in by_seed)
+    pairs = [p for p in pairs if math.isfinite(p[1]) and math.isfinite(p[2])]
+    if len(pairs) < 2:
         return None
-    overrides = spec.get("overrides", {})
-    kind = overrides.get("method", "baseline")
-    if kind not in KINDS:
+    values, reference = [p[1] for p in pairs], [p[2] for p in pairs]
+    diff = paired_difference(values, reference)
+    tost = equivalence_test(values, reference, margin=margin)
+    if tost.equivalent and diff.detected:
+        verdict = "different, inside the margin"
+    elif tost.equivalent:
+        verdict = "equivalent"
+    elif diff.detected:
+        verdict = "different"
+    else:
+        verdict = "no detectable difference"
+    try:
+        needed = seeds_for_power(margin, diff.sd) if diff.sd > 0 else 2
+    except FishertuneError:
+        needed = None
+    return {
+        **asdict(diff),
+        "tost_p": tost.p_value,
+        "tost_low": tost.low,
+        "tost_high": tost.high,
+        "equivalent": tost.equivalent,
+        "detected": diff.detected,
+        "verdict": verdict,
+        "seeds_for_power": needed,
+        "seeds": [p[0] for p in pairs],
+    }
+
+
+def _slope(
+    runs: Sequence[StudyRun], baseline: Sequence[StudyRun], kind: str, base: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The paired effect ``val_loss(kind) - val_loss(baseline)`` of each seed and level against
+    ``a^2`` (``a = alpha / sqrt(L d)``): least squares with the slope's 95% interval."""
+    by_seed = {r.seed: r.values["val_loss"] for r in baseline}
+    scale = math.sqrt(base["length"] * base["hidden_size"])
+    points = [
+        ((r.alpha / scale) ** 2, r.values["val_loss"] - by_seed[r.seed])
+        for r in runs
+        if r.kind == kind and r.seed in by_seed and math.isfinite(r.values["val_loss"])
+    ]
+    try:
+        fit = scaling_slope([x for x, _ in points], [y for _, y in points])
+    except FishertuneError:
         return None
-    scale = _noise_scale(kind, overrides, base)
-    metrics = evaluation.get("metrics", {})
-    return StudyRun(
-        name=name,
-        kind=kind,
-        seed=int(spec.get("seed", 0)),
-        ratio=_significant(scale / base["rms"]) if scale else 0.0,
-        values={
-            "val_loss": float(metrics.get("offline/val_loss", math.nan)),
-            "exact_match": float(metrics.get("offline/exact_match", math.nan)),
-            **_curvature_values(curvature["final"]),
-        },
-        trajectory=[start]
-        + [
-            _point(int(entry["step"]), entry)
-            for entry in curvature.get("trajectory", [])
-            if isinstance(entry.get("step"), int)
-        ],
-    )
+    return {**asdict(fit), "points": points}
 
 
-def _cell(values: Sequence[float]) -> dict[str, float | int | None]:
-    """Mean ± std (:func:`~fishertune.experiments.report.mean_std`) of the finite values."""
-    return asdict(mean_std([v for v in values if math.isfinite(v)]))
-
-
-def _spread(*cells: dict[str, Any]) -> float:
-    return math.sqrt(sum((c["std"] or 0.0) ** 2 for c in cells))
-
-
-def _compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | bool]:
-    diff = a["mean"] - b["mean"]
-    spread = _spread(a, b)
-    return {"difference": diff, "spread": spread, "within": abs(diff) <= spread}
-
-
-def _paired(first: Sequence[StudyRun], second: Sequence[StudyRun], key: str) -> dict[str, Any]:
-    """Mean ± std over seeds of ``first - second`` for the seeds both have."""
-    by_seed = {r.seed: r.values[key] for r in second}
-    return _cell([r.values[key] - by_seed[r.seed] for r in first if r.seed in by_seed])
-
-
-def _row(members: list[StudyRun], base_val: float) -> dict[str, Any]:
-    """One table row: mean ± std over the seeds of ``members`` for every quantity."""
-    cells: dict[str, Any] = {
-        key: _cell([r.values[key] for r in members])
-        for key in ("val_loss", "trace_f", "trace_h", "gap", "exact_match")
-    }
-    cells["delta_val_loss"] = _cell([r.values["val_loss"] - base_val for r in members])
-    cells["ce"] = _cell([r.values["ce"] for r in members])
-    cells["seeds"] = sorted(r.seed for r in members)
-    return cells
-
-
-def _level(
-    ratio: float,
-    runs: Sequence[StudyRun],
-    baseline: list[StudyRun],
-    baseline_row: dict[str, Any],
-    base: dict[str, Any],
-    base_val: float,
-) -> dict[str, Any]:
-    """The table, paired differences and agreements of the noise level ``a / rms = ratio``."""
-    length, hidden, rms = base["length"], base["hidden_size"], base["rms"]
-    members = {k: [r for r in runs if r.kind == k and r.ratio == ratio] for k in KINDS[1:]}
-    rows = {"baseline": baseline_row}
-    rows.update({k: _row(m, base_val) for k, m in members.items() if m})
-    scale = ratio * rms
-    lam = scale**2 / 6.0
-    level: dict[str, Any] = {
-        "ratio": ratio,
-        "alpha": scale * math.sqrt(length * hidden),
-        "lambda_eq": lam,
-        "rows": rows,
-        # the second-order loss terms at the base model: what the penalty adds and what the
-        # noise adds beyond it (the Gauss-Newton gap's share)
-        "penalty_term_base": lam * base["curvature"]["trace_f"],
-        "gap_term_base": lam * base["curvature"]["gap"],
-    }
-    # Paired by seed: runs of the same seed share the data order and start from the same base
-    # model, so per-seed differences remove the variation the methods have in common.
-    level["paired_vs_baseline"] = {
-        kind: _paired(m, baseline, "val_loss") for kind, m in members.items() if m
-    }
-    if members.get("neftune"):
-        level["paired_vs_neftune"] = {
-            pen: _paired(members[pen], members["neftune"], "val_loss")
-            for pen in PENALTIES
-            if members.get(pen)
-        }
-    if "neftune" in rows:
-        nef = rows["neftune"]
-        level["neftune_moves"] = {
-            key: not _compare(nef[key], baseline_row[key])["within"]
-            for key in ("val_loss", "trace_f", "trace_h")
-        }
-        level["agreement"] = {
-            pen: {
-                key: _compare(rows[pen][key], nef[key])
-                for key in ("val_loss", "trace_f", "trace_h", "exact_match")
-            }
-            for pen in PENALTIES
-            if pen in rows
-        }
-    return level
-
-
-def _agree_up_to(levels: list[dict[str, Any]], pen: str, key: str) -> float | None:
-    """The largest level up to which ``pen`` agrees with NEFTune on ``key`` at every level."""
-    last = None
-    for level in levels:
-        verdict = level.get("agreement", {}).get(pen, {}).get(key)
-        if verdict is None or not verdict["within"]:
-            break
-        last = level["ratio"]
-    return last
-
-
-def summarize(base: dict[str, Any], runs: Sequence[StudyRun]) -> dict[str, Any]:
-    """Per-level tables, agreements and the Gauss-Newton terms (see the module docstring)."""
+def summarize(base: dict[str, Any], runs: Sequence[StudyRun], *, margin: float) -> dict[str, Any]:
+    """Levels, paired comparisons, slopes, the practitioner's choice and the curvature table
+    (see the module docstring)."""
     baseline = [r for r in runs if r.kind == "baseline"]
     if not baseline:
         raise FishertuneError("the equivalence report needs finished baseline runs")
-    levels_found = sorted({r.ratio for r in runs if r.kind != "baseline"})
-    base_val = _cell([r.values["val_loss"] for r in baseline])["mean"]
-    baseline_row = _row(baseline, base_val)
-    levels = [_level(ratio, runs, baseline, baseline_row, base, base_val) for ratio in levels_found]
+    scale = math.sqrt(base["length"] * base["hidden_size"])
+    levels = []
+    for alpha in sorted({r.alpha for r in runs if r.kind != "baseline"}):
+        members = {k: [r for r in runs if r.kind == k and r.alpha == alpha] for k in REGULARIZERS}
+        members["baseline"] = baseline
+        rows = {
+            kind: {m: _cell([r.values[m] for r in members[kind]]) for m in (*METRICS, "step_s")}
+            for kind in KINDS
+            if members[kind]
+        }
+        comparisons = []
+        for first, second, cause in COMPARISONS:
+            for metric in METRICS:
+                result = _paired(members[first], members[second], metric, margin)
+                if result is not None:
+                    comparisons.append(
+                        {
+                            "first": first,
+                            "second": second,
+                            "cause": cause,
+                            "metric": metric,
+                            **result,
+                        }
+                    )
+        against_baseline = {}
+        for kind in REGULARIZERS:
+            result = _paired(members[kind], baseline, "test_loss", margin)
+            if result is not None:
+                against_baseline[kind] = result
+        levels.append(
+            {
+                "alpha": alpha,
+                "a": alpha / scale,
+                "ratio": alpha / scale / base["rms"],
+                "lambda_eq_typical": (alpha / scale) ** 2 / 6.0,
+                "rows": rows,
+                "comparisons": comparisons,
+                "test_vs_baseline": against_baseline,
+            }
+        )
+    slopes = {kind: _slope(runs, baseline, kind, base) for kind in REGULARIZERS}
+    choice = _choice(levels, runs)
+    measured = [
+        {"name": r.name, "kind": r.kind, "alpha": r.alpha, "seed": r.seed, "splits": r.curvature}
+        for r in runs
+        if r.curvature
+    ]
     return {
+        "margin": margin,
         "base": base,
-        "baseline": baseline_row,
         "levels": levels,
-        "agree_up_to": {
-            pen: {key: _agree_up_to(levels, pen, key) for key in ("val_loss", "trace_f", "trace_h")}
-            for pen in PENALTIES
-        },
+        "slopes": slopes,
+        "choice": choice,
+        "curvature": measured,
         "runs": [asdict(r) for r in runs],
     }
 
 
-def _fmt(cell: dict[str, Any], key: str) -> str:
-    """Losses and rates with 3 decimals (paired differences 4); traces with 4 significant digits
-    (their std with 2)."""
-    if cell["n"] == 0 or not math.isfinite(cell["mean"]):
-        return "–"
-    if key in ("trace_f", "trace_h", "gap"):
-        mean, std = f"{cell['mean']:.4g}", "{:.2g}"
-    else:
-        places = 4 if key == "paired" else 3
-        mean, std = f"{cell['mean']:.{places}f}", f"{{:.{places}f}}"
-    return mean if cell["std"] is None else f"{mean} ± {std.format(cell['std'])}"
-
-
-def _verdict_text(summary: dict[str, Any]) -> list[str]:
-    lines = []
-    levels = summary["levels"]
-    for pen in PENALTIES:
-        upto = summary["agree_up_to"][pen]
-        if not any(pen in lv.get("agreement", {}) for lv in levels):
-            lines.append(f"- {LABELS[pen]}: no finished runs to compare with NEFTune.")
+def _choice(levels: Sequence[dict[str, Any]], runs: Sequence[StudyRun]) -> dict[str, Any]:
+    """Each regularizer at its level of lowest mean validation loss: that level, its test-loss
+    difference to the baseline (paired, 95% CI), and its cost per step (mean over all its runs,
+    every level: the computation per step does not depend on the strength) against the
+    baseline's."""
+    steps = {kind: _cell([r.values["step_s"] for r in runs if r.kind == kind]) for kind in KINDS}
+    out: dict[str, Any] = {"baseline_step": steps["baseline"]}
+    for kind in REGULARIZERS:
+        candidates = [
+            lv for lv in levels if kind in lv["rows"] and lv["rows"][kind]["val_loss"]["n"]
+        ]
+        if not candidates:
             continue
-        first_bad = next(
-            (
-                lv
-                for lv in levels
-                if not lv.get("agreement", {})
-                .get(pen, {})
-                .get("val_loss", {"within": True})["within"]
-            ),
-            None,
-        )
-        if upto["val_loss"] is None:
-            head = f"- {LABELS[pen]} vs NEFTune, validation loss: they do not agree even at the "
-            head += f"smallest level (a/rms = {levels[0]['ratio']:g})" if levels else "no levels"
-        elif first_bad is None:
-            head = (
-                f"- {LABELS[pen]} vs NEFTune, validation loss: they agree within the seed spread "
-                f"at every level measured (up to a/rms = {upto['val_loss']:g})"
+        best = min(candidates, key=lambda lv: lv["rows"][kind]["val_loss"]["mean"])
+        out[kind] = {
+            "alpha": best["alpha"],
+            "ratio": best["ratio"],
+            "val_loss": best["rows"][kind]["val_loss"],
+            "test_loss": best["rows"][kind]["test_loss"],
+            "test_vs_baseline": best["test_vs_baseline"].get(kind),
+            "step_s": steps[kind]["mean"],
+            "step_sd": steps[kind]["sd"],
+            "cost_vs_baseline": steps[kind]["mean"] / steps["baseline"]["mean"]
+            if steps["baseline"]["n"]
+            else math.nan,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------- markdown
+
+
+def _num(value: Any, fmt: str = "+.4f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return format(value, fmt)
+
+
+def _ci(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "–"
+    return f"{result['mean']:+.4f} [{result['low']:+.4f}, {result['high']:+.4f}]"
+
+
+def _mean_sd(cell: dict[str, Any]) -> str:
+    if not cell["n"]:
+        return "–"
+    sd = "" if not math.isfinite(cell["sd"]) else f" ± {cell['sd']:.4f}"
+    return f"{cell['mean']:.4f}{sd}"
+
+
+def _base_text(base: dict[str, Any]) -> str:
+    tokens = base["tokens_seen"]
+    params = base["parameters"]
+    lines = [
+        f"Base model: {_num(params, ',d') if params else '–'} parameters (d = "
+        f"{base['hidden_size']}), pretrained for {base['steps']} steps on "
+        f"{_num(tokens, ',.0f') if tokens else '–'} tokens of part A's text; on the chat data "
+        f"(assistant tokens) validation loss {base['val_loss']:.4f}, test loss "
+        f"{base['test_loss']:.4f}; embedding rms {base['rms']:.4g}, typical length L = "
+        f"{base['length']} tokens.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _curvature_table(summary: dict[str, Any]) -> list[str]:
+    lines = [
+        "| run | split | Tr(F_X) | Tr(H_X) | gap | rms | rms²·Tr(F_X) | rms²·Tr(H_X) | batches |",
+        "|" + "---|" * 9,
+    ]
+    entries = [{"name": "base", "splits": summary["base"]["curvature"]}, *summary["curvature"]]
+    for entry in entries:
+        for split, c in entry["splits"].items():
+            rms2 = c["rms"] ** 2
+            lines.append(
+                f"| {entry['name']} | {split} | {c['trace_f']:.4g} ± {c['trace_f_se']:.2g} | "
+                f"{c['trace_h']:.4g} ± {c['trace_h_se']:.2g} | {c['gap']:.4g} ± "
+                f"{c['gap_se']:.2g} | {c['rms']:.4g} | {rms2 * c['trace_f']:.3g} | "
+                f"{rms2 * c['trace_h']:.3g} | {c['batches']} |"
             )
-        else:
-            comp = first_bad["agreement"][pen]["val_loss"]
-            head = (
-                f"- {LABELS[pen]} vs NEFTune, validation loss: they agree within the seed spread "
-                f"up to a/rms = {upto['val_loss']:g}; at a/rms = {first_bad['ratio']:g} they do "
-                f"not agree (difference {comp['difference']:+.4f}, spread {comp['spread']:.4f})"
+    return lines
+
+
+def _reading(summary: dict[str, Any]) -> list[str]:
+    """Sentences computed from the verdicts: only what the intervals support."""
+    lines = []
+    margin = summary["margin"]
+    for first, second, cause in COMPARISONS:
+        verdicts = []
+        for level in summary["levels"]:
+            found = next(
+                (
+                    c
+                    for c in level["comparisons"]
+                    if c["first"] == first and c["second"] == second and c["metric"] == "val_loss"
+                ),
+                None,
             )
-        tf, th = upto["trace_f"], upto["trace_h"]
-        head += (
-            f"; Tr(F_X) agrees up to a/rms = {tf:g}" if tf is not None else "; Tr(F_X) never agrees"
+            if found is not None:
+                verdicts.append(f"a/rms {level['ratio']:.2g}: {found['verdict']} ({_ci(found)})")
+        if verdicts:
+            lines.append(
+                f"- {LABELS[first]} − {LABELS[second]} ({cause}), validation loss, margin "
+                f"±{margin:g}: " + "; ".join(verdicts) + "."
+            )
+    slope = summary["slopes"].get("neftune")
+    if slope is not None:
+        sign = (
+            "positive"
+            if slope["low"] > 0
+            else "negative"
+            if slope["high"] < 0
+            else "not distinguishable from 0"
         )
-        head += f", Tr(H_X) up to {th:g}." if th is not None else ", Tr(H_X) never agrees."
-        lines.append(head)
-    moved = [lv["ratio"] for lv in levels if lv.get("neftune_moves", {}).get("val_loss")]
-    if moved:
         lines.append(
-            "- NEFTune moves the validation loss away from the baseline by more than the seed "
-            f"spread at a/rms = {', '.join(f'{r:g}' for r in moved)}; at the other levels its "
-            "effect is within the seed noise, so agreement there does not test the equivalence."
+            f"- NEFTune's paired effect on validation loss against a²: slope "
+            f"{slope['slope']:+.4g} per unit a² (95% CI [{slope['low']:+.4g}, "
+            f"{slope['high']:+.4g}], n = {slope['n']}): {sign}."
         )
-    else:
+    choice = summary["choice"]
+    for kind in REGULARIZERS:
+        pick = choice.get(kind)
+        if pick is None or pick["test_vs_baseline"] is None:
+            continue
+        result = pick["test_vs_baseline"]
         lines.append(
-            "- NEFTune never moves the validation loss away from the baseline by more than the "
-            "seed spread: the agreements above do not test the equivalence."
+            f"- {LABELS[kind]} at its best level (a/rms {pick['ratio']:.2g}, chosen on "
+            f"validation): test loss − baseline {_ci(result)}, {result['verdict']} at margin "
+            f"±{margin:g}; {pick['cost_vs_baseline']:.2f}x the baseline's time per step."
         )
-    base = summary["base"]["curvature"]
-    ratio = base["gap"] / base["trace_f"] if base["trace_f"] else math.nan
-    lines.append(
-        f"- Gauss-Newton gap at the base model: Tr(H_X) = {base['trace_h']:.4g}, Tr(F_X) = "
-        f"{base['trace_f']:.4g}, gap = {base['gap']:.4g} ({ratio:+.2f} x Tr(F_X)). To second order "
-        "the noise adds lambda_eq Tr(H_X) = lambda_eq (Tr(F_X) + gap) to the loss, the penalty "
-        "lambda_eq Tr(F_X): the gap is the part of the noise's regularizer the penalty lacks."
-    )
     return lines
 
 
 def format_markdown(summary: dict[str, Any], *, title: str = "Equivalence study") -> str:
-    """The report's text: setup, one table per noise level, the agreement statement."""
-    base = summary["base"]
-    parts = [
-        f"# {title}\n",
-        f"Base model: rms(X) = {base['rms']:.4g}, L = {base['length']}, d = "
-        f"{base['hidden_size']}, val loss {base['val_loss']:.4f}, exact match "
-        f"{base['exact_match']:.3f}; on the measured validation batches Tr(F_X) = "
-        f"{base['curvature']['trace_f']:.4g} ± {base['se']['trace_f']:.2g}, Tr(H_X) = "
-        f"{base['curvature']['trace_h']:.4g} ± {base['se']['trace_h']:.2g} (± 1 standard error "
-        "of the estimators, over probes and draws).\n",
-        "Cells: mean ± std over seeds (sample std). Δ val loss is against the baseline's mean. "
-        "Tr(F_X), Tr(H_X) and their gap are measured on the same validation batches for every "
-        "run (fishertune analyze's estimators).\n",
-    ]
-    header = "| method | " + " | ".join(label for _, label in QUANTITIES) + " | n |"
-    rule = "|" + "---|" * (len(QUANTITIES) + 2)
-    for level in summary["levels"]:
-        parts.append(
-            f"## a/rms = {level['ratio']:g} (alpha = {level['alpha']:.4g}, lambda_eq = "
-            f"{level['lambda_eq']:.4g})\n"
-        )
-        lines = [header, rule]
-        for kind, cells in level["rows"].items():
-            values = " | ".join(_fmt(cells[key], key) for key, _ in QUANTITIES)
-            lines.append(f"| {LABELS[kind]} | {values} | {cells['val_loss']['n']} |")
-        parts.append("\n".join(lines) + "\n")
-        parts.append(
-            f"Second-order terms at the base model: penalty lambda_eq Tr(F_X) = "
-            f"{level['penalty_term_base']:.3g}, gap term lambda_eq (Tr(H_X) - Tr(F_X)) = "
-            f"{level['gap_term_base']:.3g}.\n"
-        )
-    parts.append("## Agreement by level\n")
-    lines = [
-        "| a/rms | penalty | Δ val loss (pen − NEFTune) | spread | agree | Δ Tr(F_X) | spread "
-        "| agree | Δ Tr(H_X) | spread | agree |",
-        "|" + "---|" * 11,
-    ]
-    for level in summary["levels"]:
-        for pen, comps in level.get("agreement", {}).items():
-            cells = []
-            for key in ("val_loss", "trace_f", "trace_h"):
-                comp = comps[key]
-                number = "{:+.4f}" if key == "val_loss" else "{:+.4g}"
-                spread = "{:.4f}" if key == "val_loss" else "{:.3g}"
-                cells += [
-                    number.format(comp["difference"]),
-                    spread.format(comp["spread"]),
-                    "yes" if comp["within"] else "**no**",
-                ]
-            lines.append(f"| {level['ratio']:g} | {LABELS[pen]} | " + " | ".join(cells) + " |")
-    parts.append("\n".join(lines) + "\n")
+    """The report's text: base, per-level tables, comparisons, slopes, choice, curvature."""
+    margin = summary["margin"]
+    parts = [f"# {title}\n", _base_text(summary["base"])]
     parts.append(
-        "## Paired by seed\n\nValidation-loss change against the run of the same seed (same data "
-        "order, same base model), mean ± std over seeds: the noise and the penalties against the "
-        "baseline, and each penalty against NEFTune.\n"
+        f"Equivalence margin (fixed in the preset before the run): ±{margin:g} nats of loss. "
+        "Verdicts: *equivalent* = the 90% CI of the paired difference lies inside the margin "
+        "(two one-sided tests at 5%) and the 95% CI holds 0; *different, inside the margin* = "
+        "the 90% CI inside the margin, the 95% CI excluding 0; *different* = the 95% CI "
+        "excludes 0 and the 90% CI leaves the margin; otherwise *no detectable difference*. "
+        "Paired differences are per seed (same base, same data order); "
+        "cells are mean [95% CI]. 'seeds for 80%' = seeds a paired t-test would need to detect a "
+        "difference of the margin at the measured spread.\n"
     )
-    lines = [
-        "| a/rms | NEFTune − baseline | token-F − baseline | logit-F − baseline "
-        "| token-F − NEFTune | logit-F − NEFTune |",
-        "|" + "---|" * 6,
-    ]
     for level in summary["levels"]:
-        against = level.get("paired_vs_baseline", {})
-        versus = level.get("paired_vs_neftune", {})
-        cells = [_fmt(against[k], "paired") if k in against else "–" for k in KINDS[1:]] + [
-            _fmt(versus[k], "paired") if k in versus else "–" for k in PENALTIES
+        parts.append(
+            f"## a/rms = {level['ratio']:.3g} (alpha = {level['alpha']:.4g}, a = "
+            f"{level['a']:.3g}, lambda at L: {level['lambda_eq_typical']:.3g})\n"
+        )
+        lines = [
+            "| method | val loss | test loss | s / step | n |",
+            "|---|---|---|---|---|",
         ]
-        lines.append(f"| {level['ratio']:g} | " + " | ".join(cells) + " |")
+        for kind, row in level["rows"].items():
+            lines.append(
+                f"| {LABELS[kind]} | {_mean_sd(row['val_loss'])} | {_mean_sd(row['test_loss'])} "
+                f"| {_num(row['step_s']['mean'], '.3f')} | {row['val_loss']['n']} |"
+            )
+        parts.append("\n".join(lines) + "\n")
+        lines = [
+            "| comparison | cause | loss | difference [95% CI] | p | 90% CI | verdict | seeds "
+            "for 80% |",
+            "|" + "---|" * 8,
+        ]
+        for c in level["comparisons"]:
+            lines.append(
+                f"| {LABELS[c['first']]} − {LABELS[c['second']]} | {c['cause']} | "
+                f"{c['metric'].removesuffix('_loss')} | {_ci(c)} | {c['p_value']:.2g} | "
+                f"[{c['tost_low']:+.4f}, {c['tost_high']:+.4f}] | {c['verdict']} | "
+                f"{c['seeds_for_power'] if c['seeds_for_power'] is not None else '>1000'} |"
+            )
+        parts.append("\n".join(lines) + "\n")
+    parts.append("## Effect against a² (NEFTune's second-order prediction: linear in a²)\n")
+    lines = [
+        "| method | slope (val loss per a²) | 95% CI | intercept | n |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, slope in summary["slopes"].items():
+        if slope is None:
+            continue
+        lines.append(
+            f"| {LABELS[kind]} | {slope['slope']:+.4g} | [{slope['low']:+.4g}, "
+            f"{slope['high']:+.4g}] | {slope['intercept']:+.4f} | {slope['n']} |"
+        )
     parts.append("\n".join(lines) + "\n")
-    parts.append("## Reading\n")
+    parts.append("## What to pick: each regularizer at its best level (chosen on validation)\n")
+    choice = summary["choice"]
+    lines = [
+        "| method | best a/rms | val loss | test loss | test − baseline [95% CI] | verdict "
+        "| s / step | x baseline |",
+        "|" + "---|" * 8,
+    ]
+    for kind in REGULARIZERS:
+        pick = choice.get(kind)
+        if pick is None:
+            continue
+        result = pick["test_vs_baseline"]
+        lines.append(
+            f"| {LABELS[kind]} | {pick['ratio']:.2g} | {_mean_sd(pick['val_loss'])} | "
+            f"{_mean_sd(pick['test_loss'])} | {_ci(result)} | "
+            f"{result['verdict'] if result else '–'} | {_num(pick['step_s'], '.3f')} | "
+            f"{_num(pick['cost_vs_baseline'], '.2f')} |"
+        )
+    parts.append("\n".join(lines) + "\n")
     parts.append(
-        "Agreement: the means of a penalty and NEFTune differ by at most the combined seed "
-        "spread sqrt(sd_1^2 + sd_2^2).\n"
+        f"Baseline: {_num(choice['baseline_step']['mean'], '.3f')} s / step. s / step is the mean "
+        "over all of a method's runs (every level); runs shared the machine with other jobs, so "
+        "costs are indicative.\n"
     )
-    parts.append("\n".join(_verdict_text(summary)) + "\n")
+    parts.append(
+        "## Curvature (the base and the measured runs)\n\n± = between-batch standard error; "
+        "traces per scored token as `fishertune analyze` reports them; rms²·Tr is the "
+        "scale-free curvature.\n"
+    )
+    parts.append("\n".join(_curvature_table(summary)) + "\n")
+    parts.append("## Reading (computed from the intervals above)\n")
+    parts.append("\n".join(_reading(summary)) + "\n")
     return "\n".join(parts)
 
 
-def _level_axis(ax: Any, summary: dict[str, Any]) -> None:
-    ax.set_xscale("log")
-    ratios = [lv["ratio"] for lv in summary["levels"]]
-    ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
-    ax.minorticks_off()
-    ax.set_xlabel("noise level a / rms(X)")
+# ------------------------------------------------------------------------------- plots
 
 
-def _plot_val_loss(summary: dict[str, Any], path: Path) -> Path:
-    """Per-seed differences to the baseline run of the same seed (paired), mean ± std."""
+def _plot_pairs(summary: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comparisons = COMPARISONS[:4]
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(4.2 * len(comparisons), 3.8))
+    margin = summary["margin"]
+    for ax, (first, second, cause) in zip(axes, comparisons, strict=True):
+        xs, means, lows, highs = [], [], [], []
+        for level in summary["levels"]:
+            found = next(
+                (
+                    c
+                    for c in level["comparisons"]
+                    if (c["first"], c["second"], c["metric"]) == (first, second, "val_loss")
+                ),
+                None,
+            )
+            if found is not None:
+                xs.append(level["ratio"])
+                means.append(found["mean"])
+                lows.append(found["mean"] - found["low"])
+                highs.append(found["high"] - found["mean"])
+        ax.axhspan(-margin, margin, color="0.9", label=f"±margin {margin:g}")
+        ax.axhline(0.0, color="0.4", lw=0.8)
+        if xs:
+            ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3, color=COLORS[first])
+        ax.set_xscale("log")
+        ax.set_xlabel("noise level a / rms(X)")
+        ax.set_title(f"{LABELS[first]} − {LABELS[second]}\n({cause})", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("paired Δ validation loss (95% CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_slope(summary: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.axhline(0.0, color=COLORS["baseline"], lw=0.8, label="baseline")
-    for offset, kind in zip((-0.03, 0.0, 0.03), KINDS[1:], strict=True):
-        points = [
-            (lv["ratio"], lv["paired_vs_baseline"][kind])
-            for lv in summary["levels"]
-            if kind in lv.get("paired_vs_baseline", {})
-        ]
-        # side by side, not on top of each other
-        _mean_std_points(ax, kind, [(x * 10**offset, cell) for x, cell in points])
-    _level_axis(ax, summary)
-    ax.set_ylabel("val loss − baseline val loss (same seed)")
-    ax.set_title("Validation loss change vs baseline (mean ± std over seeds)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _mean_std_points(ax: Any, kind: str, points: list[tuple[float, dict[str, Any]]]) -> None:
-    """One method's (x, {mean, std}) cells as points with ±1 std bars, in its colour."""
-    if points:
-        ax.errorbar(
-            [x for x, _ in points],
-            [cell["mean"] for _, cell in points],
-            yerr=[cell["std"] or 0.0 for _, cell in points],
-            marker="o",
-            capsize=3,
+    ax.axhline(0.0, color="0.4", lw=0.8)
+    for kind, slope in summary["slopes"].items():
+        if slope is None:
+            continue
+        xs = [x for x, _ in slope["points"]]
+        ax.scatter(xs, [y for _, y in slope["points"]], s=10, color=COLORS[kind], alpha=0.6)
+        top = max(xs)
+        ax.plot(
+            [0, top],
+            [slope["intercept"], slope["intercept"] + slope["slope"] * top],
             color=COLORS[kind],
-            label=LABELS[kind],
+            label=f"{LABELS[kind]}: slope {slope['slope']:+.3g} [{slope['low']:+.3g}, "
+            f"{slope['high']:+.3g}]",
         )
-
-
-def _plot_curvature(summary: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in zip(axes, ("trace_f", "trace_h"), ("Tr(F_X)", "Tr(H_X)"), strict=True):
-        cell = summary["baseline"][key]
-        sd = cell["std"] or 0.0
-        ax.axhspan(cell["mean"] - sd, cell["mean"] + sd, color="0.88", label="baseline ± std")
-        ax.axhline(cell["mean"], color=COLORS["baseline"], lw=0.8)
-        for kind in KINDS[1:]:
-            points = [
-                (lv["ratio"], lv["rows"][kind][key])
-                for lv in summary["levels"]
-                if kind in lv["rows"]
-            ]
-            _mean_std_points(ax, kind, points)
-        _level_axis(ax, summary)
-        ax.set_ylabel(f"{label} (validation, final model)")
-        ax.set_title(label)
-        ax.legend(fontsize=8)
+    ax.set_xlabel("a² (a = alpha / sqrt(L d))")
+    ax.set_ylabel("val loss − baseline (same seed)")
+    ax.set_title("Effect against a² (one point per seed and level; 95% CI of slopes)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def _trajectory_band(members: list[dict[str, Any]]) -> tuple[list[int], list[float], list[float]]:
-    by_step: dict[int, list[float]] = {}
-    for run in members:
-        for step, trace_f, _, _ in run["trajectory"]:
-            by_step.setdefault(int(step), []).append(trace_f)
-    steps = sorted(by_step)
-    cells = [_cell(by_step[s]) for s in steps]
-    return steps, [c["mean"] for c in cells], [c["std"] or 0.0 for c in cells]
-
-
-def _plot_trajectories(summary: dict[str, Any], path: Path) -> Path | None:
+def _plot_choice(summary: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = summary["levels"]
-    if not levels:
-        return None
-    chosen = [levels[0]] if len(levels) == 1 else [levels[0], levels[-1]]
-    fig, axes = plt.subplots(1, len(chosen), figsize=(5.6 * len(chosen), 4.2), squeeze=False)
-    for ax, level in zip(axes[0], chosen, strict=True):
-        for kind in KINDS:
-            members = [
-                r
-                for r in summary["runs"]
-                if r["kind"] == kind and (kind == "baseline" or r["ratio"] == level["ratio"])
-            ]
-            if not members:
-                continue
-            steps, means, stds = _trajectory_band(members)
-            ax.plot(steps, means, marker="o", color=COLORS[kind], label=LABELS[kind])
-            ax.fill_between(
-                steps,
-                [m - s for m, s in zip(means, stds, strict=True)],
-                [m + s for m, s in zip(means, stds, strict=True)],
-                color=COLORS[kind],
-                alpha=0.15,
-            )
-        ax.set_xlabel("fine-tuning step (0 = base model)")
-        ax.set_ylabel("Tr(F_X) on validation batches")
-        ax.set_title(f"a/rms = {level['ratio']:g}")
-        ax.legend(fontsize=8)
-    fig.suptitle("Curvature along training (mean ± std over seeds)")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.axhline(0.0, color="0.4", lw=0.8, label="baseline")
+    ax.axhspan(-summary["margin"], summary["margin"], color="0.9")
+    for kind in REGULARIZERS:
+        pick = summary["choice"].get(kind)
+        if pick is None or pick["test_vs_baseline"] is None:
+            continue
+        r = pick["test_vs_baseline"]
+        ax.errorbar(
+            [pick["cost_vs_baseline"]],
+            [r["mean"]],
+            yerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]],
+            marker="o",
+            capsize=4,
+            color=COLORS[kind],
+            label=f"{LABELS[kind]} (a/rms {pick['ratio']:.2g})",
+        )
+    ax.set_xlabel("time per training step / baseline's")
+    ax.set_ylabel("test loss − baseline (same seed), 95% CI")
+    ax.set_title("Each regularizer at its best level: gain vs cost")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -617,7 +711,12 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_equivalence_report(
-    runs_dir: str | Path, names: Sequence[str], out_dir: str | Path, *, title: str
+    runs_dir: str | Path,
+    names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    title: str,
+    margin: float,
 ) -> dict[str, Path]:
     """Write ``equivalence.md``, ``equivalence.json`` and the three plots into ``out_dir``.
 
@@ -625,7 +724,7 @@ def write_equivalence_report(
         The written files by kind.
     """
     base, runs = load_study(runs_dir, names)
-    summary = summarize(base, runs)
+    summary = summarize(base, runs, margin=margin)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {
@@ -634,9 +733,7 @@ def write_equivalence_report(
     }
     written["equivalence_md"].write_text(format_markdown(summary, title=title))
     written["equivalence_json"].write_text(json.dumps(_json_safe(summary), indent=1) + "\n")
-    written["val_loss_png"] = _plot_val_loss(summary, out_dir / "equivalence_val_loss.png")
-    written["curvature_png"] = _plot_curvature(summary, out_dir / "equivalence_curvature.png")
-    trajectories = _plot_trajectories(summary, out_dir / "equivalence_trajectories.png")
-    if trajectories is not None:
-        written["trajectories_png"] = trajectories
+    written["pairs_png"] = _plot_pairs(summary, out_dir / "equivalence_pairs.png")
+    written["slope_png"] = _plot_slope(summary, out_dir / "equivalence_slope.png")
+    written["choice_png"] = _plot_choice(summary, out_dir / "equivalence_choice.png")
     return written

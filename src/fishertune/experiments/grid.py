@@ -21,6 +21,7 @@ An experiment YAML names a training preset and the variations to run on it::
     base:                                   # optional: a model trained once, which every
       max_steps: 500                        #   run fine-tunes (training overrides)
     measure: {batches: 2, probes: 4}        # optional: Tr(F_X), Tr(H_X) of every run
+    study_data: {out: runs/x/data}          # optional: a study's data parts, made before any run
     slurm:                                  # optional: resources of `--launcher slurm` jobs
       partition: gpu
       nodes: 1
@@ -59,12 +60,14 @@ from fishertune.experiments.blocks import (
     EvaluationSpec,
     MeasureSpec,
     SlurmSpec,
+    StudyDataSpec,
     env_block,
     evaluation_block,
     launcher_block,
     measure_block,
     report_block,
     slurm_block,
+    study_data_block,
 )
 from fishertune.experiments.fields import (
     checked_name,
@@ -108,6 +111,7 @@ TOP_LEVEL_KEYS = (
     "slurm",
     "base",
     "measure",
+    "study_data",
 )
 BASE_RUN = "base"
 
@@ -183,6 +187,8 @@ class ExperimentConfig:
     base_run: RunSpec | None = None
     measure: MeasureSpec | None = None
     study: str | None = None
+    study_data: StudyDataSpec | None = None
+    margin: float | None = None
 
     @property
     def slurm_dir(self) -> Path:
@@ -350,7 +356,7 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
     )
     launcher, accelerate_config, num_processes = launcher_block(path, raw)
     env = env_block(path, raw.get("env"))
-    report_metrics, study = report_block(path, raw.get("report"))
+    report_metrics, study, margin = report_block(path, raw.get("report"))
     overrides = overrides_block(path, "overrides", raw.get("overrides"))
     base_run = _base_run(path, raw.get("base"), base, overrides, output_dir / "runs")
     if base_run is not None:
@@ -376,6 +382,8 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         base_run=base_run,
         measure=measure_block(path, raw.get("measure")),
         study=study,
+        study_data=study_data_block(path, raw.get("study_data")),
+        margin=margin,
     )
     if study == "equivalence" and (base_run is None or config.measure is None):
         raise field_error(

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from fishertune.experiments.commands import format_command
 
-__all__ = ["Launcher", "allow_children", "stop_children", "subprocess_launcher"]
+__all__ = [
+    "Launcher",
+    "allow_children",
+    "register_group",
+    "stop_children",
+    "subprocess_launcher",
+    "unregister_group",
+]
 
 Launcher = Callable[[list[str], Path, dict[str, str]], int]
 """``launcher(command, log_path, env) -> return code``: runs one stage of one run, with the
@@ -26,6 +33,20 @@ experiment's ``env`` added to the environment."""
 _CHILDREN: set[subprocess.Popen] = set()
 _CHILDREN_LOCK = threading.Lock()
 _STOPPING = threading.Event()
+# Process groups of children started by other means (the preloading server's forks).
+_GROUPS: set[int] = set()
+
+
+def register_group(pgid: int) -> None:
+    """Have :func:`stop_children` kill the process group ``pgid`` too (a stage that is not a
+    ``Popen`` of this process)."""
+    with _CHILDREN_LOCK:
+        _GROUPS.add(pgid)
+
+
+def unregister_group(pgid: int) -> None:
+    with _CHILDREN_LOCK:
+        _GROUPS.discard(pgid)
 
 
 def _kill_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -55,8 +76,12 @@ def stop_children() -> None:
     _STOPPING.set()
     with _CHILDREN_LOCK:
         children = list(_CHILDREN)
+        groups = list(_GROUPS)
     for child in children:
         _kill_group(child)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
 
 
 def _ignore_preemption_signal() -> None:

@@ -187,6 +187,18 @@ def _run_base_first(
     return first + rest
 
 
+def prepare_data(config: ExperimentConfig, log: Callable[[str], None] = print) -> None:
+    """Write the ``study_data:`` block's data parts (nothing when they exist with the same
+    settings: :func:`~fishertune.experiments.sharegpt_data.prepare_study_data`)."""
+    from fishertune.experiments.sharegpt_data import StudyData, prepare_study_data
+
+    spec = config.study_data
+    assert spec is not None
+    manifest = prepare_study_data(spec.out, source=spec.source, sizes=StudyData(**spec.sizes))
+    parts = ", ".join(f"{name} {info['rows']}" for name, info in manifest["parts"].items())
+    log(f"study data in {spec.out}: {parts} rows")
+
+
 def run_experiment(
     config: ExperimentConfig,
     *,
@@ -196,6 +208,7 @@ def run_experiment(
     log: Callable[[str], None] = print,
     parallel: int = 1,
     gpus: Sequence[str] | None = None,
+    preload: bool = False,
 ) -> list[RunResult]:
     """Train and evaluate every unfinished run of the grid, in order, ``parallel`` at a time.
 
@@ -215,6 +228,8 @@ def run_experiment(
         parallel: runs at once, each with its own ``CUDA_VISIBLE_DEVICES`` (:func:`gpu_slots`),
             taken from the queue in the grid's order.
         gpus: the devices ``parallel`` shares out (default: all visible).
+        preload: run the stages as forks of one process that has imported torch, transformers
+            and fishertune (:mod:`fishertune.experiments.preload`) instead of fresh interpreters.
 
     Returns:
         One :class:`RunResult` per selected run, in the grid's order; failed runs do not stop the
@@ -227,6 +242,8 @@ def run_experiment(
     """
     if parallel < 1:
         raise FishertuneError(f"--parallel must be at least 1, got {parallel}")
+    if config.study_data is not None:  # the runs read these files: they come first
+        prepare_data(config, log)
     runs = _runs_with_base(config, only)
     validate_grid(config, runs)
     debris = {run.name for run in check_stored_specs(config, runs)}
@@ -236,7 +253,12 @@ def run_experiment(
     if parallel > 1:
         per_run = config.num_processes if config.launcher == "accelerate" else None
         slots = gpu_slots(parallel, gpus, per_run)
-    launcher = launcher or subprocess_launcher
+    preloaded = None
+    if launcher is None and preload:
+        from fishertune.experiments.preload import PreloadedLauncher
+
+        preloaded = PreloadedLauncher(config.env)
+    launcher = launcher or preloaded or subprocess_launcher
     allow_children()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
@@ -247,6 +269,8 @@ def run_experiment(
                 return _run_queue(config, runs, launcher, slots, log)
             return _run_base_first(config, runs, launcher, slots, log)
     finally:
+        if preloaded is not None:
+            preloaded.close()
         if main_thread and previous is not None:  # None: a handler installed outside Python
             signal.signal(signal.SIGTERM, previous)
 

@@ -112,6 +112,16 @@ def changed_training(stored: Any, current: dict[str, Any]) -> bool:
     return any(stored.get(key) != current[key] for key in (preset, "overrides"))
 
 
+def _measured_run(config: ExperimentConfig, settings: dict[str, Any]) -> bool:
+    """Whether the run described by ``settings`` gets a ``measure`` stage (``measure.seeds``)."""
+    from fishertune.experiments.grid import BASE_RUN
+
+    spec = config.measure
+    return spec is not None and spec.measures(
+        int(settings["seed"]), base=settings["name"] == BASE_RUN
+    )
+
+
 def _pending(config: ExperimentConfig, folder: RunFolder, settings: dict[str, Any]) -> list[str]:
     """The stages still to do: ``train``, ``evaluate``, ``measure``, in order."""
     stored = folder.spec
@@ -119,7 +129,7 @@ def _pending(config: ExperimentConfig, folder: RunFolder, settings: dict[str, An
     stale = stored is not None and stored.get("evaluation") != settings["evaluation"]
     if stages or not folder.evaluated or stale:
         stages.append("evaluate")
-    if config.measure is not None:
+    if _measured_run(config, settings):
         stale = stored is not None and stored.get("measure") != settings.get("measure")
         if stages[:1] == ["train"] or not folder.measured or stale:
             stages.append("measure")

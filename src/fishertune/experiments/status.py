@@ -70,7 +70,13 @@ class RunView:
 
 
 def _finished(config: ExperimentConfig, run: RunSpec, folder: RunFolder) -> bool:
-    measured = config.measure is None or folder.measured
+    from fishertune.experiments.grid import BASE_RUN
+
+    measured = (
+        config.measure is None
+        or not config.measure.measures(run.seed, base=run.name == BASE_RUN)
+        or folder.measured
+    )
     same = folder.spec == stored_settings(config, run)
     return same and folder.trained and folder.evaluated and measured
 
