@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -228,19 +229,23 @@ def test_resume_refuses_other_settings_and_a_completed_run_is_a_no_op(chat_file,
     assert digest(out) == before
 
 
+def _killed_after(straight: Path, checkpoint: str, folder: Path) -> Path:
+    """``folder`` as a run of ``straight``'s settings killed after writing ``checkpoint``: that
+    checkpoint and a run record still saying ``running``."""
+    folder.mkdir()
+    shutil.copytree(straight / checkpoint, folder / checkpoint)
+    run = record(straight)
+    run["status"] = "running"
+    (folder / RUN_RECORD).write_text(json.dumps(run))
+    return folder
+
+
 def test_resume_names_its_checkpoint_and_reports_the_whole_run(chat_file, tmp_path, caplog):
     common = {**PENALTY, "penalty_warmup_steps": 2, "max_steps": 6, "save_strategy": "steps",
               "save_steps": 3}  # fmt: skip
     straight = tmp_path / "straight"
     assert cli_main(["train", *base_args(chat_file, straight, **common)]) == 0
-    interrupted = tmp_path / "interrupted"
-    interrupted.mkdir()
-    import shutil
-
-    shutil.copytree(straight / "checkpoint-3", interrupted / "checkpoint-3")
-    run = record(straight)
-    run["status"] = "running"  # killed after checkpoint-3
-    (interrupted / RUN_RECORD).write_text(json.dumps(run))
+    interrupted = _killed_after(straight, "checkpoint-3", tmp_path / "interrupted")
     with caplog.at_level(logging.INFO):
         argv = ["train", *base_args(chat_file, interrupted, **common), "--resume", "true"]
         assert cli_main(argv) == 0
@@ -348,17 +353,10 @@ def test_resume_after_an_interrupted_final_save_trains_nothing_more(chat_file, t
     """Stopped after the last step's checkpoint but before the run was marked completed (during
     the final save): the resume trains no step past max_steps and saves the uninterrupted run's
     weights bit for bit; the console's train_loss is the whole run's."""
-    import shutil
-
     common = {**PENALTY, "max_steps": 3, **SAVING}
     straight = tmp_path / "straight"
     assert cli_main(["train", *base_args(chat_file, straight, **common)]) == 0
-    interrupted = tmp_path / "interrupted"
-    interrupted.mkdir()
-    shutil.copytree(straight / "checkpoint-3", interrupted / "checkpoint-3")
-    run = record(straight)
-    run["status"] = "running"
-    (interrupted / RUN_RECORD).write_text(json.dumps(run))
+    interrupted = _killed_after(straight, "checkpoint-3", tmp_path / "interrupted")
     capsys.readouterr()
     argv = ["train", *base_args(chat_file, interrupted, **common), "--resume", "true"]
     assert cli_main(argv) == 0
