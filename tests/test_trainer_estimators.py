@@ -28,8 +28,8 @@ def _relative(a, b) -> float:
 
 @pytest.mark.parametrize("backward", ["split", "joint"])
 def test_unbiased_fd_matches_unbiased_exact_and_differs_from_paper(chat_file, tmp_path, backward):
-    """Same draws (m = 2): fd's score-function term (in the CE backward at X, or fused at the
-    shifted points under split) gives exact mode's gradient; the term itself is not negligible."""
+    """Same draws (m = 2): fd's score-function term (in the CE backward at X) gives exact mode's
+    gradient; the term itself is not negligible."""
     unbiased = {"method": "token-f", "penalty_estimator": "unbiased", **COMMON}
     (exact, fd, paper), _ = _penalty_parts(
         chat_file,

@@ -59,9 +59,15 @@ IGNORE_INDEX = -100
 # at 3e-4 (benchmarks/overhead.py, 4-layer 256-wide Llama). In half precision a too-small step
 # drowns in rounding, so the step is larger there, and only the central scheme is accurate
 # enough (forward differences in bfloat16 lose the direction: cosine ~0.6 to the exact gradient).
+# float64 (a model that computes in float64 throughout; tests/test_penalty_grad.py measures the
+# curve): truncation error h_rel and rounding eps / h_rel cross near sqrt(eps) ~ 1e-8 (forward)
+# and eps^(1/3) ~ 1e-6 (central); the steps sit 10x above, on the truncation side, where the
+# error is 2e-7 (forward) and 5e-10 (central) on the float64 micro model. A model that rounds to
+# float32 inside (transformers' RMSNorm, eager softmax) needs the float32 steps instead: the
+# trainer measures which (fishertune.penalty_grad.float64_throughout).
 DEFAULT_FD_STEP: dict[tuple[torch.dtype, str], float] = {
-    (torch.float64, "forward"): 1e-5,
-    (torch.float64, "central"): 1e-4,
+    (torch.float64, "forward"): 1e-7,
+    (torch.float64, "central"): 1e-5,
     (torch.float32, "forward"): 1e-4,
     (torch.float32, "central"): 3e-4,
     (torch.bfloat16, "forward"): 1e-2,

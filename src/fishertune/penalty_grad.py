@@ -80,6 +80,7 @@ __all__ = [
     "exact_penalty",
     "exact_penalty_parts",
     "fd_penalty_loss",
+    "float64_throughout",
     "hessian_fd_loss",
     "penalty_rows",
     "rademacher_probes",
@@ -370,6 +371,32 @@ def exact_hessian_trace(loss_sum: Tensor, embeds: Tensor, probes: Tensor) -> Ten
     return total / probes.shape[0]
 
 
+@torch.no_grad()
+def float64_throughout(forward: Forward, relative_shift: float = 1e-9) -> bool:
+    """Whether a model given float64 embeddings keeps float64 arithmetic up to its logits.
+
+    A shift ``delta`` of relative size ``1e-9`` (below float32's resolution, 6e-8) moves the logits
+    of a float64 model linearly: ``z(X + 2 delta) - z(X) = 2 (z(X + delta) - z(X))`` to about
+    ``1e-6`` relative. A model that rounds to float32 on the way (transformers' ``LlamaRMSNorm``
+    and eager softmax upcast to float32 and back) loses the shift, or moves by rounding steps
+    that are not linear in it. Finite differences at float64 steps would measure that rounding,
+    so such a model takes the float32 steps. ``forward`` as :data:`Forward`; three forwards, no
+    gradient.
+    """
+    logits, embeds = forward(None)
+    if embeds.dtype != torch.float64 or logits.dtype != torch.float64:
+        return False
+    base = logits.detach()
+    del logits
+    generator = torch.Generator().manual_seed(0)
+    signs = torch.randint(2, embeds.shape, generator=generator).to(embeds) * 2 - 1
+    shift = signs * (relative_shift * float(embeds.detach().norm()) / float(signs.norm()))
+    once = forward(shift)[0].detach() - base
+    twice = forward(2 * shift)[0].detach() - base
+    moved = float(once.norm())
+    return moved > 0 and float((twice - 2 * once).norm()) <= 1e-3 * moved
+
+
 def _directions(
     passes: Passes, g: Tensor, embeds: Tensor, fused: bool, with_params: bool
 ) -> tuple[list[Tensor], list[list[Tensor | None]]]:
@@ -592,15 +619,18 @@ def hessian_fd_loss(
 ) -> PenaltyLoss:
     """CE plus ``weight * T`` with the Hutchinson Hessian trace ``T`` by second differences.
 
-    For each probe ``u_k`` (``probes_for(X) -> (K, B, L, d)``) and ``h_k = h_rel ||X|| / ||u_k||``,
+    For each probe ``u_k`` (``probes_for(X) -> (K, B, L, d)``) and each row ``b`` its own step
+    ``h_kb = h_rel ||X_b|| / ||u_kb||``,
 
-        ``T = (1/K) sum_k (CE(X + h_k u_k) - 2 CE(X) + CE(X - h_k u_k)) / h_k^2``
+        ``T = (1/K) sum_k sum_b (CE_b(X + h_k u_k) - 2 CE_b(X) + CE_b(X - h_k u_k)) / h_kb^2``
 
-    with ``CE`` summed over the scored tokens and ``X = X(theta)`` keeping its graph:
-    ``T = (1/K) sum_k u_k^T H_X u_k + O(h^2)``, and so is its parameter gradient, which is an
-    ordinary first-order backward of the same expression. The ``-2 CE(X)`` part joins the CE's
-    own backward at ``X``; with ``passes.backward`` every pass but the last is backpropagated
-    before the next forward (one graph in memory).
+    with ``CE_b`` row ``b``'s CE summed over its scored tokens and ``X = X(theta)`` keeping its
+    graph. Row ``b``'s CE depends on row ``b``'s embeddings only, so ``H_X`` is block diagonal
+    over rows and ``T = (1/K) sum_k u_k^T H_X u_k + O(h^2)``, and so is its parameter gradient,
+    an ordinary first-order backward of the same expression. The step of a row depends on that
+    row alone: the value does not change with how the rows are split over processes. The
+    ``-2 CE(X)`` part joins the CE's own backward at ``X``; with ``passes.backward`` every pass
+    but the last is backpropagated before the next forward (one graph in memory).
 
     Args:
         passes: the model (see :class:`Passes`); ``fused`` does not apply.
@@ -617,39 +647,59 @@ def hessian_fd_loss(
     split = passes.backward is not None
     label_mask = label_mask_from_labels(labels)
     next_tokens = _next_tokens(labels, label_mask)
+    # the rows' CE as the log-likelihood of the labels themselves: -CE_b, from the same chunks
+    as_draws = next_tokens[:, None]
     joint: list[Tensor] = []
     with passes.no_sync() if split else contextlib.nullcontext():
         logits, embeds = passes.forward(None)
-        ce_sum = passes.scored_ce(logits, labels, label_mask)
+        terms = scored_terms(
+            logits,
+            label_mask,
+            next_tokens,
+            as_draws,
+            statistics=passes.on_scored is not None,
+            row_log_likelihood=True,
+        )
+        if passes.on_scored is not None:
+            passes.on_scored(terms.statistics, logits.shape[-1])
         del logits
+        row_ce = -terms.row_log_likelihood[:, 0]  # (B,)
         probes = probes_for(embeds.detach())
         if relative_step is None:
             relative_step = DEFAULT_HESSIAN_FD_STEP[compute_dtype or embeds.dtype]
-        x_norm = embeds.detach().float().norm()
-        steps = [float(relative_step * x_norm / probe.float().norm()) for probe in probes]
-        inverse = [1.0 / h**2 if h > 0 else 0.0 for h in steps]
-        probe_weight = weight / (len(steps) * normalizer)
-        part = ce_sum / normalizer - probe_weight * 2.0 * sum(inverse) * ce_sum
+        x_norms = embeds.detach().float().flatten(1).norm(dim=1)  # (B,)
+        # (K, B) steps, 0 where a row's probe is 0 (a row not penalized)
+        probe_norms = probes.detach().float().flatten(2).norm(dim=2)
+        steps = torch.where(probe_norms > 0, relative_step * x_norms / probe_norms, 0.0)
+        inverse = torch.where(steps > 0, 1.0 / steps.double().pow(2), 0.0)  # (K, B)
+        inverse = inverse.to(row_ce.dtype if row_ce.dtype == torch.float64 else torch.float32)
+        probe_weight = weight / (probes.shape[0] * normalizer)
+        part = terms.ce / normalizer - probe_weight * 2.0 * (inverse.sum(0) * row_ce).sum()
         if split:
             passes.backward(part)
         else:
             joint.append(part)
-    ce_value = ce_sum.detach()
-    trace = ce_value.new_zeros(())
-    shifts = [(k, sign) for k in range(len(steps)) for sign in (1.0, -1.0)]
+    row_ce_value = row_ce.detach()
+    trace = row_ce_value.new_zeros(())
+    shifts = [(k, sign) for k in range(probes.shape[0]) for sign in (1.0, -1.0)]
     for index, (k, sign) in enumerate(shifts):
         last = index == len(shifts) - 1
         with passes.no_sync() if split and not last else contextlib.nullcontext():
-            logits, _ = passes.forward(sign * steps[k] * probes[k])
-            shifted = scored_terms(logits, label_mask, next_tokens).ce  # chunked, no (N, V)
+            shift = sign * steps[k].to(probes.dtype)[:, None, None] * probes[k]
+            logits, _ = passes.forward(shift)
+            shifted = (
+                scored_terms(logits, label_mask, draws=as_draws, row_log_likelihood=True)
+                .row_log_likelihood[:, 0]
+                .neg()
+            )  # (B,) chunked, no (N, V)
             del logits
-            part = probe_weight * inverse[k] * shifted
-            trace = trace + inverse[k] * (shifted.detach() - ce_value)
+            part = probe_weight * (inverse[k] * shifted).sum()
+            trace = trace + (inverse[k] * (shifted.detach() - row_ce_value)).sum()
             if split and not last:
                 passes.backward(part)
             else:
                 joint.append(part)
-    squared = trace / len(steps)
-    value = (ce_value + weight * squared) / normalizer
+    squared = trace / probes.shape[0]
+    value = (terms.ce.detach() + weight * squared) / normalizer
     loss = sum(joint[1:], joint[0])
     return PenaltyLoss(loss - loss.detach() + value, value.detach(), squared.detach())

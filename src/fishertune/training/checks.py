@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -9,6 +10,8 @@ from torch import nn
 
 from fishertune.errors import FishertuneError
 from fishertune.training.config import PENALTY_METHODS
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "TWICE_DIFFERENTIABLE_ATTENTION",
@@ -45,6 +48,10 @@ def check_launch(accelerator: Any) -> None:
         )
 
 
+def _fsdp(accelerator: Any) -> bool:
+    return getattr(accelerator, "distributed_type", None) == "FSDP"
+
+
 def check_supported(args: Any, accelerator: Any, model: nn.Module, deepspeed: bool) -> None:
     """Refuse, with the reason, option combinations known to fail or to be wrong (measured)."""
     if args.method not in PENALTY_METHODS:
@@ -55,6 +62,22 @@ def check_supported(args: Any, accelerator: Any, model: nn.Module, deepspeed: bo
         raise FishertuneError(
             "penalty_fd_backward=split does not work under DeepSpeed (its engine owns backward "
             "and the optimizer step): use penalty_fd_backward=joint or auto"
+        )
+    if getattr(args, "penalty_fd_fused_ce", False):
+        if args.penalty_grad != "fd" or args.method not in ("token-f", "logit-f"):
+            raise FishertuneError(
+                "penalty_fd_fused_ce applies to penalty_grad=fd with token-f or logit-f only"
+            )
+        if deepspeed or getattr(args, "fp16", False) or _fsdp(accelerator):
+            # the fused step adds grad_theta g(X) into p.grad by hand, which neither a loss
+            # scaler nor sharded (FSDP) or engine-owned (DeepSpeed) gradients allow
+            raise FishertuneError(
+                "penalty_fd_fused_ce needs gradients accumulated in place (one process or DDP, "
+                "no fp16 loss scaler): set penalty_fd_fused_ce=false"
+            )
+        logger.warning(
+            "penalty_fd_fused_ce: the CE is taken at X + h v, its gradient off by about h_rel "
+            "times its own: accurate only while the penalty's gradient is far larger than that"
         )
     if deepspeed and args.on_nonfinite == "skip":
         raise FishertuneError(

@@ -28,6 +28,7 @@ PENALTY_FIELDS = (
     "penalty_fd_scheme",
     "penalty_fd_step",
     "penalty_fd_backward",
+    "penalty_fd_fused_ce",
     "penalty_estimator",
     "penalty_match_neftune_alpha",
 )
@@ -175,6 +176,16 @@ class FisherSFTConfig(SFTConfig):
             "joint under DeepSpeed, split otherwise."
         },
     )
+    penalty_fd_fused_ce: bool | None = field(
+        default=None,
+        metadata={
+            "help": "fd mode: take the penalized rows' CE at the shifted points X + h v instead "
+            "of at X (one backward pass fewer). Its gradient is then off by about h_rel times "
+            "the CE's own, independent of penalty_coef: accurate only while the penalty's "
+            "gradient is far larger than h_rel times the CE's. One process or DDP, no fp16. "
+            "Default false."
+        },
+    )
     neftune_alpha: float | None = field(
         default=None,
         metadata={"help": "NEFTune alpha; noise U(-a, a), a = alpha / sqrt(L d). Default 5."},
@@ -272,6 +283,7 @@ class FisherSFTConfig(SFTConfig):
             half = bool(self.fp16) or (self.bf16 is None or bool(self.bf16))
             self.penalty_fd_scheme = self.penalty_fd_scheme or ("central" if half else "forward")
             self.penalty_fd_backward = self.penalty_fd_backward or "auto"
+            self.penalty_fd_fused_ce = bool(self.penalty_fd_fused_ce)
             if self.penalty_coef < 0:
                 raise FishertuneError(f"penalty_coef must be >= 0, got {self.penalty_coef}")
             if self.penalty_warmup_steps < 0:

@@ -16,6 +16,7 @@ embedding capture, the step's metric sums, the random streams) and nothing of th
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
+from fishertune.errors import FishertuneError
 from fishertune.noise import EmbeddingCapture, NEFTuneNoise, find_input_embeddings
 from fishertune.penalties import label_mask_from_labels, scored_log_probs
 from fishertune.penalty_grad import (
@@ -32,6 +34,7 @@ from fishertune.penalty_grad import (
     exact_hessian_trace,
     exact_penalty_parts,
     fd_penalty_loss,
+    float64_throughout,
     hessian_fd_loss,
     score_function_term,
 )
@@ -47,6 +50,8 @@ __all__ = [
     "loss_normalizer",
     "matched_position_weights",
 ]
+
+logger = logging.getLogger(__name__)
 
 StreamFactory = Callable[[Stream, torch.device], torch.Generator]
 
@@ -150,6 +155,8 @@ class MicroStepLoss:
         draw: ``draw(logits (B, L, V), label_mask (B, L)) -> (N, m)`` sampled targets ``y'``.
         probe: ``probe(embeds (B, L, d), weights (B, L) | None) -> (K, B, L, d)`` Hutchinson
             probes ``sqrt(w) z`` (hessian-trace).
+        precision: what the run has measured of the model's arithmetic, kept across
+            micro-steps (the trainer's; see :meth:`_float32_inside`).
     """
 
     def __init__(
@@ -161,6 +168,7 @@ class MicroStepLoss:
         stream: StreamFactory,
         draw: Callable[[Tensor, Tensor], Tensor],
         probe: Callable[[Tensor, Tensor | None], Tensor],
+        precision: dict[str, bool] | None = None,
     ) -> None:
         self.args = args
         self.accelerator = accelerator
@@ -169,6 +177,7 @@ class MicroStepLoss:
         self.stream = stream
         self.draw = draw
         self.probe = probe
+        self.precision = {} if precision is None else precision
         self.kind = {"token-f": "token", "logit-f": "logit", "hessian-trace": "hessian"}.get(
             args.method
         )
@@ -301,13 +310,21 @@ class MicroStepLoss:
         if rows.numel() < batch_size:
             rest_part = self._rest_of_batch(model, inputs, rows, normalizer, split)
             inputs = _select_rows(inputs, rows)
-        fused = split and self._grads_accumulate_locally(model)
+        # the CE at X unless asked otherwise: fused takes it at X + h v, an O(h_rel) offset of the
+        # CE's own gradient that does not shrink with the coefficient (docs/method.md)
+        fused = split and args.penalty_fd_fused_ce
+        if fused and not self._grads_accumulate_locally(model):
+            raise FishertuneError(
+                "penalty_fd_fused_ce needs gradients accumulated in place, but this model's "
+                "are sharded (FSDP) or scaled: set penalty_fd_fused_ce=false"
+            )
         all_rows = torch.arange(inputs["labels"].shape[0], device=inputs["labels"].device)
-        settings = self._fd_settings(inputs, fused)
+        passes = self._passes(model, inputs, split, fused)
+        settings = self._fd_settings(model, inputs, fused, passes)
         weights = self._position_weights(inputs, model, all_rows)
         if self.kind == "hessian":
             result = hessian_fd_loss(
-                self._passes(model, inputs, split, False),
+                passes,
                 inputs["labels"],
                 lambda embeds: self._probes(embeds, weights, None),
                 weight=coef * rescale,
@@ -318,7 +335,7 @@ class MicroStepLoss:
         else:
             result = fd_penalty_loss(
                 self.kind,
-                self._passes(model, inputs, split, fused),
+                passes,
                 inputs["labels"],
                 self.draw,
                 weight=coef * rescale,
@@ -374,15 +391,31 @@ class MicroStepLoss:
             params=[p for p in model.parameters() if p.requires_grad] if fused else [],
         )
 
-    def _fd_settings(self, inputs: dict[str, Tensor], fused: bool) -> FDSettings:
+    def _fd_settings(
+        self, model: nn.Module, inputs: dict[str, Tensor], fused: bool, passes: Passes
+    ) -> FDSettings:
         device_type = inputs["labels"].device.type
+        compute_dtype = None  # the embeddings' dtype
+        if torch.is_autocast_enabled(device_type):
+            compute_dtype = torch.get_autocast_dtype(device_type)
+        elif self.args.penalty_fd_step is None and self._float32_inside(model, passes):
+            compute_dtype = torch.float32
         return FDSettings(
             scheme=self.args.penalty_fd_scheme,
             relative_step=self.args.penalty_fd_step,
-            compute_dtype=(
-                torch.get_autocast_dtype(device_type)
-                if torch.is_autocast_enabled(device_type)
-                else None
-            ),
+            compute_dtype=compute_dtype,
             fused=fused,
         )
+
+    def _float32_inside(self, model: nn.Module, passes: Passes) -> bool:
+        """A float64 model that rounds to float32 inside (:func:`float64_throughout`), measured
+        once per run (the answer is kept in ``precision``); ``False`` for other dtypes."""
+        if "float32_inside" not in self.precision:
+            float64 = find_input_embeddings(model).weight.dtype == torch.float64
+            self.precision["float32_inside"] = float64 and not float64_throughout(passes.forward)
+            if self.precision["float32_inside"]:
+                logger.info(
+                    "fd: the float64 model computes in float32 inside (RMSNorm or softmax "
+                    "upcasts): the float32 fd steps are used"
+                )
+        return self.precision["float32_inside"]

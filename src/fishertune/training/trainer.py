@@ -99,6 +99,7 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
         self._micro_step = 0
         self._micro_step_of = -1
         self._sums = StepSums(self.args.device)
+        self._fd_precision: dict[str, bool] = {}  # measured once per run (MicroStepLoss)
         self._train_metrics: dict[str, list[float]] = {}
         self._tokens_seen = 0
         # whole-run totals (a resumed run continues them from its checkpoint's record)
@@ -324,6 +325,7 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
             self._stream,
             self.draw_targets,
             self.draw_probes,
+            self._fd_precision,
         )
         coef = self.current_penalty_coef() if step_loss.kind is not None else 0.0
         rows = None
