@@ -59,6 +59,11 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("logit-F exact", {"method": "logit-f", "penalty_grad": "exact", **PENALTY}),
     ("token-F fd", {"method": "token-f", "penalty_grad": "fd", **PENALTY}),
     ("logit-F fd", {"method": "logit-f", "penalty_grad": "fd", **PENALTY}),
+    # the CE taken at X + h v (one backward fewer; its error grows as 1 / coefficient)
+    ("token-F fd, fused CE",
+     {"method": "token-f", "penalty_grad": "fd", "penalty_fd_fused_ce": True, **PENALTY}),
+    ("logit-F fd, fused CE",
+     {"method": "logit-f", "penalty_grad": "fd", "penalty_fd_fused_ce": True, **PENALTY}),
     (
         "token-F fd, 1/4 rows",
         {"method": "token-f", "penalty_grad": "fd", "penalty_fraction": 0.25, **PENALTY},
