@@ -164,3 +164,39 @@ def test_warm_up_warning_thresholds(chat_file, tmp_path, steps, warmup, warned):
     assert (warmup_warning(config, steps) is not None) is warned
     if warned and steps == 30:
         assert "reaches 4.8%" in warmup_warning(config, steps)  # 29 / 600
+
+
+def _logged_step(trainer, batch) -> dict[str, float]:
+    """One optimizer step's logged metrics on ``batch`` (the optimizer-step hook's sums)."""
+    with trainer._capture.attached(trainer.model.get_input_embeddings()):
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, dict(batch)).backward()
+        trainer._check_step(trainer.model)
+    return {k: v[-1] for k, v in trainer._train_metrics.items()}
+
+
+@pytest.mark.parametrize("grad", ["exact", "fd"])
+def test_matched_run_logs_r_as_penalty_and_the_weighted_term_apart(chat_file, tmp_path, grad):
+    """Under matching `penalty` is R (a run with one lambda logs the same R on the same draws),
+    `penalty_term` the coefficients times R; per sequence, penalty_term = penalty_coef x penalty
+    as in any run."""
+    alpha = 20.0
+    common = {"method": "token-f", "penalty_warmup_steps": 0, "penalty_grad": grad}
+    matched = trainer_for(
+        chat_file, tmp_path, **common, penalty_match_neftune_alpha=alpha, neftune_length="padded"
+    )
+    batch = _batch(matched)
+    coef = alpha**2 / (6 * batch["labels"].shape[1] * matched.model.config.hidden_size)
+    plain = trainer_for(chat_file, tmp_path, **common, penalty_coef=coef)
+    per_sequence = trainer_for(chat_file, tmp_path, **common, penalty_match_neftune_alpha=alpha)
+    for other in (plain, per_sequence):
+        other.model.load_state_dict(matched.model.state_dict())
+    logged = [_logged_step(t, batch) for t in (matched, plain, per_sequence)]
+    matched_log, plain_log, sequence_log = logged
+    assert matched_log["penalty"] == pytest.approx(plain_log["penalty"], rel=1e-5)
+    assert matched_log["penalty_term"] == pytest.approx(plain_log["penalty_term"], rel=1e-5)
+    assert matched_log["penalty_term"] == pytest.approx(coef * matched_log["penalty"], rel=1e-5)
+    assert matched_log["penalty_term"] < 0.1 * matched_log["penalty"]  # coef is about 0.05
+    assert sequence_log["penalty_term"] == pytest.approx(
+        sequence_log["penalty_coef"] * sequence_log["penalty"], rel=1e-5
+    )
