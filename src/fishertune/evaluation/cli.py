@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate_offline(
             model,
             tokenizer,
-            dataset=args.dataset,
+            dataset=args.dataset or BUILTIN_DATASET,
             options=DataOptions.from_args(args),
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,

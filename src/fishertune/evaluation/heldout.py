@@ -11,6 +11,7 @@ content), or the same folder, built-in or hub split, is refused unless allowed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,12 @@ def _local_file(source: str, split: str) -> Path | None:
 
 
 def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache  # validation and test are often one file; size and mtime key a changed one anew
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -124,21 +131,22 @@ def load_held_out(
         split: HeldOut(split, option, source, None, _local_file(source, split))
         for split, (option, source) in sources.items()
     }
-    found = training_settings(model_dir)
     trained = []
-    for held in splits.values() if found is not None else ():
+    found = training_settings(model_dir)
+    if found is not None:
         run_dir, settings = found
-        reason = _trained_on(held, settings)
-        if reason is None:
-            continue
-        if not allow_training_data:
-            raise FishertuneError(
-                f"{held.option} {held.source}: the {held.split} rows would be rows {run_dir} "
-                f"was trained on ({reason}); give held-out data (--validation_file, "
-                "--test_file, or --dataset with validation and test files) or "
-                "--allow_training_data to score them anyway"
-            )
-        trained.append(held.split)
+        for held in splits.values():
+            reason = _trained_on(held, settings)
+            if reason is None:
+                continue
+            if not allow_training_data:
+                raise FishertuneError(
+                    f"{held.option} {held.source}: the {held.split} rows would be rows "
+                    f"{run_dir} was trained on ({reason}); give held-out data "
+                    "(--validation_file, --test_file, or --dataset with validation and test "
+                    "files) or --allow_training_data to score them anyway"
+                )
+            trained.append(held.split)
     # read after the check: a refusal comes before any data is read
     for held in splits.values():
         held.rows = limited(load_conversations(held.source, held.split, options), limit)
