@@ -524,3 +524,92 @@ def test_hub_only_lm_eval_task_offline_is_one_line(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: lm-eval task mmlu: its data comes from the Hugging Face hub")
     assert "cais/mmlu" in err and not out.exists()
+
+
+def _chat_rows(path: Path, start: int, count: int) -> Path:
+    rows = [
+        {"messages": [{"role": "user", "content": f"what is {i} plus one?"},
+                      {"role": "assistant", "content": f"{i + 1}"}]}
+        for i in range(start, start + count)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _trained_run(saved_model: Path, folder: Path, data: Path) -> Path:
+    """A copy of the model as `fishertune train` leaves a run folder trained on ``data``: its
+    run record names the data with the fingerprint the trainer records."""
+    import shutil
+
+    from fishertune.training.output_dir import _data_fingerprint
+
+    shutil.copytree(saved_model, folder)
+    settings = {"dataset_name": str(data), "dataset_train_split": "train",
+                "data_sha256": _data_fingerprint(str(data))}  # fmt: skip
+    record = {"status": "completed", "settings": settings}
+    (folder / "fishertune_run.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_evaluate_says_first_what_it_scores(saved_model, tmp_path, capsys) -> None:
+    out = tmp_path / "e.json"
+    argv = ["evaluate", "--model", str(saved_model), "--output", str(out), "--limit", "3",
+            "--max_new_tokens", "0", "--device", "cpu"]  # fmt: skip
+    assert cli_main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(
+        f"evaluating {saved_model}: offline scores validation: 3 rows of "
+        "builtin:tiny-tasks (the built-in generated tasks, split validation)"
+    )
+    assert "test: 3 rows of builtin:tiny-tasks" in first, first
+    scored = json.loads(out.read_text())["meta"]["scored"]
+    assert scored["test"]["rows"] == 3 and "split test" in scored["test"]["source"]
+
+    held_out = _chat_rows(tmp_path / "val.jsonl", 100, 5)
+    test = _chat_rows(tmp_path / "test.jsonl", 200, 4)
+    argv = ["evaluate", "--model", str(saved_model), "--output", str(out), "--max_new_tokens",
+            "0", "--validation_file", str(held_out), "--test_file", str(test)]  # fmt: skip
+    assert cli_main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"validation: 5 rows of {held_out} (the whole file)" in first, first
+    assert f"test: 4 rows of {test} (the whole file)" in first, first
+
+
+def test_evaluate_refuses_the_training_rows_unless_allowed(saved_model, tmp_path, capsys):
+    """The run's training file (by path, by contents under another name, from a checkpoint of
+    the run) is not scored as validation or test unless --allow_training_data says so; other
+    rows are."""
+    train = _chat_rows(tmp_path / "alpaca.jsonl", 0, 6)
+    run = _trained_run(saved_model, tmp_path / "run", train)
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(train.read_bytes())
+    (run / "checkpoint-2").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (run / "checkpoint-2" / name).write_bytes((run / name).read_bytes())
+    out = tmp_path / "e.json"
+    base = ["evaluate", "--output", str(out), "--max_new_tokens", "0", "--device", "cpu"]
+    refused = [
+        (["--model", str(run), "--dataset", str(train)], "--dataset", "the same file"),
+        (["--model", str(run), "--dataset", str(copy)], "--dataset", "the same contents"),
+        (["--model", str(run), "--test_file", str(train)], "--test_file", "the same file"),
+        (
+            ["--model", str(run / "checkpoint-2"), "--dataset", str(train)],
+            "--dataset",
+            "the same file",
+        ),
+    ]
+    for extra, option, reason in refused:
+        assert cli_main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {option} ") and err.count("\n") == 1, err
+        assert f"rows {run} was trained on ({reason}" in err and "--allow_training_data" in err
+        assert not out.exists()
+    assert cli_main([*base, "--model", str(run), "--dataset", str(train),
+                     "--allow_training_data"]) == 0  # fmt: skip
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"validation and test: the same 6 rows of {train} (the whole file)" in first, first
+    assert "are training rows" in first
+    assert json.loads(out.read_text())["meta"]["training_rows"] == ["validation", "test"]
+    held_out = _chat_rows(tmp_path / "held_out.jsonl", 50, 3)
+    assert cli_main([*base, "--model", str(run), "--dataset", str(held_out)]) == 0
+    assert "training_rows" not in json.loads(out.read_text())["meta"]

@@ -10,10 +10,17 @@ import pytest
 from fishertune.schedules import (
     alpha_for_noise_ratio,
     every_k_coefficient,
+    mean_warmup_fraction,
     neftune_equivalent_coef,
     neftune_scale,
     warmup_coefficient,
 )
+
+
+@pytest.mark.parametrize("steps, warmup", [(30, 600), (600, 600), (601, 600), (1000, 7), (5, 0)])
+def test_mean_warmup_fraction_is_the_mean_of_the_ramp(steps, warmup):
+    ramp = [warmup_coefficient(s, 1.0, warmup) for s in range(steps)]
+    assert mean_warmup_fraction(steps, warmup) == pytest.approx(sum(ramp) / steps, rel=1e-12)
 
 
 def test_warmup_is_a_linear_ramp():

@@ -4,10 +4,13 @@ the options' refusals."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 from fishertune.errors import FishertuneError
+from fishertune.training.checks import warmup_warning
 from fishertune.training.cli import parse_args
 from test_trainer import _batch, _gradients_on_one_batch, base_args, trainer_for
 
@@ -114,3 +117,86 @@ def test_unbiased_defaults_to_two_draws(chat_file, tmp_path):
     )
     training = next(a for a in args if hasattr(a, "penalty_samples"))
     assert training.penalty_samples == 2 and training.penalty_estimator == "unbiased"
+
+
+def _config(chat_file, tmp_path, **overrides):
+    args = parse_args(base_args(chat_file, tmp_path / "out", **overrides))
+    return next(a for a in args if hasattr(a, "penalty_warmup_steps"))
+
+
+def test_matched_penalty_has_no_warm_up_unless_asked(chat_file, tmp_path):
+    """NEFTune has no warm-up: the matched penalty gets none by default; the paper's otherwise."""
+    matched = {"method": "token-f", "penalty_match_neftune_alpha": 5}
+    assert _config(chat_file, tmp_path, **matched).penalty_warmup_steps == 0
+    asked = _config(chat_file, tmp_path, **matched, penalty_warmup_steps=10)
+    assert asked.penalty_warmup_steps == 10
+    assert _config(chat_file, tmp_path, method="token-f").penalty_warmup_steps == 600
+    assert _config(chat_file, tmp_path, method="logit-f").penalty_warmup_steps == 800
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_once_with_its_numbers(chat_file, tmp_path, caplog):
+    """An epoch-based run of 2 optimizer steps (48 rows, 8 x 3 per step) under the paper's
+    600-step warm-up: one warning naming both lengths and the coefficient's fractions."""
+    trainer = trainer_for(
+        chat_file, tmp_path, method="token-f", max_steps=-1, num_train_epochs=1,
+        per_device_train_batch_size=8, gradient_accumulation_steps=3,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fishertune.training.checks"):
+        trainer.train()
+    warned = [r.getMessage() for r in caplog.records if "penalty_warmup_steps" in r.getMessage()]
+    assert trainer.state.max_steps == 2 and len(warned) == 1, warned
+    # step 1 of 600: 0.17% of the target; mean over steps 0, 1: 0.08%
+    assert "penalty_warmup_steps=600" in warned[0] and "run of 2 optimizer steps" in warned[0]
+    assert "reaches 0.2%" in warned[0] and "averages 0.1%" in warned[0], warned[0]
+
+
+@pytest.mark.parametrize(
+    "steps, warmup, warned",
+    [(30, 600, True), (60, 60, True), (200, 60, False), (30, 0, False), (1000, 900, False)],
+)
+def test_warm_up_warning_thresholds(chat_file, tmp_path, steps, warmup, warned):
+    """Warned when the warm-up is longer than the run or the coefficient's mean over the run is
+    below half its target (60 of 60: 49%); not for 900 of 1000 (55%, the warm-up ends in time)."""
+    config = _config(
+        chat_file, tmp_path, method="token-f", penalty_match_neftune_alpha=5,
+        penalty_warmup_steps=warmup,
+    )  # fmt: skip
+    assert (warmup_warning(config, steps) is not None) is warned
+    if warned and steps == 30:
+        assert "reaches 4.8%" in warmup_warning(config, steps)  # 29 / 600
+
+
+def _logged_step(trainer, batch) -> dict[str, float]:
+    """One optimizer step's logged metrics on ``batch`` (the optimizer-step hook's sums)."""
+    with trainer._capture.attached(trainer.model.get_input_embeddings()):
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, dict(batch)).backward()
+        trainer._check_step(trainer.model)
+    return {k: v[-1] for k, v in trainer._train_metrics.items()}
+
+
+@pytest.mark.parametrize("grad", ["exact", "fd"])
+def test_matched_run_logs_r_as_penalty_and_the_weighted_term_apart(chat_file, tmp_path, grad):
+    """Under matching `penalty` is R (a run with one lambda logs the same R on the same draws),
+    `penalty_term` the coefficients times R; per sequence, penalty_term = penalty_coef x penalty
+    as in any run."""
+    alpha = 20.0
+    common = {"method": "token-f", "penalty_warmup_steps": 0, "penalty_grad": grad}
+    matched = trainer_for(
+        chat_file, tmp_path, **common, penalty_match_neftune_alpha=alpha, neftune_length="padded"
+    )
+    batch = _batch(matched)
+    coef = alpha**2 / (6 * batch["labels"].shape[1] * matched.model.config.hidden_size)
+    plain = trainer_for(chat_file, tmp_path, **common, penalty_coef=coef)
+    per_sequence = trainer_for(chat_file, tmp_path, **common, penalty_match_neftune_alpha=alpha)
+    for other in (plain, per_sequence):
+        other.model.load_state_dict(matched.model.state_dict())
+    logged = [_logged_step(t, batch) for t in (matched, plain, per_sequence)]
+    matched_log, plain_log, sequence_log = logged
+    assert matched_log["penalty"] == pytest.approx(plain_log["penalty"], rel=1e-5)
+    assert matched_log["penalty_term"] == pytest.approx(plain_log["penalty_term"], rel=1e-5)
+    assert matched_log["penalty_term"] == pytest.approx(coef * matched_log["penalty"], rel=1e-5)
+    assert matched_log["penalty_term"] < 0.1 * matched_log["penalty"]  # coef is about 0.05
+    assert sequence_log["penalty_term"] == pytest.approx(
+        sequence_log["penalty_coef"] * sequence_log["penalty"], rel=1e-5
+    )

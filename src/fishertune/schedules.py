@@ -10,6 +10,7 @@ import math
 __all__ = [
     "alpha_for_noise_ratio",
     "every_k_coefficient",
+    "mean_warmup_fraction",
     "neftune_equivalent_coef",
     "neftune_scale",
     "warmup_coefficient",
@@ -32,6 +33,21 @@ def warmup_coefficient(step: int, coef: float, warmup_steps: int) -> float:
     if warmup_steps == 0:
         return float(coef)
     return float(coef) * min(1.0, step / warmup_steps)
+
+
+def mean_warmup_fraction(steps: int, warmup_steps: int) -> float:
+    """Mean of ``lambda(step) / coef`` over the steps ``0 .. steps - 1`` of a run.
+
+    Closed form of the mean of ``min(1, s / W)``: ``(steps - 1) / (2 W)`` while ``steps <= W``,
+    ``(steps - (W + 1) / 2) / steps`` after. 1 without warm-up or for an empty run.
+    """
+    if steps < 0 or warmup_steps < 0:
+        raise ValueError(f"steps and warmup_steps must be >= 0, got {steps}, {warmup_steps}")
+    if warmup_steps == 0 or steps == 0:
+        return 1.0
+    if steps <= warmup_steps:
+        return (steps - 1) / (2 * warmup_steps)
+    return (steps - (warmup_steps + 1) / 2) / steps
 
 
 def every_k_coefficient(step: int, coef: float, warmup_steps: int, every: int) -> float:

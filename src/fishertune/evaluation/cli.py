@@ -4,6 +4,9 @@ Examples::
 
     # offline verifiable tasks (no network): val loss, exact match, IFEval-style rules
     fishertune evaluate --model runs/token-f-seed0 --tasks offline --output eval.json
+    # your own held-out rows (refused if they are the run's training data)
+    fishertune evaluate --model runs/token-f-seed0 --validation_file val.jsonl \
+        --test_file test.jsonl --output eval.json
     # lm-evaluation-harness tasks, through the model's chat template
     fishertune evaluate --model runs/token-f-seed0 --tasks mmlu,ifeval,truthfulqa_mc2 \\
         --output eval.json --batch_size 16
@@ -68,6 +71,7 @@ from fishertune.modeling import ADAPTER_CONFIG, DTYPES, is_adapter_folder
 __all__ = ["build_parser", "main"]
 
 OFFLINE = "offline"
+BUILTIN_DATASET = "builtin:tiny-tasks"
 
 
 def _limit(text: str) -> int | float:
@@ -111,7 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max_length", type=int, default=None, help="truncation length (tokens)")
     p.add_argument(
-        "--dataset", default="builtin:tiny-tasks", help="offline: dataset with validation/test"
+        "--dataset",
+        default=None,
+        help="offline: the data scored: a folder with validation and test files, a hub dataset "
+        "with those splits, or one file (read whole for both). Default builtin:tiny-tasks, the "
+        "generated tasks",
+    )
+    p.add_argument(
+        "--validation_file", default=None, help="offline: a held-out file for the validation loss"
+    )
+    p.add_argument(
+        "--test_file", default=None, help="offline: a held-out file for the test loss and replies"
+    )
+    p.add_argument(
+        "--allow_training_data",
+        action="store_true",
+        help="offline: score rows the model was trained on (by default refused when the "
+        "model's run record names them as its training data)",
     )
     add_data_arguments(p.add_argument)
     p.add_argument("--num_fewshot", type=int, default=None, help="lm-eval: few-shot examples")
@@ -211,6 +231,55 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[Path, list[str]]:
     return model_dir, tasks
 
 
+def _held_out(
+    args: argparse.Namespace, model_dir: Path, tasks: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """The offline splits' rows (:mod:`fishertune.evaluation.heldout`) and those that are
+    training rows; nothing without the offline task."""
+    if OFFLINE not in tasks:
+        given = [f"--{name}" for name in ("validation_file", "test_file") if getattr(args, name)]
+        if given:
+            raise FishertuneError(
+                f"{', '.join(given)} given without the offline task: add offline to --tasks"
+            )
+        return {}, []
+    from fishertune.evaluation.heldout import load_held_out
+
+    dataset = ("--dataset", args.dataset or BUILTIN_DATASET)
+    sources = {
+        "validation": ("--validation_file", args.validation_file)
+        if args.validation_file
+        else dataset,
+        "test": ("--test_file", args.test_file) if args.test_file else dataset,
+    }
+    for option, source in sources.values():
+        if option != "--dataset" and not Path(source).expanduser().is_file():
+            raise FishertuneError(f"{option} {source}: no such file")
+    return load_held_out(
+        sources,
+        DataOptions.from_args(args),
+        args.limit,
+        model_dir,
+        allow_training_data=args.allow_training_data,
+    )
+
+
+def _scoring_line(
+    args: argparse.Namespace, tasks: list[str], held_out: dict[str, Any], trained: list[str]
+) -> str:
+    """The first printed line: what this command scores."""
+    from fishertune.evaluation.heldout import describe
+
+    parts = [describe(held_out, trained)] if held_out else []
+    lm_tasks = [t for t in tasks if t != OFFLINE]
+    if lm_tasks:
+        parts.append(f"lm-eval tasks {', '.join(lm_tasks)}")
+    questions = [q for q in (args.alpacaeval_questions, args.mtbench_questions) if q]
+    if questions:
+        parts.append(f"answers to {', '.join(questions)}")
+    return f"evaluating {args.model}: " + "; ".join(parts)
+
+
 def _lm_eval(
     args: argparse.Namespace,
     model: Any,
@@ -280,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     model_dir, tasks = _checked_arguments(args)
 
+    held_out, trained = _held_out(args, model_dir, tasks)
+    print(_scoring_line(args, tasks, held_out, trained), flush=True)
+
     import torch
     from transformers import set_seed
 
@@ -302,16 +374,23 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate_offline(
             model,
             tokenizer,
-            dataset=args.dataset,
+            dataset=args.dataset or BUILTIN_DATASET,
             options=DataOptions.from_args(args),
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             max_length=args.max_length or 512,
+            splits={split: held.rows for split, held in held_out.items()},
         )
         metrics.update({f"{OFFLINE}/{k}": float(v) for k, v in scores.items()})
         directions.update({f"{OFFLINE}/{k}": v for k, v in METRICS.items()})
-        meta["dataset"] = args.dataset
+        meta["dataset"] = args.dataset or BUILTIN_DATASET
+        meta["scored"] = {
+            split: {"source": held.label, "rows": len(held.rows)}
+            for split, held in held_out.items()
+        }
+        if trained:
+            meta["training_rows"] = trained
     lm_tasks = [t for t in tasks if t != OFFLINE]
     if lm_tasks:
         result = _lm_eval(args, model, tokenizer, model_dir, lm_tasks, device)

@@ -35,7 +35,7 @@ from typing import Any
 from fishertune.data.formats import DataOptions
 from fishertune.errors import FishertuneError
 
-__all__ = ["METRICS", "METRIC_DESCRIPTIONS", "evaluate_offline", "validation_loss"]
+__all__ = ["METRICS", "METRIC_DESCRIPTIONS", "evaluate_offline", "limited", "validation_loss"]
 
 # Metric name -> higher is better (what report tables use to mark the best method).
 METRICS: dict[str, bool] = {
@@ -56,7 +56,7 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
 }
 
 
-def _limited(dataset: Any, limit: int | float | None) -> Any:
+def limited(dataset: Any, limit: int | float | None) -> Any:
     """The first ``limit`` rows (an int), or that fraction of the rows (a float below 1)."""
     if limit is None:
         return dataset
@@ -115,6 +115,7 @@ def evaluate_offline(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     max_length: int = 512,
+    splits: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Score a model on the offline tasks (see the module docstring for the metrics).
 
@@ -131,6 +132,9 @@ def evaluate_offline(
             metrics are left out).
         batch_size: rows per forward pass / ``generate`` call.
         max_length: truncation length of the validation conversations.
+        splits: the ``validation`` and ``test`` rows, already read and limited (what
+            ``fishertune evaluate`` passes, :mod:`fishertune.evaluation.heldout`); ``dataset``
+            and ``limit`` are then not used.
 
     Returns:
         ``val_loss``, ``test_loss``, ``perplexity``, ``exact_match``, ``ifeval_strict``,
@@ -144,16 +148,22 @@ def evaluate_offline(
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+    def rows_of(split: str) -> Any:
+        if splits is not None:
+            return splits[split]
+        return limited(load_conversations(dataset, split, options), limit)
+
     was_training = model.training
     model.eval()
     try:
-        validation = _limited(load_conversations(dataset, "validation", options), limit)
+        validation = rows_of("validation")
         tokenized = tokenize_dataset(validation, tokenizer, max_length)
         val_loss = validation_loss(
             model, tokenized, batch_size=batch_size, pad_id=tokenizer.pad_token_id
         )
 
-        test = _limited(load_conversations(dataset, "test", options), limit)
+        test = rows_of("test")
         if "messages" not in test.column_names:
             raise FishertuneError(
                 f"{dataset} (split test): offline evaluation generates replies to conversations; "

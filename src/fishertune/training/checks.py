@@ -7,19 +7,28 @@ import os
 from typing import Any
 
 from torch import nn
+from transformers import TrainerCallback
 
 from fishertune.errors import FishertuneError
+from fishertune.schedules import mean_warmup_fraction, warmup_coefficient
 from fishertune.training.config import PENALTY_METHODS
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TWICE_DIFFERENTIABLE_ATTENTION",
+    "WEAK_WARMUP_FRACTION",
+    "WarmupCheck",
     "attention_implementation",
     "check_launch",
     "check_supported",
     "unwrap",
+    "warmup_warning",
 ]
+
+# below this mean fraction of its target over the run, the penalty is too weak to be the method
+# that was asked for (a run with a 600-step warm-up and max_steps=30 averages 2.4%)
+WEAK_WARMUP_FRACTION = 0.5
 
 TWICE_DIFFERENTIABLE_ATTENTION = ("eager", "sdpa")
 
@@ -108,3 +117,32 @@ def check_supported(args: Any, accelerator: Any, model: nn.Module, deepspeed: bo
             raise FishertuneError(
                 "DeepSpeed ZeRO-3 does not support second-order autograd: use penalty_grad=fd"
             )
+
+
+def warmup_warning(args: Any, total_steps: int) -> str | None:
+    """One line when the penalty's warm-up keeps its coefficient far below its target over a
+    run of ``total_steps`` optimizer steps: the warm-up is longer than the run, or the
+    coefficient's mean over the run is below :data:`WEAK_WARMUP_FRACTION` of the target."""
+    warmup = args.penalty_warmup_steps
+    if args.method not in PENALTY_METHODS or not args.penalty_coef or total_steps <= 0:
+        return None
+    mean = mean_warmup_fraction(total_steps, warmup)
+    if warmup <= total_steps and mean >= WEAK_WARMUP_FRACTION:
+        return None
+    last = warmup_coefficient(total_steps - 1, 1.0, warmup)
+    return (
+        f"penalty_warmup_steps={warmup} against a run of {total_steps} optimizer steps: the "
+        f"penalty's coefficient reaches {last:.1%} of its target and averages {mean:.1%} over "
+        f"the run (below {WEAK_WARMUP_FRACTION:.0%}); set penalty_warmup_steps well below "
+        f"{total_steps} (0: no warm-up)"
+    )
+
+
+class WarmupCheck(TrainerCallback):
+    """Warns once per ``train()`` (main process) with :func:`warmup_warning`, when the run's
+    length is known: ``state.max_steps`` counts the optimizer steps of an epoch-based run too."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        message = warmup_warning(args, state.max_steps)
+        if message and state.is_world_process_zero:
+            logger.warning("%s", message)

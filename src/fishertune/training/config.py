@@ -116,7 +116,9 @@ class FisherSFTConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Optimizer steps of linear coefficient warm-up from 0; 0 = none "
-            "(paper: 600 for token-f, 800 for logit-f)."
+            "(paper: 600 for token-f, 800 for logit-f; none by default with "
+            "penalty_match_neftune_alpha, as NEFTune has none). A warm-up that keeps the "
+            "coefficient below half its target over the run is warned about at start."
         },
     )
     penalty_samples: int | None = field(
@@ -345,7 +347,9 @@ class FisherSFTConfig(SFTConfig):
             default_coef = PAPER_PENALTY[method][0]
         self.penalty_coef = default_coef if self.penalty_coef is None else float(self.penalty_coef)
         if self.penalty_warmup_steps is None:
-            self.penalty_warmup_steps = PAPER_PENALTY.get(method, (0.0, 0))[1]
+            # NEFTune has no warm-up: a matched penalty with one would not be matched
+            paper = PAPER_PENALTY.get(method, (0.0, 0))[1]
+            self.penalty_warmup_steps = 0 if matched else paper
         self.penalty_estimator = self.penalty_estimator or "paper"
         unbiased = self.penalty_estimator == "unbiased"
         self.penalty_samples = self.penalty_samples or (2 if unbiased else 1)

@@ -284,7 +284,7 @@ class MicroStepLoss:
                 if self.args.penalty_estimator == "unbiased":
                     draws = log_probs[penalty_mask[label_mask]].gather(1, targets)
                     term = squared + score_function_term(draws, penalty_mask, row_squared)
-        self.sums.add_penalty(squared, rescale, coef)
+        self.sums.add_penalty(squared, rescale, coef, self.mean_row_coef)
         return (ce_sum + coef * rescale * term) / normalizer
 
     def fd(
@@ -344,7 +344,7 @@ class MicroStepLoss:
                 position_weights=weights,
                 estimator=self.args.penalty_estimator,
             )
-        self.sums.add_penalty(result.squared, rescale, coef)
+        self.sums.add_penalty(result.squared, rescale, coef, self.mean_row_coef)
         if rest_part is None or split:
             return result.loss if rest_part is None else result.loss + rest_part.detach()
         return rest_part + result.loss

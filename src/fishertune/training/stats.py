@@ -26,8 +26,8 @@ class Sum(enum.IntEnum):
     ENTROPY = 1  # entropy of p_t, summed over scored tokens
     CORRECT = 2  # scored tokens whose argmax is the label
     CE = 3  # cross-entropy, summed
-    PENALTY = 4  # ||v||^2 summed over draws' mean (times a row fraction's rescale)
-    PENALTY_TERM = 5  # coefficient x PENALTY
+    PENALTY = 4  # R: ||v||^2 summed over draws' mean (times a row fraction's rescale)
+    PENALTY_TERM = 5  # the coefficients x R (per row under NEFTune matching)
     PENALIZED = 6  # penalized micro-steps
     LOSS = 7  # the loss the training step returned (what transformers logs as `loss`)
 
@@ -68,11 +68,19 @@ class StepSums:
             self.add(index, value)
 
     @torch.no_grad()
-    def add_penalty(self, squared_norm: Tensor, rescale: float, coef: float) -> None:
-        """``||v||^2`` (times the rows' rescale) and its weighted term: logged per scored token,
-        whatever the loss reduction, so comparable across runs."""
+    def add_penalty(
+        self, squared_norm: Tensor, rescale: float, coef: float, row_coef: float = 1.0
+    ) -> None:
+        """The penalty ``R`` (times the rows' rescale) and its weighted term: logged per scored
+        token, whatever the loss reduction, so comparable across runs.
+
+        Under NEFTune matching ``squared_norm`` is already weighted by the rows' coefficients
+        (``sum_b w_b R_b``) and ``row_coef`` is their mean: ``R`` is logged as that sum over the
+        mean, so ``penalty_term = penalty_coef x penalty`` as without matching. It is ``R``
+        itself when the rows' coefficients agree (``neftune_length=padded``, rows of one
+        length); otherwise each row counts with its coefficient over the mean."""
         value = squared_norm.detach().double() * rescale
-        self.add(Sum.PENALTY, value)
+        self.add(Sum.PENALTY, value / row_coef)
         self.add(Sum.PENALTY_TERM, coef * value)
         self.add(Sum.PENALIZED, 1.0)
 

@@ -46,7 +46,7 @@ from fishertune.penalty_grad import penalty_rows, rademacher_probes
 from fishertune.schedules import every_k_coefficient, warmup_coefficient
 from fishertune.streams import Stream, stream_generator
 from fishertune.training.checkpoints import CheckpointRecord, restore_totals
-from fishertune.training.checks import check_launch, check_supported
+from fishertune.training.checks import WarmupCheck, check_launch, check_supported
 from fishertune.training.config import PENALTY_METHODS, FisherSFTConfig
 from fishertune.training.data import tokenize_conversations
 from fishertune.training.guard import (
@@ -108,6 +108,7 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
         check_launch(self.accelerator)
         check_supported(self.args, self.accelerator, self.model, self.is_deepspeed_enabled)
         self.add_callback(OptimizerStepHook(self._check_step))
+        self.add_callback(WarmupCheck())
         self.checkpoint_record = CheckpointRecord(self.accelerator, lambda: self.run_totals)
         self.add_callback(self.checkpoint_record)
 
