@@ -14,7 +14,8 @@ layouts. Everything else (the forward, the fd split backward under ``no_sync``, 
 shared across ranks, the metric gathering) is the shipped code and must then give the same
 curve. The one remaining layout dependence is the Fisher penalties' fd step
 ``h = h_rel ||X|| / ||v||``, computed per rank: it moves the gradient by fd's own error (about 1e-3
-relative, forward differences), far below the tolerance used; hessian-trace's steps are per row. One run keeps the shipped rank-seeded draws and is compared loosely
+relative, forward differences), far below the tolerance used; hessian-trace's steps are per row.
+One run keeps the shipped rank-seeded draws and is compared loosely
 (the first step's CE exactly, later losses within the penalty's sampling noise).
 
 This file is also the worker that both layouts run: ``python tests/test_distributed.py SPEC``.

@@ -180,3 +180,24 @@ def test_fd_penalty_gradient_under_ddp_at_small_coefficients(chat_file, tmp_path
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     _worker(sys.argv[1])
+
+
+def test_a_float64_llama_gets_the_float32_steps(chat_file, tmp_path):
+    """transformers' Llama in float64 (the library's API; the CLI's ``dtype`` stops at float32)
+    rounds to float32 in its RMSNorm: the fd objective measures it once and takes the float32
+    steps."""
+    from fishertune.training.loss import MicroStepLoss
+
+    trainer = _trainer(chat_file, tmp_path, penalty_grad="fd")
+    trainer.model.double()
+    assert trainer.model.get_input_embeddings().weight.dtype == torch.float64
+    batch = fixed_batch(trainer)
+    draws = fixed_draws(batch["labels"], trainer.model.config.vocab_size)
+    precision: dict[str, bool] = {}
+    loss = MicroStepLoss(trainer.args, trainer.accelerator, trainer._capture, trainer._sums,
+                         trainer._stream, lambda logits, mask: draws[mask][:, None],
+                         trainer.draw_probes, precision)  # fmt: skip
+    rows = torch.arange(batch["labels"].shape[0])
+    with trainer._capture.attached(trainer.model.get_input_embeddings()):
+        loss.fd(trainer.model, batch, token_count(batch), 1.0, rows).backward()
+    assert precision == {"float32_inside": True}
