@@ -3,9 +3,14 @@ rows, ``fishertune data prepare``, and the real ShareGPT V3 file when its packag
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -406,6 +411,68 @@ def test_library_trainer_reads_sharegpt_datasets(tmp_path):
     assert len(arguments["train_dataset"]) == 2
     expected = tokenize_conversation(tokenizer, [user("q"), asst("a")], 64)
     assert arguments["train_dataset"][0]["input_ids"] == expected["input_ids"]
+
+
+# --------------------------------------------------------------------------------------------
+# The row cache
+
+
+def cache_entries() -> list[Path]:
+    """The cache's complete entries (each holds a report) and anything else it holds."""
+    rows = Path(os.environ["FISHERTUNE_CACHE"]) / "rows"
+    return sorted(p.parent for p in rows.rglob("report.json"))
+
+
+def rows_debris() -> list[Path]:
+    return sorted((Path(os.environ["FISHERTUNE_CACHE"]) / "rows").rglob(".rows-*"))
+
+
+def chat_rows(word: str) -> list[dict]:
+    return [{"messages": [user(f"tell me about {word}"), asst(f"{word} {i}")]} for i in range(3)]
+
+
+def test_a_same_size_rewrite_with_its_time_kept_reads_the_new_rows(tmp_path):
+    """``cp -p``, ``rsync -t``, ``tar`` or an edit within one timestamp tick keep size and
+    mtime: the cache must still see the new content, and keep one entry per source."""
+    src = tmp_path / "d.jsonl"
+    write_jsonl(src, chat_rows("apples"))
+    first = prepare_rows(str(src))
+    assert "apples 0" in first.path.read_text()
+    before = src.stat()
+    write_jsonl(src, chat_rows("plumbs"))  # same length
+    os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = src.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = prepare_rows(str(src))
+    text = second.path.read_text()
+    assert "plumbs 0" in text and "apples" not in text
+    assert cache_entries() == [second.path.parent]  # the superseded entry is pruned
+    assert prepare_rows(str(src)).path == second.path  # and the new one is used again
+
+
+def test_a_killed_read_leaves_no_debris(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", chat_rows("apples"))
+    killed = """
+import os, signal, sys
+from fishertune.data import formats
+def write_rows(source, options, out, **kwargs):
+    out.write_text("a partial row\\n" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)
+formats.write_rows = write_rows
+formats.prepare_rows(sys.argv[1])
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", killed, str(src)], env=env)
+    assert done.returncode == -signal.SIGKILL
+    assert rows_debris()  # what the killed read left
+    # a read in progress (its writer holds the folder's lock) is left alone
+    live = Path(tempfile.mkdtemp(prefix=".rows-", dir=rows_debris()[0].parent))
+    with (live / ".writer").open("w") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        prepared = prepare_rows(str(src))
+        assert rows_debris() == [live]
+    assert "apples 0" in prepared.path.read_text()
+    assert cache_entries() == [prepared.path.parent]
 
 
 # --------------------------------------------------------------------------------------------
