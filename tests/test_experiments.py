@@ -525,7 +525,7 @@ def test_one_runner_per_output_directory(tmp_path: Path, base_config: Path) -> N
     import os
     import subprocess
 
-    from fishertune.files import LOCK_FILE, RunnerLock
+    from fishertune.files import RunnerLock, folder_lock_path
 
     config = parse_experiment(experiment(tmp_path, base_config, seeds=[0]), tmp_path / "e.yaml")
     with RunnerLock(config.output_dir):
@@ -537,7 +537,7 @@ def test_one_runner_per_output_directory(tmp_path: Path, base_config: Path) -> N
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    (config.output_dir / LOCK_FILE).write_text(f"{dead.stdout.strip()} somehost\n")
+    folder_lock_path(config.output_dir).write_text(f"{dead.stdout.strip()} somehost\n")
     results = run_experiment(config, launcher=FakeLauncher(), log=lambda _: None)
     assert [r.status for r in results] == ["completed", "completed"]
 

@@ -4,8 +4,11 @@ read-only folder, a second trainer on the same folder.
 Signals are real: in-process runs send themselves SIGTERM or SIGINT at an exact point (at the
 start, in a training step, inside a checkpoint save, inside the final save) through the
 handlers `fishertune` installs; a subprocess gets Ctrl-C from outside while a second trainer is
-refused its folder. A full disk is a small tmpfs mounted in a private mount namespace (`unshare`);
-where the machine cannot make one, a file-size limit (RLIMIT_FSIZE) stands in for it.
+refused its folder. Whoever sends SIGINT sets its handler first (in this process, or in the child
+before it starts): a suite started as a background job of a non-interactive shell inherits SIGINT
+ignored, and fishertune keeps an inherited ignore. A full disk is a small tmpfs mounted in a
+private mount namespace (`unshare`); where the machine cannot make one, a file-size limit
+(RLIMIT_FSIZE) stands in for it.
 
 What every case checks: one line on stderr and the exit status a script reads (130, 143, 1 or
 2), a run record that tells the truth, and a resume that reaches the uninterrupted run's weights
@@ -14,6 +17,7 @@ bit for bit without a step past max_steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -23,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,10 +116,55 @@ POINTS = {
 def test_a_stop_anywhere_is_recorded_and_the_resume_is_the_straight_run(
     chat_file, tmp_path, capsys, monkeypatch, straight, point, sig
 ):
+    _stop_and_resume(chat_file, tmp_path, capsys, monkeypatch, straight, point, sig)
+
+
+def test_the_ctrl_c_cases_hold_when_sigint_is_inherited_ignored(
+    chat_file, tmp_path, capsys, monkeypatch, straight
+):
+    """A process started as a background job of a non-interactive shell (as some CI runners
+    start the suite) inherits SIGINT ignored; the tests that send it set its handler themselves."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _stop_and_resume(chat_file, tmp_path, capsys, monkeypatch, straight,
+                         "mid-final-save", signal.SIGINT)  # fmt: skip
+        # a child inherits the ignore too, unless it is started as the Ctrl-C tests start theirs
+        child = subprocess.Popen([sys.executable, "-c", "print('ready', flush=True); input()"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=_ctrl_c_interrupts)  # fmt: skip
+        assert child.stdout.readline() == "ready\n"
+        child.send_signal(signal.SIGINT)
+        try:
+            assert child.wait(timeout=30) == -signal.SIGINT  # KeyboardInterrupt, uncaught
+        finally:
+            child.kill()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt for the block, as it does in a process started from a
+    terminal. One started as a background job of a non-interactive shell inherits SIGINT
+    ignored, which fishertune rightly keeps: a test that sends SIGINT sets the handler itself."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_interrupts() -> None:
+    """``preexec_fn`` of a child a test sends SIGINT: the default disposition, whatever this
+    process inherited (Python then installs its KeyboardInterrupt handler in the child)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _stop_and_resume(chat_file, tmp_path, capsys, monkeypatch, straight, point, sig) -> None:
     name, when, checkpoint = POINTS[point]
     out = tmp_path / "run"
     argv = ["train", *base_args(chat_file, out, **RUN)]
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, _ctrl_c_raises():
         _signal_once(patch, FisherSFTTrainer, name, sig, when)
         status = cli_main(argv)
     expected = {signal.SIGTERM: (143, "terminated (SIGTERM)"),
@@ -147,7 +197,8 @@ def test_ctrl_c_while_loading_leaves_nothing_behind(chat_file, tmp_path, capsys,
         return trainer
 
     monkeypatch.setattr(train_cli, "build_trainer", interrupted)
-    assert cli_main(["train", *base_args(chat_file, out, **RUN)]) == 130
+    with _ctrl_c_raises():
+        assert cli_main(["train", *base_args(chat_file, out, **RUN)]) == 130
     assert last_error_line(capsys.readouterr().err) == "error: interrupted (Ctrl-C)"
     # transformers makes the (empty) folder when the trainer is built; no lock, no staging
     assert not list(out.rglob("*")) and not list(tmp_path.glob(".run.*"))
@@ -181,6 +232,7 @@ def test_a_second_trainer_is_refused_and_ctrl_c_ends_the_first(chat_file, tmp_pa
     first = subprocess.Popen(
         [sys.executable, "-m", "fishertune", "train", *argv],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=_ctrl_c_interrupts,
     )  # fmt: skip
     try:
         _wait_for(lambda: (out / RUN_RECORD).is_file(), first)  # training has started

@@ -3,9 +3,15 @@ rows, ``fishertune data prepare``, and the real ShareGPT V3 file when its packag
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +19,7 @@ import datasets
 import pytest
 
 from fishertune.cli import main as cli_main
+from fishertune.data import cli as data_cli
 from fishertune.data import formats
 from fishertune.data.chat import (
     check_conversations,
@@ -409,6 +416,69 @@ def test_library_trainer_reads_sharegpt_datasets(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# The row cache
+
+
+def cache_entries() -> list[Path]:
+    """The cache's complete entries (each holds a report) and anything else it holds."""
+    rows = Path(os.environ["FISHERTUNE_CACHE"]) / "rows"
+    return sorted(p.parent for p in rows.rglob("report.json"))
+
+
+def rows_debris() -> list[Path]:
+    return sorted((Path(os.environ["FISHERTUNE_CACHE"]) / "rows").rglob(".rows-*"))
+
+
+def chat_rows(word: str) -> list[dict]:
+    return [{"messages": [user(f"tell me about {word}"), asst(f"{word} {i}")]} for i in range(3)]
+
+
+def test_a_same_size_rewrite_with_its_time_kept_reads_the_new_rows(tmp_path):
+    """``cp -p``, ``rsync -t``, ``tar`` or an edit within one timestamp tick keep size and
+    mtime: the cache must still see the new content, and keep one entry per source."""
+    src = tmp_path / "d.jsonl"
+    write_jsonl(src, chat_rows("apples"))
+    first = prepare_rows(str(src))
+    assert "apples 0" in first.path.read_text()
+    before = src.stat()
+    write_jsonl(src, chat_rows("plumbs"))  # same length
+    os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = src.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = prepare_rows(str(src))
+    text = second.path.read_text()
+    assert "plumbs 0" in text and "apples" not in text
+    assert cache_entries() == [second.path.parent]  # the superseded entry is pruned
+    assert prepare_rows(str(src)).path == second.path  # and the new one is used again
+
+
+def test_a_killed_read_leaves_no_debris(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", chat_rows("apples"))
+    killed = """
+import os, signal, sys
+from fishertune.data import cli as data_cli
+from fishertune.data import formats
+def write_rows(source, options, out, **kwargs):
+    out.write_text("a partial row\\n" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)
+formats.write_rows = write_rows
+formats.prepare_rows(sys.argv[1])
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", killed, str(src)], env=env)
+    assert done.returncode == -signal.SIGKILL
+    assert rows_debris()  # what the killed read left
+    # a read in progress (its writer holds the folder's lock) is left alone
+    live = Path(tempfile.mkdtemp(prefix=".rows-", dir=rows_debris()[0].parent))
+    with (live / ".writer").open("w") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        prepared = prepare_rows(str(src))
+        assert rows_debris() == [live]
+    assert "apples 0" in prepared.path.read_text()
+    assert cache_entries() == [prepared.path.parent]
+
+
+# --------------------------------------------------------------------------------------------
 # data prepare
 
 
@@ -430,6 +500,52 @@ def test_data_prepare_writes_rows_and_a_report(tmp_path, capsys):
     assert "rows read 4, kept 2, dropped 2" in printed and "peak memory" in printed
     assert cli_main(argv) == 2  # refuses to overwrite
     assert "exists: pass --overwrite" in capsys.readouterr().err
+
+
+def test_data_prepare_refuses_to_overwrite_its_own_source(tmp_path, capsys):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    src = write_jsonl(folder / "train.jsonl", [GOOD, {"conversations": []}, GOOD])
+    before = Path(src).read_bytes()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(src)
+    for source in (src, str(folder), str(link)):
+        assert cli_main(["data", "prepare", source, "--output", str(folder), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{folder / 'train.jsonl'} is the source" in err, err
+    assert Path(src).read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["train.jsonl"]
+
+
+def test_data_prepare_keeps_one_report_per_split(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "train.jsonl", [GOOD, GOOD, GOOD])
+    write_jsonl(src / "validation.jsonl", [GOOD, {"conversations": []}])
+    out = tmp_path / "out"
+    for split in ("train", "validation"):
+        assert cli_main(["data", "prepare", str(src), "--output", str(out), "--split", split]) == 0
+    reports = {
+        s: json.loads((out / f"report-{s}.json").read_text()) for s in ("train", "validation")
+    }
+    assert (reports["train"]["rows_read"], reports["validation"]["rows_read"]) == (3, 2)
+    assert reports["validation"]["dropped"] == {"no_turns": 1}
+    # report.json stays the train split's, where earlier readers look
+    assert json.loads((out / "report.json").read_text()) == reports["train"]
+
+
+def test_data_prepare_writes_the_report_before_the_rows(tmp_path, monkeypatch, capsys):
+    """A disk that fills while the report is written leaves no rows without their report."""
+    src = write_jsonl(tmp_path / "s.jsonl", [GOOD, GOOD])
+    out = tmp_path / "out"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data_cli, "write_json_atomic", full)
+    assert cli_main(["data", "prepare", src, "--output", str(out)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert list(out.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,8 +7,12 @@ text rows), applies the column and role mappings and the bad-row policy, and wri
 * ``DIR/<split>.jsonl``: the kept rows in the canonical form (``messages``, or ``prompt`` and
   ``completion``), which ``fishertune train --dataset_name DIR`` and experiment grids read
   directly (a folder's ``<split>.jsonl``);
-* ``DIR/report.json``: rows read, kept, dropped by reason (with the first example of each),
-  and with ``--tokenizer`` the token length percentiles; the time taken and peak memory.
+* ``DIR/report-<split>.json``: rows read, kept, dropped by reason (with the first example of
+  each), and with ``--tokenizer`` the token length percentiles; the time taken and peak memory.
+  Written before ``<split>.jsonl`` gets its name, so complete rows always have their report; the
+  ``train`` split's is also ``DIR/report.json``.
+
+The source itself is never the output (``--overwrite`` with the source's own file is refused).
 
 Records are read and written one at a time (a ``.json`` array as a stream), so memory stays
 bounded whatever the file's size. With ``--tokenizer`` each kept row is tokenized as training
@@ -36,7 +40,7 @@ from fishertune.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-REPORT = "report.json"
+REPORT = "report.json"  # the train split's report, also where earlier versions wrote every split's
 PERCENTILES = (50, 90, 95, 99, 100)
 
 
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("source", help="a .jsonl/.json/.parquet file, a folder, a hub name or builtin:tiny-tasks")
-    add("--output", required=True, help="folder to write <split>.jsonl and report.json to")
+    add("--output", required=True, help="folder to write <split>.jsonl and report-<split>.json to")
     add("--split", default="train", help="split to read (and the name of the file written)")
     add_data_arguments(add)
     add("--tokenizer", default=None, help="tokenize the kept rows to report token lengths")
@@ -120,8 +124,16 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     target = output / f"{args.split}.jsonl"
     if output.exists() and not output.is_dir():
         raise FishertuneError(f"--output {output}: exists and is not a folder")
-    if target.exists() and not args.overwrite:
-        raise FishertuneError(f"{target} exists: pass --overwrite to replace it")
+    if target.exists():
+        # a hub name is not contacted for this: only a local source can be the target
+        local = _resolve(args.source, args.split, contact_hub=False)
+        if local is not None and local.path is not None and os.path.samefile(local.path, target):
+            raise FishertuneError(
+                f"{target} is the source being read: write to another --output (--overwrite "
+                "would replace the source with the rows kept)"
+            )
+        if not args.overwrite:
+            raise FishertuneError(f"{target} exists: pass --overwrite to replace it")
     start = time.perf_counter()
     source = _resolve(args.source, args.split)
     assert source is not None
@@ -133,23 +145,34 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
             tokenized = output / f".{args.split}.jsonl.tokenized"
             _tokenize_file(partial, tokenized, args, report)
             os.replace(tokenized, partial)
+        seconds = time.perf_counter() - start
+        size = source.path.stat().st_size if source.path is not None else None
+        report.update(
+            written=str(target),
+            report_file=str(output / split_report(args.split)),
+            seconds=round(seconds, 2),
+            input_bytes=size,
+            rows_per_second=round(report["rows_read"] / seconds, 1),
+            megabytes_per_second=round(size / seconds / 1e6, 2) if size else None,
+            peak_rss_mb=round(_peak_rss_mb(), 1),
+            reasons={k: DROP_REASONS[k] for k in report["dropped"]},
+        )
+        # the report first: rows under their final name always have theirs (a full disk
+        # stops before the rows are declared complete)
+        write_json_atomic(output / split_report(args.split), report, sort_keys=True)
+        if args.split == "train":
+            write_json_atomic(output / REPORT, report, sort_keys=True)
         os.replace(partial, target)
     finally:
         for leftover in output.glob(f".{args.split}.jsonl.*"):
             leftover.unlink()
-    seconds = time.perf_counter() - start
-    size = source.path.stat().st_size if source.path is not None else None
-    report.update(
-        written=str(target),
-        seconds=round(seconds, 2),
-        input_bytes=size,
-        rows_per_second=round(report["rows_read"] / seconds, 1),
-        megabytes_per_second=round(size / seconds / 1e6, 2) if size else None,
-        peak_rss_mb=round(_peak_rss_mb(), 1),
-        reasons={k: DROP_REASONS[k] for k in report["dropped"]},
-    )
-    write_json_atomic(output / REPORT, report, sort_keys=True)
     return report
+
+
+def split_report(split: str) -> str:
+    """The report of one split (``report-<split>.json``): splits prepared into one folder each
+    keep their own."""
+    return f"report-{split}.json"
 
 
 def _peak_rss_mb() -> float:
@@ -177,7 +200,7 @@ def _describe(report: dict[str, Any]) -> str:
     if report.get("megabytes_per_second"):
         rate += f", {report['megabytes_per_second']} MB/s"
     lines.append(f"time {report['seconds']} s ({rate}), peak memory {report['peak_rss_mb']} MB")
-    lines.append(f"wrote {report['written']} and {Path(report['written']).parent / REPORT}")
+    lines.append(f"wrote {report['written']} and {report['report_file']}")
     return "\n".join(lines)
 
 

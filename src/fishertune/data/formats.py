@@ -22,9 +22,9 @@ experiment grids, :func:`fishertune.data.load_conversations`) reads its rows thr
    used and counts them by reason; ``"error"`` stops at the first one with one line naming the
    file, row and field;
 5. writes the kept rows as JSON Lines, with a report (rows read, kept, dropped by reason, the
-   first example of each reason), into a cache folder keyed by the source's identity (path,
-   size, modification time, or the ``datasets`` fingerprint) and the options, so a second read
-   of the same data (validation before training, then the run) costs nothing.
+   first example of each reason), into a cache folder keyed by the source's path and content
+   (a sha256 of the file, or the ``datasets`` fingerprint) and the options, so a second read
+   of the same data (validation before training, then the run) costs only the hash.
 
 ShareGPT conversations that start with the assistant follow FastChat's Vicuna rule
 (``fastchat/train/train.py``, ``preprocess``: "Skip the first one if it is not from human"): the
@@ -35,12 +35,15 @@ remains. Roles that do not alternate are a drop reason (FastChat asserts on them
 from __future__ import annotations
 
 import codecs
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -650,6 +653,9 @@ def _names_a_data_file(source: str) -> bool:
     return source.lower().endswith(_SUFFIXES) or source.startswith(("/", "./", "../", "~"))
 
 
+_IN_MEMORY = "the dataset"  # the name of a datasets.Dataset given as the source
+
+
 @dataclass
 class _Source:
     """Where records come from: a local file, or a ``datasets.Dataset`` (folder, hub)."""
@@ -658,11 +664,24 @@ class _Source:
     path: Path | None = None
     dataset: Any = None
 
-    def identity(self) -> str:
+    def slot(self) -> str:
+        """What names the source whatever its content: its entries replace each other."""
         if self.path is not None:
-            stat = self.path.stat()
-            return f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-        return f"{self.name}|{self.dataset._fingerprint}"
+            return str(self.path.resolve())
+        if self.name == _IN_MEMORY:  # unnamed datasets: each its own, none prunes another's
+            return f"{self.name}|{self.dataset._fingerprint}"
+        return self.name
+
+    def content(self) -> str:
+        """The content's identity: a local file's sha256 (size and mtime survive ``cp -p``, an
+        edit within a timestamp tick), else the ``datasets`` fingerprint."""
+        if self.path is None:
+            return str(self.dataset._fingerprint)
+        digest = hashlib.sha256()
+        with self.path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
     def records(self, options: DataOptions) -> Iterator[tuple[str, Any]]:
         if self.path is not None:
@@ -837,6 +856,63 @@ def _was_truncated(path: Path) -> bool:
     return not tail.endswith(b"]")
 
 
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+_WRITER = ".writer"  # in a write's temporary folder: flocked by the writer while it lives
+_ORPHAN_S = 60  # a temporary folder with no writer file yet is a write's first instant
+
+
+def _write_entry(source: _Source, options: DataOptions, root: Path, target: Path) -> dict:
+    """Write ``source``'s rows and report into a temporary ``root/.rows-*`` folder, locked by
+    this process until it is renamed to ``target``: a killed write leaves a folder that the
+    next read removes (:func:`_remove_stale_writes`), never a partial entry."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".rows-", dir=root))
+    try:
+        with (tmp / _WRITER).open("w") as writer:
+            fcntl.flock(writer, fcntl.LOCK_EX)
+            report = write_rows(source, options, tmp / "rows.jsonl")
+            (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+            (tmp / _WRITER).unlink()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process wrote the same rows first
+                if not (target / "report.json").is_file():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _remove_stale_writes(root: Path) -> None:
+    """Remove the temporary folders of writes whose process died (its lock went with it)."""
+    for tmp in root.glob(".rows-*"):
+        try:
+            with (tmp / _WRITER).open("r") as writer:
+                try:
+                    fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live write
+                shutil.rmtree(tmp, ignore_errors=True)
+        except FileNotFoundError:
+            # no writer file: a write in its first instant, or one killed then; or gone
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - tmp.stat().st_mtime > _ORPHAN_S:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # not ours to read: leave it
+            continue
+
+
+def _prune(slot: Path, keep: Path) -> None:
+    """Remove the entries of an earlier content of the same source and options."""
+    for entry in slot.iterdir():
+        if entry != keep:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def prepare_rows(
     source: str | Any, split: str = "train", options: DataOptions | None = None
 ) -> PreparedRows:
@@ -847,9 +923,11 @@ def prepare_rows(
         split: the split of a folder or hub dataset.
         options: formats, mappings, policy.
 
-    The result is cached under ``$FISHERTUNE_CACHE/rows/<key>`` (default
-    ``~/.cache/fishertune``), keyed by the source's identity and the options: a second call
-    reads nothing again. The one-line summary is logged.
+    The result is cached under ``$FISHERTUNE_CACHE/rows/<source>/<content>`` (default
+    ``~/.cache/fishertune``): the source's path (or dataset name) and the options, then its
+    content's sha256 (or ``datasets`` fingerprint), so an edit that keeps size and mtime is
+    seen; a second call reads nothing again, hashing aside. An entry for another content of the
+    same source is removed. The one-line summary is logged.
 
     Returns:
         :class:`PreparedRows`.
@@ -862,28 +940,18 @@ def prepare_rows(
         resolved = _resolve(source, split)
         assert resolved is not None
     else:
-        resolved = _Source("the dataset", dataset=source)
-    key = hashlib.sha256(
-        f"{READER_VERSION}|{resolved.identity()}|{options.key()}".encode()
-    ).hexdigest()[:24]
-    target = _cache_root() / "rows" / key
+        resolved = _Source(_IN_MEMORY, dataset=source)
+    root = _cache_root() / "rows"
+    slot = root / _short_hash(f"{READER_VERSION}|{resolved.slot()}|{options.key()}")
+    target = slot / _short_hash(resolved.content())
     rows, report_file = target / "rows.jsonl", target / "report.json"
+    _remove_stale_writes(root)
     if report_file.is_file() and rows.is_file():
         report = json.loads(report_file.read_text())
         report["source"] = resolved.name
     else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".rows-", dir=target.parent))
-        try:
-            report = write_rows(resolved, options, tmp / "rows.jsonl")
-            (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process wrote the same rows first
-                if not report_file.is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        report = _write_entry(resolved, options, root, target)
+    _prune(slot, keep=target)
     prepared = PreparedRows(rows, report)
     logger.info("%s", prepared.summary())
     return prepared

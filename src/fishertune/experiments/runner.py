@@ -20,8 +20,9 @@ Runs are subprocesses rather than calls in this process so that every run starts
 CUDA context and RNG state, a crash cannot take the grid down, and the multi-GPU path is the same
 ``accelerate launch`` command a user would type. Each child runs in its own process group, which
 is killed when the runner is stopped (Ctrl-C, SIGTERM): an ``accelerate launch`` and its workers go
-with it. A lock (``OUTPUT_DIR/.fishertune-runner.lock``, holding the owner's PID) keeps a second
-runner off the same output directory. ``--parallel N`` runs N runs at once, each on its own GPUs.
+with it. A lock (``.OUTPUT_DIR.lock`` beside the output directory, holding the owner's PID:
+:class:`~fishertune.files.RunnerLock`) keeps a second runner, and any ``fishertune train`` but the
+runs' own, off the output directory. ``--parallel N`` runs N runs at once, each on its own GPUs.
 """
 
 from __future__ import annotations

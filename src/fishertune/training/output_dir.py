@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
-from fishertune.files import RUN_RECORD, FolderLock, latest_checkpoint, read_json_record
+from fishertune.files import (
+    RUN_RECORD,
+    HeldFolder,
+    check_no_holders_inside,
+    folder_lock,
+    latest_checkpoint,
+    read_json_record,
+)
 from fishertune.modeling import TINY_MODEL
 
 logger = logging.getLogger(__name__)
@@ -197,6 +204,9 @@ def plan_output_dir(script_args: Any, training_args: Any, model_args: Any) -> Ou
     if non_empty:
         if not script_args.overwrite_output_dir:
             raise FishertuneError(f"output_dir {path} exists and is not empty: {_choices(path)}")
+        # the replaced folder is deleted once this run has a checkpoint: not while a trainer or
+        # a runner works inside it (this run's lock keeps new ones out from now on)
+        check_no_holders_inside(path, "--overwrite_output_dir")
         plan.replace = True
     return plan
 
@@ -233,12 +243,13 @@ def check_writable(path: Path) -> None:
         )
 
 
-def output_lock(output_dir: str | os.PathLike) -> FolderLock:
-    """The lock that keeps one ``fishertune train`` per output folder: ``.NAME.lock`` beside the
-    folder (a lock inside it would move away with a replaced run), naming its holder's PID."""
+def output_lock(output_dir: str | os.PathLike) -> HeldFolder:
+    """The lock that keeps one ``fishertune train`` per output folder, and none in or around a
+    live grid or another live trainer's folder: :class:`~fishertune.files.HeldFolder`
+    (``.NAME.lock`` beside the folder, naming its holder's PID), the runners' protocol too."""
     path = Path(output_dir).resolve()
     check_writable(path)
-    return FolderLock(path.parent / f".{path.name}.lock", "fishertune train", path)
+    return folder_lock(path, "fishertune train")
 
 
 class Replacement:
