@@ -182,12 +182,15 @@ class PenaltyLoss:
             mode), valued at ``value``.
         value: ``(CE + weight * S) / normalizer`` at the unperturbed ``X``, detached: the
             objective of these rows, whatever the surrogate's own value.
-        squared: ``S = (1/m) sum_s ||v_s||^2`` (float32 or wider, detached).
+        squared: ``S = (1/m) sum_s ||v_s||^2`` (float32 or wider, detached), weighted by the
+            position weights when given.
+        unweighted: with position weights, ``S`` without them (detached); else ``None``.
     """
 
     loss: Tensor
     value: Tensor
     squared: Tensor
+    unweighted: Tensor | None = None
 
 
 def penalty_rows(
@@ -459,7 +462,7 @@ def fd_penalty_loss(
     value, squared = run.unperturbed_pass(targets_for)
     run.shifted_passes()
     loss = sum(run.joint[1:], run.joint[0])
-    return PenaltyLoss(loss - loss.detach() + value, value, squared)
+    return PenaltyLoss(loss - loss.detach() + value, value, squared, run.unweighted)
 
 
 class _FiniteDifference:
@@ -485,6 +488,7 @@ class _FiniteDifference:
         self.position_weights: Tensor | None = None
         self.unbiased = False
         self.score_weights: Tensor | None = None  # (m, B) leave-one-out weights (fused)
+        self.unweighted: Tensor | None = None  # S without the position weights
 
     def finish(self, part: Tensor, last: bool) -> None:
         if self.split and not last:
@@ -528,6 +532,9 @@ class _FiniteDifference:
             else:
                 rows = torch.stack([row_squared_norms(v, weights) for v in self.directions])
                 squared = rows.sum() / rows.shape[0]
+            if weights is not None:  # the penalty without the weights, for the logs
+                unweighted = sum(row_squared_norms(v).sum() for v in self.directions)
+                self.unweighted = (unweighted / len(self.directions)).detach()
             if weights is not None:  # shift along w v
                 self.directions = [v * weights.to(v.dtype)[..., None] for v in self.directions]
             value = (ce_sum.detach() + self.weight * squared) / self.normalizer

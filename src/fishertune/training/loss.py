@@ -214,6 +214,7 @@ class MicroStepLoss:
             real = torch.ones_like(weights[rows])
         per_row = (weights[rows] * real).sum(-1) / real.sum(-1).clamp(min=1.0)
         self.mean_row_coef = float(per_row.mean())
+        self.row_coefs = per_row  # (len(rows),)
         return weights
 
     def _probes(self, embeds: Tensor, weights: Tensor | None, rows: Tensor | None) -> Tensor:
@@ -284,7 +285,13 @@ class MicroStepLoss:
                 if self.args.penalty_estimator == "unbiased":
                     draws = log_probs[penalty_mask[label_mask]].gather(1, targets)
                     term = squared + score_function_term(draws, penalty_mask, row_squared)
-        self.sums.add_penalty(squared, rescale, coef, self.mean_row_coef)
+        unweighted = None
+        if weights is not None and self.kind != "hessian":
+            # a row's weight is one number on its real positions (0 on padding, where v = 0)
+            coefs = self.row_coefs.to(row_squared)
+            per_row = row_squared.mean(0)[rows] / torch.where(coefs > 0, coefs, 1.0)
+            unweighted = per_row.sum()
+        self.sums.add_penalty(squared, rescale, coef, self.mean_row_coef, unweighted)
         return (ce_sum + coef * rescale * term) / normalizer
 
     def fd(
@@ -344,7 +351,7 @@ class MicroStepLoss:
                 position_weights=weights,
                 estimator=self.args.penalty_estimator,
             )
-        self.sums.add_penalty(result.squared, rescale, coef, self.mean_row_coef)
+        self.sums.add_penalty(result.squared, rescale, coef, self.mean_row_coef, result.unweighted)
         if rest_part is None or split:
             return result.loss if rest_part is None else result.loss + rest_part.detach()
         return rest_part + result.loss

@@ -69,18 +69,26 @@ class StepSums:
 
     @torch.no_grad()
     def add_penalty(
-        self, squared_norm: Tensor, rescale: float, coef: float, row_coef: float = 1.0
+        self,
+        squared_norm: Tensor,
+        rescale: float,
+        coef: float,
+        row_coef: float = 1.0,
+        unweighted: Tensor | None = None,
     ) -> None:
         """The penalty ``R`` (times the rows' rescale) and its weighted term: logged per scored
         token, whatever the loss reduction, so comparable across runs.
 
-        Under NEFTune matching ``squared_norm`` is already weighted by the rows' coefficients
-        (``sum_b w_b R_b``) and ``row_coef`` is their mean: ``R`` is logged as that sum over the
-        mean, so ``penalty_term = penalty_coef x penalty`` as without matching. It is ``R``
-        itself when the rows' coefficients agree (``neftune_length=padded``, rows of one
-        length); otherwise each row counts with its coefficient over the mean."""
+        Under NEFTune matching ``squared_norm`` is weighted by the rows' coefficients
+        (``sum_b w_b R_b``): ``unweighted`` is ``sum_b R_b`` (the Fisher penalties give it), so
+        the log holds R itself, whatever the rows' split over processes. Without it (the
+        Hessian trace, whose probes carry the weights) the weighted sum over the rows' mean
+        coefficient ``row_coef`` is logged: R when the rows' coefficients agree."""
         value = squared_norm.detach().double() * rescale
-        self.add(Sum.PENALTY, value / row_coef)
+        if unweighted is not None:
+            self.add(Sum.PENALTY, unweighted.detach().double() * rescale)
+        else:
+            self.add(Sum.PENALTY, value / row_coef)
         self.add(Sum.PENALTY_TERM, coef * value)
         self.add(Sum.PENALIZED, 1.0)
 
