@@ -316,3 +316,38 @@ def test_float64_throughout_tells_float64_models_from_float32_inside():
     assert not penalty_grad.float64_throughout(forward)
     llama.float()
     assert not penalty_grad.float64_throughout(forward)
+
+
+@pytest.mark.parametrize("kind", ["token", "logit"])
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+@pytest.mark.parametrize("split", [False, True])
+def test_fd_penalty_part_does_not_grow_as_the_coefficient_shrinks(kind, scheme, split):
+    """float64: the penalty's part of the fd gradient (fd's gradient minus the CE's) against
+    ``weight x`` the exact penalty gradient, weight 1e-1 down to 1e-7, at the default steps: the
+    error is fd's own at every weight. Taking the CE at the shifted point instead (fused) adds an
+    offset that does not scale with the weight: relative to the penalty it grows as 1 / weight."""
+    ce = _exact_gradient(kind, weight=0.0)
+    penalty = _exact_gradient(kind, weight=1.0) - ce
+    weights = (1e-1, 1e-3, 1e-5, 1e-7)
+
+    def errors(fused: bool) -> list[float]:
+        out = []
+        for weight in weights:
+            model = _model()
+            fd_penalty_loss(
+                kind,
+                _passes(model, split=split or fused),
+                LABELS,
+                lambda logits, mask: _targets(),
+                weight=weight,
+                normalizer=torch.tensor(1.0, dtype=torch.float64),
+                settings=FDSettings(scheme=scheme, compute_dtype=torch.float64, fused=fused),
+            ).loss.backward()
+            out.append(_relative(_grads(model) - ce, weight * penalty))
+        return out
+
+    default = errors(fused=False)
+    assert max(default) < 2 * min(default) + 1e-9, default
+    assert max(default) < (1e-6 if scheme == "forward" else 1e-8), default
+    fused = errors(fused=True)
+    assert fused[-1] > 1e3 * fused[0], fused
