@@ -464,3 +464,21 @@ def test_model_folders_that_are_not_finished_models_are_refused_before_loading(t
     with pytest.raises(FishertuneError, match="run has not completed") as info:
         load_tokenizer(str(run_folder))  # not "pass a tokenizer name"
     assert "tokenizer" not in str(info.value)
+
+
+def test_a_run_recorded_before_an_option_existed_resumes(chat_file, tmp_path, caplog):
+    """A record without ``penalty_fd_fused_ce`` (written before the option existed) resumes when
+    the option is left at its default; set to something else, the change is named and refused."""
+    common = {**PENALTY, "penalty_grad": "fd", "max_steps": 4, "save_strategy": "steps",
+              "save_steps": 2}  # fmt: skip
+    straight = tmp_path / "straight"
+    assert cli_main(["train", *base_args(chat_file, straight, **common)]) == 0
+    interrupted = _killed_after(straight, "checkpoint-2", tmp_path / "interrupted")
+    old = record(interrupted)
+    del old["settings"]["penalty_fd_fused_ce"]
+    (interrupted / RUN_RECORD).write_text(json.dumps(old))
+    fused = [*base_args(chat_file, interrupted, **common, penalty_fd_fused_ce="true")]
+    assert cli_main(["train", *fused, "--resume", "true"]) == 2
+    argv = ["train", *base_args(chat_file, interrupted, **common), "--resume", "true"]
+    assert cli_main(argv) == 0
+    assert record(interrupted)["status"] == "completed"

@@ -142,10 +142,15 @@ def read_run_record(output_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def _differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings that differ. An option added after the run was recorded, left at its
+    unset or false default now, is not a difference: a run recorded before it existed can
+    resume (``penalty_fd_fused_ce``: such a run took the CE at X + h v; it resumes with the CE
+    at X, the corrected gradient)."""
     return [
         f"{name}={recorded.get(name)!r} (now {current.get(name)!r})"
         for name in sorted(set(recorded) | set(current))
         if recorded.get(name) != current.get(name)
+        and not (name not in recorded and current.get(name) in (None, False))
     ]
 
 
