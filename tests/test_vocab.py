@@ -213,3 +213,54 @@ def test_chunked_draws_follow_the_softmax_law():
     chi2 = ((counts - draws * probs) ** 2 / (draws * probs)).sum().item()
     dof = probs.shape[0] * (V - 1)
     assert abs(chi2 - dof) < 6 * math.sqrt(2 * dof)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_ce_matches_the_dense_projection_and_ce(with_bias):
+    """float64, chunks of 3 rows: CE, metrics and the gradients of h, W and b equal the dense
+    ``log_softmax(h W^T + b)`` computation."""
+    generator = torch.Generator().manual_seed(5)
+    n, d = 10, 4
+    hidden = torch.randn(n, d, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(V, d, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = (
+        torch.randn(V, dtype=torch.float64, generator=generator, requires_grad=True)
+        if with_bias
+        else None
+    )
+    targets = torch.randint(V, (n,), generator=generator)
+    ce, stats = vocab.linear_scored_ce(hidden, weight, targets, bias)
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
+    grads = torch.autograd.grad(ce, inputs)
+
+    z = hidden @ weight.T + (bias if with_bias else 0.0)
+    log_p = torch.log_softmax(z, -1)
+    dense = -log_p.gather(1, targets[:, None]).sum()
+    dense_grads = torch.autograd.grad(dense, inputs)
+    assert float(ce) == pytest.approx(float(dense), rel=1e-12)
+    for got, want in zip(grads, dense_grads, strict=True):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    entropy = -(log_p.exp() * log_p).sum()
+    correct = (z.argmax(-1) == targets).sum()
+    assert stats.tolist() == pytest.approx([n, float(entropy), float(correct), float(dense)])
+
+
+def test_linear_ce_under_bf16_autocast_matches_the_autocast_projection():
+    """bf16 autocast: the projection in bf16 (as the model's lm_head would run), the softmax in
+    float32; value and gradients as the dense computation under the same autocast."""
+    generator = torch.Generator().manual_seed(6)
+    hidden = torch.randn(9, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(V, 8, generator=generator, requires_grad=True)
+    targets = torch.randint(V, (9,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ce, _ = vocab.linear_scored_ce(hidden, weight, targets)
+        z = (hidden @ weight.T).float()
+        dense = -torch.log_softmax(z, -1).gather(1, targets[:, None]).sum()
+    assert ce.dtype == torch.float32
+    assert float(ce) == pytest.approx(float(dense), rel=1e-5)
+    for got, want in zip(
+        torch.autograd.grad(ce, [hidden, weight]),
+        torch.autograd.grad(dense, [hidden, weight]),
+        strict=True,
+    ):
+        assert float((got - want).norm() / want.norm()) < 1e-2

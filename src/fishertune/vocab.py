@@ -48,6 +48,7 @@ __all__ = [
     "CHUNK_BYTES",
     "ScoredTerms",
     "inverse_cdf",
+    "linear_scored_ce",
     "row_chunks",
     "scored_rows",
     "scored_softmax",
@@ -345,3 +346,99 @@ class _ScoredTerms(torch.autograd.Function):
                 part.scatter_add_(1, draws[chunk], at_draws)
             grad.index_copy_(0, rows[chunk], part.to(flat.dtype))
         return grad, None, None, None, None, None, None, None, None
+
+
+def linear_scored_ce(
+    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The CE of the output projection ``z_t = W h_t (+ b)`` at the scored positions, chunk by
+    chunk, without the (N, V) logits, and the step's metrics from the same chunks.
+
+    ``CE = sum_t (lse_t - z_t[y_t])``; its backward recomputes each chunk's ``z`` and writes
+    ``dz = p - e_y`` into ``grad h = dz W`` and ``grad W = dz^T h`` chunk by chunk. The
+    projection's matmul runs in the autocast dtype when autocast is on (as the model's own
+    ``lm_head`` would), its softmax in float32 or wider, as :func:`scored_terms` does.
+
+    Hand-written beside ``torch.nn.functional.linear_cross_entropy``: that returns the CE alone
+    (not the entropy and accuracy that the step logs, which would cost another pass over the
+    projection) and is not in every torch this package supports (>= 2.11).
+
+    Args:
+        hidden: (N, d) the final hidden states at the scored positions, with graph.
+        weight: (V, d) the output projection's weight; ``bias`` (V,) or ``None``.
+        targets: (N,) the next-token labels.
+
+    Returns:
+        The CE summed (float32, float64 for float64 inputs) and the statistics (4,) of
+        :class:`ScoredTerms` (tokens, entropy, argmax-correct count, CE), float64, detached.
+    """
+    device_type = hidden.device.type
+    mm_dtype = (
+        torch.get_autocast_dtype(device_type)
+        if torch.is_autocast_enabled(device_type)
+        else hidden.dtype
+    )
+    ce, stats = _LinearScoredCE.apply(hidden, weight, bias, targets, mm_dtype)
+    return ce, stats
+
+
+def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None, mm_dtype: torch.dtype) -> Tensor:
+    z = hidden.to(mm_dtype) @ weight.to(mm_dtype).T
+    if bias is not None:
+        z = z + bias.to(mm_dtype)
+    return z.to(compute_dtype(z.dtype))
+
+
+class _LinearScoredCE(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, mm_dtype
+    ) -> tuple[Tensor, Tensor]:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        dtype = compute_dtype(mm_dtype)
+        lse = hidden.new_zeros(n, dtype=dtype)
+        ce = hidden.new_zeros((), dtype=dtype)
+        entropy = hidden.new_zeros((), dtype=torch.float64)
+        correct = hidden.new_zeros((), dtype=torch.float64)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for chunk in row_chunks(n, vocab, hidden.device):
+                z = _project(hidden[chunk], weight, bias, mm_dtype)
+                lse[chunk] = torch.logsumexp(z, dim=-1)
+                ce += (lse[chunk] - z.gather(1, targets[chunk, None])[:, 0]).sum()
+                p = (z - lse[chunk, None]).exp_()
+                entropy += (lse[chunk] - (p * z).sum(-1)).sum().double()
+                correct += (z.argmax(-1) == targets[chunk]).sum().double()
+        stats = hidden.new_zeros(4, dtype=torch.float64)
+        stats[STAT_TOKENS], stats[STAT_ENTROPY], stats[STAT_CORRECT] = n, entropy, correct
+        stats[STAT_CE] = ce.double()
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.mm_dtype = mm_dtype
+        return ce, stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ce: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        mm_dtype, n, vocab = ctx.mm_dtype, hidden.shape[0], weight.shape[0]
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(
+            weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device
+        )
+        grad_bias = None if bias is None else torch.zeros_like(grad_weight[:, 0])
+        scale = grad_ce.to(lse.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for chunk in row_chunks(n, vocab, hidden.device):
+                z = _project(hidden[chunk], weight, bias, mm_dtype)
+                dz = (z - lse[chunk, None]).exp_()  # p
+                dz.scatter_add_(1, targets[chunk, None], -torch.ones_like(dz[:, :1]))
+                dz.mul_(scale)
+                dz_mm = dz.to(mm_dtype)
+                grad_hidden[chunk] = (dz_mm @ weight.to(mm_dtype)).to(hidden.dtype)
+                grad_weight += (dz_mm.T @ hidden[chunk].to(mm_dtype)).to(grad_weight.dtype)
+                if grad_bias is not None:
+                    grad_bias += dz.sum(0).to(grad_bias.dtype)
+        grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
