@@ -473,3 +473,41 @@ def test_penalized_update_is_the_same_whoever_divides_by_accumulation(chat_file,
         updates.append(_training_update(trainer))
     assert updates[0].norm() > 0
     torch.testing.assert_close(updates[0], updates[1], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method, extra", [("baseline", {}), ("neftune", {"neftune_alpha": 5})])
+def test_ce_kernels_give_the_dense_gradient_and_metrics(chat_file, tmp_path, method, extra):
+    """chunked (the default) and linear (no logits: the output projection fused with the CE)
+    against the dense log-softmax: the same step gradient and logged CE, entropy and accuracy."""
+    trainers = [
+        trainer_for(chat_file, tmp_path, method=method, ce_kernel=kernel, **extra)
+        for kernel in ("dense", "chunked", "linear")
+    ]
+    dense, chunked, linear = _gradients_on_one_batch(*trainers)
+    for other in (chunked, linear):
+        assert float((other - dense).norm() / dense.norm()) < 1e-5
+    sums = [t._sums.vector for t in trainers]
+    for other in sums[1:]:
+        assert torch.allclose(other[:4], sums[0][:4], rtol=1e-5)
+
+
+def test_linear_ce_is_refused_where_the_logits_are_not_a_plain_projection(chat_file, tmp_path):
+    with pytest.raises(FishertuneError, match="ce_kernel=linear is for baseline and neftune"):
+        trainer_for(chat_file, tmp_path, method="token-f", ce_kernel="linear")
+
+    class ScaledHead(torch.nn.Linear):  # a logit scale, as some models apply
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    trainer = trainer_for(chat_file, tmp_path, ce_kernel="linear")
+    head = trainer.model.lm_head
+    scaled = ScaledHead(head.in_features, head.out_features, bias=False)
+    scaled.weight = head.weight
+    trainer.model.lm_head = scaled
+    with pytest.raises(FishertuneError, match="not a plain Linear"):
+        _gradients_on_one_batch(trainer)
+
+    trainer = trainer_for(chat_file, tmp_path, ce_kernel="linear")
+    trainer.model.lm_head.register_forward_hook(lambda module, args, out: 1.5 * out)  # a scale
+    with pytest.raises(FishertuneError, match="logits are not its last hidden state"):
+        _gradients_on_one_batch(trainer)

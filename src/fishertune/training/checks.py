@@ -63,6 +63,13 @@ def _fsdp(accelerator: Any) -> bool:
 
 def check_supported(args: Any, accelerator: Any, model: nn.Module, deepspeed: bool) -> None:
     """Refuse, with the reason, option combinations known to fail or to be wrong (measured)."""
+    if getattr(args, "ce_kernel", None) == "linear" and (deepspeed or _fsdp(accelerator)):
+        # the projection's weight is used outside its module's forward: FSDP and ZeRO-3 gather
+        # a sharded weight only inside it
+        raise FishertuneError(
+            "ce_kernel=linear needs the output projection's whole weight outside its forward, "
+            "which FSDP and DeepSpeed shard: use ce_kernel=chunked"
+        )
     if args.method not in PENALTY_METHODS:
         return
     if deepspeed and args.penalty_fd_backward == "split":

@@ -65,6 +65,18 @@ class FisherSFTConfig(SFTConfig):
             "choices": ("mean", "sum"),
         },
     )
+    ce_kernel: str = field(
+        default="chunked",
+        metadata={
+            "help": "How the CE of a step without a penalty (baseline, neftune, warm-up at 0, the "
+            "rows a penalty_fraction leaves out) reads the vocabulary: 'chunked' (the model's "
+            "logits chunk by chunk, no (N, V) float32 copies; default), 'dense' (log-softmax of "
+            "the (N, V) scored logits), or 'linear' (the output projection fused with the CE "
+            "from the last hidden states: no (N, V) logits at all; baseline and neftune, models "
+            "whose logits are hidden states times the output embedding).",
+            "choices": ("chunked", "dense", "linear"),
+        },
+    )
     master_weights: str = field(
         default="float32",
         metadata={
@@ -254,7 +266,13 @@ class FisherSFTConfig(SFTConfig):
         """Check the method's options and fill in their defaults; raise ``FishertuneError``."""
         _choice("method", self.method, METHODS)
         _choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
+        _choice("ce_kernel", self.ce_kernel, ("chunked", "dense", "linear"))
         is_penalty = self.method in PENALTY_METHODS
+        if is_penalty and self.ce_kernel == "linear":
+            raise FishertuneError(
+                f"ce_kernel=linear is for baseline and neftune: method={self.method} needs the "
+                "logits (its penalty differentiates them); use ce_kernel=chunked"
+            )
         matched = is_penalty and self.penalty_match_neftune_alpha is not None
         for names, active, label in (
             (PENALTY_FIELDS, is_penalty, "token-f/logit-f/hessian-trace"),

@@ -39,9 +39,10 @@ from fishertune.penalty_grad import (
     score_function_term,
 )
 from fishertune.streams import Stream
-from fishertune.training.checks import attention_implementation
+from fishertune.training.checks import attention_implementation, unwrap
 from fishertune.training.config import FisherSFTConfig
 from fishertune.training.stats import StepSums
+from fishertune.vocab import linear_scored_ce, scored_terms
 
 __all__ = [
     "MicroStepLoss",
@@ -186,12 +187,64 @@ class MicroStepLoss:
 
     def scored_ce(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """CE summed over scored tokens (float32, with graph) and the label mask; adds the CE,
-        entropy, accuracy and token count to the step's sums."""
-        ce_sum, label_mask, _ = self._scored(logits, labels)
-        return ce_sum, label_mask
+        entropy, accuracy and token count to the step's sums. Chunk by chunk
+        (:func:`fishertune.vocab.scored_terms`, exact to the dense computation) unless
+        ``ce_kernel`` is ``dense``."""
+        if self.args.ce_kernel == "dense":
+            ce_sum, label_mask, _ = self._scored(logits, labels)
+            return ce_sum, label_mask
+        label_mask = label_mask_from_labels(labels)
+        next_tokens = labels[:, 1:][label_mask[:, :-1]]
+        terms = scored_terms(logits, label_mask, next_tokens, statistics=True)
+        self.sums.add_statistics(terms.statistics, logits.shape[-1])
+        return terms.ce, label_mask
+
+    def _linear_ce(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        """CE summed over scored tokens from the last hidden states and the output projection
+        (:func:`fishertune.vocab.linear_scored_ce`): the model computes no logits
+        (``logits_to_keep`` empty), except at the first step, where the logits of the last
+        position check that they are the projection of the hidden states."""
+        labels = inputs["labels"]
+        label_mask = label_mask_from_labels(labels)
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        check = "linear_ce" not in self.precision
+        keep = [labels.shape[1] - 1] if check else []
+        outputs = model(
+            **model_inputs,
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=labels.device),
+        )
+        hidden = outputs.hidden_states[-1]
+        head = unwrap(model).get_output_embeddings()
+        if check:
+            self._check_linear(outputs.logits[:, -1], hidden[:, -1], head)
+        ce, statistics = linear_scored_ce(
+            hidden[label_mask], head.weight, labels[:, 1:][label_mask[:, :-1]], head.bias
+        )
+        self.sums.add_statistics(statistics, head.weight.shape[0])
+        return ce
+
+    def _check_linear(self, logits: Tensor, hidden: Tensor, head: nn.Module) -> None:
+        """The linear kernel needs ``logits = W h + b``: a plain ``nn.Linear`` head (no adapter
+        on it) and no logit scale or softcap (Gemma 2, Cohere), compared at one position."""
+        problem = None
+        if type(head) is not nn.Linear:
+            problem = f"its output embedding is a {type(head).__name__}, not a plain Linear"
+        else:
+            with torch.no_grad():
+                # by hand, not head(): a hook on the head (or a softcap after it) must show
+                projected = nn.functional.linear(hidden.detach(), head.weight, head.bias).float()
+                scale = logits.detach().float().abs().max().clamp(min=1e-6)
+                if float((logits.detach().float() - projected).abs().max() / scale) > 1e-2:
+                    problem = "its logits are not its last hidden state times its output embedding"
+        if problem is not None:
+            raise FishertuneError(f"ce_kernel=linear: {problem}; use ce_kernel=chunked")
+        self.precision["linear_ce"] = True
 
     def _scored(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`scored_ce` and the log-probabilities (N, V), with graph."""
+        """The dense :meth:`scored_ce` and the log-probabilities (N, V), with graph (exact
+        mode differentiates them twice)."""
         label_mask = label_mask_from_labels(labels)
         log_probs, targets = scored_log_probs(logits, labels, label_mask)  # (N, V), (N,)
         self.sums.add_scored(log_probs, targets, label_mask)
@@ -228,6 +281,8 @@ class MicroStepLoss:
 
     def plain(self, model: nn.Module, inputs: dict[str, Tensor], normalizer: Tensor) -> Tensor:
         """``CE / N``: no penalty on this micro-step."""
+        if self.args.ce_kernel == "linear":
+            return self._linear_ce(model, inputs) / normalizer
         return self.scored_ce(forward_logits(model, inputs), inputs["labels"])[0] / normalizer
 
     def _rng_seed(self) -> int:
