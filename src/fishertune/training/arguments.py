@@ -216,14 +216,17 @@ def check_values(script_args: Any, training_args: Any) -> None:
         raise FishertuneError("--resume and --overwrite_output_dir exclude each other")
 
 
-def validate_train_argv(argv: list[str], *, check_output_dir: bool = True) -> tuple[Any, Any, Any]:
+def validate_train_argv(
+    argv: list[str], *, check_output_dir: bool = True, unwritten_data: Path | None = None
+) -> tuple[Any, Any, Any]:
     """Validate a ``fishertune train`` argument list without loading a model or training.
 
     Parses it (YAML + overrides, the method's option checks of
     :class:`~fishertune.training.config.FisherSFTConfig`), checks sizes and rates, reads every
     row of a local data file (train split, and the test split when evaluation is on), and with
     ``check_output_dir`` checks that ``output_dir`` can be used as asked (``--resume`` with the
-    same settings, ``--overwrite_output_dir``, or empty). Changes nothing on disk.
+    same settings, ``--overwrite_output_dir``, or empty). Changes nothing on disk. Data inside
+    ``unwritten_data`` (a grid's study data, prepared at launch) is not read.
 
     Returns:
         ``(script_args, training_args, model_args)``.
@@ -241,6 +244,10 @@ def validate_train_argv(argv: list[str], *, check_output_dir: bool = True) -> tu
     if not script_args.dataset_name:
         raise FishertuneError("dataset_name is required (a hub name, a local file or folder)")
     options = DataOptions.from_args(script_args)
+    if unwritten_data is not None and Path(
+        script_args.dataset_name
+    ).expanduser().absolute().is_relative_to(unwritten_data.absolute()):
+        return script_args, training_args, model_args
     check_conversations(script_args.dataset_name, script_args.dataset_train_split, options)
     if training_args.eval_strategy != "no":
         check_conversations(script_args.dataset_name, script_args.dataset_test_split, options)
