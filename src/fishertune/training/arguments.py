@@ -14,7 +14,13 @@ from fishertune.data.formats import DataOptions
 from fishertune.data.tokenizer import TINY_TOKENIZER
 from fishertune.errors import FishertuneError
 from fishertune.modeling import TINY_MODEL
-from fishertune.training.numbers import check_number, check_numbers, number_fields
+from fishertune.training.numbers import (
+    check_number,
+    check_numbers,
+    check_ranges,
+    number_fields,
+    yaml_number_form,
+)
 from fishertune.training.output_dir import plan_output_dir
 
 
@@ -177,9 +183,12 @@ def _check_yaml_numbers(path: Path, lines: dict[str, int], overridden: set[str])
         for cls in (_script_arguments_class(), FisherSFTConfig, ModelConfig)
         for name, kind in number_fields(cls).items()
     }
-    for key, value in yaml.safe_load(path.read_text(encoding="utf-8-sig")).items():
+    text = path.read_text(encoding="utf-8-sig")
+    nodes = {key.value: node for key, node in yaml.compose(text).value}
+    for key, value in yaml.safe_load(text).items():
         if key in numbers and key not in overridden:
             try:
+                yaml_number_form(key, numbers[key][0], nodes.get(key))
                 check_number(key, value, *numbers[key])
             except FishertuneError as err:
                 raise FishertuneError(f"{path} line {lines[key]}: {err}") from None
@@ -189,6 +198,7 @@ def check_values(script_args: Any, training_args: Any) -> None:
     """Numbers of the right type and finite (:mod:`.numbers`); sizes and rates that TRL /
     transformers accept but cannot train with."""
     check_numbers(script_args)  # the training options checked theirs when they were built
+    check_ranges(script_args)
     positive = {
         "max_length": training_args.max_length,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
