@@ -691,3 +691,34 @@ def test_real_sharegpt_file(tmp_path, tok):
         assert [m["role"] for m in body] == ["user", "assistant"] * (len(body) // 2) + (
             ["user"] if len(body) % 2 else []
         )
+
+
+def test_preference_rows_are_refused_as_preference_data(tmp_path):
+    row = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    path = write_jsonl(tmp_path / "p.jsonl", [row])
+    with pytest.raises(FishertuneError, match=r"p\.jsonl line 1: preference data") as info:
+        load_conversations(path)
+    assert "chosen" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_gzip_input_is_named_as_gzip(tmp_path):
+    import gzip
+
+    for name in ("z.jsonl", "z.json"):
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(b'{"text": "a"}\n'))
+        with pytest.raises(FishertuneError, match=rf"{name}: .*gzip-compressed"):
+            load_conversations(str(path))
+
+
+def test_a_zero_row_parquet_file_is_reported_as_empty(tmp_path):
+    path = tmp_path / "e.parquet"
+    datasets.Dataset.from_dict({"text": []}).to_parquet(str(path))
+    with pytest.raises(FishertuneError, match=r"e\.parquet: no conversations: 0 rows"):
+        load_conversations(str(path))
+
+
+def test_a_whitespace_only_alpaca_system_is_left_out(tmp_path):
+    row = {"system": "  \n", "instruction": "say hi", "input": "", "output": "hi"}
+    ds = load_conversations(write_jsonl(tmp_path / "a.jsonl", [row]))
+    assert ds["messages"] == [[user("say hi"), asst("hi")]]

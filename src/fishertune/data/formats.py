@@ -249,6 +249,13 @@ def detect_format(keys: Any, options: DataOptions) -> str:
         return "prompt_completion"
     if col("text") in keys:
         return "text"
+    if {"chosen", "rejected"} <= keys:
+        # DPO-style pairs: no single response to imitate, so SFT has nothing to train on
+        raise FishertuneError(
+            "preference data (fields 'chosen' and 'rejected'), not SFT data: fishertune trains on "
+            "one response per prompt; keep the chosen responses as messages or prompt/completion "
+            "rows, or use a preference trainer"
+        )
     raise FishertuneError(
         f"cannot tell the data format from the fields {sorted(keys)}: expected "
         f"{col('messages')!r}, {col('conversations')!r}, {col('instruction')!r}+"
@@ -387,7 +394,10 @@ def normalize_record(record: Any, fmt: str, options: DataOptions) -> dict[str, A
         instruction, inp, output, system, history = names
         messages = []
         system_text = _get(record, system, required=False)
-        if system_text is not None and not (isinstance(system_text, str) and not system_text):
+        # a blank system field is left out, as an empty one (the README's rule)
+        if system_text is not None and not (
+            isinstance(system_text, str) and not system_text.strip()
+        ):
             messages.append({"role": "system", "content": _text(system_text, system)})
         pairs = _get(record, history, required=False) or []
         if not isinstance(pairs, list):
@@ -704,6 +714,12 @@ def _iter_dataset(dataset: Any, name: str) -> Iterator[tuple[str, Any]]:
 
 def _local_file(path: Path, name: str, options: DataOptions) -> Iterator[tuple[str, Any]]:
     suffix = path.suffix.lower()
+    with path.open("rb") as f:
+        magic = f.read(2)
+    if magic == b"\x1f\x8b":  # otherwise "byte 0x8b is not UTF-8", which hides the cause
+        raise FishertuneError(
+            f"{name}: the file is gzip-compressed; decompress it first (gunzip -k FILE)"
+        )
     if suffix == ".jsonl":
         return iter_jsonl(path, name)
     if suffix == ".json":
@@ -714,6 +730,8 @@ def _local_file(path: Path, name: str, options: DataOptions) -> Iterator[tuple[s
         try:
             dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
         except Exception as err:
+            if _parquet_rows(path) == 0:  # datasets cannot load a valid file without rows
+                return iter(())
             raise FishertuneError(
                 f"{name}: not a readable parquet file ({first_line(err)})"
             ) from err
@@ -722,6 +740,16 @@ def _local_file(path: Path, name: str, options: DataOptions) -> Iterator[tuple[s
         f"{name}: unsupported file type {suffix or '(none)'!r} "
         f"(expected one of {', '.join(_SUFFIXES)})"
     )
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The rows a parquet file's footer declares; None when it is not readable parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows
+    except Exception:  # pyarrow raises several types for files that are not parquet
+        return None
 
 
 def _names_a_data_file(source: str) -> bool:
@@ -915,7 +943,7 @@ def write_rows(
 
 
 def _nothing(path: Path | None) -> str:
-    if path is None:
+    if path is None or path.suffix.lower() == ".parquet":
         return "0 rows"
     if path.stat().st_size == 0:
         return "the file is empty (0 bytes)"
