@@ -300,6 +300,114 @@ def test_json_array_syntax_errors_name_the_line(tmp_path):
         list(iter_json_array(path, "s.json", False))
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+@pytest.mark.parametrize(
+    "tail",
+    [
+        '{"text": "b", "n": 1.',
+        '{"text": "b", "n": 12',
+        '{"text": "b", "n": -',
+        '{"text": "b", "n": 1e+',
+        '{"text": "b", "ok": tr',
+        '{"text": "b", "ok": nul',
+        '{"text": "b\\ud8',
+        '{"text": "b\\u',
+        '{"text": "b\\ud83d\\u',
+        '{"text": "b\\',
+    ],
+)
+def test_a_json_array_cut_inside_a_number_literal_or_escape_is_cut_off(
+    tmp_path, monkeypatch, chunk, tail
+):
+    monkeypatch.setattr(formats, "_CHUNK", chunk)
+    path = tmp_path / "c.json"
+    path.write_text('[{"text": "a"}, ' + tail)
+    pattern = r"cut off at byte \d+ inside record 1 .* 1 complete records precede it"
+    with pytest.raises(FishertuneError, match=pattern):
+        list(iter_json_array(path, "c.json", False))
+    assert [r for _, r in iter_json_array(path, "c.json", True)] == [{"text": "a"}]
+    # the same text inside the file, not at its end, is invalid JSON, not a cut
+    path.write_text('[{"text": "a"}, ' + tail + ' "z"}]')
+    with pytest.raises(FishertuneError, match=r"c\.json line 1: invalid JSON in record 1"):
+        list(iter_json_array(path, "c.json", True))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_json_array_cut_inside_a_multibyte_character(tmp_path, keep):
+    rows = records(3)  # record i holds i characters 'é' (two bytes each)
+    whole = json.dumps(rows, ensure_ascii=False).encode()
+    cut = whole.index("é".encode(), whole.index(b"question 2")) + 1
+    path = tmp_path / "m.json"
+    path.write_bytes(whole[:cut])
+    if keep:
+        assert [r for _, r in iter_json_array(path, "m.json", True)] == rows[:2]
+        reports: list[dict] = []
+        options = DataOptions(keep_truncated=True)
+        assert len(load_conversations(str(path), options=options, reports=reports)) == 2
+        assert reports[0]["truncated"] is True
+        return
+    pattern = rf"m\.json: the file is cut off at byte {cut} inside record 2 .* 2 complete records"
+    with pytest.raises(FishertuneError, match=pattern) as info:
+        load_conversations(str(path))
+    assert "\n" not in str(info.value)
+
+
+def _huge_value_file(folder: Path, kind: str, value: str) -> Path:
+    record = '{"text": "b", "x": ' + value + "}"
+    if kind == "jsonl":
+        path = folder / "h.jsonl"
+        path.write_text('{"text": "a"}\n' + record + "\n")
+    elif kind == "json":
+        path = folder / "h.json"
+        path.write_text('[{"text": "a"},\n' + record + "]")
+    else:  # one object: read whole
+        path = folder / "h.json"
+        path.write_text("\n" + record)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "json_object"])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("7" * 5000, "an integer of more than 4300 digits"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+    ids=["long-integer", "deep-nesting"],
+)
+def test_huge_integers_and_deep_nesting_are_one_line_errors(tmp_path, kind, value, message):
+    path = _huge_value_file(tmp_path, kind, value)
+    with pytest.raises(FishertuneError, match=rf"h\.jsonl? line 2: .*{message}") as info:
+        load_conversations(str(path))
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+def test_a_lone_surrogate_escape_is_a_bad_row_naming_its_field(tmp_path):
+    good = json.dumps({"messages": [user("q"), asst("a")]})
+    bad = '{"messages": [{"role": "user", "content": "hi \\ud83d"}, ' + json.dumps(asst("b"))[:-1]
+    bad = bad.replace('{"role": "assistant"', '{"role": "assistant"') + "}]}"
+    for name, text in (("s.jsonl", f"{good}\n{bad}\n"), ("s.json", f"[{good},\n{bad}]")):
+        path = tmp_path / name
+        path.write_text(text)
+        reports: list[dict] = []
+        ds = load_conversations(str(path), reports=reports)
+        assert ds["messages"] == [[user("q"), asst("a")]]
+        assert reports[0]["dropped"] == {"invalid_text": 1}
+        where = "line 2" if name.endswith("l") else "row 1"
+        example = reports[0]["examples"]["invalid_text"]
+        assert f"{name} {where}: field 'messages[0].content': " in example
+        assert "\\ud83d" in example
+        with pytest.raises(FishertuneError, match=r"invalid_text\) \(on_bad_rows=error") as info:
+            check_conversations(str(path), options=DataOptions(on_bad_rows="error"))
+        assert "\n" not in str(info.value)
+    # the train command: one line, status 2, before anything is written
+    from test_trainer import base_args
+
+    out = tmp_path / "run"
+    argv = ["train", *base_args(tmp_path / "s.jsonl", out, on_bad_rows="error")]
+    assert cli_main(argv) == 2 and not out.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenization
 
@@ -583,3 +691,34 @@ def test_real_sharegpt_file(tmp_path, tok):
         assert [m["role"] for m in body] == ["user", "assistant"] * (len(body) // 2) + (
             ["user"] if len(body) % 2 else []
         )
+
+
+def test_preference_rows_are_refused_as_preference_data(tmp_path):
+    row = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    path = write_jsonl(tmp_path / "p.jsonl", [row])
+    with pytest.raises(FishertuneError, match=r"p\.jsonl line 1: preference data") as info:
+        load_conversations(path)
+    assert "chosen" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_gzip_input_is_named_as_gzip(tmp_path):
+    import gzip
+
+    for name in ("z.jsonl", "z.json"):
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(b'{"text": "a"}\n'))
+        with pytest.raises(FishertuneError, match=rf"{name}: .*gzip-compressed"):
+            load_conversations(str(path))
+
+
+def test_a_zero_row_parquet_file_is_reported_as_empty(tmp_path):
+    path = tmp_path / "e.parquet"
+    datasets.Dataset.from_dict({"text": []}).to_parquet(str(path))
+    with pytest.raises(FishertuneError, match=r"e\.parquet: no conversations: 0 rows"):
+        load_conversations(str(path))
+
+
+def test_a_whitespace_only_alpaca_system_is_left_out(tmp_path):
+    row = {"system": "  \n", "instruction": "say hi", "input": "", "output": "hi"}
+    ds = load_conversations(write_jsonl(tmp_path / "a.jsonl", [row]))
+    assert ds["messages"] == [[user("say hi"), asst("hi")]]

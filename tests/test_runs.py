@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -482,3 +483,60 @@ def test_a_run_recorded_before_an_option_existed_resumes(chat_file, tmp_path, ca
     argv = ["train", *base_args(chat_file, interrupted, **common), "--resume", "true"]
     assert cli_main(argv) == 0
     assert record(interrupted)["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"seed": -1}, "seed must be in [0, 4294967295], got -1"),
+        ({"seed": 2**32}, "seed must be in [0, 4294967295], got 4294967296"),
+        ({"data_seed": -3}, "data_seed must be in [0, 4294967295], got -3"),
+        ({"dataset_subsample_seed": 2**32}, "dataset_subsample_seed must be in [0, 4294967295]"),
+        ({"adam_beta1": 1.5}, "adam_beta1 must be in [0, 1), got 1.5"),
+        ({"adam_beta2": 1}, "adam_beta2 must be in [0, 1), got 1"),
+        ({"adam_epsilon": -0.5}, "adam_epsilon must be >= 0, got -0.5"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0, got -0.1"),
+        ({"dataloader_num_workers": -1}, "dataloader_num_workers must be >= 0, got -1"),
+        ({"tiny_hidden_size": 30, "tiny_num_heads": 4},
+         "tiny_hidden_size 30 must be a multiple of tiny_num_heads 4"),
+        ({"divergence_max_ce": -1}, "divergence_max_ce must be >= 0 (0: no check), got -1"),
+        ({"save_strategy": "steps", "save_steps": 0},
+         "save_steps must be > 0 with save_strategy=steps, got 0"),
+    ],
+)  # fmt: skip
+def test_values_that_would_crash_later_are_refused_before_anything_is_written(
+    chat_file, tmp_path, options, message
+):
+    out = tmp_path / "o"
+    with pytest.raises(FishertuneError, match=re.escape(message)) as info:
+        validate_train_argv(base_args(chat_file, out, **options))
+    assert "\n" not in str(info.value) and not out.exists()
+    # the CLI: the same line, status 2, nothing written
+    assert cli_main(["train", *base_args(chat_file, out, **options)]) == 2
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("max_steps: '5'", "max_steps must be an integer, got the text '5' (remove the quotes)"),
+        ("max_steps: 0x10", "max_steps must be a decimal integer, got 0x10"),
+        ("max_steps: 010", "max_steps must be a decimal integer, got 010"),
+        ("max_steps: 1_0", "max_steps must be a decimal integer, got 1_0"),
+        ("learning_rate: 0x10", "learning_rate must be a decimal number, got 0x10"),
+    ],
+)
+def test_yaml_integers_in_other_forms_are_refused(chat_file, tmp_path, line, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: token-f\nwarmup_steps: 0\n{line}\n")
+    with pytest.raises(FishertuneError) as info:
+        validate_train_argv(["--config", str(config), "--dataset_name", str(chat_file),
+                             "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    assert str(info.value) == f"{config} line 3: {message}"
+
+
+def test_a_library_config_refuses_values_out_of_range():
+    from fishertune.training import FisherSFTConfig
+
+    with pytest.raises(FishertuneError, match=r"adam_beta1 must be in \[0, 1\), got 1.5"):
+        FisherSFTConfig(output_dir="unused", adam_beta1=1.5, use_cpu=True, report_to="none")

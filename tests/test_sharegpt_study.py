@@ -327,3 +327,123 @@ def test_shortened_study_end_to_end(tmp_path: Path) -> None:
     assert "Gauss-Newton gap" in text and "estimator bias" in text
     for png in ("equivalence_pairs.png", "equivalence_slope.png", "equivalence_choice.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def study_grid(tmp_path: Path, out: str = "data") -> dict[str, Any]:
+    """A one-run grid whose data comes from its study_data: block, named by ``{study_data}``."""
+    source = sharegpt_file(tmp_path / "sharegpt.json")
+    base = write_yaml(
+        tmp_path / "base.yaml",
+        {"method": "baseline", "max_steps": 2, "dataset_name": "builtin:tiny-tasks"},
+    )
+    return {
+        "base_config": str(base),
+        "output_dir": str(tmp_path / "out"),
+        "study_data": {"out": out, "source": str(source), **SMALL.__dict__},
+        "overrides": {"dataset_name": "{study_data}/chat"},
+        "methods": {"baseline": {"method": "baseline"}},
+        "seeds": [0],
+        "evaluation": {"tasks": ["offline"], "limit": 4, "dataset": "{study_data}/chat"},
+    }
+
+
+def test_study_data_out_is_inside_the_grids_output_folder(tmp_path: Path, monkeypatch) -> None:
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    raw = study_grid(tmp_path)
+    config = parse_experiment(raw, write_yaml(tmp_path / "e.yaml", raw))
+    data = tmp_path / "out" / "data"
+    assert config.study_data is not None and config.study_data.out == data
+    assert config.overrides["dataset_name"] == str(data / "chat")
+    assert config.evaluation.dataset == str(data / "chat")
+    # --output_dir moves the data with the grid
+    moved = load_experiment(tmp_path / "e.yaml", output_dir=tmp_path / "other")
+    assert moved.study_data is not None and moved.study_data.out == tmp_path / "other" / "data"
+    assert moved.overrides["dataset_name"] == str(tmp_path / "other" / "data" / "chat")
+    # the placeholder without a study_data: block names the field
+    del raw["study_data"]
+    with pytest.raises(FishertuneError, match=r"overrides\.dataset_name: .*no study_data"):
+        parse_experiment(raw, tmp_path / "e.yaml")
+
+
+def test_dry_run_prepares_no_study_data(tmp_path: Path, monkeypatch, capsys) -> None:
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = write_yaml(tmp_path / "e.yaml", study_grid(tmp_path))
+    assert experiment_cli.main(["--config", str(path), "--dry_run"]) == 0
+    assert "study data: would be prepared in" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists() and list(elsewhere.iterdir()) == []
+
+
+def test_study_data_of_other_sizes_is_refused_not_rewritten(tmp_path: Path) -> None:
+    source = sharegpt_file(tmp_path / "sharegpt.json")
+    data = tmp_path / "data"
+    prepare_study_data(data, source=str(source), sizes=SMALL)
+    rows = (data / "chat" / "train.jsonl").read_bytes()
+    other = StudyData(**{**SMALL.__dict__, "finetune": 10})
+    with pytest.raises(FishertuneError, match=r"^[^\n]*finetune 12 \(asked 10\)[^\n]*$"):
+        prepare_study_data(data, source=str(source), sizes=other)
+    assert (data / "chat" / "train.jsonl").read_bytes() == rows
+    # a folder that holds something else is not written into either
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FishertuneError, match="not study data"):
+        prepare_study_data(tmp_path / "busy", source=str(source), sizes=SMALL)
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
+    # nothing beside the folder is left by a preparation
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "data", "sharegpt.json"]
+
+
+def test_runner_prepares_study_data_under_its_lock(tmp_path: Path, monkeypatch) -> None:
+    from fishertune.experiments import sharegpt_data
+    from fishertune.files import folder_lock_path, lock_holder
+    from test_experiments import FakeLauncher
+
+    raw = study_grid(tmp_path)
+    config = parse_experiment(raw, write_yaml(tmp_path / "e.yaml", raw))
+    held: list[str | None] = []
+    real = sharegpt_data.prepare_study_data
+
+    def watched(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        held.append(lock_holder(folder_lock_path(config.output_dir)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sharegpt_data, "prepare_study_data", watched)
+    results = run_experiment(config, launcher=FakeLauncher(), log=lambda _: None)
+    assert [r.status for r in results] == ["completed"]
+    assert len(held) == 1 and held[0] is not None
+    assert (config.output_dir / "data" / "manifest.json").is_file()
+
+
+def test_slurm_launcher_prepares_study_data_before_submitting(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fishertune.experiments.slurm import submit_grid
+    from fishertune.files import folder_lock_path, lock_holder
+
+    raw = study_grid(tmp_path)
+    config = parse_experiment(raw, write_yaml(tmp_path / "e.yaml", raw))
+    manifest = config.output_dir / "data" / "manifest.json"
+
+    class Executor:
+        def __init__(self) -> None:
+            self.seen: list[tuple[bool, str | None]] = []
+
+        @contextlib.contextmanager
+        def batch(self) -> Any:
+            yield
+
+        def submit(self, job: Any) -> Any:
+            holder = lock_holder(folder_lock_path(config.output_dir))
+            self.seen.append((manifest.is_file(), holder))
+            return SimpleNamespace(job_id="7", paths=SimpleNamespace(stdout=tmp_path / "log"))
+
+    executor = Executor()
+    no_jobs = lambda ids: {}  # noqa: E731
+    submit_grid(config, executor=executor, states=no_jobs, dry_run=True, log=lambda _: None)
+    assert not manifest.exists() and executor.seen == []
+    results = submit_grid(config, executor=executor, states=no_jobs, log=lambda _: None)
+    assert [r.status for r in results] == ["submitted"]
+    assert len(executor.seen) == 1 and executor.seen[0][0] and executor.seen[0][1] is not None

@@ -41,7 +41,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -91,6 +93,7 @@ DROP_REASONS: dict[str, str] = {
     "unknown_role": "a turn's role maps to none of system, user, assistant",
     "not_alternating": "user and assistant turns do not alternate (or a system turn is not first)",
     "no_assistant_turn": "no assistant turn (after dropping a leading one)",
+    "invalid_text": "a string holds a lone surrogate escape (\\ud83d without its pair): not text",
     "too_long": "longer than max_length tokens (only with drop_too_long)",
     "no_label_after_truncation": "no scored token left after truncation to max_length",
 }
@@ -246,6 +249,13 @@ def detect_format(keys: Any, options: DataOptions) -> str:
         return "prompt_completion"
     if col("text") in keys:
         return "text"
+    if {"chosen", "rejected"} <= keys:
+        # DPO-style pairs: no single response to imitate, so SFT has nothing to train on
+        raise FishertuneError(
+            "preference data (fields 'chosen' and 'rejected'), not SFT data: fishertune trains on "
+            "one response per prompt; keep the chosen responses as messages or prompt/completion "
+            "rows, or use a preference trainer"
+        )
     raise FishertuneError(
         f"cannot tell the data format from the fields {sorted(keys)}: expected "
         f"{col('messages')!r}, {col('conversations')!r}, {col('instruction')!r}+"
@@ -260,6 +270,32 @@ class _BadRowError(Exception):
     def __init__(self, reason: str, field_name: str, message: str) -> None:
         super().__init__(message)
         self.reason, self.field_name, self.message = reason, field_name, message
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_unicode(value: Any, where: str = "") -> None:
+    """Refuse a lone UTF-16 surrogate anywhere in a record: JSON's ``\\ud83d`` escape decodes
+    to one (scraped chat dumps cut emoji in half), and no UTF-8 file or tokenizer can take it."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        if found:
+            raise _BadRowError(
+                "invalid_text",
+                where or "row",
+                f"a lone surrogate \\u{ord(found.group()):04x} (an escape without its pair)",
+            )
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            # the field's name goes into a message: printable even if the key is the bad text
+            shown = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+            here = f"{where}.{shown}" if where else shown
+            _check_unicode(key, here)
+            _check_unicode(item, here)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{where}[{i}]")
 
 
 def _text(value: Any, where: str) -> str:
@@ -358,7 +394,10 @@ def normalize_record(record: Any, fmt: str, options: DataOptions) -> dict[str, A
         instruction, inp, output, system, history = names
         messages = []
         system_text = _get(record, system, required=False)
-        if system_text is not None and not (isinstance(system_text, str) and not system_text):
+        # a blank system field is left out, as an empty one (the README's rule)
+        if system_text is not None and not (
+            isinstance(system_text, str) and not system_text.strip()
+        ):
             messages.append({"role": "system", "content": _text(system_text, system)})
         pairs = _get(record, history, required=False) or []
         if not isinstance(pairs, list):
@@ -420,6 +459,36 @@ _CHUNK = 1 << 20
 _MAX_RECORD = 256 << 20  # characters of one JSON-array record before it is refused
 
 
+def _unreadable(where: str, err: Exception) -> FishertuneError:
+    """Valid JSON that Python's reader cannot hold: ``where`` and what it is, in one line."""
+    if isinstance(err, RecursionError):
+        what = "arrays or objects nested too deeply to read (beyond Python's recursion limit)"
+    elif "digits" in str(err):
+        what = f"an integer of more than {sys.get_int_max_str_digits()} digits (Python's limit)"
+    else:
+        what = f"unreadable JSON ({first_line(err)})"
+    return FishertuneError(f"{where}: {what}")
+
+
+_NUMBER_REST = re.compile(r"(\.[0-9]*)?([eE][-+]?[0-9]*)?")
+_LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
+
+
+def _cut_inside_token(err: json.JSONDecodeError, text: str) -> bool:
+    """Whether the decoder stopped at a token that the end of ``text`` cuts short: a number's
+    fraction or exponent (``1.``, ``1e+``), a literal (``tr``, ``-``) or a ``\\u`` escape."""
+    tail = text[err.pos :].rstrip()
+    if not tail:
+        return False
+    if err.msg.startswith("Invalid \\uXXXX"):
+        return re.fullmatch(r"u[0-9a-fA-F]{0,3}", tail) is not None
+    if err.msg == "Expecting value":
+        return any(literal.startswith(tail) for literal in _LITERALS)
+    if err.msg.startswith("Expecting"):  # a number read whole up to here: what follows it
+        return text[err.pos - 1].isdigit() and _NUMBER_REST.fullmatch(tail) is not None
+    return False
+
+
 def _decode_error(name: str, raw: bytes, lineno: int, err: UnicodeDecodeError) -> FishertuneError:
     """``raw`` starts at line ``lineno``: name the line and column of the bad byte."""
     line = lineno + raw.count(b"\n", 0, err.start)
@@ -446,6 +515,8 @@ def iter_jsonl(path: Path, name: str) -> Iterator[tuple[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise FishertuneError(f"{name} line {lineno}: invalid JSON ({err})") from None
+            except (ValueError, RecursionError) as err:
+                raise _unreadable(f"{name} line {lineno}", err) from None
             yield f"{name} line {lineno}", record
 
 
@@ -486,6 +557,11 @@ def iter_json_array(path: Path, name: str, keep_truncated: bool) -> Iterator[tup
             try:
                 chunk = text_decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as err:
+                if not raw:
+                    # the file ends inside a multi-byte character: a cut like any other, whose
+                    # partial character is dropped (the record it is in is incomplete anyway)
+                    eof = True
+                    return False
                 tail = buf[buf.rfind("\n") + 1 :].encode("utf-8")  # the current line so far
                 lineno = consumed_lines + buf.count("\n") + 1
                 raise _decode_error(name, tail + raw, lineno, _shifted(err, len(tail))) from None
@@ -561,8 +637,10 @@ def iter_json_array(path: Path, name: str, keep_truncated: bool) -> Iterator[tup
                     # An error at the end of the buffer (or an unterminated string) may only
                     # mean the record continues in the next chunk; at the end of the file it
                     # means the file is cut off.
-                    at_end = err.msg.startswith("Unterminated string") or err.pos >= len(
-                        buf.rstrip()
+                    at_end = (
+                        err.msg.startswith("Unterminated string")
+                        or err.pos >= len(buf.rstrip())
+                        or _cut_inside_token(err, buf)
                     )
                     if not eof and (at_end or err.pos >= len(buf) - 16):
                         if len(buf) - pos > _MAX_RECORD:
@@ -585,6 +663,9 @@ def iter_json_array(path: Path, name: str, keep_truncated: bool) -> Iterator[tup
                     raise FishertuneError(
                         f"{name} line {line}: invalid JSON in record {count} ({err.msg})"
                     ) from None
+                except (ValueError, RecursionError) as err:
+                    line = consumed_lines + buf[:pos].count("\n") + 1
+                    raise _unreadable(f"{name} line {line}: record {count}", err) from None
             pos = end
             yield f"{name} row {count}", record
             count += 1
@@ -608,6 +689,10 @@ def _whole_json(path: Path, name: str) -> Iterator[tuple[str, Any]]:
             yield from iter_jsonl(path, name)
             return
         raise FishertuneError(f"{name} line {err.lineno}: invalid JSON ({err.msg})") from None
+    except (ValueError, RecursionError) as err:
+        body = text.lstrip()
+        line = text.count(b"\n", 0, len(text) - len(body)) + 1  # where the value starts
+        raise _unreadable(f"{name} line {line}", err) from None
     if isinstance(data, Mapping):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         known = set(DEFAULT_COLUMNS.values())
@@ -629,6 +714,12 @@ def _iter_dataset(dataset: Any, name: str) -> Iterator[tuple[str, Any]]:
 
 def _local_file(path: Path, name: str, options: DataOptions) -> Iterator[tuple[str, Any]]:
     suffix = path.suffix.lower()
+    with path.open("rb") as f:
+        magic = f.read(2)
+    if magic == b"\x1f\x8b":  # otherwise "byte 0x8b is not UTF-8", which hides the cause
+        raise FishertuneError(
+            f"{name}: the file is gzip-compressed; decompress it first (gunzip -k FILE)"
+        )
     if suffix == ".jsonl":
         return iter_jsonl(path, name)
     if suffix == ".json":
@@ -639,6 +730,8 @@ def _local_file(path: Path, name: str, options: DataOptions) -> Iterator[tuple[s
         try:
             dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
         except Exception as err:
+            if _parquet_rows(path) == 0:  # datasets cannot load a valid file without rows
+                return iter(())
             raise FishertuneError(
                 f"{name}: not a readable parquet file ({first_line(err)})"
             ) from err
@@ -647,6 +740,16 @@ def _local_file(path: Path, name: str, options: DataOptions) -> Iterator[tuple[s
         f"{name}: unsupported file type {suffix or '(none)'!r} "
         f"(expected one of {', '.join(_SUFFIXES)})"
     )
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The rows a parquet file's footer declares; None when it is not readable parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows
+    except Exception:  # pyarrow raises several types for files that are not parquet
+        return None
 
 
 def _names_a_data_file(source: str) -> bool:
@@ -798,6 +901,7 @@ def write_rows(
                 how = "given" if options.data_format != "auto" else "detected from the fields"
                 logger.info("%s: format %s (%s)", source.name, fmt, how)
             try:
+                _check_unicode(record)
                 row = normalize_record(record, fmt, options)
             except _BadRowError as bad:
                 message = f"{where}: field {bad.field_name!r}: {bad.message} ({bad.reason})"
@@ -839,7 +943,7 @@ def write_rows(
 
 
 def _nothing(path: Path | None) -> str:
-    if path is None:
+    if path is None or path.suffix.lower() == ".parquet":
         return "0 rows"
     if path.stat().st_size == 0:
         return "the file is empty (0 bytes)"

@@ -366,9 +366,10 @@ class StudyDataSpec:
     sizes: dict[str, Any] = field(default_factory=dict)
 
 
-def study_data_block(path: Path, value: Any) -> StudyDataSpec | None:
+def study_data_block(path: Path, value: Any, output_dir: Path) -> StudyDataSpec | None:
     """The ``study_data:`` block, its sizes checked against
-    :class:`~fishertune.experiments.sharegpt_data.StudyData`'s fields and types."""
+    :class:`~fishertune.experiments.sharegpt_data.StudyData`'s fields and types; a relative
+    ``out`` is inside the grid's ``output_dir`` (so ``--output_dir`` moves the data with it)."""
     from dataclasses import asdict
 
     from fishertune.experiments.sharegpt_data import StudyData
@@ -393,7 +394,7 @@ def study_data_block(path: Path, value: Any) -> StudyDataSpec | None:
             raise field_error(path, f"study_data.{key}", f"expected >= 0, got {item!r}")
         sizes[key] = kind(item)
     return StudyDataSpec(
-        out=resolve_path(path, "study_data.out", raw["out"], must_exist=False),
+        out=output_dir / Path(raw["out"]).expanduser(),
         source=raw.get("source"),
         sizes=sizes,
     )

@@ -5,6 +5,7 @@ other settings."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from fishertune.errors import FishertuneError
 from fishertune.experiments.commands import train_command
@@ -62,7 +63,7 @@ def check_stored_specs(config: ExperimentConfig, runs: list[RunSpec]) -> list[Ru
     return changed
 
 
-def validate_train_flags(argv: list[str]) -> None:
+def validate_train_flags(argv: list[str], unwritten_data: Path | None = None) -> None:
     """Check a ``fishertune train`` argument list as ``fishertune train`` would, without training.
 
     :func:`fishertune.training.cli.validate_train_argv` checks the YAML's keys, every flag's name
@@ -70,6 +71,7 @@ def validate_train_flags(argv: list[str]) -> None:
     run folder itself is the runner's to check (debris of failed attempts is cleared at launch).
     ``--use_cpu true`` is added: the machine that checks the grid (a SLURM login node) need not
     have the GPUs that ``bf16`` asks for; the job's own ``fishertune train`` checks the hardware.
+    Data inside ``unwritten_data`` (study data not prepared yet) is not read.
 
     Raises:
         FishertuneError: one line naming the problem.
@@ -80,7 +82,9 @@ def validate_train_flags(argv: list[str]) -> None:
 
     with warnings.catch_warnings():  # deprecation notes belong in the run's own train.log
         warnings.simplefilter("ignore")
-        validate_train_argv([*argv, "--use_cpu", "true"], check_output_dir=False)
+        validate_train_argv(
+            [*argv, "--use_cpu", "true"], check_output_dir=False, unwritten_data=unwritten_data
+        )
 
 
 def validate_grid(config: ExperimentConfig, runs: Sequence[RunSpec]) -> None:
@@ -89,11 +93,16 @@ def validate_grid(config: ExperimentConfig, runs: Sequence[RunSpec]) -> None:
     Raises:
         FishertuneError: naming the first run whose configuration ``fishertune train`` refuses.
     """
+    from fishertune.experiments.sharegpt_data import MANIFEST
+
+    study = config.study_data
+    # study data is prepared at launch, under the lock: its rows are checked once written
+    unwritten = study.out if study and not (study.out / MANIFEST).is_file() else None
     for run in runs:
         command = train_command(config, run, restart=False)
         argv = command[command.index("train") + 1 :]
         try:
-            validate_train_flags(argv)
+            validate_train_flags(argv, unwritten)
         except FishertuneError as err:
             raise FishertuneError(
                 f"{config.path}: run {run.name} (method {run.method!r}"

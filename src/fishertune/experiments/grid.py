@@ -21,7 +21,10 @@ An experiment YAML names a training preset and the variations to run on it::
     base:                                   # optional: a model trained once, which every
       max_steps: 500                        #   run fine-tunes (training overrides)
     measure: {batches: 2, probes: 4}        # optional: Tr(F_X), Tr(H_X) of every run
-    study_data: {out: runs/x/data}          # optional: a study's data parts, made before any run
+    study_data: {out: data}                 # optional: a study's data parts, made before any run
+                                            # (relative to output_dir); other blocks' strings
+                                            # name the folder as {study_data}, e.g.
+                                            # dataset_name: "{study_data}/chat"
     slurm:                                  # optional: resources of `--launcher slurm` jobs
       partition: gpu
       nodes: 1
@@ -244,6 +247,30 @@ def _top_level(path: Path, value: Any) -> dict[str, Any]:
     return raw
 
 
+STUDY_DATA = "{study_data}"
+
+
+def _fill_study_data(path: Path, raw: dict[str, Any], out: Path | None) -> dict[str, Any]:
+    """``raw`` with ``{study_data}`` in the strings of the run blocks replaced by the study data
+    folder: its place follows ``output_dir``, which the file cannot spell for ``--output_dir``."""
+
+    def fill(value: Any, where: str) -> Any:
+        if isinstance(value, str) and STUDY_DATA in value:
+            if out is None:
+                raise field_error(
+                    path, where, f"{value!r} names {STUDY_DATA}, but the file has no study_data:"
+                )
+            return value.replace(STUDY_DATA, str(out))
+        if isinstance(value, dict):
+            return {k: fill(v, f"{where}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    blocks = ("overrides", "base", "methods", "ablations", "evaluation", "measure")
+    return {key: fill(value, key) if key in blocks else value for key, value in raw.items()}
+
+
 def _methods(
     path: Path, value: Any, base: Path | None
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
@@ -342,6 +369,8 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         else None
     )
     output_dir = resolve_path(path, "output_dir", raw["output_dir"], must_exist=False)
+    study_data = study_data_block(path, raw.get("study_data"), output_dir)
+    raw = _fill_study_data(path, raw, None if study_data is None else study_data.out)
     methods, method_configs = _methods(path, raw["methods"], base)
     seeds = seed_list(path, "seeds", raw["seeds"])
     ablations = {
@@ -382,7 +411,7 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         base_run=base_run,
         measure=measure_block(path, raw.get("measure")),
         study=study,
-        study_data=study_data_block(path, raw.get("study_data")),
+        study_data=study_data,
         margin=margin,
     )
     if study == "equivalence" and (base_run is None or config.measure is None):

@@ -45,7 +45,13 @@ from fishertune.experiments.processes import (
     stop_children,
     subprocess_launcher,
 )
-from fishertune.experiments.stages import RunResult, pending_stages, run_run, update_status
+from fishertune.experiments.stages import (
+    RunResult,
+    pending_stages,
+    prepare_grid_data,
+    run_run,
+    update_status,
+)
 from fishertune.files import RunnerLock, read_status, training_done
 
 __all__ = ["gpu_slots", "run_experiment"]
@@ -188,18 +194,6 @@ def _run_base_first(
     return first + rest
 
 
-def prepare_data(config: ExperimentConfig, log: Callable[[str], None] = print) -> None:
-    """Write the ``study_data:`` block's data parts (nothing when they exist with the same
-    settings: :func:`~fishertune.experiments.sharegpt_data.prepare_study_data`)."""
-    from fishertune.experiments.sharegpt_data import StudyData, prepare_study_data
-
-    spec = config.study_data
-    assert spec is not None
-    manifest = prepare_study_data(spec.out, source=spec.source, sizes=StudyData(**spec.sizes))
-    parts = ", ".join(f"{name} {info['rows']}" for name, info in manifest["parts"].items())
-    log(f"study data in {spec.out}: {parts} rows")
-
-
 def run_experiment(
     config: ExperimentConfig,
     *,
@@ -243,12 +237,13 @@ def run_experiment(
     """
     if parallel < 1:
         raise FishertuneError(f"--parallel must be at least 1, got {parallel}")
-    if config.study_data is not None:  # the runs read these files: they come first
-        prepare_data(config, log)
     runs = _runs_with_base(config, only)
+    # a study data folder not written yet is a name the check does not read: the rows are
+    # checked again once they exist, the settings now (before minutes of data preparation)
     validate_grid(config, runs)
     debris = {run.name for run in check_stored_specs(config, runs)}
     if dry_run:
+        prepare_grid_data(config, log, dry_run=True)
         return _print_plan(config, runs, debris, log)
     slots: list[str | None] = [None]
     if parallel > 1:
@@ -266,6 +261,9 @@ def run_experiment(
     try:
         with RunnerLock(config.output_dir):
             _refuse_live_slurm_jobs(config, runs)
+            # under the lock: a second runner of this grid never writes the data beside us
+            if prepare_grid_data(config, log):
+                validate_grid(config, runs)
             if config.base_run is None or runs[0].name != BASE_RUN or len(runs) == 1:
                 return _run_queue(config, runs, launcher, slots, log)
             return _run_base_first(config, runs, launcher, slots, log)

@@ -29,7 +29,10 @@ Written into ``out_dir``::
     tokenizer/                                         # HF tokenizer folder (tiny chat template)
     manifest.json                                      # sizes, settings, source; written last
 
-A second call with the same settings finds ``manifest.json`` and does nothing::
+The parts are written into a temporary folder beside ``out_dir`` and renamed into place, so the
+folder is either absent or complete. A second call with the same settings finds
+``manifest.json`` and does nothing; a folder holding other settings (another grid may be training
+on it) or anything but study data is refused, never rewritten::
 
     python -m fishertune.experiments.sharegpt_data --out runs/x/data
 """
@@ -39,6 +42,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import shutil
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -50,6 +55,7 @@ from fishertune.files import write_json_atomic
 
 __all__ = [
     "StudyData",
+    "check_study_data",
     "default_source",
     "main",
     "prepare_study_data",
@@ -159,20 +165,109 @@ def prepare_study_data(
         characters and file hash.
 
     Raises:
-        FishertuneError: the source has too few usable conversations for the sizes asked.
+        FishertuneError: the source has too few usable conversations for the sizes asked;
+            ``out_dir`` holds study data of other settings, or other files.
     """
-    from fishertune.data.formats import DataOptions, prepare_rows
-    from fishertune.data.tokenizer import train_chat_tokenizer
-
     sizes = sizes or StudyData()
     out = Path(out_dir)
     source = source or default_source()
-    settings = {"source": str(Path(source).resolve()), **asdict(sizes)}
+    settings = _settings(source, sizes)
+    manifest = _existing(out, settings)
+    if manifest is not None:
+        return manifest
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
+    temporary = out.parent / f"{_TEMPORARY_PREFIX.format(name=out.name)}{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        manifest = _write_parts(temporary, source, sizes, settings)
+        try:
+            os.rename(temporary, out)  # replaces an empty folder; a full one raises
+        except OSError:
+            # another process published the folder meanwhile: use it if it has our settings
+            found = _existing(out, settings)
+            if found is None:
+                raise
+            return found
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return manifest
+
+
+_TEMPORARY_PREFIX = ".{name}.partial-"
+
+
+def _settings(source: str, sizes: StudyData) -> dict[str, Any]:
+    return {"source": str(Path(source).resolve()), **asdict(sizes)}
+
+
+def _existing(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of ``out`` when it holds study data of ``settings``; None when ``out`` is
+    absent or empty.
+
+    Raises:
+        FishertuneError: ``out`` holds study data of other settings, or other files.
+    """
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
     manifest_path = out / MANIFEST
-    if manifest_path.is_file():
+    try:
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("settings") == settings:
-            return manifest
+        found = manifest["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FishertuneError(
+            f"{out}: exists and is not study data (no readable {MANIFEST}); choose another "
+            "study_data.out or delete it"
+        ) from None
+    if found == settings:
+        return manifest
+    # a grid may be training on these files: they are never rewritten in place
+    changes = ", ".join(
+        f"{key} {found.get(key)!r} (asked {value!r})".replace("'", "")
+        for key, value in settings.items()
+        if found.get(key) != value
+    )
+    raise FishertuneError(
+        f"{out}: holds study data of other settings: {changes}; choose another study_data.out "
+        "or delete the folder once no grid uses it"
+    )
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary folders of preparations whose process is gone (killed mid-way)."""
+    for folder in out.parent.glob(_TEMPORARY_PREFIX.format(name=out.name) + "*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
+def check_study_data(
+    out_dir: str | Path, *, source: str | None = None, sizes: StudyData | None = None
+) -> bool:
+    """Whether ``out_dir`` already holds the study data of these settings (False: it would be
+    prepared); reads only.
+
+    Raises:
+        FishertuneError: as :func:`prepare_study_data` for a folder of other settings.
+    """
+    settings = _settings(source or default_source(), sizes or StudyData())
+    return _existing(Path(out_dir), settings) is not None
+
+
+def _write_parts(
+    out: Path, source: str, sizes: StudyData, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Read ``source``, split it and write every part, the tokenizer and the manifest into
+    ``out``."""
+    from fishertune.data.formats import DataOptions, prepare_rows
+    from fishertune.data.tokenizer import train_chat_tokenizer
+
     prepared = prepare_rows(
         source, "train", DataOptions(data_format="sharegpt", keep_truncated=True)
     )
@@ -265,7 +360,7 @@ def prepare_study_data(
         },
         "sha256": hashes,
     }
-    write_json_atomic(manifest_path, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 

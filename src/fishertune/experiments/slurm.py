@@ -40,7 +40,12 @@ from fishertune.experiments.checks import check_stored_specs, select_runs, valid
 from fishertune.experiments.grid import BASE_RUN, ExperimentConfig, RunSpec, expand_grid
 from fishertune.experiments.processes import Launcher
 from fishertune.experiments.slurm_job import RunJob
-from fishertune.experiments.stages import RunResult, prepare_run, update_status
+from fishertune.experiments.stages import (
+    RunResult,
+    prepare_grid_data,
+    prepare_run,
+    update_status,
+)
 from fishertune.experiments.status import ACTIVE_STATES, RunView, format_status_table, run_views
 from fishertune.files import RunnerLock, read_status
 
@@ -222,10 +227,18 @@ def _refuse_before_base(
 
 
 def _submit(
-    config: ExperimentConfig, todo: Sequence[RunSpec], executor: Any, launcher: Launcher | None
+    config: ExperimentConfig,
+    todo: Sequence[RunSpec],
+    executor: Any,
+    launcher: Launcher | None,
+    log: Callable[[str], None],
 ) -> list[RunResult]:
-    """Prepare the runs' folders and submit them as one job array; record each job id and log."""
+    """Prepare the study data and the runs' folders and submit them as one job array; record
+    each job id and log."""
     with RunnerLock(config.output_dir):
+        # the jobs read the study data: written here, under the lock, before any is submitted
+        if prepare_grid_data(config, log):
+            validate_grid(config, todo)
         for run in todo:
             prepare_run(config, run)
         with executor.batch():
@@ -286,12 +299,14 @@ def submit_grid(
             what = "finished, skipped" if result.status == "skipped" else result.status
             job = f" (job {result.job_id})" if result.job_id else ""
             log(f"[{index}/{len(runs)}] {run.name}: {what}{job}")
+    if dry_run and todo:
+        prepare_grid_data(config, log, dry_run=True)
     if dry_run or not todo:
         for run in todo:
             results[run.name] = RunResult(run.name, "planned", launcher="slurm")
             log(f"would submit {run.name} ({views[run.name].state})")
         return [results[run.name] for run in runs]
-    for result in _submit(config, todo, executor or make_executor(config), launcher):
+    for result in _submit(config, todo, executor or make_executor(config), launcher, log):
         results[result.name] = result
         log(f"{result.name}: submitted as job {result.job_id} (log: {result.slurm_log})")
     return [results[run.name] for run in runs]

@@ -38,6 +38,7 @@ __all__ = [
     "RunResult",
     "changed_training",
     "pending_stages",
+    "prepare_grid_data",
     "prepare_run",
     "run_run",
     "run_stages",
@@ -148,6 +149,42 @@ def pending_stages(
     }
     names = _pending(config, RunFolder(run.run_dir), stored_settings(config, run))
     return [(stage, commands[stage]()) for stage in names]
+
+
+def prepare_grid_data(
+    config: ExperimentConfig, log: Callable[[str], None] = print, *, dry_run: bool = False
+) -> bool:
+    """Write the ``study_data:`` block's data parts, under the launcher's
+    :class:`~fishertune.files.RunnerLock` (nothing when they exist with the same settings:
+    :func:`~fishertune.experiments.sharegpt_data.prepare_study_data`); with ``dry_run`` only
+    say whether they would be.
+
+    Returns:
+        Whether data parts were written (the runs' data checks are then worth redoing).
+
+    Raises:
+        FishertuneError: the folder holds study data of other settings, or other files.
+    """
+    from fishertune.experiments.sharegpt_data import (
+        StudyData,
+        check_study_data,
+        prepare_study_data,
+    )
+
+    spec = config.study_data
+    if spec is None:
+        return False
+    sizes = StudyData(**spec.sizes)
+    if check_study_data(spec.out, source=spec.source, sizes=sizes):
+        log(f"study data: {spec.out} (prepared before)")
+        return False
+    if dry_run:
+        log(f"study data: would be prepared in {spec.out}")
+        return False
+    manifest = prepare_study_data(spec.out, source=spec.source, sizes=sizes)
+    parts = ", ".join(f"{name} {info['rows']}" for name, info in manifest["parts"].items())
+    log(f"study data in {spec.out}: {parts} rows")
+    return True
 
 
 def prepare_run(config: ExperimentConfig, run: RunSpec) -> None:

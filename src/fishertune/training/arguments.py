@@ -14,7 +14,13 @@ from fishertune.data.formats import DataOptions
 from fishertune.data.tokenizer import TINY_TOKENIZER
 from fishertune.errors import FishertuneError
 from fishertune.modeling import TINY_MODEL
-from fishertune.training.numbers import check_number, check_numbers, number_fields
+from fishertune.training.numbers import (
+    check_number,
+    check_numbers,
+    check_ranges,
+    number_fields,
+    yaml_number_form,
+)
 from fishertune.training.output_dir import plan_output_dir
 
 
@@ -177,9 +183,12 @@ def _check_yaml_numbers(path: Path, lines: dict[str, int], overridden: set[str])
         for cls in (_script_arguments_class(), FisherSFTConfig, ModelConfig)
         for name, kind in number_fields(cls).items()
     }
-    for key, value in yaml.safe_load(path.read_text(encoding="utf-8-sig")).items():
+    text = path.read_text(encoding="utf-8-sig")
+    nodes = {key.value: node for key, node in yaml.compose(text).value}
+    for key, value in yaml.safe_load(text).items():
         if key in numbers and key not in overridden:
             try:
+                yaml_number_form(key, numbers[key][0], nodes.get(key))
                 check_number(key, value, *numbers[key])
             except FishertuneError as err:
                 raise FishertuneError(f"{path} line {lines[key]}: {err}") from None
@@ -189,6 +198,7 @@ def check_values(script_args: Any, training_args: Any) -> None:
     """Numbers of the right type and finite (:mod:`.numbers`); sizes and rates that TRL /
     transformers accept but cannot train with."""
     check_numbers(script_args)  # the training options checked theirs when they were built
+    check_ranges(script_args)
     positive = {
         "max_length": training_args.max_length,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
@@ -216,14 +226,17 @@ def check_values(script_args: Any, training_args: Any) -> None:
         raise FishertuneError("--resume and --overwrite_output_dir exclude each other")
 
 
-def validate_train_argv(argv: list[str], *, check_output_dir: bool = True) -> tuple[Any, Any, Any]:
+def validate_train_argv(
+    argv: list[str], *, check_output_dir: bool = True, unwritten_data: Path | None = None
+) -> tuple[Any, Any, Any]:
     """Validate a ``fishertune train`` argument list without loading a model or training.
 
     Parses it (YAML + overrides, the method's option checks of
     :class:`~fishertune.training.config.FisherSFTConfig`), checks sizes and rates, reads every
     row of a local data file (train split, and the test split when evaluation is on), and with
     ``check_output_dir`` checks that ``output_dir`` can be used as asked (``--resume`` with the
-    same settings, ``--overwrite_output_dir``, or empty). Changes nothing on disk.
+    same settings, ``--overwrite_output_dir``, or empty). Changes nothing on disk. Data inside
+    ``unwritten_data`` (a grid's study data, prepared at launch) is not read.
 
     Returns:
         ``(script_args, training_args, model_args)``.
@@ -241,6 +254,10 @@ def validate_train_argv(argv: list[str], *, check_output_dir: bool = True) -> tu
     if not script_args.dataset_name:
         raise FishertuneError("dataset_name is required (a hub name, a local file or folder)")
     options = DataOptions.from_args(script_args)
+    if unwritten_data is not None and Path(
+        script_args.dataset_name
+    ).expanduser().absolute().is_relative_to(unwritten_data.absolute()):
+        return script_args, training_args, model_args
     check_conversations(script_args.dataset_name, script_args.dataset_train_split, options)
     if training_args.eval_strategy != "no":
         check_conversations(script_args.dataset_name, script_args.dataset_test_split, options)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from fishertune.errors import FishertuneError
-from fishertune.training.numbers import check_numbers
+from fishertune.training.numbers import check_numbers, check_ranges
 
 METHODS = ("baseline", "neftune", "token-f", "logit-f", "hessian-trace")
 PENALTY_METHODS = ("token-f", "logit-f", "hessian-trace")
@@ -236,6 +236,7 @@ class FisherSFTConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         check_numbers(self)  # a type and finiteness the bounds below cannot see (NaN passes them)
+        check_ranges(self)
         self.validate_method()
         _choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         if self.ddp_find_unused_parameters is None:
