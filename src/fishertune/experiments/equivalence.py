@@ -16,16 +16,20 @@ Each adjacent pair differs by one cause:
 Statistics (:mod:`fishertune.experiments.statistics`), all on per-seed differences (runs of one
 seed share the base and the data order):
 
-* every comparison: mean difference of validation (and test) loss with its 95% t interval;
-* equivalence only by two one-sided tests against ``margin`` (fixed in the preset before the
-  run): *equivalent* when the 90% interval lies inside ``(-margin, margin)`` and the 95% one
-  holds 0; *different, inside the margin* when the first holds but the 95% interval excludes 0;
-  *different* when only the 95% interval excludes 0; otherwise *no detectable difference* (and
-  not equivalence);
-* ``seeds_for_power``: the seeds a paired t-test would need to detect a difference of ``margin``
-  with 80% power at the measured spread;
-* NEFTune's (and each penalty's) paired effect against ``a^2``: a least-squares slope with its
-  95% interval (one point per seed and level);
+* the question as an effect to reproduce: each regularizer's paired effect against the baseline
+  over NEFTune's at the same level, a ratio with Fieller's 95% interval, and equivalence by TOST
+  of the ratio inside ``1 ± ratio_margin`` (fixed in the preset), only where NEFTune's own effect
+  is detected (its 95% CI excludes 0); elsewhere "no effect to match", never "equivalent";
+* the cause chain: mean difference of validation and test loss with its 95% t interval, each
+  step's share of NEFTune's effect (Fieller), and, with an absolute ``margin``, TOST against it;
+* the ``a^2`` law as a prediction between levels: the effect at the largest level times
+  ``(a_i / a_max)^2`` against the effect measured at level ``i``, seed by seed; the least-squares
+  slope on ``a^2`` stays beside it;
+* Holm over each family (reproduction, the chain per loss, the predictions): verdicts read the
+  adjusted p-values, and the report lists those the correction changed;
+* runaway runs (the last logged penalty negative, or training diverged) as their own outcome,
+  left out of every interval;
+* greedy answers (where generated): paired change of mean length and distinct-2;
 * practitioner's choice: each method at its best level by mean validation loss, its test-loss
   difference to the baseline, and its measured seconds per training step (the runs' own
   ``train_runtime / global_step``, mean over all its runs) against the baseline's.
