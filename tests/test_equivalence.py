@@ -165,6 +165,7 @@ def test_slurm_refuses_the_grid_before_its_base_is_done(tmp_path: Path, base_con
         ({"measure": {"probez": 1}}, "measure: unknown key"),
         ({"report": {"study": "other"}}, "report.study: 'other' is not one of"),
         ({"report": {"margin": -1}}, "report.margin: expected a positive number"),
+        ({"report": {"ratio_margin": 1.5}}, r"report.ratio_margin: expected a number in \(0, 1\)"),
         ({"measure": {"seeds": [0, 0]}}, "measure.seeds: seeds repeat"),
         ({"study_data": {"finetune": 3}}, "study_data.out: missing"),
         ({"study_data": {"out": "d", "finetune": "x"}}, "study_data.finetune: expected a number"),
@@ -177,9 +178,168 @@ def test_bad_stage_blocks_name_the_field(
     raw.update(change)
     with pytest.raises(FishertuneError, match=message):
         parse_experiment(raw, tmp_path / "e.yaml")
-    raw = experiment(tmp_path, base_config, report={"study": "equivalence", "margin": 0.01})
+    raw = experiment(tmp_path, base_config, report={"study": "equivalence", "ratio_margin": 0.25})
     with pytest.raises(FishertuneError, match="needs a base: and a measure: block"):
         parse_experiment(raw, tmp_path / "e.yaml")
-    raw = staged(tmp_path, base_config, report={"study": "equivalence"})
-    with pytest.raises(FishertuneError, match=r"report\.margin: the equivalence study needs"):
+    # an absolute margin alone is not enough: it can be wider than NEFTune's own effect
+    raw = staged(tmp_path, base_config, report={"study": "equivalence", "margin": 0.02})
+    with pytest.raises(FishertuneError, match=r"report\.ratio_margin: the equivalence study needs"):
         parse_experiment(raw, tmp_path / "e.yaml")
+
+
+# --------------------------------------------------------------- the report's reading, simulated
+
+ALPHAS = (0.7661, 3.8305, 7.661)  # a/rms 0.1, 0.5, 1 at the study's rms, L and d
+
+
+def simulated_study(
+    neftune_effect: dict[float, float], ratios: dict[str, float], *, runaway_seeds: tuple = ()
+) -> tuple[dict[str, Any], list[Any]]:
+    """Ten seeds with known truths: the baseline's seed noise shared by every method of a seed,
+    NEFTune's true effect per level, each regularizer's true effect a fixed ratio of NEFTune's;
+    the Hessian-trace runs of ``runaway_seeds`` at the largest level end far above (their penalty
+    logged negative)."""
+    import random
+
+    from fishertune.experiments.equivalence import StudyRun
+
+    rng = random.Random(11)
+    base = {"rms": 0.05985, "length": 128, "hidden_size": 128, "val_loss": 4.61,
+            "test_loss": 4.59, "steps": 800, "train_loss": 4.0, "tokens_seen": 1.0e6,
+            "parameters": 1_000_000, "curvature": {}}  # fmt: skip
+    runs = []
+
+    def run(kind: str, seed: int, alpha: float, value: float, away: Any = None) -> None:
+        values = {"val_loss": value, "test_loss": value - 0.02, "step_s": 0.2}
+        runs.append(StudyRun(f"{kind}-{alpha}-{seed}", kind, seed, alpha, values, {}, away))
+
+    for seed in range(10):
+        shared = 4.575 + rng.gauss(0, 0.003)
+        run("baseline", seed, 0.0, shared + rng.gauss(0, 0.0003))
+        for alpha in ALPHAS:
+            effect = neftune_effect[alpha]
+            run("neftune", seed, alpha, shared + effect + rng.gauss(0, 0.0003))
+            for kind, ratio in ratios.items():
+                value = shared + ratio * effect + rng.gauss(0, 0.0003)
+                away = None
+                if kind == "hessian-trace" and alpha == ALPHAS[-1] and seed in runaway_seeds:
+                    value, away = value + 0.15, {"reason": "penalty negative", "step": 30}
+                run(kind, seed, alpha, value, away)
+    return base, runs
+
+
+A2_LAW = {alpha: 0.013 * (alpha / ALPHAS[-1]) ** 2 for alpha in ALPHAS}
+RATIOS = {"hessian-trace": 1.0, "token-f-unbiased": 1.0, "token-f-paper": 0.2}
+
+
+def test_report_reproduces_known_ratios_and_leaves_undetected_levels_unmatched() -> None:
+    """True ratios 1, 1 and 0.2 of NEFTune's effect; NEFTune's effect 0.00013 at a/rms 0.1 (not
+    detectable with these seeds), 0.00325 and 0.013 above; two Hessian-trace seeds run away."""
+    from fishertune.experiments.equivalence import format_markdown, summarize
+
+    base, runs = simulated_study(A2_LAW, RATIOS, runaway_seeds=(3, 7))
+    summary = summarize(base, runs, ratio_margin=0.25)
+    low, middle, top = summary["levels"]
+    assert not low["neftune_effect"]["detected"]
+    assert {e["verdict"] for e in low["reproduction"].values()} == {"no effect to match"}
+    for level in (middle, top):
+        assert level["neftune_effect"]["detected"]
+        found = level["reproduction"]
+        assert found["token-f-unbiased"]["verdict"] == "reproduces NEFTune's effect"
+        paper = found["token-f-paper"]
+        assert paper["verdict"] == "different: less than NEFTune's effect"
+        assert paper["ratio"]["low"] < 0.2 < paper["ratio"]["high"]
+    # the runaways are their own outcome, and the rest of the arm still matches NEFTune
+    hessian = top["reproduction"]["hessian-trace"]
+    assert hessian["excluded"] == [3, 7] and len(hessian["seeds"]) == 8
+    assert hessian["verdict"] == "reproduces NEFTune's effect"
+    assert summary["runaways"] == [{
+        "kind": "hessian-trace", "alpha": ALPHAS[-1], "count": 2, "of": 10,
+        "seeds": [{"seed": 3, "reason": "penalty negative", "step": 30},
+                  {"seed": 7, "reason": "penalty negative", "step": 30}],
+    }]  # fmt: skip
+    chain = next(c for c in top["comparisons"]
+                 if (c["first"], c["second"], c["metric"]) == ("hessian-trace", "neftune",
+                                                               "val_loss"))  # fmt: skip
+    assert chain["excluded"] == [3, 7] and chain["seeds"] == [0, 1, 2, 4, 5, 6, 8, 9]
+    # the a^2 law holds by construction: no level contradicts it
+    neftune = summary["predictions"]["neftune"]
+    assert neftune["status"] == "tested" and [e["alpha"] for e in neftune["levels"]] == [
+        ALPHAS[0],
+        ALPHAS[1],
+    ]
+    for entry in neftune["levels"]:
+        assert entry["factor"] == pytest.approx((entry["alpha"] / ALPHAS[-1]) ** 2)
+        assert entry["difference"]["low"] <= 0.0 <= entry["difference"]["high"]
+        assert not entry["verdict"].startswith("different")
+    text = format_markdown(summary)
+    for heading in ("## Does each regularizer reproduce NEFTune's effect?", "## Runaway runs",
+                    "## The a² law as a prediction", "## Multiple comparisons (Holm"):  # fmt: skip
+        assert heading in text
+    reading = text.split("## Reading")[1].splitlines()
+    first = next(line for line in reading if line.startswith("- a/rms 0.1:"))
+    assert first.endswith("no effect to match; nothing is called equivalent here.")
+
+
+def test_report_tells_a_flat_effect_from_the_a2_law_and_corrects_for_the_family() -> None:
+    """NEFTune's effect absent below the largest level (as the first study measured): the a²
+    prediction at the middle level is contradicted. Holm's adjusted p-values follow the hand
+    step-down over each family, and verdicts that only pass uncorrected are listed as changed."""
+    from fishertune.experiments.equivalence import summarize
+
+    flat = {ALPHAS[0]: 0.0, ALPHAS[1]: 0.0, ALPHAS[2]: 0.013}
+    base, runs = simulated_study(flat, RATIOS)
+    summary = summarize(base, runs, ratio_margin=0.25)
+    middle = summary["predictions"]["neftune"]["levels"][1]
+    assert middle["predicted"] == pytest.approx(0.013 * 0.25, abs=0.001)
+    assert middle["difference"]["high"] < 0
+    assert middle["verdict"] == "different: less than the a² prediction"
+    assert [e["verdict"] for e in summary["levels"][1]["reproduction"].values()] == [
+        "no effect to match"
+    ] * 3
+    family = next(f for f in summary["corrections"] if f["name"] == "cause chain (val loss)")
+    tests = [c for level in summary["levels"] for c in level["comparisons"]
+             if c["metric"] == "val_loss"]  # fmt: skip
+    assert family["tests"] == len(tests) == 15
+    ranked = sorted(tests, key=lambda c: c["p_value"])
+    assert ranked[0]["p_value_holm"] == pytest.approx(min(1.0, 15 * ranked[0]["p_value"]))
+    second = max(ranked[0]["p_value_holm"], min(1.0, 14 * ranked[1]["p_value"]))
+    assert ranked[1]["p_value_holm"] == pytest.approx(second)
+    for c in tests:
+        raw = "different" if c["p_value"] < 0.05 else "no detectable difference"
+        holm = "different" if c["p_value_holm"] < 0.05 else "no detectable difference"
+        assert (c["verdict_raw"], c["verdict"]) == (raw, holm)
+    changed = [c for c in tests if c["verdict_raw"] != c["verdict"]]
+    assert len(family["changed"]) == len(changed)
+    assert all(x["raw"] == "different" and x["holm"] != "different" for x in family["changed"])
+
+
+def test_runaway_reads_the_logged_penalty_old_and_new_and_failed_trainings(tmp_path: Path) -> None:
+    """A penalty negative to the end (from the step it turned negative for good), a transient dip
+    (not a runaway), a non-finite loss, a training the guard stopped; ``penalty_term`` as old run
+    folders logged it."""
+    from fishertune.experiments.equivalence import runaway
+    from fishertune.files import RUN_RECORD, TRAINER_STATE, RunFolder
+
+    def folder(name: str, history: list[dict[str, Any]], record: dict[str, Any]) -> RunFolder:
+        model = tmp_path / name / "model"
+        model.mkdir(parents=True)
+        (model / TRAINER_STATE).write_text(json.dumps({"log_history": history}))
+        (model / RUN_RECORD).write_text(json.dumps(record))
+        return RunFolder(tmp_path / name)
+
+    done = {"status": "completed", "global_step": 50}
+    steps = [10, 20, 30, 40, 50]
+    away = folder("a", [{"step": s, "penalty": p} for s, p in
+                        zip(steps, [0.3, -0.1, 0.2, -0.4, -0.9], strict=True)], done)  # fmt: skip
+    assert runaway(away) == {"reason": "penalty negative", "step": 40}
+    dip = folder("b", [{"step": s, "penalty": p} for s, p in
+                       zip(steps, [0.3, -0.1, 0.2, 0.4, 0.9], strict=True)], done)  # fmt: skip
+    assert runaway(dip) is None
+    old = folder("c", [{"step": s, "penalty_term": p} for s, p in
+                       zip(steps, [0.3, -0.1, -0.2, -0.4, -0.9], strict=True)], done)  # fmt: skip
+    assert runaway(old) == {"reason": "penalty negative", "step": 20}
+    nan = folder("d", [{"step": 10, "loss": 2.0}, {"step": 20, "loss": float("nan")}], done)
+    assert runaway(nan) == {"reason": "diverged", "step": 20}
+    stopped = folder("e", [], {"status": "failed", "global_step": 17})
+    assert runaway(stopped) == {"reason": "diverged", "step": 17}

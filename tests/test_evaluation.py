@@ -22,7 +22,12 @@ from fishertune.evaluation.export import (
     load_alpacaeval_questions,
     load_mtbench_questions,
 )
-from fishertune.evaluation.offline import METRIC_DESCRIPTIONS, METRICS, evaluate_offline
+from fishertune.evaluation.offline import (
+    METRIC_DESCRIPTIONS,
+    METRICS,
+    answer_statistics,
+    evaluate_offline,
+)
 from fishertune.modeling import tiny_llama
 
 MC_DOCS = [
@@ -155,7 +160,18 @@ def test_metrics_declare_direction() -> None:
         "exact_match": True,
         "ifeval_strict": True,
         "ifeval_loose": True,
+        "reply_length": True,
+        "distinct_2": True,
     }
+
+
+def test_answer_statistics_by_hand() -> None:
+    """Bigrams "a b", "b a", "a b" (repeated), "c d": 3 distinct of 4; a one-word reply has none;
+    lengths from the given counter."""
+    result = answer_statistics(["a b a b", "c d", "e"], lambda r: len(r))
+    assert result["distinct_2"] == pytest.approx(3 / 4)
+    assert result["reply_length"] == pytest.approx((7 + 3 + 1) / 3)
+    assert math.isnan(answer_statistics(["one"], len)["distinct_2"])
 
 
 def test_offline_scores_known_answers(tok, model) -> None:
@@ -169,6 +185,11 @@ def test_offline_scores_known_answers(tok, model) -> None:
     assert scores["n_test"] == n
     assert scores["exact_match"] == 1.0
     assert scores["ifeval_strict"] == 1.0 and scores["ifeval_loose"] == 1.0
+    answers = [reference_answer(r) for r in rows]
+    lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    assert scores["reply_length"] == pytest.approx(sum(lengths) / n)
+    pairs = [p for a in answers for p in zip(a.split(), a.split()[1:], strict=False)]
+    assert scores["distinct_2"] == pytest.approx(len(set(pairs)) / len(pairs))
 
     silent = {p: "" for p in right}
     scores = evaluate_offline(ScriptedModel(model, tok, silent), tok, limit=n, batch_size=8)

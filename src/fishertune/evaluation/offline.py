@@ -18,7 +18,10 @@ Two measurements, both without network access or a judge model:
 
   - ``exact_match``: fraction of test rows whose stripped reply equals the reference answer;
   - ``ifeval_strict`` / ``ifeval_loose``: IFEval's prompt-level strict and loose accuracy over the
-    rows that carry formatting instructions (``check.instructions``), every instruction followed.
+    rows that carry formatting instructions (``check.instructions``), every instruction followed;
+  - ``reply_length``: the replies' mean length in tokens, and ``distinct_2``: distinct word
+    bigrams over all word bigrams of the replies (Li et al. 2016), the two things NEFTune is
+    known to change in generated answers (:func:`answer_statistics`).
 
 Example::
 
@@ -35,7 +38,14 @@ from typing import Any
 from fishertune.data.formats import DataOptions
 from fishertune.errors import FishertuneError
 
-__all__ = ["METRICS", "METRIC_DESCRIPTIONS", "evaluate_offline", "limited", "validation_loss"]
+__all__ = [
+    "METRICS",
+    "METRIC_DESCRIPTIONS",
+    "answer_statistics",
+    "evaluate_offline",
+    "limited",
+    "validation_loss",
+]
 
 # Metric name -> higher is better (what report tables use to mark the best method).
 METRICS: dict[str, bool] = {
@@ -45,6 +55,8 @@ METRICS: dict[str, bool] = {
     "exact_match": True,
     "ifeval_strict": True,
     "ifeval_loose": True,
+    "reply_length": True,  # NEFTune's reported gain: longer answers, which judges prefer
+    "distinct_2": True,
 }
 METRIC_DESCRIPTIONS: dict[str, str] = {
     "val_loss": "mean cross-entropy (nats) over assistant tokens of the validation split",
@@ -53,7 +65,24 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "exact_match": "fraction of test replies (greedy) equal to the reference answer",
     "ifeval_strict": "IFEval prompt-level strict accuracy on test rows with instructions",
     "ifeval_loose": "IFEval prompt-level loose accuracy on test rows with instructions",
+    "reply_length": "mean length in tokens of the greedy test replies",
+    "distinct_2": "distinct word bigrams / all word bigrams of the greedy test replies",
 }
+
+
+def answer_statistics(replies: list[str], count_tokens: Any) -> dict[str, float]:
+    """``reply_length``: mean of ``count_tokens(reply)``; ``distinct_2``: distinct whitespace-word
+    bigrams over all bigrams, pooled over the replies (NaN when no reply has two words): a
+    model that repeats itself or answers every prompt alike scores low."""
+    bigrams = [
+        pair for reply in replies for pair in zip(reply.split(), reply.split()[1:], strict=False)
+    ]
+    return {
+        "reply_length": sum(count_tokens(r) for r in replies) / len(replies)
+        if replies
+        else float("nan"),
+        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else float("nan"),
+    }
 
 
 def limited(dataset: Any, limit: int | float | None) -> Any:
@@ -202,5 +231,8 @@ def evaluate_offline(
         "exact_match": mean([v["exact_match"] for v in verdicts]),
         "ifeval_strict": mean([v["strict"] for v in with_rules]),
         "ifeval_loose": mean([v["loose"] for v in with_rules]),
+        **answer_statistics(
+            replies, lambda r: len(tokenizer(r, add_special_tokens=False)["input_ids"])
+        ),
         "n_test": float(len(rows)),
     }

@@ -55,7 +55,7 @@ EVALUATION_KEYS = (
     "answer_max_new_tokens",
     "extra_args",
 )
-REPORT_KEYS = ("metrics", "study", "margin")
+REPORT_KEYS = ("metrics", "study", "margin", "ratio_margin")
 STUDIES = ("equivalence",)
 MEASURE_KEYS = (
     "batches",
@@ -429,9 +429,13 @@ def env_block(path: Path, value: Any) -> dict[str, str]:
     return env
 
 
-def report_block(path: Path, value: Any) -> tuple[tuple[str, ...] | None, str | None, float | None]:
-    """The ``report:`` block: the table's metrics (``None``: every metric), the study, and the
-    study's equivalence margin (required by the ``equivalence`` study: fixed before the run)."""
+def report_block(
+    path: Path, value: Any
+) -> tuple[tuple[str, ...] | None, str | None, float | None, float | None]:
+    """The ``report:`` block: the table's metrics (``None``: every metric), the study, its
+    absolute equivalence margin (nats; optional) and its ratio margin (required by the
+    ``equivalence`` study, fixed before the run: a regularizer reproduces NEFTune's effect when
+    the ratio of their effects lies within ``1 ± ratio_margin``)."""
     report = mapping(path, "report", value)
     unknown = sorted(set(report) - set(REPORT_KEYS))
     if unknown:
@@ -447,8 +451,27 @@ def report_block(path: Path, value: Any) -> tuple[tuple[str, ...] | None, str | 
         isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0
     ):
         raise field_error(path, "report.margin", f"expected a positive number, got {margin!r}")
-    if study == "equivalence" and margin is None:
+    ratio_margin = report.get("ratio_margin")
+    if ratio_margin is not None and (
+        isinstance(ratio_margin, bool)
+        or not isinstance(ratio_margin, (int, float))
+        or not 0 < ratio_margin < 1
+    ):
         raise field_error(
-            path, "report.margin", "the equivalence study needs its margin fixed in the file"
+            path, "report.ratio_margin", f"expected a number in (0, 1), got {ratio_margin!r}"
         )
-    return report_metrics, study, None if margin is None else float(margin)
+    if study == "equivalence" and ratio_margin is None:
+        # an absolute margin alone can be wider than NEFTune's own effect: it cannot tell
+        # "trains like NEFTune" from "does nothing"
+        raise field_error(
+            path,
+            "report.ratio_margin",
+            "the equivalence study needs its margin as a fraction of NEFTune's effect, fixed in "
+            "the file (e.g. 0.25: the ratio within [0.75, 1.25])",
+        )
+    return (
+        report_metrics,
+        study,
+        None if margin is None else float(margin),
+        None if ratio_margin is None else float(ratio_margin),
+    )

@@ -258,7 +258,8 @@ def _write_reports(config: ExperimentConfig) -> None:
                     names,
                     config.report_dir,
                     title=config.path.stem,
-                    margin=float(config.margin or 0.0),
+                    ratio_margin=float(config.ratio_margin or 0.0),  # required: report_block
+                    margin=config.margin,
                 )
             )
         except FishertuneError as err:  # e.g. the base not measured yet

@@ -192,6 +192,7 @@ class ExperimentConfig:
     study: str | None = None
     study_data: StudyDataSpec | None = None
     margin: float | None = None
+    ratio_margin: float | None = None
 
     @property
     def slurm_dir(self) -> Path:
@@ -385,7 +386,7 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
     )
     launcher, accelerate_config, num_processes = launcher_block(path, raw)
     env = env_block(path, raw.get("env"))
-    report_metrics, study, margin = report_block(path, raw.get("report"))
+    report_metrics, study, margin, ratio_margin = report_block(path, raw.get("report"))
     overrides = overrides_block(path, "overrides", raw.get("overrides"))
     base_run = _base_run(path, raw.get("base"), base, overrides, output_dir / "runs")
     if base_run is not None:
@@ -413,6 +414,7 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         study=study,
         study_data=study_data,
         margin=margin,
+        ratio_margin=ratio_margin,
     )
     if study == "equivalence" and (base_run is None or config.measure is None):
         raise field_error(

@@ -17,6 +17,17 @@ share cancels, and what is left is tested with Student's t on ``n - 1`` degrees 
 * :func:`seeds_for_power`: the smallest number of seeds for which a paired t-test at level
   ``alpha`` detects a true difference ``effect`` with probability ``power``, from the noncentral t
   distribution.
+* :func:`fieller_ratio`: the ratio ``mean(x) / mean(y)`` of two paired means (e.g. a
+  regularizer's effect against the baseline over NEFTune's, seed by seed) with Fieller's interval:
+  every ``R`` for which the paired t-test of ``x - R y`` does not reject ``mu_x - R mu_y = 0``.
+* :func:`ratio_equivalence`: TOST of ``lower < mu_x / mu_y < upper`` by two one-sided paired
+  t-tests on ``x - lower y`` and ``x - upper y`` (their direction set by the sign of ``mu_y``).
+* :func:`scaled_prediction`: a law's prediction between levels, tested seed by seed: the measured
+  effect at one level minus ``factor`` times the effect at another (e.g. NEFTune's ``a^2`` law:
+  ``factor = (a_i / a_max)^2``), with its t interval; a slope through 0 cannot tell a curve that
+  is flat at small ``a`` from ``a^2``, this difference can.
+* :func:`holm`: Holm's step-down adjusted p-values over a family of tests (family-wise error
+  ``<= alpha`` under any dependence).
 
 scipy's distributions and tests do the arithmetic; this module only fixes which test answers
 which question, and keeps the numbers together for the report.
@@ -35,9 +46,15 @@ from fishertune.errors import FishertuneError
 __all__ = [
     "Equivalence",
     "PairedDifference",
+    "Ratio",
+    "RatioEquivalence",
     "Slope",
     "equivalence_test",
+    "fieller_ratio",
+    "holm",
     "paired_difference",
+    "ratio_equivalence",
+    "scaled_prediction",
     "scaling_slope",
     "seeds_for_power",
 ]
@@ -194,3 +211,163 @@ def seeds_for_power(
         if achieved >= power:
             return n
     raise FishertuneError(f"more than {max_seeds} seeds needed for effect {effect} at sd {sd}")
+
+
+# ------------------------------------------------------------------------ ratios of paired means
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``mean(x) / mean(y)`` over paired seeds with Fieller's ``confidence`` interval.
+
+    ``kind`` says what shape the confidence set has: ``"bounded"`` (``[low, high]``; exactly
+    when the paired t-test of ``y`` rejects ``mu_y = 0`` at the same level), ``"exclusive"``
+    (everything outside ``(low, high)``: ``mu_y`` not distinguished from 0 but ``mu_x`` is) or
+    ``"unbounded"`` (every real number; ``low = -inf``, ``high = inf``).
+    """
+
+    ratio: float
+    low: float
+    high: float
+    kind: str
+    n: int
+    confidence: float
+
+    def contains(self, value: float) -> bool:
+        if self.kind == "bounded":
+            return self.low <= value <= self.high
+        if self.kind == "exclusive":
+            return value <= self.low or value >= self.high
+        return True
+
+    def describe(self, digits: int = 2) -> str:
+        if self.kind == "bounded":
+            return f"{self.ratio:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        if self.kind == "exclusive":
+            return (f"{self.ratio:.{digits}f} (outside ({self.low:.{digits}f}, "
+                    f"{self.high:.{digits}f}): unbounded)")  # fmt: skip
+        return f"{self.ratio:.{digits}f} (unbounded)"
+
+
+@dataclass(frozen=True)
+class RatioEquivalence:
+    """TOST of ``lower < mu_x / mu_y < upper``: ``p_value`` the larger one-sided p-value;
+    ``interval`` Fieller's ``1 - 2 alpha`` interval (inside ``[lower, upper]`` exactly when the
+    test claims equivalence, for a bounded interval)."""
+
+    lower: float
+    upper: float
+    alpha: float
+    p_value: float
+    interval: Ratio
+
+    @property
+    def equivalent(self) -> bool:
+        return self.p_value < self.alpha
+
+
+def _pairs(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], list[float]]:
+    if len(x) != len(y):
+        raise FishertuneError(f"a ratio of paired means needs pairs: {len(x)} and {len(y)} values")
+    xs, ys = _differences(x, None), _differences(y, None)
+    return xs, ys
+
+
+def fieller_ratio(x: Sequence[float], y: Sequence[float], *, confidence: float = 0.95) -> Ratio:
+    """Fieller's interval for ``mu_x / mu_y`` from paired observations ``(x_s, y_s)``.
+
+    The set of ``R`` with ``(xbar - R ybar)^2 <= t^2 (s_xx - 2 R s_xy + R^2 s_yy) / n``
+    (``t = t_{(1+confidence)/2, n-1}``, sample (co)variances with ``ddof=1``): the ``R`` that the
+    paired t-test of ``d_s = x_s - R y_s`` does not reject. Exact under normal per-seed
+    differences, whatever their correlation; a delta-method or bootstrap interval is not (with 10
+    seeds the bootstrap's percentiles under-cover, and both break down as ``ybar`` nears 0, where
+    Fieller's set honestly becomes unbounded).
+    """
+    xs, ys = _pairs(x, y)
+    n = len(xs)
+    xbar, ybar = math.fsum(xs) / n, math.fsum(ys) / n
+    sxx = math.fsum((a - xbar) ** 2 for a in xs) / (n - 1)
+    syy = math.fsum((b - ybar) ** 2 for b in ys) / (n - 1)
+    sxy = math.fsum((a - xbar) * (b - ybar) for a, b in zip(xs, ys, strict=True)) / (n - 1)
+    t2 = float(stats.t.ppf((1 + confidence) / 2, n - 1)) ** 2
+    # a R^2 - 2 b R + c <= 0
+    a = ybar * ybar - t2 * syy / n
+    b = xbar * ybar - t2 * sxy / n
+    c = xbar * xbar - t2 * sxx / n
+    ratio = xbar / ybar if ybar else math.copysign(math.inf, xbar) if xbar else math.nan
+    disc = b * b - a * c
+    if a > 0:  # ybar significantly nonzero: a bounded interval around the ratio
+        root = math.sqrt(max(disc, 0.0))
+        return Ratio(ratio, (b - root) / a, (b + root) / a, "bounded", n, confidence)
+    if a < 0 and disc > 0:
+        root = math.sqrt(disc)
+        low, high = sorted(((b + root) / a, (b - root) / a))
+        return Ratio(ratio, low, high, "exclusive", n, confidence)
+    return Ratio(ratio, -math.inf, math.inf, "unbounded", n, confidence)
+
+
+def ratio_equivalence(
+    x: Sequence[float],
+    y: Sequence[float],
+    *,
+    lower: float,
+    upper: float,
+    alpha: float = 0.05,
+) -> RatioEquivalence:
+    """Two one-sided paired t-tests of ``lower < mu_x / mu_y < upper`` at level ``alpha``.
+
+    For ``mu_y > 0`` the ratio lies above ``lower`` iff ``mu_x - lower mu_y > 0`` and below
+    ``upper`` iff ``mu_x - upper mu_y < 0``; for ``mu_y < 0`` both inequalities turn round. Each is
+    a one-sided t-test on the per-seed combination ``x_s - r y_s`` (exact, as in Fieller's
+    interval). The sign of ``mu_y`` is taken from ``ybar``: use this only where ``y``'s effect has
+    been detected (its interval excludes 0), so that the sign is established.
+    """
+    if not (math.isfinite(lower) and math.isfinite(upper) and lower < upper):
+        raise FishertuneError(f"a ratio margin needs lower < upper, got [{lower}, {upper}]")
+    xs, ys = _pairs(x, y)
+    positive = math.fsum(ys) >= 0
+
+    def one_sided(r: float, alternative: str) -> float:
+        diffs = [a - r * b for a, b in zip(xs, ys, strict=True)]
+        if _sd(diffs) == 0.0:  # no spread: the decision is the point itself
+            mean = math.fsum(diffs) / len(diffs)
+            return 0.0 if (mean > 0) == (alternative == "greater") and mean != 0 else 1.0
+        return float(stats.ttest_1samp(diffs, 0.0, alternative=alternative).pvalue)
+
+    low_side, high_side = ("greater", "less") if positive else ("less", "greater")
+    p_value = max(one_sided(lower, low_side), one_sided(upper, high_side))
+    interval = fieller_ratio(xs, ys, confidence=1 - 2 * alpha)
+    return RatioEquivalence(lower, upper, alpha, p_value, interval)
+
+
+def scaled_prediction(
+    measured: Sequence[float],
+    source: Sequence[float],
+    factor: float,
+    *,
+    confidence: float = 0.95,
+) -> PairedDifference:
+    """``measured_s - factor * source_s`` per seed: its mean, t interval and p-value of "the
+    prediction ``factor * mu_source`` is right". The source's own noise enters the interval
+    (scaled by ``factor``), as does any correlation between the two through shared seeds."""
+    if len(measured) != len(source):
+        raise FishertuneError(
+            f"a prediction needs one source value per seed: {len(measured)} and {len(source)}"
+        )
+    return paired_difference(
+        [float(m) - factor * float(s) for m, s in zip(measured, source, strict=True)],
+        confidence=confidence,
+    )
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's adjusted p-values, in the order given: with ``p_(1) <= ... <= p_(m)``,
+    ``adjusted_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``. Rejecting where the adjusted value
+    is below ``alpha`` keeps the family-wise error at most ``alpha`` (Holm 1979)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * float(p_values[index])))
+        adjusted[index] = running
+    return adjusted
