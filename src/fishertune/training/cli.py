@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    script_args, training_args, model_args = parse_args(argv)
+    notes: list[str] = []
+    script_args, training_args, model_args = parse_args(argv, notes)
+    for note in notes:
+        logger.info("%s", note)
     check_values(script_args, training_args)
     # held from before output_dir is looked at until the run ends: a second process on the same
     # folder is refused instead of deciding, too, that the folder is free
