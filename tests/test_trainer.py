@@ -392,6 +392,19 @@ def test_bad_options_give_one_clear_error(chat_file, tmp_path, overrides, messag
         parse_args(base_args(chat_file, tmp_path / "out", **overrides))
 
 
+def test_a_train_run_folder_holds_train_log_and_tensorboard_events(chat_file, tmp_path):
+    out = tmp_path / "run"
+    argv = base_args(chat_file, out, max_steps=2, neftune_noise_alpha=5)
+    index = argv.index("--report_to")
+    del argv[index : index + 2]  # unset: tensorboard, as the README says
+    assert cli_main(["train", *argv]) == 0
+    log = (out / "train.log").read_text()
+    assert "--neftune_noise_alpha 5 taken as --method neftune" in log  # said before the folder
+    assert '"ce_loss"' in log and "step 2:" in log
+    assert list(out.glob("runs/*/events.out.tfevents.*"))
+    assert json.loads((out / "fishertune_run.json").read_text())["method"] == "neftune"
+
+
 def test_cpu_runs_leave_bf16_and_checkpointing_off_unless_asked(tmp_path, monkeypatch):
     from fishertune.training import config as config_module
 
