@@ -26,21 +26,19 @@ def test_shipped_table_is_the_parsers():
 
 
 def test_help_and_argument_errors_come_without_the_training_stack(tmp_path):
-    script = f"""
-import sys
-from fishertune.cli import main
-results = [main(argv) for argv in {
-        [
-            ["train", "--help"],
-            ["train", "--help-all"],
-            ["train", "--bogus", "1"],
-            ["train", "--learning_rate", "fast"],
-            ["train", "--neftune_noise_alpha", "5", "--method", "token-f"],
-            ["train", "--resume_from_checkpoint", str(tmp_path / "checkpoint-9")],
-        ]!r
-    }]
-print("RESULTS", results, [m for m in {HEAVY!r} if m in sys.modules])
-"""
+    calls = [
+        ["train", "--help"],
+        ["train", "--help-all"],
+        ["train", "--bogus", "1"],
+        ["train", "--learning_rate", "fast"],
+        ["train", "--neftune_noise_alpha", "5", "--method", "token-f"],
+        ["train", "--resume_from_checkpoint", str(tmp_path / "checkpoint-9")],
+    ]
+    script = (
+        "import sys\nfrom fishertune.cli import main\n"
+        f"results = [main(argv) for argv in {calls!r}]\n"
+        f"print('RESULTS', results, [m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, check=True)  # fmt: skip
     assert "RESULTS [0, 0, 2, 2, 2, 2] []" in done.stdout

@@ -63,11 +63,13 @@ def _key() -> dict[str, str]:
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update((package / name).read_bytes())
-    return {
-        "trl": metadata.version("trl"),
-        "transformers": metadata.version("transformers"),
-        "sources": digest.hexdigest()[:16],
-    }
+    try:
+        versions = {name: metadata.version(name) for name in ("trl", "transformers")}
+    except metadata.PackageNotFoundError as err:
+        raise FishertuneError(
+            f"fishertune train needs {err.name}: pip install 'fishertune[train]'"
+        ) from None
+    return {**versions, "sources": digest.hexdigest()[:16]}
 
 
 def build_table() -> dict[str, Any]:
