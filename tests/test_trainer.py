@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -389,6 +390,64 @@ def test_hooks_are_removed_when_training_raises(chat_file, tmp_path):
 def test_bad_options_give_one_clear_error(chat_file, tmp_path, overrides, message):
     with pytest.raises(FishertuneError, match=message):
         parse_args(base_args(chat_file, tmp_path / "out", **overrides))
+
+
+def test_a_train_run_folder_holds_train_log_and_tensorboard_events(chat_file, tmp_path):
+    out = tmp_path / "run"
+    argv = base_args(chat_file, out, max_steps=2, neftune_noise_alpha=5)
+    index = argv.index("--report_to")
+    del argv[index : index + 2]  # unset: tensorboard, as the README says
+    assert cli_main(["train", *argv]) == 0
+    log = (out / "train.log").read_text()
+    assert "--neftune_noise_alpha 5 taken as --method neftune" in log  # said before the folder
+    assert '"ce_loss"' in log and "step 2:" in log
+    assert list(out.glob("runs/*/events.out.tfevents.*"))
+    assert json.loads((out / "fishertune_run.json").read_text())["method"] == "neftune"
+
+
+def test_cpu_runs_leave_bf16_and_checkpointing_off_unless_asked(tmp_path, monkeypatch):
+    from fishertune.training import config as config_module
+
+    monkeypatch.setattr(config_module, "accelerator_present", lambda: False)
+    for use_cpu in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            args = config_module.FisherSFTConfig(output_dir=str(tmp_path), use_cpu=use_cpu)
+        assert (args.bf16, args.activation_checkpointing, args.gradient_checkpointing) == (
+            False, False, False)  # fmt: skip
+        assert not [w for w in caught if "checkpointing" in str(w.message)]  # nobody set it
+    # the user's own values are kept; bf16 with no GPU and no use_cpu is one line naming it
+    args = config_module.FisherSFTConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=True, activation_checkpointing=True
+    )
+    assert args.bf16 and args.activation_checkpointing
+    with pytest.raises(FishertuneError, match=r"^bf16=true needs a GPU and none is present"):
+        config_module.FisherSFTConfig(output_dir=str(tmp_path), bf16=True)
+
+
+def test_a_presets_gpu_settings_are_turned_off_on_the_cpu_in_one_line(tmp_path, monkeypatch):
+    from fishertune.training import config as config_module
+
+    monkeypatch.setattr(config_module, "accelerator_present", lambda: False)
+    argv = ["--config", "paper/token-f", "--output_dir", str(tmp_path / "o")]
+    notes: list[str] = []
+    _, args, _ = parse_args(argv, notes)
+    assert not args.bf16 and not args.activation_checkpointing
+    assert notes == [
+        "bf16 and activation checkpointing off: no GPU (token-f.yaml asks for them; "
+        "--bf16 true --activation_checkpointing true keeps them)"
+    ]
+    notes.clear()
+    _, args, _ = parse_args([*argv, "--use_cpu", "true", "--bf16", "true"], notes)
+    assert args.bf16 and not args.activation_checkpointing
+    assert notes == [
+        "activation checkpointing off: use_cpu (token-f.yaml asks for it; "
+        "--activation_checkpointing true keeps it)"
+    ]
+    monkeypatch.setattr(config_module, "accelerator_present", lambda: True)
+    notes.clear()
+    parse_args([*argv, "--use_cpu", "true"], notes)  # a GPU the run does not use
+    assert notes[0].startswith("bf16 and activation checkpointing off: use_cpu")
 
 
 def test_cli_errors_are_one_line_and_exit_2(chat_file, tmp_path, capsys):

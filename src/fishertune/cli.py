@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        if command == "train":
+            # --help, argument errors and TRL's habits answered before the training stack is
+            # imported (15 s); the command itself reads its notes again
+            from fishertune.training.options import prepare_argv
+
+            if prepare_argv(rest)[0] is None:
+                return 0
         module = importlib.import_module(COMMANDS[command][0])
         return int(module.main(rest) or 0)
     except FishertuneError as err:

@@ -11,6 +11,8 @@ A ``fishertune train`` output folder (``model/`` of an experiment run)::
     fishertune_run.json          the run record: settings and outcome (``status: completed``)
     trainer_state.json           transformers' state (``global_step``, ``log_history``)
     checkpoint-N/                a checkpoint; complete once ``fishertune_checkpoint.json`` is in
+    train.log                    the run's log (its messages, warnings and logged steps)
+    runs/                        tensorboard events (unless ``report_to`` says otherwise)
 
 An experiment run folder (``OUTPUT_DIR/runs/NAME/``)::
 
@@ -53,6 +55,7 @@ TRAINER_STATE = "trainer_state.json"  # transformers' own: global_step, log_hist
 SPEC_FILE = "fishertune_experiment.json"  # an experiment run's settings
 EVALUATION_FILE = "evaluation.json"  # the evaluate stage's product
 MEASURE_FILE = "curvature.json"  # the measure stage's product
+TRAIN_LOG = "train.log"  # a train run's log; an experiment run's training output too
 DATA_REPORT = "data_report.json"  # a train run's rows read, kept, dropped by reason per split
 MODEL_SUBDIR = "model"  # an experiment run's `fishertune train --output_dir`
 ANSWERS_SUBDIR = "answers"  # an experiment run's answer exports

@@ -96,9 +96,13 @@ def build_parser() -> Any:
     )
 
 
-def parse_args(argv: list[str]) -> tuple[Any, Any, Any]:
+def parse_args(argv: list[str], notes: list[str] | None = None) -> tuple[Any, Any, Any]:
     """Parse YAML + overrides; bad values become a one-line ``FishertuneError`` that names the
-    YAML file and line when the value came from there."""
+    YAML file and line when the value came from there.
+
+    Without a GPU (or with ``use_cpu``), the config file's ``bf16`` and activation
+    checkpointing are turned off unless the command line sets them; ``notes`` gets the line
+    that says so."""
     lines: dict[str, int] = {}
     path = None
     if "--config" in argv:
@@ -115,6 +119,7 @@ def parse_args(argv: list[str]) -> tuple[Any, Any, Any]:
     given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
     if path is not None:
         _check_yaml_numbers(path, lines, given)
+        argv = _cpu_overrides(argv, path, given, notes)
 
     def where(message: str, name: str | None = None) -> str:
         # the option's YAML line, unless the command line overrides it
@@ -138,6 +143,53 @@ def parse_args(argv: list[str]) -> tuple[Any, Any, Any]:
         raise FishertuneError(where(message, name)) from err
     except (ValueError, TypeError) as err:
         raise FishertuneError(where(str(err).splitlines()[0])) from err
+
+
+def _cpu_overrides(
+    argv: list[str], path: Path, given: set[str], notes: list[str] | None
+) -> list[str]:
+    """A config file's GPU settings, off where training runs on the CPU (a shipped preset's
+    bf16 would be refused there, or autocast on the CPU at several times the cost); the
+    command line's own values are kept."""
+    import yaml
+
+    values = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    given = {name.replace("-", "_") for name in given}
+    checkpointing = {"activation_checkpointing", "gradient_checkpointing"}
+    asked = {}
+    if values.get("bf16") is True and "bf16" not in given:
+        asked["bf16"] = "bf16"
+    if any(values.get(name) is True for name in checkpointing) and not given & checkpointing:
+        asked["activation_checkpointing"] = "activation checkpointing"
+    if not asked:
+        return argv
+    use_cpu = _flag_value(argv, "use_cpu") if "use_cpu" in given else values.get("use_cpu") is True
+    if not use_cpu:
+        from fishertune.training.config import accelerator_present
+
+        if accelerator_present():
+            return argv
+    if notes is not None:
+        them = "them" if len(asked) > 1 else "it"
+        notes.append(
+            f"{' and '.join(asked.values())} off: {'use_cpu' if use_cpu else 'no GPU'} "
+            f"({path.name} asks for {them}; "
+            f"{' '.join(f'--{name} true' for name in asked)} keeps {them})"
+        )
+    return [*argv, *(arg for name in asked for arg in (f"--{name}", "false"))]
+
+
+def _flag_value(argv: list[str], name: str) -> bool:
+    """The last command-line value of boolean flag ``--name`` (argparse's reading: alone or
+    with yes/true/1)."""
+    value = True
+    for index, arg in enumerate(argv):
+        if arg == f"--{name}":
+            after = argv[index + 1] if index + 1 < len(argv) else ""
+            value = after.startswith("--") or after.lower() in ("", "yes", "true", "t", "y", "1")
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1].lower() in ("yes", "true", "t", "y", "1")
+    return value
 
 
 def _check_config_keys(path: Path) -> dict[str, int]:

@@ -46,6 +46,7 @@ from fishertune.files import (
     DATA_REPORT,
     RECORD_RESERVE,
     RUN_RECORD,
+    TRAIN_LOG,
     latest_checkpoint,
     read_json_record,
     reserve_space,
@@ -153,21 +154,31 @@ def _finish_run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(flag in argv for flag in ("-h", "--help")):
-        build_parser().print_help()
-        return 0
+    from fishertune.training.options import prepare_argv
+
+    prepared, notes = prepare_argv(list(sys.argv[1:] if argv is None else argv))
+    if prepared is None:
+        return 0  # a help was printed
+    argv = prepared
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    script_args, training_args, model_args = parse_args(argv)
+    script_args, training_args, model_args = parse_args(argv, notes)
+    for note in notes:
+        logger.info("%s", note)
     check_values(script_args, training_args)
     # held from before output_dir is looked at until the run ends: a second process on the same
     # folder is refused instead of deciding, too, that the folder is free
     main_process = os.environ.get("RANK", "0") == "0"
     with output_lock(training_args.output_dir) if main_process else contextlib.nullcontext():
-        return _plan_and_run(argv, script_args, training_args, model_args)
+        return _plan_and_run(argv, script_args, training_args, model_args, notes)
 
 
-def _plan_and_run(argv: list[str], script_args: Any, training_args: Any, model_args: Any) -> int:
+def _plan_and_run(
+    argv: list[str],
+    script_args: Any,
+    training_args: Any,
+    model_args: Any,
+    notes: list[str] | None = None,
+) -> int:
     plan = plan_output_dir(script_args, training_args, model_args)
     if plan.done:
         print(plan.done)
@@ -191,7 +202,46 @@ def _plan_and_run(argv: list[str], script_args: Any, training_args: Any, model_a
         "settings": plan.settings,
         "argv": argv,
     }
-    return _run(trainer, plan, script_args, training_args, record, on_first, start)
+    return _run(trainer, plan, script_args, training_args, record, on_first, start, notes or [])
+
+
+@contextlib.contextmanager
+def _run_log(output_dir: Path, trainer: Any, notes: list[str]) -> Any:
+    """``OUTPUT_DIR/train.log`` (appended to on resume): what the terminal shows (fishertune's
+    lines, the libraries' messages, Python warnings) and every logged step, timestamped."""
+    from transformers import TrainerCallback
+
+    from fishertune.demo import LIBRARY_LOGGERS
+
+    output_dir.mkdir(parents=True, exist_ok=True)  # a replaced run's folder is aside by now
+    handler = logging.FileHandler(output_dir / TRAIN_LOG, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    steps = logging.getLogger("fishertune.training.steps")
+    steps.propagate = False  # the terminal has its own progress display
+    steps.setLevel(logging.INFO)
+    # transformers keeps its messages off the root logger: its own logger gets the file too
+    loggers = [logging.getLogger(), steps]
+    loggers += [logging.getLogger(n) for n in LIBRARY_LOGGERS if not logging.getLogger(n).propagate]
+    for each in loggers:
+        each.addHandler(handler)
+
+    class StepLog(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any):
+            steps.info("step %d: %s", state.global_step, json.dumps(logs or {}, sort_keys=True))
+
+    for note in notes:  # said on the terminal before the folder was there
+        steps.info("%s", note)
+    callback = StepLog()
+    trainer.add_callback(callback)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        trainer.remove_callback(callback)
+        for each in loggers:
+            each.removeHandler(handler)
+        handler.close()
 
 
 def _write_data_reports(trainer: Any, output_dir: Path) -> None:
@@ -217,6 +267,7 @@ def _run(
     record: dict[str, Any],
     on_first: list[Callable[[], None]],
     start: float,
+    notes: list[str] | None = None,
 ) -> int:
     """Train with the run record kept: ``running`` first, ``completed`` at the end; on any error
     (SIGTERM included) ``failed``, or the replaced previous run put back if this one has no
@@ -230,11 +281,13 @@ def _run(
     # replaced run is put back instead of the process vanishing mid-way
     main_thread = threading.current_thread() is threading.main_thread()
     previous_sigterm = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    stack = contextlib.ExitStack()
     try:
         if plan.replace and main_process:
             replacement = Replacement(output_dir)
         if main_process:
             place_staged_base(output_dir)
+            stack.enter_context(_run_log(output_dir, trainer, notes or []))
         trainer.accelerator.wait_for_everyone()
         if replacement is not None:
             on_first.append(replacement.commit)  # once the new run has a checkpoint of its own
@@ -269,6 +322,7 @@ def _run(
             signal.signal(signal.SIGTERM, previous_sigterm or signal.SIG_DFL)
         # destroy the process group (and finish trackers) on every rank, also after an error
         trainer.accelerator.end_training()
+        stack.close()
 
 
 def _record_failure(
