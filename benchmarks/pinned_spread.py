@@ -41,9 +41,14 @@ def _mutate(name: str) -> None:
     from fishertune import penalties, penalty_grad
 
     if name.startswith("fd step x "):
+        import test_pinned_weights
+
         factor = float(name.rsplit(" ", 1)[1])
         for key in list(penalties.DEFAULT_FD_STEP):
             penalties.DEFAULT_FD_STEP[key] *= factor
+        for run in test_pinned_weights.RUNS.values():  # the runs give their steps
+            if "penalty_fd_step" in run:
+                run["penalty_fd_step"] *= factor
         return
     original = penalties.fisher_objective
 
