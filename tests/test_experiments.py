@@ -611,7 +611,6 @@ run_experiment(load_experiment(sys.argv[1]), launcher=launcher)
 
 
 def test_stopping_the_runner_stops_its_children(tmp_path: Path, base_config: Path) -> None:
-    import os
     import signal
     import subprocess
     import time
