@@ -237,6 +237,8 @@ def test_leading_assistant_turn_is_dropped_as_fastchat_does(tmp_path):
     with_system = {"conversations": [{"from": "system", "value": "s"}, *row["conversations"]]}
     ds = load_conversations(write_jsonl(tmp_path / "l.jsonl", [row, with_system]))
     assert ds["messages"] == [[user("q"), asst("a")], [system("s"), user("q"), asst("a")]]
+    summary = prepare_rows(str(tmp_path / "l.jsonl")).summary()
+    assert summary.endswith("2 rows read, 2 kept; 2 kept rows lost a leading assistant turn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -934,3 +936,41 @@ def test_a_dataset_info_entry_is_known_as_its_file_to_evaluation_and_resume(tmp_
     assert before is not None
     (folder / "data.json").write_text(json.dumps([LF_ALPACA, LF_ALPACA]))
     assert _data_fingerprint(source) not in (None, before)
+
+
+def test_data_prepare_counts_trimmed_leading_turns_and_rows_max_length_cuts(tmp_path, capsys, tok):
+    greeting = turns(("gpt", "Hi! How can I help?"), ("human", "q"), ("gpt", "a"))
+    long_answer = turns(("human", "q"), ("gpt", "a " * 40))
+    long_question = turns(("human", "q " * 40), ("gpt", "a"))  # nothing scored within 32
+    rows = [greeting, GOOD, greeting, long_answer, long_question, long_question]
+    src = write_jsonl(tmp_path / "s.jsonl", rows)
+    lengths = [
+        len(tokenize_conversation(tok, load_conversations(src)["messages"][i], None)["input_ids"])
+        for i in range(len(rows))
+    ]
+    assert [n > 32 for n in lengths] == [False] * 3 + [True] * 3
+    out = tmp_path / "out"
+    base = ["data", "prepare", src, "--tokenizer", "builtin:tiny-tokenizer"]
+    assert cli_main([*base, "--output", str(out), "--max_length", "32"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["leading_assistant_trimmed"] == 2
+    assert report["dropped"] == {"no_label_after_truncation": 2}
+    tokens = report["tokens"]
+    assert (tokens["max_length"], tokens["rows_cut"], tokens["rows_cut_unscored"]) == (32, 1, 0)
+    printed = capsys.readouterr().out
+    assert "2 kept rows (50%) lost a leading assistant turn" in printed
+    assert "--max_length 32 cuts 1 kept rows (2 more lost every scored token: dropped)" in printed
+    # without --max_length: counted at train's default, nothing dropped
+    long_rows = [
+        turns(("human", "q " * 600), ("gpt", "a")),
+        turns(("human", "q"), ("gpt", "a " * 1200)),
+    ]
+    src = write_jsonl(tmp_path / "l.jsonl", [GOOD, *long_rows])
+    assert cli_main([*base[:2], src, *base[3:], "--output", str(tmp_path / "o2")]) == 0
+    report = json.loads((tmp_path / "o2" / "report.json").read_text())
+    assert report["rows_kept"] == 3 and report["leading_assistant_trimmed"] == 0
+    tokens = report["tokens"]
+    assert (tokens["max_length"], tokens["rows_cut"], tokens["rows_cut_unscored"]) == (1024, 2, 1)
+    printed = capsys.readouterr().out
+    assert "train's default max_length 1024 cuts 2 kept rows, 1 of them losing every" in printed
+    assert "lost a leading assistant turn" not in printed
