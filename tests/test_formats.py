@@ -237,6 +237,8 @@ def test_leading_assistant_turn_is_dropped_as_fastchat_does(tmp_path):
     with_system = {"conversations": [{"from": "system", "value": "s"}, *row["conversations"]]}
     ds = load_conversations(write_jsonl(tmp_path / "l.jsonl", [row, with_system]))
     assert ds["messages"] == [[user("q"), asst("a")], [system("s"), user("q"), asst("a")]]
+    summary = prepare_rows(str(tmp_path / "l.jsonl")).summary()
+    assert summary.endswith("2 rows read, 2 kept; 2 kept rows lost a leading assistant turn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -722,3 +724,253 @@ def test_a_whitespace_only_alpaca_system_is_left_out(tmp_path):
     row = {"system": "  \n", "instruction": "say hi", "input": "", "output": "hi"}
     ds = load_conversations(write_jsonl(tmp_path / "a.jsonl", [row]))
     assert ds["messages"] == [[user("say hi"), asst("hi")]]
+
+
+# --------------------------------------------------------------------------------------------
+# LLaMA-Factory's dataset_info.json and column names (files as its data/README.md shows them)
+
+
+def lf_folder(folder: Path, info: dict, files: dict[str, list]) -> Path:
+    """A LLaMA-Factory data folder: ``dataset_info.json`` and JSON-array data files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dataset_info.json").write_text(json.dumps(info, indent=2))
+    for name, rows in files.items():
+        (folder / name).write_text(json.dumps(rows, indent=2))
+    return folder
+
+
+LF_ALPACA = {
+    "instruction": "and",
+    "input": "4?",
+    "output": "9",
+    "system": "be brief",
+    "history": [["add 2 and 3", "5"]],
+}
+LF_ALPACA_ENTRY = {
+    "file_name": "data.json",
+    "columns": {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "system": "system",
+        "history": "history",
+    },
+}
+LF_SHAREGPT = {
+    "conversations": [
+        {"from": "human", "value": "weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"temp": 21}'},
+        {"from": "gpt", "value": "21 degrees"},
+    ],
+    "system": "be brief",
+    "tools": '[{"name": "weather", "parameters": {"city": "string"}}]',
+}
+LF_SHAREGPT_EXPECTED = [
+    system("be brief"),
+    user("weather in Paris?"),
+    asst('{"name": "weather", "arguments": {"city": "Paris"}}'),
+    user('{"temp": 21}'),
+    asst("21 degrees"),
+]
+
+
+def test_llamafactory_alpaca_entry_reads_its_columns(tmp_path):
+    renamed = {"q": "and", "ctx": "4?", "a": "9", "sys": "be brief", "h": [["add 2 and 3", "5"]]}
+    folder = lf_folder(
+        tmp_path / "data",
+        {
+            "plain": LF_ALPACA_ENTRY,
+            "renamed": {
+                "file_name": "renamed.json",
+                "columns": {
+                    "prompt": "q",
+                    "query": "ctx",
+                    "response": "a",
+                    "system": "sys",
+                    "history": "h",
+                },
+            },
+        },
+        {"data.json": [LF_ALPACA], "renamed.json": [renamed]},
+    )
+    for name in ("plain", "renamed"):
+        reports: list[dict] = []
+        ds = load_conversations(f"{folder}:{name}", reports=reports)
+        assert ds["messages"] == [ALPACA_EXPECTED]
+        assert reports[0]["format"] == "alpaca" and "h" not in ds.column_names
+    # the same column names as data_columns keys, without a dataset_info.json
+    options = DataOptions(columns="prompt=q,query=ctx,response=a,system=sys,history=h")
+    assert load_conversations(str(folder / "renamed.json"), options=options)["messages"] == [
+        ALPACA_EXPECTED
+    ]
+
+
+def test_llamafactory_sharegpt_entry_with_system_tools_and_tool_turns(tmp_path, caplog):
+    entry = {
+        "file_name": "data.json",
+        "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "system": "system", "tools": "tools"},
+    }
+    # a folder with one entry names it; a leading system turn wins over the system column
+    led = {
+        **LF_SHAREGPT,
+        "conversations": [{"from": "system", "value": "s"}, *LF_SHAREGPT["conversations"]],
+    }
+    folder = lf_folder(tmp_path / "data", {"tool_chat": entry}, {"data.json": [LF_SHAREGPT, led]})
+    reports: list[dict] = []
+    with caplog.at_level("WARNING"):
+        ds = load_conversations(str(folder), reports=reports)
+    assert ds["messages"] == [LF_SHAREGPT_EXPECTED, [system("s"), *LF_SHAREGPT_EXPECTED[1:]]]
+    assert ds["tools"] == [LF_SHAREGPT["tools"]] * 2
+    assert reports[0]["format"] == "sharegpt" and reports[0]["rows_with_tools"] == 2
+    assert "2 of 2 rows have tool descriptions" in caplog.text
+
+
+def test_llamafactory_openai_entry_with_tags(tmp_path):
+    """The README's OpenAI-format entry, and tags that rename every role."""
+    openai = {"messages": [system("be brief"), user("2+3?"), asst("5")]}
+    custom = {
+        "chat": [
+            {"speaker": "sys", "text": "be brief"},
+            {"speaker": "me", "text": "2+3?"},
+            {"speaker": "bot", "text": "5"},
+        ]
+    }
+    folder = lf_folder(
+        tmp_path / "data",
+        {
+            "openai": {
+                "file_name": "openai.json",
+                "formatting": "sharegpt",
+                "columns": {"messages": "messages"},
+                "tags": {
+                    "role_tag": "role",
+                    "content_tag": "content",
+                    "user_tag": "user",
+                    "assistant_tag": "assistant",
+                    "system_tag": "system",
+                },
+            },
+            "custom": {
+                "file_name": "custom.json",
+                "formatting": "sharegpt",
+                "columns": {"messages": "chat"},
+                "tags": {
+                    "role_tag": "speaker",
+                    "content_tag": "text",
+                    "user_tag": "me",
+                    "assistant_tag": "bot",
+                    "system_tag": "sys",
+                },
+            },
+        },
+        {"openai.json": [openai], "custom.json": [custom]},
+    )
+    for name in ("openai", "custom"):
+        ds = load_conversations(f"{folder}:{name}")
+        assert ds["messages"] == [[system("be brief"), user("2+3?"), asst("5")]]
+    with pytest.raises(FishertuneError, match=r"2 entries and none named 'train': name one as"):
+        load_conversations(str(folder))
+    with pytest.raises(FishertuneError, match=r"no entry 'chatt' \(entries: openai, custom\)"):
+        load_conversations(f"{folder}:chatt")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hf_hub_url": "org/data"}, r"key 'hf_hub_url': fishertune reads local file_name"),
+        ({"num_samples": 10}, r"unknown key 'num_samples'"),
+        ({"ranking": True}, r"key 'ranking': preference data"),
+        ({"formatting": "openai"}, r"key 'formatting': 'openai'"),
+        ({"file_name": "none.json"}, r"key 'file_name': no such file"),
+        ({"columns": {"prompt": "instruction", "images": "images"}}, r"columns key 'images'"),
+        ({"columns": {"messages": "conversations"}}, r"unknown columns key 'messages' for alpaca"),
+        ({"tags": {"role_tag": "role"}}, r"key 'tags': tags apply to the sharegpt"),
+        (
+            {"formatting": "sharegpt", "columns": {}, "tags": {"speaker_tag": "x"}},
+            r"unknown tags key 'speaker_tag'",
+        ),
+    ],
+)
+def test_llamafactory_entry_keys_fishertune_cannot_honour_are_one_line_errors(
+    tmp_path, change, message
+):
+    folder = lf_folder(
+        tmp_path / "data", {"d": {**LF_ALPACA_ENTRY, **change}}, {"data.json": [LF_ALPACA]}
+    )
+    for read in (load_conversations, check_conversations):
+        with pytest.raises(
+            FishertuneError, match=rf"dataset_info\.json entry 'd': {message}"
+        ) as info:
+            read(f"{folder}:d")
+        assert "\n" not in str(info.value)
+    with pytest.raises(
+        FishertuneError, match=r"data_columns: unknown key 'prompts' \(keys: .*query, response\)"
+    ):
+        DataOptions(columns="prompts=instruction")
+
+
+def test_data_prepare_reads_a_dataset_info_entry(tmp_path, capsys):
+    folder = lf_folder(tmp_path / "data", {"a": LF_ALPACA_ENTRY}, {"data.json": [LF_ALPACA] * 3})
+    out = tmp_path / "out"
+    assert cli_main(["data", "prepare", f"{folder}:a", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert [r["messages"] for r in rows] == [ALPACA_EXPECTED] * 3
+    assert "format alpaca" in capsys.readouterr().out
+
+
+def test_a_dataset_info_entry_is_known_as_its_file_to_evaluation_and_resume(tmp_path):
+    """evaluate refuses a run's training rows named through an entry; a resume's fingerprint
+    covers the entry's folder."""
+    from fishertune.evaluation.heldout import HeldOut, _local_file, _trained_on
+    from fishertune.training.output_dir import _data_fingerprint
+
+    folder = lf_folder(tmp_path / "data", {"a": LF_ALPACA_ENTRY}, {"data.json": [LF_ALPACA]})
+    source = f"{folder}:a"
+    assert _local_file(source, "train") == folder / "data.json"
+    held = HeldOut("test", "--dataset", str(folder / "data.json"), None, folder / "data.json")
+    reason = _trained_on(held, {"dataset_name": source, "dataset_train_split": "train"})
+    assert reason == f"the same file as its dataset_name {source}"
+    before = _data_fingerprint(source)
+    assert before is not None
+    (folder / "data.json").write_text(json.dumps([LF_ALPACA, LF_ALPACA]))
+    assert _data_fingerprint(source) not in (None, before)
+
+
+def test_data_prepare_counts_trimmed_leading_turns_and_rows_max_length_cuts(tmp_path, capsys, tok):
+    greeting = turns(("gpt", "Hi! How can I help?"), ("human", "q"), ("gpt", "a"))
+    long_answer = turns(("human", "q"), ("gpt", "a " * 40))
+    long_question = turns(("human", "q " * 40), ("gpt", "a"))  # nothing scored within 32
+    rows = [greeting, GOOD, greeting, long_answer, long_question, long_question]
+    src = write_jsonl(tmp_path / "s.jsonl", rows)
+    lengths = [
+        len(tokenize_conversation(tok, load_conversations(src)["messages"][i], None)["input_ids"])
+        for i in range(len(rows))
+    ]
+    assert [n > 32 for n in lengths] == [False] * 3 + [True] * 3
+    out = tmp_path / "out"
+    base = ["data", "prepare", src, "--tokenizer", "builtin:tiny-tokenizer"]
+    assert cli_main([*base, "--output", str(out), "--max_length", "32"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["leading_assistant_trimmed"] == 2
+    assert report["dropped"] == {"no_label_after_truncation": 2}
+    tokens = report["tokens"]
+    assert (tokens["max_length"], tokens["rows_cut"], tokens["rows_cut_unscored"]) == (32, 1, 0)
+    printed = capsys.readouterr().out
+    assert "2 kept rows (50%) lost a leading assistant turn" in printed
+    assert "--max_length 32 cuts 1 kept rows (2 more lost every scored token: dropped)" in printed
+    # without --max_length: counted at train's default, nothing dropped
+    long_rows = [
+        turns(("human", "q " * 600), ("gpt", "a")),
+        turns(("human", "q"), ("gpt", "a " * 1200)),
+    ]
+    src = write_jsonl(tmp_path / "l.jsonl", [GOOD, *long_rows])
+    assert cli_main([*base[:2], src, *base[3:], "--output", str(tmp_path / "o2")]) == 0
+    report = json.loads((tmp_path / "o2" / "report.json").read_text())
+    assert report["rows_kept"] == 3 and report["leading_assistant_trimmed"] == 0
+    tokens = report["tokens"]
+    assert (tokens["max_length"], tokens["rows_cut"], tokens["rows_cut_unscored"]) == (1024, 2, 1)
+    printed = capsys.readouterr().out
+    assert "train's default max_length 1024 cuts 2 kept rows, 1 of them losing every" in printed
+    assert "lost a leading assistant turn" not in printed

@@ -8,7 +8,9 @@ text rows), applies the column and role mappings and the bad-row policy, and wri
   ``completion``), which ``fishertune train --dataset_name DIR`` and experiment grids read
   directly (a folder's ``<split>.jsonl``);
 * ``DIR/report-<split>.json``: rows read, kept, dropped by reason (with the first example of
-  each), and with ``--tokenizer`` the token length percentiles; the time taken and peak memory.
+  each), the kept rows that lost a leading assistant turn, and with ``--tokenizer`` the token
+  length percentiles and the rows that ``--max_length`` (train's default without it) would cut,
+  and leave without a scored token; the time taken and peak memory.
   Written before ``<split>.jsonl`` gets its name, so complete rows always have their report; the
   ``train`` split's is also ``DIR/report.json``.
 
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 REPORT = "report.json"  # the train split's report, also where earlier versions wrote every split's
 PERCENTILES = (50, 90, 95, 99, 100)
+TRAIN_MAX_LENGTH = 1024  # what `fishertune train` truncates to when max_length is not given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(add)
     add("--tokenizer", default=None, help="tokenize the kept rows to report token lengths")
     add("--chat_template_path", default=None, help="chat template file for --tokenizer")
-    add("--max_length", type=int, default=None, help="with --tokenizer: the training max_length")
+    add(
+        "--max_length",
+        type=int,
+        default=None,
+        help="with --tokenizer: the training max_length; rows that it would leave without a "
+        "scored token are dropped (the report counts the rows it would cut at it, or at "
+        f"train's default {TRAIN_MAX_LENGTH} without it)",
+    )
     add(
         "--drop_too_long",
         action="store_true",
@@ -80,7 +90,11 @@ def _percentiles(lengths: list[int]) -> dict[str, int]:
 def _tokenize_file(
     source: Path, target: Path, args: argparse.Namespace, report: dict[str, Any]
 ) -> None:
-    """Tokenize each row of ``source`` as training would; write the kept ones to ``target``."""
+    """Tokenize each row of ``source`` as training would; write the kept ones to ``target``.
+
+    Counts the kept rows that training would cut at ``--max_length`` (train's default without
+    it) and, without ``--max_length``, those the cut would leave with no scored token (with it
+    they are dropped: ``no_label_after_truncation``)."""
     from fishertune.data.chat import _tokenize_row
     from fishertune.data.tokenizer import load_chat_tokenizer
     from fishertune.modeling import set_chat_template_file
@@ -90,6 +104,8 @@ def _tokenize_file(
         set_chat_template_file(tokenizer, args.chat_template_path)
     lengths: list[int] = []
     dropped = report["dropped"]
+    limit = args.max_length or TRAIN_MAX_LENGTH
+    cut = cut_unscored = 0  # kept rows longer than limit; of them, none scored within it
     with source.open(encoding="utf-8") as f, target.open("w", encoding="utf-8") as out:
         for line in f:
             row = json.loads(line)
@@ -103,12 +119,22 @@ def _tokenize_file(
                 dropped[reason] = dropped.get(reason, 0) + 1
                 continue
             lengths.append(tokens["full_length"])
+            if tokens["full_length"] > limit:
+                cut += 1
+                cut_unscored += not any(tokens["assistant_masks"][:limit])
             out.write(line)
     report["rows_kept"] = len(lengths)
     report["dropped"] = dict(sorted(dropped.items()))
     if not lengths:
         raise FishertuneError(f"{args.source}: every row was dropped at tokenization")
-    report["tokens"] = {"tokenizer": args.tokenizer, **_percentiles(lengths)}
+    report["tokens"] = {
+        "tokenizer": args.tokenizer,
+        **_percentiles(lengths),
+        "max_length": limit,
+        "max_length_given": args.max_length is not None,
+        "rows_cut": cut,
+        "rows_cut_unscored": cut_unscored,
+    }
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -191,11 +217,31 @@ def _describe(report: dict[str, Any]) -> str:
         lines.append(f"  {reason:<26} {count:>7}  e.g. {example}"[:150])
     if report.get("truncated"):
         lines.append("the file is cut off inside its last record: its complete records kept")
+    if report.get("leading_assistant_trimmed"):
+        n = report["leading_assistant_trimmed"]
+        lines.append(
+            f"{n} kept rows ({100 * n / report['rows_kept']:.0f}%) lost a leading assistant turn "
+            "(FastChat's rule: a conversation starts with the user)"
+        )
+    if report.get("rows_with_tools"):
+        lines.append(
+            f"{report['rows_with_tools']} kept rows have tool descriptions ('tools'), which the "
+            "chat template is not given"
+        )
     if "tokens" in report:
         tokens = report["tokens"]
         lines.append(
             "tokens per row: " + ", ".join(f"{k} {v}" for k, v in tokens.items() if k[0] == "p")
         )
+        given = "--max_length" if tokens["max_length_given"] else "train's default max_length"
+        line = f"{given} {tokens['max_length']} cuts {tokens['rows_cut']} kept rows"
+        if tokens["max_length_given"]:
+            # those it would leave without a scored token were dropped above
+            dropped = report["dropped"].get("no_label_after_truncation", 0)
+            line += f" ({dropped} more lost every scored token: dropped)"
+        else:
+            line += f", {tokens['rows_cut_unscored']} of them losing every scored token"
+        lines.append(line)
     rate = f"{report['rows_per_second']:.0f} rows/s"
     if report.get("megabytes_per_second"):
         rate += f", {report['megabytes_per_second']} MB/s"

@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 
 DATA_FORMATS: tuple[str, ...] = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 # Bump when the canonical rows written for the same input change: the cache is keyed by it.
-READER_VERSION = "1"
+READER_VERSION = "2"
 
 # Source role name -> canonical role. Covers the common ShareGPT dumps (Vicuna's, ShareGPT V3,
 # LLaMA-Factory's and axolotl's defaults); extended or overridden by DataOptions.roles.
@@ -107,12 +107,16 @@ DEFAULT_COLUMNS: dict[str, str] = {
     "instruction": "instruction",  # alpaca
     "input": "input",
     "output": "output",
-    "system": "system",
+    "system": "system",  # alpaca, and a system prompt beside a turn list (LLaMA-Factory's)
     "history": "history",
+    "tools": "tools",  # tool descriptions beside a turn list: kept as the row's "tools"
     "prompt": "prompt",  # prompt_completion
     "completion": "completion",
     "text": "text",  # text
 }
+
+# LLaMA-Factory's Alpaca column keys (its dataset_info "columns"), accepted as data_columns keys
+LLAMA_FACTORY_COLUMNS: dict[str, str] = {"query": "input", "response": "output"}
 
 _SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
 
@@ -162,11 +166,18 @@ class DataOptions:
         if self.on_bad_rows not in ("drop", "error"):
             raise FishertuneError(f"on_bad_rows must be drop or error, got {self.on_bad_rows!r}")
         columns = _parse_pairs(self.columns, "data_columns")
+        if set(LLAMA_FACTORY_COLUMNS) & set(columns):
+            # beside query/response, prompt is LLaMA-Factory's (the instruction column), not the
+            # prompt of prompt/completion rows
+            if "prompt" in columns:
+                columns.setdefault("instruction", columns.pop("prompt"))
+            for theirs, ours in LLAMA_FACTORY_COLUMNS.items():
+                if theirs in columns:
+                    columns.setdefault(ours, columns.pop(theirs))
         unknown = sorted(set(columns) - set(DEFAULT_COLUMNS))
         if unknown:
-            raise FishertuneError(
-                f"data_columns: unknown key {unknown[0]!r} (keys: {', '.join(DEFAULT_COLUMNS)})"
-            )
+            keys = ", ".join([*DEFAULT_COLUMNS, *LLAMA_FACTORY_COLUMNS])
+            raise FishertuneError(f"data_columns: unknown key {unknown[0]!r} (keys: {keys})")
         roles = _parse_pairs(self.roles, "data_roles")
         for name, role in roles.items():
             if role not in ("system", "user", "assistant"):
@@ -187,6 +198,17 @@ class DataOptions:
             roles=getattr(args, "data_roles", None) or {},
             on_bad_rows=getattr(args, "on_bad_rows", None) or "drop",
             keep_truncated=bool(getattr(args, "keep_truncated_records", False)),
+        )
+
+    def under(self, entry: Any) -> DataOptions:
+        """These options over a ``dataset_info.json`` entry's (:mod:`.dataset_info`): the
+        entry's format and mappings, with what these options set explicitly winning."""
+        return DataOptions(
+            data_format=entry.data_format if self.data_format == "auto" else self.data_format,
+            columns={**entry.columns, **self.columns},
+            roles={**entry.roles, **self.roles},
+            on_bad_rows=self.on_bad_rows,
+            keep_truncated=self.keep_truncated,
         )
 
     def column(self, key: str) -> str:
@@ -216,7 +238,7 @@ def add_data_arguments(add: Any) -> None:
 HELP: dict[str, str] = {
     "data_format": "Data format: auto (detected from the fields), " + ", ".join(DATA_FORMATS) + ".",
     "data_columns": "Field names, e.g. conversations=turns,role=speaker,content=text "
-    f"(keys: {', '.join(DEFAULT_COLUMNS)}).",
+    f"(keys: {', '.join(DEFAULT_COLUMNS)}; LLaMA-Factory's prompt,query,response for Alpaca).",
     "data_roles": "Role names, e.g. bot=assistant,person=user (merged over the defaults: "
     + ", ".join(f"{k}={v}" for k, v in DEFAULT_ROLES.items())
     + ").",
@@ -340,13 +362,18 @@ def _turns(
     return out
 
 
-def _checked_conversation(messages: list[dict[str, str]], where: str) -> list[dict[str, str]]:
+def _checked_conversation(
+    messages: list[dict[str, str]], where: str, notes: Counter[str] | None = None
+) -> list[dict[str, str]]:
     """Apply the leading-assistant rule and check the order: optional system first, then user
-    and assistant alternating, at least one assistant turn."""
+    and assistant alternating, at least one assistant turn. A trimmed leading turn is counted
+    in ``notes["leading_assistant_trimmed"]``."""
     start = 1 if messages and messages[0]["role"] == "system" else 0
     # FastChat's Vicuna rule: a conversation that starts with the assistant loses that turn.
     if start < len(messages) and messages[start]["role"] == "assistant":
         messages = messages[:start] + messages[start + 1 :]
+        if notes is not None:
+            notes["leading_assistant_trimmed"] += 1
     body = messages[start:]
     for i, message in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
@@ -369,8 +396,14 @@ def _get(record: Mapping[str, Any], name: str, *, required: bool = True) -> Any:
     return record[name]
 
 
-def normalize_record(record: Any, fmt: str, options: DataOptions) -> dict[str, Any]:
+def normalize_record(
+    record: Any, fmt: str, options: DataOptions, notes: Counter[str] | None = None
+) -> dict[str, Any]:
     """One source record as a canonical row (see the module docstring).
+
+    Turn lists (messages, ShareGPT): a ``system`` field beside them becomes the first turn when
+    the list has none (a leading system turn wins, as in LLaMA-Factory); a ``tools`` field is
+    kept as the row's ``tools``. ``notes`` counts what was changed (a trimmed leading turn).
 
     Alpaca: ``history`` (``[[user, assistant], ...]``) first, then the user turn
     ``instruction`` followed by ``"\\n\\n" + input`` when ``input`` is not empty, then
@@ -387,8 +420,18 @@ def normalize_record(record: Any, fmt: str, options: DataOptions) -> dict[str, A
     if fmt in ("messages", "sharegpt"):
         name = col("messages") if fmt == "messages" else col("conversations")
         turns = _turns(_get(record, name), name, options, role_key=rk, content_key=ck)
-        canonical: dict[str, Any] = {"messages": _checked_conversation(turns, name)}
-        consumed = (name,)
+        system, tools = col("system"), col("tools")
+        system_text = _get(record, system, required=False)
+        if system_text is not None and not (
+            isinstance(system_text, str) and not system_text.strip()
+        ):
+            system_turn = {"role": "system", "content": _text(system_text, system)}
+            if turns[0]["role"] != "system":
+                turns = [system_turn, *turns]
+        canonical: dict[str, Any] = {"messages": _checked_conversation(turns, name, notes)}
+        if _get(record, tools, required=False) is not None:
+            canonical["tools"] = record[tools]
+        consumed = (name, system, tools)
     elif fmt == "alpaca":
         names = [col(k) for k in ("instruction", "input", "output", "system", "history")]
         instruction, inp, output, system, history = names
@@ -437,7 +480,7 @@ def normalize_record(record: Any, fmt: str, options: DataOptions) -> dict[str, A
                 raise _BadRowError(
                     "not_alternating", completion_name, "completion turns must be assistant"
                 )
-            canonical = {"messages": _checked_conversation(first + rest, prompt_name)}
+            canonical = {"messages": _checked_conversation(first + rest, prompt_name, notes)}
         consumed = (prompt_name, completion_name)
     elif fmt == "text":
         name = col("text")
@@ -766,6 +809,10 @@ class _Source:
     name: str
     path: Path | None = None
     dataset: Any = None
+    entry: Any = None  # the dataset_info.json entry naming the file, whose options apply
+
+    def options(self, options: DataOptions) -> DataOptions:
+        return options if self.entry is None else options.under(self.entry)
 
     def slot(self) -> str:
         """What names the source whatever its content: its entries replace each other."""
@@ -796,11 +843,15 @@ def _resolve(source: str, split: str, *, contact_hub: bool = True) -> _Source | 
     """The records of ``source`` (file, folder's ``<split>`` file or ``datasets`` split, hub
     name, built-in tasks); None for a hub name when ``contact_hub`` is False."""
     from fishertune.data.chat import BUILTIN_TINY_TASKS, _check_builtin, tiny_tasks_dir
+    from fishertune.data.dataset_info import find_entry
 
     if source == BUILTIN_TINY_TASKS or source.startswith("builtin:"):
         _check_builtin(source, split)
         path = tiny_tasks_dir() / f"{split}.jsonl"
         return _Source(str(path), path=path)
+    entry = find_entry(source, split)
+    if entry is not None:
+        return _Source(f"{entry.path} ({entry.name})", path=entry.path, entry=entry)
     path = Path(source).expanduser()
     if path.is_file():
         return _Source(source, path=path)
@@ -858,6 +909,8 @@ class PreparedRows:
         if r["dropped"]:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["dropped"].items()))
             line += f", {sum(r['dropped'].values())} dropped ({reasons})"
+        if r.get("leading_assistant_trimmed"):
+            line += f"; {r['leading_assistant_trimmed']} kept rows lost a leading assistant turn"
         if r.get("truncated"):
             line += "; the file is cut off (its complete records kept)"
         return line
@@ -882,7 +935,9 @@ def write_rows(
         FishertuneError: a malformed file, an undetectable format, every row dropped, or with
             ``on_bad_rows="error"`` the first bad row (file, row, field).
     """
+    options = source.options(options)
     counts: Counter[str] = Counter()
+    notes: Counter[str] = Counter()  # changes made to kept rows, and what they hold
     examples: dict[str, str] = {}
     fmt = None
     kind = None
@@ -900,9 +955,10 @@ def write_rows(
                     raise FishertuneError(f"{where}: {err}") from None
                 how = "given" if options.data_format != "auto" else "detected from the fields"
                 logger.info("%s: format %s (%s)", source.name, fmt, how)
+            row_notes: Counter[str] = Counter()
             try:
                 _check_unicode(record)
-                row = normalize_record(record, fmt, options)
+                row = normalize_record(record, fmt, options, row_notes)
             except _BadRowError as bad:
                 message = f"{where}: field {bad.field_name!r}: {bad.message} ({bad.reason})"
                 if options.on_bad_rows == "error":
@@ -919,6 +975,9 @@ def write_rows(
             f.write(json.dumps(row, ensure_ascii=False, default=str))
             f.write("\n")
             kept += 1
+            notes.update(row_notes)
+            if row.get("tools"):
+                notes["rows_with_tools"] += 1
             if progress and read % 20000 == 0:
                 logger.info("%s: %d rows read, %d kept", source.name, read, kept)
     if source.path is not None and source.path.suffix.lower() == ".json":
@@ -936,6 +995,8 @@ def write_rows(
         "rows_read": read,
         "rows_kept": kept,
         "dropped": dict(sorted(counts.items())),
+        "leading_assistant_trimmed": notes["leading_assistant_trimmed"],
+        "rows_with_tools": notes["rows_with_tools"],
         "examples": examples,
         "truncated": truncated,
         "options": json.loads(options.key()),
@@ -1045,6 +1106,7 @@ def prepare_rows(
         assert resolved is not None
     else:
         resolved = _Source(_IN_MEMORY, dataset=source)
+    options = resolved.options(options)
     root = _cache_root() / "rows"
     slot = root / _short_hash(f"{READER_VERSION}|{resolved.slot()}|{options.key()}")
     target = slot / _short_hash(resolved.content())
@@ -1058,6 +1120,14 @@ def prepare_rows(
     _prune(slot, keep=target)
     prepared = PreparedRows(rows, report)
     logger.info("%s", prepared.summary())
+    if report.get("rows_with_tools"):
+        # the chat template is not given them: tool calls are learned without their tools
+        logger.warning(
+            "%s: %d of %d rows have tool descriptions (field 'tools'), which are not rendered",
+            resolved.name,
+            report["rows_with_tools"],
+            report["rows_kept"],
+        )
     return prepared
 
 

@@ -49,8 +49,13 @@ class HeldOut:
 
 
 def _local_file(source: str, split: str) -> Path | None:
+    from fishertune.data.dataset_info import find_entry
+
     if source.startswith("builtin:"):
         return None
+    entry = find_entry(source, split)
+    if entry is not None:
+        return entry.path
     path = Path(source).expanduser()
     if path.is_file():
         return path

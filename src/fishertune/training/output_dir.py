@@ -103,6 +103,9 @@ def _data_fingerprint(source: str) -> str | None:
 
         return f"{source}@{TASKS_VERSION}"
     path = Path(source).expanduser()
+    head, sep, _ = source.rpartition(":")
+    if not path.exists() and sep and Path(head).expanduser().is_dir():
+        path = Path(head).expanduser()  # DIR:ENTRY of a dataset_info.json: the whole folder
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     if not path.exists() or not files:
         return None
