@@ -353,6 +353,104 @@ def test_grid_runs_then_resumes_without_relaunching(tmp_path: Path, base_config:
     assert relaunch.calls == [("evaluate", "token-f-seed0")]
 
 
+# baseline-seed0's fishertune_experiment.json as the code wrote it while the evaluation: and
+# measure: blocks were dataclasses stored whole (EvaluationSpec, MeasureSpec), for
+# experiment(...) with measure: {batches: 1, probes: 2, split: "validation,train", seeds: [0]};
+# only the preset's path is filled in.
+OLD_RECORD = """{
+  "name": "baseline-seed0",
+  "method": "baseline",
+  "ablation": null,
+  "seed": 0,
+  "base_config": "@BASE_CONFIG@",
+  "base_config_sha256": "@SHA256@",
+  "overrides": {
+    "max_steps": 7,
+    "learning_rate": 0.1,
+    "method": "baseline",
+    "seed": 0
+  },
+  "evaluation": {
+    "tasks": [
+      "offline"
+    ],
+    "limit": 10,
+    "batch_size": null,
+    "max_new_tokens": null,
+    "max_length": null,
+    "dataset": null,
+    "include_path": [],
+    "num_fewshot": null,
+    "model_args": null,
+    "device": null,
+    "alpacaeval_questions": null,
+    "mtbench_questions": null,
+    "answer_max_new_tokens": null,
+    "extra_args": []
+  },
+  "measure": {
+    "batches": 1,
+    "batch_size": 8,
+    "probes": 2,
+    "fisher_draws": null,
+    "max_length": 128,
+    "split": "validation,train",
+    "checkpoints": true,
+    "seed": 0,
+    "seeds": [
+      0
+    ],
+    "dataset": null
+  }
+}
+"""
+
+
+def test_an_old_run_folder_stays_evaluated(tmp_path: Path, base_config: Path) -> None:
+    """A run folder whose settings record has the old shape is neither evaluated nor measured
+    again; another data set still makes its evaluation (or measurement) stale."""
+    import hashlib
+
+    from fishertune.experiments.stages import same_settings, stale_block, stored_settings
+
+    measure = {"batches": 1, "probes": 2, "split": "validation,train", "seeds": [0]}
+    config = parse_experiment(experiment(tmp_path, base_config), tmp_path / "e.yaml")
+    run_experiment(config, launcher=FakeLauncher(), log=lambda _: None)
+    record = config.runs_dir / "baseline-seed0" / "fishertune_experiment.json"
+    sha = hashlib.sha256(base_config.read_bytes()).hexdigest()
+    old = OLD_RECORD.replace("@BASE_CONFIG@", str(base_config)).replace("@SHA256@", sha)
+    stored = json.loads(old)
+    del stored["measure"]  # this grid has no measure: block (its entry is checked below)
+    record.write_text(json.dumps(stored, indent=2))
+
+    again = FakeLauncher()
+    run_experiment(config, launcher=again, log=lambda _: None)
+    assert again.calls == []
+
+    measured = parse_experiment(
+        experiment(tmp_path, base_config, measure=measure), tmp_path / "e.yaml"
+    )
+    current = stored_settings(measured, expand_grid(measured)[0])
+    assert same_settings(json.loads(old), current)
+    assert not stale_block(json.loads(old), current, "measure")
+    other = parse_experiment(
+        experiment(tmp_path, base_config, measure={**measure, "dataset": "other.jsonl"}),
+        tmp_path / "e.yaml",
+    )
+    assert stale_block(json.loads(old), stored_settings(other, expand_grid(other)[0]), "measure")
+
+    changed = parse_experiment(
+        experiment(
+            tmp_path, base_config, evaluation={"tasks": ["offline"], "limit": 10, "dataset": "x"}
+        ),
+        tmp_path / "e.yaml",
+    )
+    record.write_text(json.dumps(stored, indent=2))
+    relaunch = FakeLauncher()
+    run_experiment(changed, launcher=relaunch, only=["baseline-seed0"], log=lambda _: None)
+    assert relaunch.calls == [("evaluate", "baseline-seed0")]
+
+
 def test_a_launch_that_raises_fails_that_run_only(tmp_path: Path, base_config: Path) -> None:
     """An OSError while launching one run (a missing executable, a full disk) is that run's
     failure; the other runs of the grid still run."""
