@@ -207,6 +207,11 @@ def test_ablation_methods_default_list_and_seeds(tmp_path: Path, base_config: Pa
         ({"launcher": "slurm"}, "launcher: 'slurm' is not one of"),
         ({"num_processes": 8}, "need launcher: accelerate"),
         ({"evaluation": {"taskz": ["offline"]}}, "evaluation: unknown key(s) taskz"),
+        # the block is checked by `fishertune evaluate`'s own parser, naming the key
+        ({"evaluation": {"limit": -1}}, "evaluation.limit: argument --limit: must be positive"),
+        ({"evaluation": {"dtype": "f16"}}, "evaluation.dtype: argument --dtype: invalid choice"),
+        ({"evaluation": {"merge_adapter": "yes"}}, "evaluation.merge_adapter: expected true/false"),
+        ({"evaluation": {"output": "x.json"}}, "evaluation.output: set by the grid"),
         ({"env": {"OMP_NUM_THREADS": [1]}}, "env.OMP_NUM_THREADS: expected a string"),
         ({"slurm": {"partitionz": "gpu"}}, "slurm: unknown key(s) partitionz"),
         ({"slurm": {"time": "1:2:3:4"}}, "slurm.time: expected minutes or SLURM's"),
@@ -328,6 +333,36 @@ def test_train_and_evaluate_commands(tmp_path: Path, base_config: Path) -> None:
     assert args.model == str(run.model_dir)
     assert args.output == str(run.run_dir / "evaluation.json")
     assert args.tasks == "offline" and args.limit == 10 and args.seed == 1
+
+
+def test_evaluation_block_is_evaluates_own_flags(tmp_path: Path, base_config: Path) -> None:
+    """Every option of `fishertune evaluate` can be set in the block, and reaches the command as
+    that option: switches, repeated options, comma lists, k=v mappings."""
+    from fishertune.evaluation.cli import build_parser as evaluate_parser
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    block = {
+        "tasks": ["offline", "mmlu"],
+        "dtype": "bfloat16",
+        "merge_adapter": True,
+        "allow_training_data": False,
+        "include_path": [str(tasks)],
+        "model_args": {"max_length": 512, "parallelize": True},
+        "limit": 0.5,
+        "data_format": "sharegpt",
+    }
+    config = parse_experiment(
+        experiment(tmp_path, base_config, evaluation=block), tmp_path / "e.yaml"
+    )
+    run = expand_grid(config)[0]
+    args = evaluate_parser().parse_args(evaluate_command(config, run)[4:])
+    assert args.tasks == "offline,mmlu" and config.evaluation.tasks == ("offline", "mmlu")
+    assert args.dtype == "bfloat16" and args.merge_adapter and not args.allow_training_data
+    assert args.include_path == [str(tasks)] and args.limit == 0.5
+    assert args.model_args == "max_length=512,parallelize=True"
+    assert args.data_format == "sharegpt" and args.seed == run.seed
+    assert config.evaluation.batch_size == 8  # evaluate's own default
 
 
 # ----------------------------------------------------------------------------- runner

@@ -134,7 +134,8 @@ def train_command(
 
 
 def evaluate_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
-    """The ``fishertune evaluate`` command of a run (one process; lm-eval and the exports)."""
+    """The ``fishertune evaluate`` command of a run (one process; lm-eval and the exports): the
+    run's model, output and seed, then the ``evaluation:`` block's flags."""
     spec = config.evaluation
     command = [
         sys.executable,
@@ -143,34 +144,15 @@ def evaluate_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
         "evaluate",
         "--model",
         str(run.model_dir),
-        "--tasks",
-        ",".join(spec.tasks),
         "--output",
         str(run.run_dir / EVALUATION_FILE),
         "--seed",
         str(run.seed),
+        *spec.argv,
     ]
-    options: dict[str, Any] = {
-        "limit": spec.limit,
-        "batch_size": spec.batch_size,
-        "max_new_tokens": spec.max_new_tokens,
-        "max_length": spec.max_length,
-        "dataset": spec.dataset,
-        "num_fewshot": spec.num_fewshot,
-        "model_args": spec.model_args,
-        "device": spec.device,
-        "alpacaeval_questions": spec.alpacaeval_questions,
-        "mtbench_questions": spec.mtbench_questions,
-        "answer_max_new_tokens": spec.answer_max_new_tokens,
-    }
-    for key, value in options.items():
-        if value is not None:
-            command += [f"--{key}", str(value)]
-    for include in spec.include_path:
-        command += ["--include_path", include]
     if spec.alpacaeval_questions or spec.mtbench_questions:
         command += ["--answers_dir", str(run.run_dir / ANSWERS_SUBDIR), "--model_id", run.name]
-    return [*command, *spec.extra_args]
+    return command
 
 
 def measure_command(config: ExperimentConfig, run: RunSpec) -> list[str]:

@@ -14,7 +14,7 @@ An experiment YAML names a training preset and the variations to run on it::
       no-warmup: {penalty_warmup_steps: 0}
     ablation_methods: [token-f]             # or {no-warmup: [token-f], ...}; default all
     ablation_seeds: [0, 1, 2]               # optional; default seeds
-    evaluation: {tasks: [offline]}
+    evaluation: {tasks: [offline]}          # `fishertune evaluate`'s flags, by name
     launcher: local                         # or accelerate (+ accelerate_config, num_processes)
     env: {OMP_NUM_THREADS: "1"}             # optional: environment of every launched command
     report: {metrics: [offline/val_loss]}   # optional: table columns; default every metric
@@ -60,9 +60,9 @@ from typing import Any
 
 from fishertune.errors import FishertuneError
 from fishertune.experiments.blocks import (
-    EvaluationSpec,
     MeasureSpec,
     SlurmSpec,
+    StageFlags,
     StudyDataSpec,
     env_block,
     evaluation_block,
@@ -86,7 +86,6 @@ from fishertune.files import MODEL_SUBDIR
 __all__ = [
     "BASE_RUN",
     "MODEL_SUBDIR",
-    "EvaluationSpec",
     "ExperimentConfig",
     "MeasureSpec",
     "RunSpec",
@@ -180,7 +179,7 @@ class ExperimentConfig:
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     ablation_methods: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ablation_seeds: tuple[int, ...] = ()
-    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    evaluation: StageFlags = field(default_factory=lambda: evaluation_block(Path(), None))
     launcher: str = "local"
     accelerate_config: Path | None = None
     num_processes: int | None = None

@@ -125,7 +125,7 @@ def stored_settings(config: ExperimentConfig, run: RunSpec) -> dict[str, Any]:
     """What ``fishertune_experiment.json`` stores: the run's identity, training overrides and
     evaluation (and ``measure:``) settings, through JSON and back so that they compare as
     stored."""
-    settings = {**run.to_json(), "evaluation": asdict(config.evaluation)}
+    settings = {**run.to_json(), "evaluation": config.evaluation.flags}
     if config.measure is not None:
         settings["measure"] = asdict(config.measure)
     return json.loads(json.dumps(settings))
