@@ -208,8 +208,8 @@ def test_ablation_methods_default_list_and_seeds(tmp_path: Path, base_config: Pa
         ({"num_processes": 8}, "need launcher: accelerate"),
         ({"evaluation": {"taskz": ["offline"]}}, "evaluation: unknown key(s) taskz"),
         # the block is checked by `fishertune evaluate`'s own parser, naming the key
-        ({"evaluation": {"limit": -1}}, "evaluation.limit: argument --limit: must be positive"),
-        ({"evaluation": {"dtype": "f16"}}, "evaluation.dtype: argument --dtype: invalid choice"),
+        ({"evaluation": {"limit": -1}}, "evaluation.limit: must be positive"),
+        ({"evaluation": {"dtype": "f16"}}, "evaluation.dtype: invalid choice"),
         ({"evaluation": {"merge_adapter": "yes"}}, "evaluation.merge_adapter: expected true/false"),
         ({"evaluation": {"output": "x.json"}}, "evaluation.output: set by the grid"),
         ({"env": {"OMP_NUM_THREADS": [1]}}, "env.OMP_NUM_THREADS: expected a string"),
@@ -363,6 +363,24 @@ def test_evaluation_block_is_evaluates_own_flags(tmp_path: Path, base_config: Pa
     assert args.model_args == "max_length=512,parallelize=True"
     assert args.data_format == "sharegpt" and args.seed == run.seed
     assert config.evaluation.batch_size == 8  # evaluate's own default
+
+
+def test_measure_block_is_the_measure_programs_flags(tmp_path: Path, base_config: Path) -> None:
+    """The measure: block holds the measure program's options, its defaults where left out;
+    without a dataset the run's training data is measured."""
+    from fishertune.experiments.commands import measure_command
+    from fishertune.experiments.curvature import build_parser as measure_parser
+
+    block = {"batches": 3, "checkpoints": False, "split": ["validation", "train"], "seeds": [1]}
+    config = parse_experiment(experiment(tmp_path, base_config, measure=block), tmp_path / "e.yaml")
+    run = expand_grid(config)[1]  # baseline-seed1
+    args = measure_parser().parse_args(measure_command(config, run)[3:])
+    assert (args.batches, args.checkpoints, args.split) == (3, False, "validation,train")
+    assert args.probes == 4 and args.dataset == "builtin:tiny-tasks"
+    assert args.output == str(run.run_dir / "curvature.json")
+    assert config.measure.measures(1) and not config.measure.measures(0)
+    default = parse_experiment(experiment(tmp_path, base_config, measure={}), tmp_path / "e.yaml")
+    assert default.measure.checkpoints and default.measure.batches == 2
 
 
 # ----------------------------------------------------------------------------- runner

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,10 +24,10 @@ __all__ = [
     "EVALUATION_PATHS",
     "EVALUATION_SET_BY_GRID",
     "LAUNCHERS",
-    "MEASURE_KEYS",
+    "MEASURE_SET_BY_GRID",
     "SLURM_KEYS",
     "STUDIES",
-    "MeasureSpec",
+    "MeasureFlags",
     "SlurmSpec",
     "StageFlags",
     "StudyDataSpec",
@@ -44,18 +44,6 @@ __all__ = [
 LAUNCHERS = ("local", "accelerate")
 REPORT_KEYS = ("metrics", "study", "margin", "ratio_margin")
 STUDIES = ("equivalence",)
-MEASURE_KEYS = (
-    "batches",
-    "batch_size",
-    "probes",
-    "fisher_draws",
-    "max_length",
-    "split",
-    "checkpoints",
-    "seed",
-    "seeds",
-    "dataset",
-)
 SLURM_KEYS = (
     "partition",
     "account",
@@ -75,41 +63,6 @@ SLURM_KEYS = (
     "main_process_port",
 )
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-
-
-@dataclass(frozen=True)
-class MeasureSpec:
-    """What the ``measure`` stage computes on every run (:mod:`fishertune.experiments.curvature`).
-
-    Attributes:
-        batches, batch_size: validation batches measured (the same ones for every run and
-            checkpoint: they are drawn with ``seed``).
-        probes: Rademacher probes per batch for ``Tr(H_X)`` (Hutchinson).
-        fisher_draws: token-F draws ``y' ~ p`` per batch for ``Tr(F_X)`` (default ``probes``).
-        max_length: truncation of the conversations.
-        split: the data split(s) measured, comma-separated (``validation,train``): the first is
-            the record's ``final``, each one under ``splits``.
-        checkpoints: also measure every saved ``checkpoint-N`` (the curvature trajectory).
-        seed: seeds the batches, probes and draws.
-        seeds: measure only the runs of these training seeds (and the base); ``None``: every run.
-        dataset: the data measured (default: each run's training data set), e.g. the
-            fine-tuning conversations for a base pretrained on other text.
-    """
-
-    batches: int = 2
-    batch_size: int = 8
-    probes: int = 4
-    fisher_draws: int | None = None
-    max_length: int = 128
-    split: str = "validation"
-    checkpoints: bool = True
-    seed: int = 0
-    seeds: tuple[int, ...] | None = None
-    dataset: str | None = None
-
-    def measures(self, seed: int, *, base: bool = False) -> bool:
-        """Whether a run of training seed ``seed`` (or the base) gets a measure stage."""
-        return base or self.seeds is None or seed in self.seeds
 
 
 @dataclass(frozen=True)
@@ -183,6 +136,11 @@ class StageFlags:
         return getattr(args, name)
 
     @property
+    def stored(self) -> dict[str, Any]:
+        """What the run's settings record stores of the block."""
+        return dict(self.flags)
+
+    @property
     def tasks(self) -> tuple[str, ...]:
         """``--tasks``' comma list as names."""
         return tuple(t.strip() for t in self.args.tasks.split(",") if t.strip())
@@ -201,9 +159,11 @@ def _flag_argv(path: Path, where: str, action: argparse.Action, value: Any) -> l
     repeated, another list as a comma list (``tasks: [mmlu, ifeval]``), a mapping as
     ``k=v,...`` (``model_args``)."""
     option = next(o for o in action.option_strings if o.startswith("--"))
-    if action.nargs == 0:  # store_true / store_false
+    if action.nargs == 0:  # store_true / store_false / --x and --no-x
         if not isinstance(value, bool):
             raise field_error(path, where, f"expected true/false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [option if value else option.replace("--", "--no-", 1)]
         return [option] if value != action.default else []
     items = value if isinstance(value, (list, tuple)) else [value]
     if not items or any(isinstance(item, (list, tuple, dict)) for item in items):
@@ -223,19 +183,23 @@ def stage_flags_block(
     *,
     set_by_grid: Sequence[str],
     paths: Sequence[str] = (),
+    own: Sequence[str] = (),
 ) -> StageFlags:
-    """A stage block checked by its command's ``parser``: only its options, none of
-    ``set_by_grid``, each value one the parser accepts (a one-line error naming the key);
-    the options in ``paths`` are resolved like the file's other paths."""
+    """A stage block checked by its command's ``parser``: only its options (and ``own``, the
+    grid's keys, left to the caller), none of ``set_by_grid``, each value one the parser
+    accepts (a one-line error naming the key); the options in ``paths`` are resolved like the
+    file's other paths."""
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in set_by_grid}
     actions.pop("help", None)
     raw = mapping(path, block, value)
     grid = sorted(set(raw) & set(set_by_grid))
     if grid:
         raise field_error(path, f"{block}.{grid[0]}", "set by the grid for each run")
-    raw = mapping(path, block, raw, sorted(actions))
+    raw = mapping(path, block, raw, sorted([*actions, *own]))
     flags: dict[str, Any] = {}
     for key, item in raw.items():
+        if key in own:
+            continue
         if key in paths and item is not None:
             many = isinstance(item, (list, tuple))
             resolved = [
@@ -261,7 +225,8 @@ def stage_flags_block(
         try:
             parser.parse_args([*required, *own])
         except _ParserError as err:
-            raise field_error(path, where, str(err)) from None
+            # argparse's "argument --limit: " repeats what the key already names
+            raise field_error(path, where, str(err).split(": ", 1)[-1]) from None
         argv += own
     try:
         args = parser.parse_args([*required, *argv])
@@ -383,39 +348,40 @@ def slurm_block(path: Path, value: Any, *, launcher: str, num_processes: int | N
     )
 
 
-def measure_block(path: Path, value: Any) -> MeasureSpec | None:
+@dataclass(frozen=True)
+class MeasureFlags(StageFlags):
+    """The ``measure:`` block: options of the measure stage's program
+    (:mod:`fishertune.experiments.curvature`), and ``seeds``, the grid's own key: measure only
+    the runs of these training seeds (and the base); ``None``: every run."""
+
+    seeds: tuple[int, ...] | None = None
+
+    @property
+    def stored(self) -> dict[str, Any]:
+        return {**self.flags, **({} if self.seeds is None else {"seeds": list(self.seeds)})}
+
+    def measures(self, seed: int, *, base: bool = False) -> bool:
+        """Whether a run of training seed ``seed`` (or the base) gets a measure stage."""
+        return base or self.seeds is None or seed in self.seeds
+
+
+# the measure program's options that the grid gives each run (commands.measure_command)
+MEASURE_SET_BY_GRID = ("model", "output")
+
+
+def measure_block(path: Path, value: Any) -> MeasureFlags | None:
+    """The ``measure:`` block (``None``: no measure stage), checked by the measure program's
+    own parser; ``dataset`` left out measures each run's training data, read as it was."""
+    from fishertune.experiments.curvature import build_parser
+
     if value is None:
         return None
-    raw = mapping(path, "measure", value, MEASURE_KEYS)
-    values: dict[str, Any] = {}
-    for key, low in (("batches", 1), ("batch_size", 1), ("probes", 2), ("fisher_draws", 2),
-                     ("max_length", 2), ("seed", 0)):  # fmt: skip
-        if key in raw:
-            item = raw[key]
-            if not isinstance(item, int) or isinstance(item, bool) or item < low:
-                raise field_error(
-                    path, f"measure.{key}", f"expected an integer >= {low}, got {item!r}"
-                )
-            values[key] = item
-    if "split" in raw:
-        if not isinstance(raw["split"], str) or not raw["split"]:
-            raise field_error(path, "measure.split", f"expected a split name, got {raw['split']!r}")
-        values["split"] = raw["split"]
-    if "seeds" in raw:
-        values["seeds"] = seed_list(path, "measure.seeds", raw["seeds"])
-    if "dataset" in raw:
-        if not isinstance(raw["dataset"], str) or not raw["dataset"]:
-            raise field_error(
-                path, "measure.dataset", f"expected a data source, got {raw['dataset']!r}"
-            )
-        values["dataset"] = raw["dataset"]
-    if "checkpoints" in raw:
-        if not isinstance(raw["checkpoints"], bool):
-            raise field_error(
-                path, "measure.checkpoints", f"expected true/false, got {raw['checkpoints']!r}"
-            )
-        values["checkpoints"] = raw["checkpoints"]
-    return MeasureSpec(**values)
+    spec = stage_flags_block(
+        path, "measure", value, build_parser(), set_by_grid=MEASURE_SET_BY_GRID, own=("seeds",)
+    )
+    raw = mapping(path, "measure", value)
+    seeds = seed_list(path, "measure.seeds", raw["seeds"]) if "seeds" in raw else None
+    return MeasureFlags(**{f.name: getattr(spec, f.name) for f in fields(spec)}, seeds=seeds)
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,8 @@ def evaluate_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
 
 def measure_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
     """The ``measure`` stage of a run: :mod:`fishertune.experiments.curvature` on its model (and
-    its checkpoints), settings from the grid's ``measure:`` block."""
+    its checkpoints), then the ``measure:`` block's flags; without a ``dataset`` there, the
+    run's training data with its reader options, so the measure reads the same rows."""
     spec = config.measure
     if spec is None:
         raise FishertuneError(f"{config.path}: no measure: block")
@@ -169,34 +170,15 @@ def measure_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
         str(run.model_dir),
         "--output",
         str(run.run_dir / MEASURE_FILE),
-        "--data",
-        spec.dataset or str(run.overrides.get("dataset_name", "builtin:tiny-tasks")),
-        "--split",
-        spec.split,
-        "--batches",
-        str(spec.batches),
-        "--batch_size",
-        str(spec.batch_size),
-        "--probes",
-        str(spec.probes),
-        "--max_length",
-        str(spec.max_length),
-        "--seed",
-        str(spec.seed),
     ]
-    if spec.fisher_draws is not None:
-        command += ["--fisher_draws", str(spec.fisher_draws)]
-    # the training data's reader options, so the measure reads the same rows
-    for key in ("data_format", "data_columns", "data_roles", "on_bad_rows"):
-        if spec.dataset is not None:  # other data than the run's: the reader detects its format
-            break
-        if run.overrides.get(key) is not None:
-            command += [f"--{key}", str(run.overrides[key])]
+    if "dataset" not in spec.flags:  # other data: the reader detects its format
+        command += ["--dataset", str(run.overrides.get("dataset_name", "builtin:tiny-tasks"))]
+        for key in ("data_format", "data_columns", "data_roles", "on_bad_rows"):
+            if run.overrides.get(key) is not None:
+                command += [f"--{key}", str(run.overrides[key])]
     if run.overrides.get("keep_truncated_records") in (True, "true", "True"):
         command += ["--keep_truncated_records"]
-    if spec.checkpoints:
-        command += ["--checkpoints"]
-    return command
+    return [*command, *spec.argv]
 
 
 def format_command(command: Sequence[str], env: dict[str, str] | None = None) -> str:

@@ -20,7 +20,8 @@ An experiment YAML names a training preset and the variations to run on it::
     report: {metrics: [offline/val_loss]}   # optional: table columns; default every metric
     base:                                   # optional: a model trained once, which every
       max_steps: 500                        #   run fine-tunes (training overrides)
-    measure: {batches: 2, probes: 4}        # optional: Tr(F_X), Tr(H_X) of every run
+    measure: {batches: 2, probes: 4}        # optional: Tr(F_X), Tr(H_X) of every run (the
+                                            # measure program's flags, and seeds:)
     study_data: {out: data}                 # optional: a study's data parts, made before any run
                                             # (relative to output_dir); other blocks' strings
                                             # name the folder as {study_data}, e.g.
@@ -60,7 +61,7 @@ from typing import Any
 
 from fishertune.errors import FishertuneError
 from fishertune.experiments.blocks import (
-    MeasureSpec,
+    MeasureFlags,
     SlurmSpec,
     StageFlags,
     StudyDataSpec,
@@ -87,7 +88,7 @@ __all__ = [
     "BASE_RUN",
     "MODEL_SUBDIR",
     "ExperimentConfig",
-    "MeasureSpec",
+    "MeasureFlags",
     "RunSpec",
     "SlurmSpec",
     "expand_grid",
@@ -187,7 +188,7 @@ class ExperimentConfig:
     report_metrics: tuple[str, ...] | None = None
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
     base_run: RunSpec | None = None
-    measure: MeasureSpec | None = None
+    measure: MeasureFlags | None = None
     study: str | None = None
     study_data: StudyDataSpec | None = None
     margin: float | None = None

@@ -125,9 +125,9 @@ def stored_settings(config: ExperimentConfig, run: RunSpec) -> dict[str, Any]:
     """What ``fishertune_experiment.json`` stores: the run's identity, training overrides and
     evaluation (and ``measure:``) settings, through JSON and back so that they compare as
     stored."""
-    settings = {**run.to_json(), "evaluation": config.evaluation.flags}
+    settings = {**run.to_json(), "evaluation": config.evaluation.stored}
     if config.measure is not None:
-        settings["measure"] = asdict(config.measure)
+        settings["measure"] = config.measure.stored
     return json.loads(json.dumps(settings))
 
 
