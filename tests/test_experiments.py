@@ -207,6 +207,11 @@ def test_ablation_methods_default_list_and_seeds(tmp_path: Path, base_config: Pa
         ({"launcher": "slurm"}, "launcher: 'slurm' is not one of"),
         ({"num_processes": 8}, "need launcher: accelerate"),
         ({"evaluation": {"taskz": ["offline"]}}, "evaluation: unknown key(s) taskz"),
+        # the block is checked by `fishertune evaluate`'s own parser, naming the key
+        ({"evaluation": {"limit": -1}}, "evaluation.limit: must be positive"),
+        ({"evaluation": {"dtype": "f16"}}, "evaluation.dtype: invalid choice"),
+        ({"evaluation": {"merge_adapter": "yes"}}, "evaluation.merge_adapter: expected true/false"),
+        ({"evaluation": {"output": "x.json"}}, "evaluation.output: set by the grid"),
         ({"env": {"OMP_NUM_THREADS": [1]}}, "env.OMP_NUM_THREADS: expected a string"),
         ({"slurm": {"partitionz": "gpu"}}, "slurm: unknown key(s) partitionz"),
         ({"slurm": {"time": "1:2:3:4"}}, "slurm.time: expected minutes or SLURM's"),
@@ -330,6 +335,54 @@ def test_train_and_evaluate_commands(tmp_path: Path, base_config: Path) -> None:
     assert args.tasks == "offline" and args.limit == 10 and args.seed == 1
 
 
+def test_evaluation_block_is_evaluates_own_flags(tmp_path: Path, base_config: Path) -> None:
+    """Every option of `fishertune evaluate` can be set in the block, and reaches the command as
+    that option: switches, repeated options, comma lists, k=v mappings."""
+    from fishertune.evaluation.cli import build_parser as evaluate_parser
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    block = {
+        "tasks": ["offline", "mmlu"],
+        "dtype": "bfloat16",
+        "merge_adapter": True,
+        "allow_training_data": False,
+        "include_path": [str(tasks)],
+        "model_args": {"max_length": 512, "parallelize": True},
+        "limit": 0.5,
+        "data_format": "sharegpt",
+    }
+    config = parse_experiment(
+        experiment(tmp_path, base_config, evaluation=block), tmp_path / "e.yaml"
+    )
+    run = expand_grid(config)[0]
+    args = evaluate_parser().parse_args(evaluate_command(config, run)[4:])
+    assert args.tasks == "offline,mmlu" and config.evaluation.tasks == ("offline", "mmlu")
+    assert args.dtype == "bfloat16" and args.merge_adapter and not args.allow_training_data
+    assert args.include_path == [str(tasks)] and args.limit == 0.5
+    assert args.model_args == "max_length=512,parallelize=True"
+    assert args.data_format == "sharegpt" and args.seed == run.seed
+    assert config.evaluation.batch_size == 8  # evaluate's own default
+
+
+def test_measure_block_is_the_measure_programs_flags(tmp_path: Path, base_config: Path) -> None:
+    """The measure: block holds the measure program's options, its defaults where left out;
+    without a dataset the run's training data is measured."""
+    from fishertune.experiments.commands import measure_command
+    from fishertune.experiments.curvature import build_parser as measure_parser
+
+    block = {"batches": 3, "checkpoints": False, "split": ["validation", "train"], "seeds": [1]}
+    config = parse_experiment(experiment(tmp_path, base_config, measure=block), tmp_path / "e.yaml")
+    run = expand_grid(config)[1]  # baseline-seed1
+    args = measure_parser().parse_args(measure_command(config, run)[3:])
+    assert (args.batches, args.checkpoints, args.split) == (3, False, "validation,train")
+    assert args.probes == 4 and args.dataset == "builtin:tiny-tasks"
+    assert args.output == str(run.run_dir / "curvature.json")
+    assert config.measure.measures(1) and not config.measure.measures(0)
+    default = parse_experiment(experiment(tmp_path, base_config, measure={}), tmp_path / "e.yaml")
+    assert default.measure.checkpoints and default.measure.batches == 2
+
+
 # ----------------------------------------------------------------------------- runner
 
 
@@ -351,6 +404,104 @@ def test_grid_runs_then_resumes_without_relaunching(tmp_path: Path, base_config:
     relaunch = FakeLauncher()
     run_experiment(config, launcher=relaunch, only=["token-f-seed0"], log=lambda _: None)
     assert relaunch.calls == [("evaluate", "token-f-seed0")]
+
+
+# baseline-seed0's fishertune_experiment.json as the code wrote it while the evaluation: and
+# measure: blocks were dataclasses stored whole (EvaluationSpec, MeasureSpec), for
+# experiment(...) with measure: {batches: 1, probes: 2, split: "validation,train", seeds: [0]};
+# only the preset's path is filled in.
+OLD_RECORD = """{
+  "name": "baseline-seed0",
+  "method": "baseline",
+  "ablation": null,
+  "seed": 0,
+  "base_config": "@BASE_CONFIG@",
+  "base_config_sha256": "@SHA256@",
+  "overrides": {
+    "max_steps": 7,
+    "learning_rate": 0.1,
+    "method": "baseline",
+    "seed": 0
+  },
+  "evaluation": {
+    "tasks": [
+      "offline"
+    ],
+    "limit": 10,
+    "batch_size": null,
+    "max_new_tokens": null,
+    "max_length": null,
+    "dataset": null,
+    "include_path": [],
+    "num_fewshot": null,
+    "model_args": null,
+    "device": null,
+    "alpacaeval_questions": null,
+    "mtbench_questions": null,
+    "answer_max_new_tokens": null,
+    "extra_args": []
+  },
+  "measure": {
+    "batches": 1,
+    "batch_size": 8,
+    "probes": 2,
+    "fisher_draws": null,
+    "max_length": 128,
+    "split": "validation,train",
+    "checkpoints": true,
+    "seed": 0,
+    "seeds": [
+      0
+    ],
+    "dataset": null
+  }
+}
+"""
+
+
+def test_an_old_run_folder_stays_evaluated(tmp_path: Path, base_config: Path) -> None:
+    """A run folder whose settings record has the old shape is neither evaluated nor measured
+    again; another data set still makes its evaluation (or measurement) stale."""
+    import hashlib
+
+    from fishertune.experiments.stages import same_settings, stale_block, stored_settings
+
+    measure = {"batches": 1, "probes": 2, "split": "validation,train", "seeds": [0]}
+    config = parse_experiment(experiment(tmp_path, base_config), tmp_path / "e.yaml")
+    run_experiment(config, launcher=FakeLauncher(), log=lambda _: None)
+    record = config.runs_dir / "baseline-seed0" / "fishertune_experiment.json"
+    sha = hashlib.sha256(base_config.read_bytes()).hexdigest()
+    old = OLD_RECORD.replace("@BASE_CONFIG@", str(base_config)).replace("@SHA256@", sha)
+    stored = json.loads(old)
+    del stored["measure"]  # this grid has no measure: block (its entry is checked below)
+    record.write_text(json.dumps(stored, indent=2))
+
+    again = FakeLauncher()
+    run_experiment(config, launcher=again, log=lambda _: None)
+    assert again.calls == []
+
+    measured = parse_experiment(
+        experiment(tmp_path, base_config, measure=measure), tmp_path / "e.yaml"
+    )
+    current = stored_settings(measured, expand_grid(measured)[0])
+    assert same_settings(json.loads(old), current)
+    assert not stale_block(json.loads(old), current, "measure")
+    other = parse_experiment(
+        experiment(tmp_path, base_config, measure={**measure, "dataset": "other.jsonl"}),
+        tmp_path / "e.yaml",
+    )
+    assert stale_block(json.loads(old), stored_settings(other, expand_grid(other)[0]), "measure")
+
+    changed = parse_experiment(
+        experiment(
+            tmp_path, base_config, evaluation={"tasks": ["offline"], "limit": 10, "dataset": "x"}
+        ),
+        tmp_path / "e.yaml",
+    )
+    record.write_text(json.dumps(stored, indent=2))
+    relaunch = FakeLauncher()
+    run_experiment(changed, launcher=relaunch, only=["baseline-seed0"], log=lambda _: None)
+    assert relaunch.calls == [("evaluate", "baseline-seed0")]
 
 
 def test_a_launch_that_raises_fails_that_run_only(tmp_path: Path, base_config: Path) -> None:

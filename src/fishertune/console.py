@@ -16,7 +16,11 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-__all__ = ["child_stderr_captured"]
+__all__ = ["LIBRARY_LOGGERS", "child_stderr_captured"]
+
+# Libraries that attach their own terminal handler to their logger (and stop propagation):
+# the demo quiets them, `fishertune train` sends them to its train.log too.
+LIBRARY_LOGGERS = ("transformers", "datasets", "trl", "accelerate", "peft", "torch")
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from fishertune.console import LIBRARY_LOGGERS
 from fishertune.errors import FishertuneError
 
 BASE_PRESET = "tiny"  # training preset (fishertune presets)
@@ -62,10 +63,6 @@ def method_overrides(grid_config: str | Path = GRID_PRESET) -> dict[str, dict[st
     if missing:
         raise FishertuneError(f"{grid_config}: methods {missing} are missing")
     return {name: dict(methods[name]) for name in METHOD_ORDER}
-
-
-# Libraries that attach their own terminal handler to their logger (and stop propagation).
-LIBRARY_LOGGERS = ("transformers", "datasets", "trl", "accelerate", "peft", "torch")
 
 
 @contextlib.contextmanager

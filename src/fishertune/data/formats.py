@@ -842,11 +842,11 @@ class _Source:
 def _resolve(source: str, split: str, *, contact_hub: bool = True) -> _Source | None:
     """The records of ``source`` (file, folder's ``<split>`` file or ``datasets`` split, hub
     name, built-in tasks); None for a hub name when ``contact_hub`` is False."""
-    from fishertune.data.chat import BUILTIN_TINY_TASKS, _check_builtin, tiny_tasks_dir
+    from fishertune.data.builtin import BUILTIN_TINY_TASKS, check_builtin, tiny_tasks_dir
     from fishertune.data.dataset_info import find_entry
 
     if source == BUILTIN_TINY_TASKS or source.startswith("builtin:"):
-        _check_builtin(source, split)
+        check_builtin(source, split)
         path = tiny_tasks_dir() / f"{split}.jsonl"
         return _Source(str(path), path=path)
     entry = find_entry(source, split)

@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
+import argparse
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fishertune.experiments.fields import (
     field_error,
@@ -20,14 +21,15 @@ from fishertune.experiments.fields import (
 )
 
 __all__ = [
-    "EVALUATION_KEYS",
+    "EVALUATION_PATHS",
+    "EVALUATION_SET_BY_GRID",
     "LAUNCHERS",
-    "MEASURE_KEYS",
+    "MEASURE_SET_BY_GRID",
     "SLURM_KEYS",
     "STUDIES",
-    "EvaluationSpec",
-    "MeasureSpec",
+    "MeasureFlags",
     "SlurmSpec",
+    "StageFlags",
     "StudyDataSpec",
     "env_block",
     "evaluation_block",
@@ -35,40 +37,13 @@ __all__ = [
     "measure_block",
     "report_block",
     "slurm_block",
+    "stage_flags_block",
     "study_data_block",
 ]
 
 LAUNCHERS = ("local", "accelerate")
-EVALUATION_KEYS = (
-    "tasks",
-    "limit",
-    "batch_size",
-    "max_new_tokens",
-    "max_length",
-    "dataset",
-    "include_path",
-    "num_fewshot",
-    "model_args",
-    "device",
-    "alpacaeval_questions",
-    "mtbench_questions",
-    "answer_max_new_tokens",
-    "extra_args",
-)
 REPORT_KEYS = ("metrics", "study", "margin", "ratio_margin")
 STUDIES = ("equivalence",)
-MEASURE_KEYS = (
-    "batches",
-    "batch_size",
-    "probes",
-    "fisher_draws",
-    "max_length",
-    "split",
-    "checkpoints",
-    "seed",
-    "seeds",
-    "dataset",
-)
 SLURM_KEYS = (
     "partition",
     "account",
@@ -88,61 +63,6 @@ SLURM_KEYS = (
     "main_process_port",
 )
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-
-
-@dataclass(frozen=True)
-class EvaluationSpec:
-    """What ``fishertune evaluate`` runs on every finished run (see ``fishertune evaluate -h``)."""
-
-    tasks: tuple[str, ...] = ("offline",)
-    limit: int | float | None = None
-    batch_size: int | None = None
-    max_new_tokens: int | None = None
-    max_length: int | None = None
-    dataset: str | None = None
-    include_path: tuple[str, ...] = ()
-    num_fewshot: int | None = None
-    model_args: str | None = None
-    device: str | None = None
-    alpacaeval_questions: str | None = None
-    mtbench_questions: str | None = None
-    answer_max_new_tokens: int | None = None
-    extra_args: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class MeasureSpec:
-    """What the ``measure`` stage computes on every run (:mod:`fishertune.experiments.curvature`).
-
-    Attributes:
-        batches, batch_size: validation batches measured (the same ones for every run and
-            checkpoint: they are drawn with ``seed``).
-        probes: Rademacher probes per batch for ``Tr(H_X)`` (Hutchinson).
-        fisher_draws: token-F draws ``y' ~ p`` per batch for ``Tr(F_X)`` (default ``probes``).
-        max_length: truncation of the conversations.
-        split: the data split(s) measured, comma-separated (``validation,train``): the first is
-            the record's ``final``, each one under ``splits``.
-        checkpoints: also measure every saved ``checkpoint-N`` (the curvature trajectory).
-        seed: seeds the batches, probes and draws.
-        seeds: measure only the runs of these training seeds (and the base); ``None``: every run.
-        dataset: the data measured (default: each run's training data set), e.g. the
-            fine-tuning conversations for a base pretrained on other text.
-    """
-
-    batches: int = 2
-    batch_size: int = 8
-    probes: int = 4
-    fisher_draws: int | None = None
-    max_length: int = 128
-    split: str = "validation"
-    checkpoints: bool = True
-    seed: int = 0
-    seeds: tuple[int, ...] | None = None
-    dataset: str | None = None
-
-    def measures(self, seed: int, *, base: bool = False) -> bool:
-        """Whether a run of training seed ``seed`` (or the base) gets a measure stage."""
-        return base or self.seeds is None or seed in self.seeds
 
 
 @dataclass(frozen=True)
@@ -188,47 +108,156 @@ class SlurmSpec:
     main_process_port: int | None = None
 
 
-def evaluation_block(path: Path, value: Any) -> EvaluationSpec:
-    raw = mapping(path, "evaluation", value, EVALUATION_KEYS)
-    tasks = str_list(path, "evaluation.tasks", raw.get("tasks", ["offline"]))
-    if not tasks:
-        raise field_error(path, "evaluation.tasks", "empty task list")
-    include = tuple(
-        str(resolve_path(path, "evaluation.include_path", p))
-        for p in str_list(path, "evaluation.include_path", raw.get("include_path", []))
-    )
-    questions = {
-        key: str(resolve_path(path, f"evaluation.{key}", raw[key])) if raw.get(key) else None
-        for key in ("alpacaeval_questions", "mtbench_questions")
-    }
-    model_args = raw.get("model_args")
-    if isinstance(model_args, Mapping):
-        model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
-    if model_args is not None and not isinstance(model_args, str):
-        raise field_error(
-            path, "evaluation.model_args", f"expected k=v,... or a mapping, got {model_args!r}"
-        )
-    for key in ("dataset", "device"):
-        if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise field_error(path, f"evaluation.{key}", f"expected a string, got {raw[key]!r}")
-    return EvaluationSpec(
-        tasks=tasks,
-        limit=non_negative_int(path, "evaluation.limit", raw.get("limit"), allow_fraction=True),
-        batch_size=non_negative_int(path, "evaluation.batch_size", raw.get("batch_size")),
-        max_new_tokens=non_negative_int(
-            path, "evaluation.max_new_tokens", raw.get("max_new_tokens")
-        ),
-        max_length=non_negative_int(path, "evaluation.max_length", raw.get("max_length")),
-        dataset=raw.get("dataset"),
-        include_path=include,
-        num_fewshot=non_negative_int(path, "evaluation.num_fewshot", raw.get("num_fewshot")),
-        model_args=model_args,
-        device=raw.get("device"),
-        answer_max_new_tokens=non_negative_int(
-            path, "evaluation.answer_max_new_tokens", raw.get("answer_max_new_tokens")
-        ),
-        extra_args=str_list(path, "evaluation.extra_args", raw.get("extra_args", [])),
-        **questions,
+@dataclass(frozen=True)
+class StageFlags:
+    """A stage block: options of the stage's command by flag name (``limit: 10`` is
+    ``--limit 10``), checked by that command's own parser.
+
+    Attributes:
+        block: the block's name (``evaluation``).
+        flags: the block as given (paths resolved, a mapping value as ``k=v,...``): what the
+            run's settings record stores and :attr:`argv` turns into flags.
+        argv: the flags on the command line.
+        args: the command's parsed options, its own defaults for those not given; read them
+            as attributes (``spec.max_new_tokens``).
+    """
+
+    block: str
+    flags: dict[str, Any]
+    argv: tuple[str, ...]
+    args: argparse.Namespace
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for names that are not fields; the guard keeps copy/pickle (submitit
+        # pickles the config) from recursing before the fields exist
+        args = self.__dict__.get("args")
+        if name.startswith("_") or args is None or not hasattr(args, name):
+            raise AttributeError(name)
+        return getattr(args, name)
+
+    @property
+    def stored(self) -> dict[str, Any]:
+        """What the run's settings record stores of the block."""
+        return dict(self.flags)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """``--tasks``' comma list as names."""
+        return tuple(t.strip() for t in self.args.tasks.split(",") if t.strip())
+
+
+class _ParserError(Exception):
+    pass
+
+
+def _raise(message: str) -> NoReturn:
+    raise _ParserError(message)
+
+
+def _flag_argv(path: Path, where: str, action: argparse.Action, value: Any) -> list[str]:
+    """One option's flags: a switch given as true/false, a repeatable option's list as the flag
+    repeated, another list as a comma list (``tasks: [mmlu, ifeval]``), a mapping as
+    ``k=v,...`` (``model_args``)."""
+    option = next(o for o in action.option_strings if o.startswith("--"))
+    if action.nargs == 0:  # store_true / store_false / --x and --no-x
+        if not isinstance(value, bool):
+            raise field_error(path, where, f"expected true/false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [option if value else option.replace("--", "--no-", 1)]
+        return [option] if value != action.default else []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items or any(isinstance(item, (list, tuple, dict)) for item in items):
+        raise field_error(path, where, f"expected a value or a list of values, got {value!r}")
+    if isinstance(action, argparse._AppendAction):
+        return [text for item in items for text in (option, str(item))]
+    if action.nargs in ("+", "*"):
+        return [option, *map(str, items)]
+    return [option, ",".join(map(str, items))]
+
+
+def stage_flags_block(
+    path: Path,
+    block: str,
+    value: Any,
+    parser: argparse.ArgumentParser,
+    *,
+    set_by_grid: Sequence[str],
+    paths: Sequence[str] = (),
+    own: Sequence[str] = (),
+) -> StageFlags:
+    """A stage block checked by its command's ``parser``: only its options (and ``own``, the
+    grid's keys, left to the caller), none of ``set_by_grid``, each value one the parser
+    accepts (a one-line error naming the key); the options in ``paths`` are resolved like the
+    file's other paths."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in set_by_grid}
+    actions.pop("help", None)
+    raw = mapping(path, block, value)
+    grid = sorted(set(raw) & set(set_by_grid))
+    if grid:
+        raise field_error(path, f"{block}.{grid[0]}", "set by the grid for each run")
+    raw = mapping(path, block, raw, sorted([*actions, *own]))
+    flags: dict[str, Any] = {}
+    for key, item in raw.items():
+        if key in own:
+            continue
+        if key in paths and item is not None:
+            many = isinstance(item, (list, tuple))
+            resolved = [
+                str(resolve_path(path, f"{block}.{key}", p)) for p in (item if many else [item])
+            ]
+            item = resolved if many else resolved[0]
+        if isinstance(item, Mapping):
+            item = ",".join(f"{k}={v}" for k, v in item.items())
+        if item is not None:
+            flags[key] = item
+    # the options the grid sets, as placeholders: the parser requires some of them
+    required = [
+        text
+        for a in parser._actions
+        if a.required and a.option_strings
+        for text in (a.option_strings[-1], "-")
+    ]
+    parser.error = _raise  # type: ignore[method-assign]
+    argv: list[str] = []
+    for key, item in flags.items():
+        where = f"{block}.{key}"
+        own = _flag_argv(path, where, actions[key], item)
+        try:
+            parser.parse_args([*required, *own])
+        except _ParserError as err:
+            # argparse's "argument --limit: " repeats what the key already names
+            raise field_error(path, where, str(err).split(": ", 1)[-1]) from None
+        argv += own
+    try:
+        args = parser.parse_args([*required, *argv])
+    except _ParserError as err:
+        raise field_error(path, block, str(err)) from None
+    return StageFlags(block=block, flags=flags, argv=tuple(argv), args=args)
+
+
+# `fishertune evaluate`'s options that the grid gives each run (evaluate_command)
+EVALUATION_SET_BY_GRID = ("model", "output", "seed", "answers_dir", "model_id")
+# its options that name files: resolved against the experiment file like its other paths
+EVALUATION_PATHS = (
+    "include_path",
+    "alpacaeval_questions",
+    "mtbench_questions",
+    "validation_file",
+    "test_file",
+)
+
+
+def evaluation_block(path: Path, value: Any) -> StageFlags:
+    """The ``evaluation:`` block: options of ``fishertune evaluate`` (its ``build_parser``)."""
+    from fishertune.evaluation.cli import build_parser
+
+    return stage_flags_block(
+        path,
+        "evaluation",
+        value,
+        build_parser(),
+        set_by_grid=EVALUATION_SET_BY_GRID,
+        paths=EVALUATION_PATHS,
     )
 
 
@@ -319,39 +348,40 @@ def slurm_block(path: Path, value: Any, *, launcher: str, num_processes: int | N
     )
 
 
-def measure_block(path: Path, value: Any) -> MeasureSpec | None:
+@dataclass(frozen=True)
+class MeasureFlags(StageFlags):
+    """The ``measure:`` block: options of the measure stage's program
+    (:mod:`fishertune.experiments.curvature`), and ``seeds``, the grid's own key: measure only
+    the runs of these training seeds (and the base); ``None``: every run."""
+
+    seeds: tuple[int, ...] | None = None
+
+    @property
+    def stored(self) -> dict[str, Any]:
+        return {**self.flags, **({} if self.seeds is None else {"seeds": list(self.seeds)})}
+
+    def measures(self, seed: int, *, base: bool = False) -> bool:
+        """Whether a run of training seed ``seed`` (or the base) gets a measure stage."""
+        return base or self.seeds is None or seed in self.seeds
+
+
+# the measure program's options that the grid gives each run (commands.measure_command)
+MEASURE_SET_BY_GRID = ("model", "output")
+
+
+def measure_block(path: Path, value: Any) -> MeasureFlags | None:
+    """The ``measure:`` block (``None``: no measure stage), checked by the measure program's
+    own parser; ``dataset`` left out measures each run's training data, read as it was."""
+    from fishertune.experiments.curvature import build_parser
+
     if value is None:
         return None
-    raw = mapping(path, "measure", value, MEASURE_KEYS)
-    values: dict[str, Any] = {}
-    for key, low in (("batches", 1), ("batch_size", 1), ("probes", 2), ("fisher_draws", 2),
-                     ("max_length", 2), ("seed", 0)):  # fmt: skip
-        if key in raw:
-            item = raw[key]
-            if not isinstance(item, int) or isinstance(item, bool) or item < low:
-                raise field_error(
-                    path, f"measure.{key}", f"expected an integer >= {low}, got {item!r}"
-                )
-            values[key] = item
-    if "split" in raw:
-        if not isinstance(raw["split"], str) or not raw["split"]:
-            raise field_error(path, "measure.split", f"expected a split name, got {raw['split']!r}")
-        values["split"] = raw["split"]
-    if "seeds" in raw:
-        values["seeds"] = seed_list(path, "measure.seeds", raw["seeds"])
-    if "dataset" in raw:
-        if not isinstance(raw["dataset"], str) or not raw["dataset"]:
-            raise field_error(
-                path, "measure.dataset", f"expected a data source, got {raw['dataset']!r}"
-            )
-        values["dataset"] = raw["dataset"]
-    if "checkpoints" in raw:
-        if not isinstance(raw["checkpoints"], bool):
-            raise field_error(
-                path, "measure.checkpoints", f"expected true/false, got {raw['checkpoints']!r}"
-            )
-        values["checkpoints"] = raw["checkpoints"]
-    return MeasureSpec(**values)
+    spec = stage_flags_block(
+        path, "measure", value, build_parser(), set_by_grid=MEASURE_SET_BY_GRID, own=("seeds",)
+    )
+    raw = mapping(path, "measure", value)
+    seeds = seed_list(path, "measure.seeds", raw["seeds"]) if "seeds" in raw else None
+    return MeasureFlags(**{f.name: getattr(spec, f.name) for f in fields(spec)}, seeds=seeds)
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,8 @@ def train_command(
 
 
 def evaluate_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
-    """The ``fishertune evaluate`` command of a run (one process; lm-eval and the exports)."""
+    """The ``fishertune evaluate`` command of a run (one process; lm-eval and the exports): the
+    run's model, output and seed, then the ``evaluation:`` block's flags."""
     spec = config.evaluation
     command = [
         sys.executable,
@@ -143,39 +144,21 @@ def evaluate_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
         "evaluate",
         "--model",
         str(run.model_dir),
-        "--tasks",
-        ",".join(spec.tasks),
         "--output",
         str(run.run_dir / EVALUATION_FILE),
         "--seed",
         str(run.seed),
+        *spec.argv,
     ]
-    options: dict[str, Any] = {
-        "limit": spec.limit,
-        "batch_size": spec.batch_size,
-        "max_new_tokens": spec.max_new_tokens,
-        "max_length": spec.max_length,
-        "dataset": spec.dataset,
-        "num_fewshot": spec.num_fewshot,
-        "model_args": spec.model_args,
-        "device": spec.device,
-        "alpacaeval_questions": spec.alpacaeval_questions,
-        "mtbench_questions": spec.mtbench_questions,
-        "answer_max_new_tokens": spec.answer_max_new_tokens,
-    }
-    for key, value in options.items():
-        if value is not None:
-            command += [f"--{key}", str(value)]
-    for include in spec.include_path:
-        command += ["--include_path", include]
     if spec.alpacaeval_questions or spec.mtbench_questions:
         command += ["--answers_dir", str(run.run_dir / ANSWERS_SUBDIR), "--model_id", run.name]
-    return [*command, *spec.extra_args]
+    return command
 
 
 def measure_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
     """The ``measure`` stage of a run: :mod:`fishertune.experiments.curvature` on its model (and
-    its checkpoints), settings from the grid's ``measure:`` block."""
+    its checkpoints), then the ``measure:`` block's flags; without a ``dataset`` there, the
+    run's training data with its reader options, so the measure reads the same rows."""
     spec = config.measure
     if spec is None:
         raise FishertuneError(f"{config.path}: no measure: block")
@@ -187,34 +170,15 @@ def measure_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
         str(run.model_dir),
         "--output",
         str(run.run_dir / MEASURE_FILE),
-        "--data",
-        spec.dataset or str(run.overrides.get("dataset_name", "builtin:tiny-tasks")),
-        "--split",
-        spec.split,
-        "--batches",
-        str(spec.batches),
-        "--batch_size",
-        str(spec.batch_size),
-        "--probes",
-        str(spec.probes),
-        "--max_length",
-        str(spec.max_length),
-        "--seed",
-        str(spec.seed),
     ]
-    if spec.fisher_draws is not None:
-        command += ["--fisher_draws", str(spec.fisher_draws)]
-    # the training data's reader options, so the measure reads the same rows
-    for key in ("data_format", "data_columns", "data_roles", "on_bad_rows"):
-        if spec.dataset is not None:  # other data than the run's: the reader detects its format
-            break
-        if run.overrides.get(key) is not None:
-            command += [f"--{key}", str(run.overrides[key])]
+    if "dataset" not in spec.flags:  # other data: the reader detects its format
+        command += ["--dataset", str(run.overrides.get("dataset_name", "builtin:tiny-tasks"))]
+        for key in ("data_format", "data_columns", "data_roles", "on_bad_rows"):
+            if run.overrides.get(key) is not None:
+                command += [f"--{key}", str(run.overrides[key])]
     if run.overrides.get("keep_truncated_records") in (True, "true", "True"):
         command += ["--keep_truncated_records"]
-    if spec.checkpoints:
-        command += ["--checkpoints"]
-    return command
+    return [*command, *spec.argv]
 
 
 def format_command(command: Sequence[str], env: dict[str, str] | None = None) -> str:

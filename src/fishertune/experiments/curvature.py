@@ -17,8 +17,8 @@ Each aggregate is stored with its between-batch and estimator standard errors. T
 ``--split``, and ``splits`` (the final model on each split of ``--split a,b``)::
 
     python -m fishertune.experiments.curvature --model runs/x/model \\
-        --output runs/x/curvature.json --data builtin:tiny-tasks --split validation \\
-        --batches 2 --batch_size 8 --probes 4 --checkpoints
+        --output runs/x/curvature.json --dataset builtin:tiny-tasks --split validation \\
+        --batches 2 --batch_size 8 --probes 4   # --no-checkpoints: the final model only
 """
 
 from __future__ import annotations
@@ -107,7 +107,30 @@ def measure_model(
     }
 
 
+def _int_at_least(low: int) -> Any:
+    """An argparse type: an integer >= ``low`` (a size the estimators cannot do with less)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _splits(text: str) -> str:
+    if not any(name.strip() for name in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected a split name, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The measure stage's options; an experiment's ``measure:`` block is checked by this parser
+    (:func:`fishertune.experiments.blocks.measure_block`), so its defaults are the block's."""
     parser = argparse.ArgumentParser(
         prog="python -m fishertune.experiments.curvature",
         description="Measure CE, Tr(F_X), Tr(H_X) of a trained model (and its checkpoints) on "
@@ -116,18 +139,34 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--model", required=True, help="the run's model folder (fishertune train --output_dir)")
     add("--output", required=True, help="curvature.json to write")
-    add("--data", default="builtin:tiny-tasks", help="conversations (as fishertune analyze)")
-    add("--split", default="validation", help="split(s), comma-separated: validation,train")
+    add(
+        "--dataset",
+        "--data",
+        dest="dataset",
+        default="builtin:tiny-tasks",
+        help="conversations (as fishertune analyze's --data; in a grid: the run's training data)",
+    )
+    add("--split", type=_splits, default="validation", help="split(s), comma-separated")
     from fishertune.data.formats import add_data_arguments
 
     add_data_arguments(add)
-    add("--batches", type=int, default=2)
-    add("--batch_size", type=int, default=8)
-    add("--probes", type=int, default=4)
-    add("--fisher_draws", type=int, default=None)
-    add("--max_length", type=int, default=128)
-    add("--seed", type=int, default=0)
-    add("--checkpoints", action="store_true", help="also measure every checkpoint-N")
+    add("--batches", type=_int_at_least(1), default=2, help="batches measured")
+    add("--batch_size", type=_int_at_least(1), default=8, help="sequences per batch")
+    add("--probes", type=_int_at_least(2), default=4, help="Rademacher probes per batch")
+    add(
+        "--fisher_draws",
+        type=_int_at_least(2),
+        default=None,
+        help="token-F draws per batch (default: --probes)",
+    )
+    add("--max_length", type=_int_at_least(2), default=128, help="truncation length")
+    add("--seed", type=_int_at_least(0), default=0, help="seeds the batches, probes and draws")
+    add(
+        "--checkpoints",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure every checkpoint-N (the curvature trajectory)",
+    )
     return parser
 
 
@@ -161,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     by_split: dict[str, Any] = {}
     for index, split in enumerate(splits):
         data = tokenize_dataset(
-            load_conversations(args.data, split, options), tokenizer, args.max_length
+            load_conversations(args.dataset, split, options), tokenizer, args.max_length
         )
         # the checkpoints only on the first split: the trajectory is one split's
         folders = model_folders(model_dir, checkpoints=args.checkpoints and index == 0)
@@ -177,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         by_split[split] = {"step": step, "folder": model_dir.name, **entry}
     record = {
         "model": str(model_dir),
-        "data": args.data,
+        "data": args.dataset,
         "split": splits[0],
         "max_length": args.max_length,
         **settings,

@@ -14,13 +14,14 @@ An experiment YAML names a training preset and the variations to run on it::
       no-warmup: {penalty_warmup_steps: 0}
     ablation_methods: [token-f]             # or {no-warmup: [token-f], ...}; default all
     ablation_seeds: [0, 1, 2]               # optional; default seeds
-    evaluation: {tasks: [offline]}
+    evaluation: {tasks: [offline]}          # `fishertune evaluate`'s flags, by name
     launcher: local                         # or accelerate (+ accelerate_config, num_processes)
     env: {OMP_NUM_THREADS: "1"}             # optional: environment of every launched command
     report: {metrics: [offline/val_loss]}   # optional: table columns; default every metric
     base:                                   # optional: a model trained once, which every
       max_steps: 500                        #   run fine-tunes (training overrides)
-    measure: {batches: 2, probes: 4}        # optional: Tr(F_X), Tr(H_X) of every run
+    measure: {batches: 2, probes: 4}        # optional: Tr(F_X), Tr(H_X) of every run (the
+                                            # measure program's flags, and seeds:)
     study_data: {out: data}                 # optional: a study's data parts, made before any run
                                             # (relative to output_dir); other blocks' strings
                                             # name the folder as {study_data}, e.g.
@@ -60,9 +61,9 @@ from typing import Any
 
 from fishertune.errors import FishertuneError
 from fishertune.experiments.blocks import (
-    EvaluationSpec,
-    MeasureSpec,
+    MeasureFlags,
     SlurmSpec,
+    StageFlags,
     StudyDataSpec,
     env_block,
     evaluation_block,
@@ -86,9 +87,8 @@ from fishertune.files import MODEL_SUBDIR
 __all__ = [
     "BASE_RUN",
     "MODEL_SUBDIR",
-    "EvaluationSpec",
     "ExperimentConfig",
-    "MeasureSpec",
+    "MeasureFlags",
     "RunSpec",
     "SlurmSpec",
     "expand_grid",
@@ -180,7 +180,7 @@ class ExperimentConfig:
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     ablation_methods: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ablation_seeds: tuple[int, ...] = ()
-    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    evaluation: StageFlags = field(default_factory=lambda: evaluation_block(Path(), None))
     launcher: str = "local"
     accelerate_config: Path | None = None
     num_processes: int | None = None
@@ -188,7 +188,7 @@ class ExperimentConfig:
     report_metrics: tuple[str, ...] | None = None
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
     base_run: RunSpec | None = None
-    measure: MeasureSpec | None = None
+    measure: MeasureFlags | None = None
     study: str | None = None
     study_data: StudyDataSpec | None = None
     margin: float | None = None

@@ -35,16 +35,43 @@ from fishertune.files import (
 )
 
 __all__ = [
+    "STAGE_BLOCKS",
     "RunResult",
+    "canonical_block",
     "changed_training",
     "pending_stages",
     "prepare_grid_data",
     "prepare_run",
     "run_run",
     "run_stages",
+    "same_settings",
+    "stale_block",
     "stored_settings",
     "update_status",
 ]
+
+STAGE_BLOCKS = ("evaluation", "measure")
+
+# What run folders stored for an option left unset while the evaluation: and measure: blocks
+# were the dataclasses EvaluationSpec and MeasureSpec (blocks.py, up to commit 101eb0e): every
+# field was written, unset ones with these defaults. Frozen here so that such records still
+# compare equal to the current entries, which hold only the options a file sets: an 8B
+# evaluation is GPU hours, not worth redoing for a change of how its settings are written.
+# (EvaluationSpec's other fields defaulted to None, which is dropped anyway.)
+_STORED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "evaluation": {"tasks": ["offline"], "include_path": [], "extra_args": []},
+    "measure": {
+        "batches": 2,
+        "batch_size": 8,
+        "probes": 4,
+        "max_length": 128,
+        "split": "validation",
+        "checkpoints": True,
+        "seed": 0,
+    },
+}
+# options whose string value is a comma list (``--tasks mmlu,ifeval``, ``--split a,b``)
+_COMMA_LISTS = ("tasks", "split")
 
 
 @dataclass
@@ -98,10 +125,58 @@ def stored_settings(config: ExperimentConfig, run: RunSpec) -> dict[str, Any]:
     """What ``fishertune_experiment.json`` stores: the run's identity, training overrides and
     evaluation (and ``measure:``) settings, through JSON and back so that they compare as
     stored."""
-    settings = {**run.to_json(), "evaluation": asdict(config.evaluation)}
+    settings = {**run.to_json(), "evaluation": config.evaluation.stored}
     if config.measure is not None:
-        settings["measure"] = asdict(config.measure)
+        settings["measure"] = config.measure.stored
     return json.loads(json.dumps(settings))
+
+
+def _canonical_value(key: str, value: Any) -> Any:
+    """A list as a tuple of its items (a comma list's string split), a one-item list as that
+    item: ``[offline]``, ``offline`` and ``"offline"`` are one setting."""
+    if isinstance(value, str) and key in _COMMA_LISTS:
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)):
+        items = tuple(_canonical_value("", item) for item in value)
+        return items[0] if len(items) == 1 else items
+    if isinstance(value, dict):
+        return {k: _canonical_value(k, v) for k, v in value.items()}
+    return value
+
+
+def canonical_block(block: str, entry: Any) -> dict[str, Any] | None:
+    """A stored ``evaluation`` or ``measure`` entry in the form two entries compare in: absent,
+    None and empty values dropped, values equal to the old stored defaults dropped, lists
+    normalized (:func:`_canonical_value`). ``None`` (no block) stays ``None``."""
+    if not isinstance(entry, dict):
+        return None
+    defaults = {
+        key: _canonical_value(key, value) for key, value in _STORED_DEFAULTS.get(block, {}).items()
+    }
+    canonical = {}
+    for key, value in entry.items():
+        value = _canonical_value(key, value)
+        if value is None or value in ("", (), {}) or (key in defaults and defaults[key] == value):
+            continue
+        canonical[key] = value
+    return canonical
+
+
+def stale_block(stored: Any, current: dict[str, Any], block: str) -> bool:
+    """Whether a stored settings record's ``block`` (``evaluation`` or ``measure``) differs
+    from ``current``'s in canonical form (:func:`canonical_block`); no record: not stale."""
+    if not isinstance(stored, dict):
+        return False
+    return canonical_block(block, stored.get(block)) != canonical_block(block, current.get(block))
+
+
+def same_settings(stored: Any, current: dict[str, Any]) -> bool:
+    """Whether a stored settings record describes the run ``current`` describes: the same
+    identity and training, and the same stage blocks in canonical form."""
+    if not isinstance(stored, dict):
+        return False
+    rest = [{k: v for k, v in s.items() if k not in STAGE_BLOCKS} for s in (stored, current)]
+    return rest[0] == rest[1] and not any(stale_block(stored, current, b) for b in STAGE_BLOCKS)
 
 
 def changed_training(stored: Any, current: dict[str, Any]) -> bool:
@@ -127,11 +202,10 @@ def _pending(config: ExperimentConfig, folder: RunFolder, settings: dict[str, An
     """The stages still to do: ``train``, ``evaluate``, ``measure``, in order."""
     stored = folder.spec
     stages = [] if folder.trained else ["train"]
-    stale = stored is not None and stored.get("evaluation") != settings["evaluation"]
-    if stages or not folder.evaluated or stale:
+    if stages or not folder.evaluated or stale_block(stored, settings, "evaluation"):
         stages.append("evaluate")
     if _measured_run(config, settings):
-        stale = stored is not None and stored.get("measure") != settings.get("measure")
+        stale = stale_block(stored, settings, "measure")
         if stages[:1] == ["train"] or not folder.measured or stale:
             stages.append("measure")
     return stages

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fishertune.experiments.grid import ExperimentConfig, RunSpec
-from fishertune.experiments.stages import stored_settings
+from fishertune.experiments.stages import same_settings, stored_settings
 from fishertune.files import EVALUATION_FILE, RunFolder
 
 __all__ = ["ACTIVE_STATES", "RunView", "format_status_table", "run_views"]
@@ -77,7 +77,7 @@ def _finished(config: ExperimentConfig, run: RunSpec, folder: RunFolder) -> bool
         or not config.measure.measures(run.seed, base=run.name == BASE_RUN)
         or folder.measured
     )
-    same = folder.spec == stored_settings(config, run)
+    same = same_settings(folder.spec, stored_settings(config, run))
     return same and folder.trained and folder.evaluated and measured
 
 

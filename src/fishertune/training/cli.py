@@ -211,7 +211,7 @@ def _run_log(output_dir: Path, trainer: Any, notes: list[str]) -> Any:
     lines, the libraries' messages, Python warnings) and every logged step, timestamped."""
     from transformers import TrainerCallback
 
-    from fishertune.demo import LIBRARY_LOGGERS
+    from fishertune.console import LIBRARY_LOGGERS
 
     output_dir.mkdir(parents=True, exist_ok=True)  # a replaced run's folder is aside by now
     handler = logging.FileHandler(output_dir / TRAIN_LOG, mode="a", encoding="utf-8")

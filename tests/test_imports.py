@@ -1,0 +1,143 @@
+"""The import graph of ``src/fishertune``: no circle, and no import that climbs the layers that
+CONTRIBUTING.md lists (a module imports only from the rows above its own, or its own row).
+
+Every ``import`` statement counts, those inside functions and under ``TYPE_CHECKING`` too: a
+lazy import still ties the two modules together."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+
+# Climbs the layers still hold, each to be removed, never added to.
+KNOWN_CLIMBS = {
+    # `fishertune data prepare` sets a chat template file on a tokenizer through modeling's
+    # helper; it moves below data/ when tokenizer loading is in one place
+    ("fishertune.data.cli", "fishertune.modeling"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in (SRC / "fishertune").rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The fishertune modules ``name`` imports (``from package import module`` names the
+    module; ``from module import name`` the module)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                kept = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*kept, base] if base else kept)
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                targets.add(full if full in modules else base)
+    return {t for t in targets if t in modules and t != name}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def _layers() -> list[str]:
+    """The rows of CONTRIBUTING's layout, top first: ``penalties``, ``vocab``, ..., ``cli``."""
+    text = (REPO / "CONTRIBUTING.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```")[1]
+    rows = []
+    for match in re.finditer(r"^  (\w+)(?:\.py|/)", block, re.M):
+        if match.group(1) == "configs":  # package data, and the rows below it are files
+            break
+        rows.append(match.group(1))
+    return rows
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    circles.append(sorted(component))
+    return circles
+
+
+def test_the_layer_list_names_every_top_level_module() -> None:
+    rows = _layers()
+    assert rows[:3] == ["vocab", "penalties", "penalty_grad"] and rows[-1] == "cli"
+    top = {name.split(".")[1] for name in _graph() if name.count(".") >= 1}
+    # errors is below everything; __main__ is the entry point
+    assert top - set(rows) == {"errors", "__main__"}
+
+
+def test_circles_are_found() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _circles(graph) == [["a", "b", "c"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle() -> None:
+    assert _circles(_graph()) == []
+
+
+def test_no_import_climbs_a_layer() -> None:
+    rows = _layers()
+
+    def row(name: str) -> int | None:
+        parts = name.split(".")
+        return rows.index(parts[1]) if len(parts) > 1 and parts[1] in rows else None
+
+    climbs = {
+        (name, target)
+        for name, targets in _graph().items()
+        for target in targets
+        if row(name) is not None and row(target) is not None and row(target) > row(name)
+    }
+    assert climbs == KNOWN_CLIMBS
