@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pytest
@@ -722,3 +723,113 @@ def test_a_whitespace_only_alpaca_system_is_left_out(tmp_path):
     row = {"system": "  \n", "instruction": "say hi", "input": "", "output": "hi"}
     ds = load_conversations(write_jsonl(tmp_path / "a.jsonl", [row]))
     assert ds["messages"] == [[user("say hi"), asst("hi")]]
+
+
+def _peak_rss_increase_mb(read: Callable[[], None]) -> float:
+    """The peak resident memory that ``read()`` adds, measured in a forked child (the peak
+    reset there through /proc/self/clear_refs, so the parent's history does not count)."""
+
+    def hwm_kb() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(
+            next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]
+        )
+
+    out, into = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+            base = hwm_kb()
+            read()
+            os.write(into, str(hwm_kb() - base).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(into)
+    with os.fdopen(out) as f:
+        text = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and text, "the reading child failed"
+    return int(text) / 1024
+
+
+def test_reading_memory_is_bounded_in_every_container_form(tmp_path):
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # 50 MB of distinct rows (hex text: parquet cannot shrink it) in each form; read whole,
+    # JSON Lines named .json peaked at about 3x the file and {"data": [...]} at about 4x
+    rng = random.Random(0)
+    texts = [f"{i} " + rng.randbytes(500).hex() for i in range(50_000)]
+    lines = [json.dumps({"text": t}) for t in texts]
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "lines.json").write_text("\n".join(lines) + "\n")
+    (tmp_path / "array.json").write_text("[\n" + ",\n".join(lines) + "\n]")
+    (tmp_path / "field.json").write_text('{"data": [\n' + ",\n".join(lines) + "\n]}")
+    table = pa.Table.from_pydict({"text": texts})
+    pq.write_table(table, str(tmp_path / "rows.parquet"), row_group_size=5000)
+    del texts, lines, table
+    options = DataOptions()
+    for name in ("rows.jsonl", "lines.json", "array.json", "field.json", "rows.parquet"):
+        path = tmp_path / name
+        assert path.stat().st_size > 50e6
+
+        def read(path: Path = path) -> None:
+            count = sum(1 for _ in formats._local_file(path, path.name, options))
+            assert count == 50_000
+
+        increase = _peak_rss_increase_mb(read)
+        assert increase < 40, f"{name}: peak RSS +{increase:.0f} MB reading a 50 MB file"
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+@pytest.mark.parametrize("window", [40, 1 << 30], ids=["streamed", "held"])
+def test_a_mapping_of_rows_streams_and_keeps_the_one_row_rule(tmp_path, monkeypatch, chunk, window):
+    monkeypatch.setattr(formats, "_CHUNK", chunk)  # values straddle chunks, numbers included
+    monkeypatch.setattr(formats, "_ROWS_WINDOW", window)  # 40: streamed from the second row
+    rows = [{"text": f"row {i}", "n": 1.25 + i} for i in range(6)]
+    path = tmp_path / "m.json"
+
+    def read(value: Any, keep: bool = False, fields: tuple = (), text: str = "") -> list:
+        path.write_text(text or json.dumps(value))
+        return [(w, r) for w, r in iter_json_array(path, "m.json", keep, fields)]
+
+    expected = [(f"m.json data[{i}]", r) for i, r in enumerate(rows)]
+    assert read({"version": 12.5, "data": rows, "count": 6}) == expected
+    # a field of a row (a mapped column too), or a list beside it: the mapping is one row
+    one = {"tags": ["a"], "messages": [user("q"), asst("a")]}
+    assert read(one) == [("m.json row 0", one)]
+    assert read({"turns": rows}, fields=("turns",)) == [("m.json row 0", {"turns": rows})]
+    two = {"data": rows, "more": [1]}
+    if window == 40:  # the rows were already read as rows: one line, not a wrong row
+        with pytest.raises(FishertuneError, match=r"m\.json: field 'more' follows the list 'data'"):
+            read(two)
+    else:
+        assert read(two) == [("m.json row 0", two)]
+    # cut inside record 5, or after the rows: cut off, the complete records kept on request
+    whole = json.dumps({"data": rows})
+    inside = whole[: whole.index('"row 5"') + 3]
+    with pytest.raises(FishertuneError, match=r"inside data\[5\] .* 5 complete records precede"):
+        read(None, text=inside)
+    assert read(None, keep=True, text=inside) == expected[:5]
+    with pytest.raises(FishertuneError, match=r"not closed; 6 complete records precede it"):
+        read(None, text=whole[:-1])
+    assert read(None, keep=True, text=whole[:-1]) == expected
+    # a single object cut short has no complete record
+    with pytest.raises(FishertuneError, match=r"m\.json: the file is cut off at byte 9 inside"):
+        read(None, keep=True, text='{"text": ')
+
+
+def test_json_lines_in_a_json_file_are_read_line_by_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(formats, "_CHUNK", 16)
+    rows = [{"text": f"row {i}", "n": i} for i in range(4)]
+    path = tmp_path / "l.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = iter_json_array(path, "l.json", False)
+    assert list(records) == [(f"l.json line {i + 1}", r) for i, r in enumerate(rows)]
+    report = prepare_rows(str(path)).report
+    assert (report["format"], report["rows_kept"], report["truncated"]) == ("text", 4, False)
