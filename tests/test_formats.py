@@ -833,3 +833,73 @@ def test_json_lines_in_a_json_file_are_read_line_by_line(tmp_path, monkeypatch):
     assert list(records) == [(f"l.json line {i + 1}", r) for i, r in enumerate(rows)]
     report = prepare_rows(str(path)).report
     assert (report["format"], report["rows_kept"], report["truncated"]) == ("text", 4, False)
+
+
+def test_kto_preference_images_and_tool_calls_are_warned_with_counts(tmp_path, caplog):
+    pc = {"prompt": "q", "completion": "a"}
+    tool = {**asst("calling"), "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}
+    rows = [
+        {**pc, "label": True},
+        {**pc, "label": False},
+        {**pc, "chosen": "a", "rejected": "b"},
+        pc,
+    ]
+    chat = [
+        {"messages": [{**user("what is this?"), "images": ["cat.png"]}, asst("a cat")]},
+        {"messages": [user("q"), tool]},
+        {"messages": [user("q"), asst("a")], "images": ["x.png"]},
+        {"messages": [user("q"), asst("a")]},
+    ]
+    expected = {
+        "p.jsonl": [
+            "2 of 4 kept rows carry a boolean 'label' (KTO data",
+            "1 of 4 kept rows also carry 'chosen' and 'rejected' (preference pairs)",
+        ],
+        "c.jsonl": ["2 of 4 kept rows carry images", "1 of 4 kept rows have turns with tool calls"],
+    }
+    for name, data in (("p.jsonl", rows), ("c.jsonl", chat)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fishertune.data.formats"):
+            report = prepare_rows(write_jsonl(tmp_path / name, data)).report
+        assert report["rows_kept"] == 4
+        assert len(report["warnings"]) == len(expected[name])
+        for warning, start in zip(report["warnings"], expected[name], strict=True):
+            assert warning.startswith(start), warning
+        logged = [r.getMessage() for r in caplog.records]
+        assert len(logged) == len(expected[name])
+        assert all(m.startswith(f"{tmp_path / name}: ") and "\n" not in m for m in logged)
+    # the calls and images are left out of the rows, their text kept
+    ds = load_conversations(str(tmp_path / "c.jsonl"))
+    assert ds["messages"][1] == [user("q"), asst("calling")]
+
+
+def test_a_folder_with_two_files_for_one_split_is_refused(tmp_path):
+    row = {"text": "a"}
+    write_jsonl(tmp_path / "train.jsonl", [row])
+    (tmp_path / "train.json").write_text(json.dumps([row, row]))
+    with pytest.raises(FishertuneError, match=r"both train\.jsonl and train\.json hold split"):
+        prepare_rows(str(tmp_path))
+    (tmp_path / "train.json").unlink()
+    assert prepare_rows(str(tmp_path)).report["rows_kept"] == 1
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_jsonl_cut_inside_a_multibyte_character_is_cut_off(tmp_path, keep):
+    rows = records(3)  # record i holds i characters 'é' (two bytes each)
+    whole = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    cut = whole.index("é".encode(), whole.index(b"question 2")) + 1
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(whole[:cut])
+    if keep:
+        reports: list[dict] = []
+        options = DataOptions(keep_truncated=True)
+        assert len(load_conversations(str(path), options=options, reports=reports)) == 2
+        assert reports[0]["truncated"] is True
+        return
+    pattern = (
+        rf"m\.jsonl line 3: the file is cut off at byte {cut} inside this line \(inside a "
+        r"multi-byte UTF-8 character\); 2 complete records precede it; pass --keep_truncated"
+    )
+    with pytest.raises(FishertuneError, match=pattern) as info:
+        load_conversations(str(path))
+    assert "\n" not in str(info.value)

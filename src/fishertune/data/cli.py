@@ -191,6 +191,7 @@ def _describe(report: dict[str, Any]) -> str:
         lines.append(f"  {reason:<26} {count:>7}  e.g. {example}"[:150])
     if report.get("truncated"):
         lines.append("the file is cut off inside its last record: its complete records kept")
+    lines.extend(f"warning: {warning}" for warning in report.get("warnings", ()))
     if "tokens" in report:
         tokens = report["tokens"]
         lines.append(

@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 DATA_FORMATS: tuple[str, ...] = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 # Bump when the canonical rows written for the same input change: the cache is keyed by it.
-READER_VERSION = "1"
+READER_VERSION = "2"
 
 # Source role name -> canonical role. Covers the common ShareGPT dumps (Vicuna's, ShareGPT V3,
 # LLaMA-Factory's and axolotl's defaults); extended or overridden by DataOptions.roles.
@@ -450,6 +450,60 @@ def normalize_record(record: Any, fmt: str, options: DataOptions) -> dict[str, A
         if key not in consumed and key not in canonical:
             canonical[key] = value
     return canonical
+
+
+# Turn fields that SFT on text cannot use: stripped from the kept rows, and counted.
+_IMAGE_FIELDS = ("images", "image")
+_TOOL_CALL_FIELDS = ("tool_calls", "function_call")
+
+
+def _unused_parts(record: Mapping[str, Any], fmt: str, options: DataOptions) -> set[str]:
+    """What a kept row carries that text SFT does not train on: ``kto`` (a boolean ``label``,
+    TRL's KTO format: desirable or not), ``preference`` (``chosen`` and ``rejected`` beside the
+    fields used), ``images`` (in the row or its turns), ``tool_calls`` (in its turns)."""
+    found = set()
+    if isinstance(record.get("label"), bool):
+        found.add("kto")
+    if "chosen" in record and "rejected" in record:
+        found.add("preference")
+    if any(record.get(k) for k in _IMAGE_FIELDS):
+        found.add("images")
+    col = options.column
+    lists = {
+        "messages": (col("messages"),),
+        "sharegpt": (col("conversations"),),
+        "prompt_completion": (col("prompt"), col("completion")),
+    }.get(fmt, ())
+    for name in lists:
+        turns = record.get(name)
+        for turn in turns if isinstance(turns, list) else ():
+            if isinstance(turn, Mapping):
+                if any(turn.get(k) for k in _IMAGE_FIELDS):
+                    found.add("images")
+                if any(turn.get(k) for k in _TOOL_CALL_FIELDS):
+                    found.add("tool_calls")
+    return found
+
+
+def _unused_warnings(counts: Mapping[str, int], kept: int) -> list[str]:
+    """One line per kind of content the kept rows carry that SFT does not use (the report's
+    ``warnings``, logged after the source's name)."""
+    what = {
+        "kto": "carry a boolean 'label' (KTO data: desirable or undesirable completions); SFT "
+        "trains on every completion, the undesirable ones included (drop them, or use a KTO "
+        "trainer)",
+        "preference": "also carry 'chosen' and 'rejected' (preference pairs); only the fields "
+        "of the format are trained, the pair is kept as unused fields",
+        "images": "carry images ('images'/'image' fields); they were left out and only the "
+        "text is trained",
+        "tool_calls": "have turns with tool calls ('tool_calls'/'function_call'); the calls were "
+        "left out and only the turns' text is trained",
+    }
+    return [
+        f"{counts[kind]} of {kept} kept rows {text}"
+        for kind, text in what.items()
+        if counts.get(kind)
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1016,10 +1070,15 @@ def _resolve(source: str, split: str, *, contact_hub: bool = True) -> _Source | 
     import datasets
 
     if path.is_dir():
-        for suffix in _SUFFIXES:
-            candidate = path / f"{split}{suffix}"
-            if candidate.is_file():
-                return _Source(str(candidate), path=candidate)
+        present = [path / f"{split}{s}" for s in _SUFFIXES if (path / f"{split}{s}").is_file()]
+        if len(present) > 1:  # one would win in silence, and they may not hold the same rows
+            names = " and ".join(p.name for p in present)
+            raise FishertuneError(
+                f"{path}: both {names} hold split {split!r}: remove or rename all but one, or "
+                f"name the file to read (e.g. {present[0]})"
+            )
+        if present:
+            return _Source(str(present[0]), path=present[0])
         try:
             dataset = datasets.load_dataset(str(path), split=split)
         except Exception as err:  # datasets raises several types for "no such split / no data"
@@ -1092,6 +1151,7 @@ def write_rows(
             ``on_bad_rows="error"`` the first bad row (file, row, field).
     """
     counts: Counter[str] = Counter()
+    unused: Counter[str] = Counter()
     examples: dict[str, str] = {}
     fmt = None
     kind = None
@@ -1121,6 +1181,7 @@ def write_rows(
                 counts[bad.reason] += 1
                 examples.setdefault(bad.reason, message)
                 continue
+            unused.update(_unused_parts(record, fmt, options))
             row_kind = "chat" if "messages" in row else "lm"
             kind = kind or row_kind
             if row_kind != kind:
@@ -1146,6 +1207,7 @@ def write_rows(
         "dropped": dict(sorted(counts.items())),
         "examples": examples,
         "truncated": truncated,
+        "warnings": _unused_warnings(unused, kept),
         "options": json.loads(options.key()),
     }
 
@@ -1262,6 +1324,8 @@ def prepare_rows(
     _prune(slot, keep=target)
     prepared = PreparedRows(rows, report)
     logger.info("%s", prepared.summary())
+    for warning in report.get("warnings", ()):
+        logger.warning("%s: %s", resolved.name, warning)
     return prepared
 
 
