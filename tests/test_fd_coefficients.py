@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from penalty_isolation import (
+    EPS_32,
     fixed_batch,
     fixed_draws,
     float32_floor,
@@ -43,8 +44,18 @@ COEFFICIENTS = (1e-1, 1e-3, 1e-5, 1e-7)
 # fd's own error relative to the penalty's gradient at lambda = 0.1 (where the floor is
 # negligible), measured on this model: float32 forward 1.1e-3, central 1.9e-4; bf16 central
 # (the default under bf16) 2e-2.
-TOLERANCE = {("float32", "forward"): 4e-3, ("float32", "central"): 1e-3, ("bf16", "central"): 6e-2}
+TOLERANCE = {
+    ("float32", "forward"): 4e-3,
+    ("float32", "central"): 1e-3,
+    ("bf16", "central"): 6e-2,
+    ("bf16", "forward"): 0.3,  # measured 0.11
+}
 FLOOR_FACTOR = 10.0  # measured floors: 4.6x (forward) and 2.3x (central) eps_32 ||CE|| / ||pen||
+# bf16 forward differences backpropagate the CE and -(2/h) g(X) in one bf16 backward, so the CE's
+# rounding (eps_bf16 ||grad CE||) lands in the penalty's part: measured 0.24 and 0.13 times
+# eps_bf16 ||CE|| / ||pen|| at lambda 1e-5 and 1e-7 (central keeps them in separate backwards)
+EPS_BF16 = float(torch.finfo(torch.bfloat16).eps)
+BF16_FLOOR_FACTOR = 1.0
 
 
 def _trainer(chat_file: Path, tmp_path: Path, **overrides: object):
@@ -85,7 +96,8 @@ def _penalty_errors(
 
 @pytest.mark.parametrize("kind", ["token-f", "logit-f"])
 @pytest.mark.parametrize(
-    "precision, scheme", [("float32", "forward"), ("float32", "central"), ("bf16", "central")]
+    "precision, scheme",
+    [("float32", "forward"), ("float32", "central"), ("bf16", "central"), ("bf16", "forward")],
 )
 def test_fd_penalty_gradient_holds_at_small_coefficients(
     chat_file, tmp_path, kind, precision, scheme
@@ -96,11 +108,18 @@ def test_fd_penalty_gradient_holds_at_small_coefficients(
     exact = _trainer(chat_file, tmp_path, method=kind, penalty_grad="exact")
     rows = _penalty_errors(fd, exact, autocast=bf16)
     tolerance = TOLERANCE[(precision, scheme)]
+    half_floor = bf16 and scheme == "forward"
     for coef, error, floor in rows:
-        assert error < tolerance + FLOOR_FACTOR * floor, (coef, rows)
-    # the floor stays below fd's tolerance down to 1e-5 here, so the error is fd's own there
+        bound = tolerance + FLOOR_FACTOR * floor
+        if half_floor:  # the CE's bf16 rounding, as any one half-precision backward has it
+            bound += BF16_FLOOR_FACTOR * EPS_BF16 / EPS_32 * floor
+        assert error < bound, (coef, rows)
     errors = {coef: error for coef, error, _ in rows}
-    assert errors[1e-5] < 2.0 * errors[1e-1] + tolerance / 4, rows
+    if not half_floor:
+        # the floor stays below fd's tolerance down to 1e-5 here, so the error is fd's own there
+        assert errors[1e-5] < 2.0 * errors[1e-1] + tolerance / 4, rows
+    else:  # and above it the error is fd's own
+        assert errors[1e-3] < 2.0 * errors[1e-1] + tolerance / 4, rows
 
 
 def test_fused_ce_error_grows_as_one_over_the_coefficient(chat_file, tmp_path):

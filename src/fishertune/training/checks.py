@@ -95,6 +95,16 @@ def check_supported(args: Any, accelerator: Any, model: nn.Module, deepspeed: bo
             "penalty_fd_fused_ce: the CE is taken at X + h v, its gradient off by about h_rel "
             "times its own: accurate only while the penalty's gradient is far larger than that"
         )
+    half = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
+    fisher = args.method in ("token-f", "logit-f")
+    if fisher and args.penalty_grad == "fd" and args.penalty_fd_scheme == "forward" and half:
+        # one half-precision backward holds the CE and -(2/h) g(X): the CE's rounding lands in
+        # the penalty's part (tests/test_fd_coefficients.py measures it)
+        logger.warning(
+            "penalty_fd_scheme=forward under half precision: the penalty's gradient shares a "
+            "backward with the CE's, whose rounding (about 4e-3 of it) hides a small penalty; "
+            "central (the default here) keeps them apart"
+        )
     if deepspeed and args.on_nonfinite == "skip":
         raise FishertuneError(
             "on_nonfinite=skip does not work under DeepSpeed (its engine owns the gradients): "
