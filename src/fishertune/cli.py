@@ -1,5 +1,6 @@
-"""``fishertune`` command line: ``train``, ``analyze``, ``evaluate``, ``experiment``, ``demo``,
-``presets``, ``data``; ``fishertune --version``; ``python -m fishertune`` is the same command.
+"""``fishertune`` command line: ``train``, ``analyze``, ``evaluate``, ``compare``, ``experiment``,
+``demo``, ``presets``, ``data``; ``fishertune --version``; ``python -m fishertune`` is the same
+command.
 
 Each subcommand lives in its own module and is imported only when used, so ``fishertune analyze``
 does not pay for TRL's import and ``--help`` is fast.
@@ -18,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fishertune.training.cli", "fine-tune a causal LM with a method (YAML + overrides)"),
     "analyze": ("fishertune.analysis.cli", "measure the noise-curvature relation on a model"),
     "evaluate": ("fishertune.evaluation.cli", "evaluate a trained model (offline or lm-eval)"),
+    "compare": ("fishertune.compare", "compare train runs on held-out files: losses, paired diffs"),
     "experiment": ("fishertune.experiments.cli", "run a grid of methods x seeds and report"),
     "demo": ("fishertune.demo", "offline tiny preset: train the four methods and compare"),
     "presets": ("fishertune.presets", "list the shipped presets; print one's path or YAML"),

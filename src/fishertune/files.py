@@ -13,6 +13,7 @@ A ``fishertune train`` output folder (``model/`` of an experiment run)::
     checkpoint-N/                a checkpoint; complete once ``fishertune_checkpoint.json`` is in
     train.log                    the run's log (its messages, warnings and logged steps)
     runs/                        tensorboard events (unless ``report_to`` says otherwise)
+    evaluation-KEY.json          ``fishertune compare``'s evaluation on held-out files (+ .log)
 
 An experiment run folder (``OUTPUT_DIR/runs/NAME/``)::
 
@@ -54,6 +55,9 @@ CHECKPOINT_RECORD = "fishertune_checkpoint.json"  # in checkpoint-N/: it is comp
 TRAINER_STATE = "trainer_state.json"  # transformers' own: global_step, log_history
 SPEC_FILE = "fishertune_experiment.json"  # an experiment run's settings
 EVALUATION_FILE = "evaluation.json"  # the evaluate stage's product
+HELD_OUT_EVALUATION = "evaluation-{key}.json"  # `fishertune compare`'s evaluation of a
+# train run on named held-out files (key: their sha256), beside its model
+COMPARE_FILES = ("compare.json", "compare.png")  # `fishertune compare --output`'s files
 MEASURE_FILE = "curvature.json"  # the measure stage's product
 TRAIN_LOG = "train.log"  # a train run's log; an experiment run's training output too
 DATA_REPORT = "data_report.json"  # a train run's rows read, kept, dropped by reason per split

@@ -72,6 +72,7 @@ __all__ = ["build_parser", "main"]
 
 OFFLINE = "offline"
 BUILTIN_DATASET = "builtin:tiny-tasks"
+DEFAULT_MAX_LENGTH = 512  # offline scoring's truncation unless --max_length says
 
 
 def _limit(text: str) -> int | float:
@@ -369,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device,
     }
     if OFFLINE in tasks:
+        from fishertune.evaluation.heldout import file_sha256
         from fishertune.evaluation.offline import METRICS, evaluate_offline
 
         scores = evaluate_offline(
@@ -379,16 +381,19 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
-            max_length=args.max_length or 512,
+            max_length=args.max_length or DEFAULT_MAX_LENGTH,
             splits={split: held.rows for split, held in held_out.items()},
         )
         metrics.update({f"{OFFLINE}/{k}": float(v) for k, v in scores.items()})
         directions.update({f"{OFFLINE}/{k}": v for k, v in METRICS.items()})
         meta["dataset"] = args.dataset or BUILTIN_DATASET
+        # the files' sha256 and the truncation let `fishertune compare` reuse this evaluation
         meta["scored"] = {
             split: {"source": held.label, "rows": len(held.rows)}
+            | ({"sha256": file_sha256(held.file)} if held.file is not None else {})
             for split, held in held_out.items()
         }
+        meta["max_length"] = args.max_length or DEFAULT_MAX_LENGTH
         if trained:
             meta["training_rows"] = trained
     lm_tasks = [t for t in tasks if t != OFFLINE]

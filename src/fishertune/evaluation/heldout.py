@@ -21,7 +21,16 @@ from fishertune.data.formats import DataOptions
 from fishertune.errors import FishertuneError
 from fishertune.files import RUN_RECORD, read_json_record
 
-__all__ = ["SPLITS", "HeldOut", "describe", "load_held_out", "training_settings"]
+__all__ = [
+    "EVALUATE_HINT",
+    "SPLITS",
+    "HeldOut",
+    "describe",
+    "file_sha256",
+    "load_held_out",
+    "training_settings",
+    "training_splits",
+]
 
 SPLITS = ("validation", "test")
 _SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -66,7 +75,8 @@ def _local_file(source: str, split: str) -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (kept while its size and mtime stay the same)."""
     stat = path.stat()
     return _sha256_of(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
@@ -104,14 +114,55 @@ def _trained_on(held: HeldOut, settings: dict[str, Any]) -> str | None:
         fingerprint = settings.get("data_sha256")
         # a single training file's fingerprint is its sha256 (a folder's covers all its files)
         single = trained is None or trained == Path(source).expanduser()
-        if single and isinstance(fingerprint, str) and fingerprint == _sha256(held.file):
+        if single and isinstance(fingerprint, str) and fingerprint == file_sha256(held.file):
             return f"the same contents as its dataset_name {source}"
-        if trained is not None and not single and _sha256(trained) == _sha256(held.file):
+        if trained is not None and not single and file_sha256(trained) == file_sha256(held.file):
             return f"the same contents as its training file {trained}"
         return None
     if held.source.rstrip("/") == source.rstrip("/") and held.split == split:
         return f"its dataset_name {source}, split {split}"
     return None
+
+
+EVALUATE_HINT = (
+    "give held-out data (--validation_file, --test_file, or --dataset with validation and test "
+    "files) or --allow_training_data to score them anyway"
+)
+
+
+def training_splits(
+    sources: dict[str, tuple[str, str]],
+    model_dir: Path,
+    *,
+    allow_training_data: bool,
+    hint: str = EVALUATE_HINT,
+) -> tuple[dict[str, HeldOut], list[str]]:
+    """Each split's :class:`HeldOut` (rows not read yet) and the splits that are training rows
+    of the run in ``model_dir``; reads no rows, so a refusal comes before any data is read.
+
+    Raises:
+        FishertuneError: a split's rows are the training rows and ``allow_training_data`` is
+            false (one line naming the option, then ``hint``).
+    """
+    splits = {
+        split: HeldOut(split, option, source, None, _local_file(source, split))
+        for split, (option, source) in sources.items()
+    }
+    trained = []
+    found = training_settings(model_dir)
+    if found is not None:
+        run_dir, settings = found
+        for held in splits.values():
+            reason = _trained_on(held, settings)
+            if reason is None:
+                continue
+            if not allow_training_data:
+                raise FishertuneError(
+                    f"{held.option} {held.source}: the {held.split} rows would be rows "
+                    f"{run_dir} was trained on ({reason}); {hint}"
+                )
+            trained.append(held.split)
+    return splits, trained
 
 
 def load_held_out(
@@ -132,27 +183,7 @@ def load_held_out(
     from fishertune.data.chat import load_conversations
     from fishertune.evaluation.offline import limited
 
-    splits = {
-        split: HeldOut(split, option, source, None, _local_file(source, split))
-        for split, (option, source) in sources.items()
-    }
-    trained = []
-    found = training_settings(model_dir)
-    if found is not None:
-        run_dir, settings = found
-        for held in splits.values():
-            reason = _trained_on(held, settings)
-            if reason is None:
-                continue
-            if not allow_training_data:
-                raise FishertuneError(
-                    f"{held.option} {held.source}: the {held.split} rows would be rows "
-                    f"{run_dir} was trained on ({reason}); give held-out data "
-                    "(--validation_file, --test_file, or --dataset with validation and test "
-                    "files) or --allow_training_data to score them anyway"
-                )
-            trained.append(held.split)
-    # read after the check: a refusal comes before any data is read
+    splits, trained = training_splits(sources, model_dir, allow_training_data=allow_training_data)
     for held in splits.values():
         held.rows = limited(load_conversations(held.source, held.split, options), limit)
     return splits, trained
