@@ -44,6 +44,7 @@ __all__ = [
     "sample_targets",
     "scored_cross_entropy",
     "scored_log_probs",
+    "scored_targets",
     "token_fisher",
 ]
 
@@ -91,6 +92,12 @@ def label_mask_from_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> 
     return mask
 
 
+def scored_targets(labels: Tensor, label_mask: Tensor) -> Tensor:
+    """(N,) the CE's targets ``labels[t + 1]`` at the scored positions, in ``label_mask`` order
+    (the order of ``logits[label_mask]``)."""
+    return labels[:, 1:][label_mask[:, :-1]]
+
+
 def scored_log_probs(
     logits: Tensor, labels: Tensor, label_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -107,7 +114,7 @@ def scored_log_probs(
     """
     if label_mask is None:
         label_mask = label_mask_from_labels(labels)
-    targets = labels[:, 1:][label_mask[:, :-1]]
+    targets = scored_targets(labels, label_mask)
     scored = logits[label_mask]
     return torch.log_softmax(scored.to(_compute_dtype(scored.dtype)), dim=-1), targets
 

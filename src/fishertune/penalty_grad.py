@@ -66,6 +66,7 @@ from fishertune.penalties import (
     fisher_objective,
     label_mask_from_labels,
     penalty_from_direction,
+    scored_targets,
 )
 from fishertune.vocab import scored_softmax, scored_terms
 
@@ -134,19 +135,6 @@ class Passes:
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     on_scored: Callable[[Tensor, int], None] | None = None
     params: Sequence[Tensor] = field(default_factory=list)
-
-    def scored_ce(self, logits: Tensor, labels: Tensor, label_mask: Tensor) -> Tensor:
-        """CE summed over the scored tokens (float32, with graph), chunk by chunk
-        (:func:`fishertune.vocab.scored_terms`); reports its statistics to ``on_scored``."""
-        terms = scored_terms(
-            logits,
-            label_mask,
-            _next_tokens(labels, label_mask),
-            statistics=self.on_scored is not None,
-        )
-        if self.on_scored is not None:
-            self.on_scored(terms.statistics, logits.shape[-1])
-        return terms.ce
 
 
 @dataclass(frozen=True)
@@ -235,11 +223,6 @@ def _leave_one_out(row_squared: Tensor) -> Tensor:
         raise ValueError("the leave-one-out baseline needs m >= 2 draws per position")
     squared = row_squared.detach()
     return squared - (squared.sum(0, keepdim=True) - squared) / (samples - 1)
-
-
-def _next_tokens(labels: Tensor, label_mask: Tensor) -> Tensor:
-    """(N,) the CE's targets ``y_{t+1}`` at the scored positions, in ``label_mask`` order."""
-    return labels[:, 1:][label_mask[:, :-1]]
 
 
 def _row_log_likelihood(draw_log_probs: Tensor, label_mask: Tensor) -> Tensor:
@@ -483,7 +466,7 @@ class _FiniteDifference:
         self.fused = settings.fused and self.split
         self.forward_scheme = settings.scheme == "forward"
         self.label_mask = label_mask_from_labels(labels)
-        self.next_tokens = _next_tokens(labels, self.label_mask)
+        self.next_tokens = scored_targets(labels, self.label_mask)
         self.joint: list[Tensor] = []  # the parts left for the caller's backward
         self.position_weights: Tensor | None = None
         self.unbiased = False
@@ -532,10 +515,10 @@ class _FiniteDifference:
             else:
                 rows = torch.stack([row_squared_norms(v, weights) for v in self.directions])
                 squared = rows.sum() / rows.shape[0]
-            if weights is not None:  # the penalty without the weights, for the logs
+            if weights is not None:
+                # the penalty without the weights, for the logs; then shift along w v
                 unweighted = sum(row_squared_norms(v).sum() for v in self.directions)
                 self.unweighted = (unweighted / len(self.directions)).detach()
-            if weights is not None:  # shift along w v
                 self.directions = [v * weights.to(v.dtype)[..., None] for v in self.directions]
             value = (ce_sum.detach() + self.weight * squared) / self.normalizer
             # after the backward at X: its gradient buffer is freed before this one is made. p_ref
@@ -653,7 +636,7 @@ def hessian_fd_loss(
     """
     split = passes.backward is not None
     label_mask = label_mask_from_labels(labels)
-    next_tokens = _next_tokens(labels, label_mask)
+    next_tokens = scored_targets(labels, label_mask)
     # the rows' CE as the log-likelihood of the labels themselves: -CE_b, from the same chunks
     as_draws = next_tokens[:, None]
     joint: list[Tensor] = []

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fishertune.errors import FishertuneError
 from fishertune.noise import EmbeddingCapture, NEFTuneNoise, find_input_embeddings
-from fishertune.penalties import label_mask_from_labels, scored_log_probs
+from fishertune.penalties import label_mask_from_labels, scored_log_probs, scored_targets
 from fishertune.penalty_grad import (
     FDSettings,
     Passes,
@@ -194,8 +194,9 @@ class MicroStepLoss:
             ce_sum, label_mask, _ = self._scored(logits, labels)
             return ce_sum, label_mask
         label_mask = label_mask_from_labels(labels)
-        next_tokens = labels[:, 1:][label_mask[:, :-1]]
-        terms = scored_terms(logits, label_mask, next_tokens, statistics=True)
+        terms = scored_terms(
+            logits, label_mask, scored_targets(labels, label_mask), statistics=True
+        )
         self.sums.add_statistics(terms.statistics, logits.shape[-1])
         return terms.ce, label_mask
 
@@ -220,7 +221,7 @@ class MicroStepLoss:
         if check:
             self._check_linear(outputs.logits[:, -1], hidden[:, -1], head)
         ce, statistics = linear_scored_ce(
-            hidden[label_mask], head.weight, labels[:, 1:][label_mask[:, :-1]], head.bias
+            hidden[label_mask], head.weight, scored_targets(labels, label_mask), head.bias
         )
         self.sums.add_statistics(statistics, head.weight.shape[0])
         return ce
