@@ -343,3 +343,64 @@ def test_runaway_reads_the_logged_penalty_old_and_new_and_failed_trainings(tmp_p
     assert runaway(nan) == {"reason": "diverged", "step": 20}
     stopped = folder("e", [], {"status": "failed", "global_step": 17})
     assert runaway(stopped) == {"reason": "diverged", "step": 17}
+
+
+def test_validation_curve_keeps_the_last_entry_of_a_step_and_finds_the_best(tmp_path: Path) -> None:
+    """eval_loss every 2 steps, a minimum at step 4, and the closing evaluation repeating step 8."""
+    from fishertune.experiments.equivalence import validation_curve
+    from fishertune.files import RunFolder
+
+    history = [{"loss": 5.0, "step": 1}, {"eval_loss": 4.6, "step": 2},
+               {"eval_loss": 4.5, "step": 4}, {"eval_loss": 4.55, "step": 6},
+               {"eval_loss": 4.7, "step": 8}, {"eval_loss": 4.71, "step": 8}]  # fmt: skip
+    state = tmp_path / "model" / "trainer_state.json"
+    state.parent.mkdir()
+    state.write_text(json.dumps({"log_history": history}))
+    curve = validation_curve(RunFolder(tmp_path))
+    assert curve == {"val_curve_last": 4.71, "val_curve_best": 4.5, "val_curve_best_step": 4.0,
+                     "val_curve_rise": pytest.approx(0.21)}  # fmt: skip
+    state.write_text(json.dumps({"log_history": history[:1]}))
+    assert validation_curve(RunFolder(tmp_path)) == {}
+
+
+def test_along_training_reports_the_baselines_rise_and_shares_of_neftunes_best() -> None:
+    """Known truths on the best validation loss: the baseline overfits by 0.05 after its best,
+    NEFTune lowers the best by 0.02 at every level, token-F unbiased by the same, token-F paper by
+    half of it; the paired intervals and ratios must find them."""
+    import random
+
+    from fishertune.experiments.equivalence import format_markdown, summarize
+
+    base, runs = simulated_study(A2_LAW, RATIOS)
+    rng = random.Random(5)
+    shared = {seed: 4.4 + rng.gauss(0, 0.01) for seed in range(10)}
+    gains = {"baseline": 0.0, "neftune": 0.02, "hessian-trace": 0.02, "token-f-unbiased": 0.02,
+             "token-f-paper": 0.01}  # fmt: skip
+    for r in runs:
+        best = shared[r.seed] - gains[r.kind] + rng.gauss(0, 0.0005)
+        rise = 0.05 if r.kind == "baseline" else 0.01
+        r.values.update(val_curve_best=best, val_curve_last=best + rise + rng.gauss(0, 0.0005),
+                        val_curve_best_step=20.0, val_curve_rise=rise)  # fmt: skip
+    summary = summarize(base, runs, ratio_margin=0.25)
+    for level in summary["levels"]:
+        along = level["along_training"]
+        rise = along["baseline_rise"]
+        assert rise["low"] < 0.05 < rise["high"] and rise["high"] - rise["low"] < 0.005
+        found = along["best_vs_baseline"]
+        assert found["neftune"]["low"] < -0.02 < found["neftune"]["high"]
+        assert "ratio" not in found["neftune"]
+        unbiased, paper = found["token-f-unbiased"]["ratio"], found["token-f-paper"]["ratio"]
+        assert unbiased["kind"] == paper["kind"] == "bounded"
+        assert unbiased["low"] < 1.0 < unbiased["high"] and paper["low"] < 0.5 < paper["high"]
+        assert paper["high"] < 0.75
+        assert along["rows"]["baseline"]["val_curve_best"]["n"] == 10
+    text = format_markdown(summary)
+    assert "## Along training: the last and the best validation loss" in text
+    assert "The baseline's last − best validation loss" in text
+    # runs without a curve (older folders) leave the section out
+    for r in runs:
+        for key in ("val_curve_best", "val_curve_last", "val_curve_best_step", "val_curve_rise"):
+            r.values.pop(key)
+    summary = summarize(base, runs, ratio_margin=0.25)
+    assert all(level["along_training"] is None for level in summary["levels"])
+    assert "## Along training" not in format_markdown(summary)

@@ -229,6 +229,10 @@ def test_shortened_study_end_to_end(tmp_path: Path) -> None:
         "logging_steps": 1,
         "max_steps": 3,
         "save_strategy": "no",
+        # validation loss along training, as the preset evaluates it
+        "eval_strategy": "steps",
+        "eval_steps": 1,
+        "dataset_test_split": "validation",
     }
     methods: dict[str, Any] = {"baseline": {"method": "baseline"}}
     for tag, alpha in (("lo", 0.05), ("hi", 0.5)):
@@ -244,7 +248,7 @@ def test_shortened_study_end_to_end(tmp_path: Path) -> None:
         "output_dir": str(tmp_path / "out"),
         "study_data": {"out": str(data), "source": str(source), **small},
         "overrides": tiny,
-        "base": {"max_steps": 4, "dataset_name": str(data / "pretrain")},
+        "base": {"max_steps": 4, "dataset_name": str(data / "pretrain"), "eval_strategy": "no"},
         "methods": methods,
         "seeds": [0, 1],
         "evaluation": {
@@ -332,7 +336,21 @@ def test_shortened_study_end_to_end(tmp_path: Path) -> None:
                     "## Reading"):  # fmt: skip
         assert heading in text
     assert "Gauss-Newton gap" in text and "estimator bias" in text
-    for png in ("equivalence_pairs.png", "equivalence_slope.png", "equivalence_choice.png"):
+    # the validation curve read from the runs' own trainer_state.json
+    along = summary["levels"][1]["along_training"]
+    lasts, bests = [], []
+    for seed in (0, 1):
+        state = json.loads((config.runs_dir / f"baseline-seed{seed}" / "model" /
+                            "trainer_state.json").read_text())  # fmt: skip
+        curve = {e["step"]: e["eval_loss"] for e in state["log_history"] if "eval_loss" in e}
+        assert sorted(curve) == [1, 2, 3]
+        lasts.append(curve[3])
+        bests.append(min(curve.values()))
+    assert along["rows"]["baseline"]["val_curve_last"]["mean"] == pytest.approx(sum(lasts) / 2)
+    assert along["rows"]["baseline"]["val_curve_best"]["mean"] == pytest.approx(sum(bests) / 2)
+    assert "## Along training" in text
+    for png in ("equivalence_pairs.png", "equivalence_ratio.png", "equivalence_slope.png",
+                "equivalence_choice.png"):  # fmt: skip
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -30,6 +30,9 @@ seed share the base and the data order):
 * runaway runs (the last logged penalty negative, or training diverged) as their own outcome,
   left out of every interval;
 * greedy answers (where generated): paired change of mean length and distinct-2;
+* along training (where the runs evaluated validation loss every few steps): the last and the best
+  validation loss per method, the baseline's rise after its best step (overfitting), and each
+  regularizer's best against the baseline's, with its share of NEFTune's;
 * practitioner's choice: each method at its best level by mean validation loss, its test-loss
   difference to the baseline, and its measured seconds per training step (the runs' own
   ``train_runtime / global_step``, mean over all its runs) against the baseline's.
@@ -40,7 +43,9 @@ rms and the scale-free curvature ``rms^2 Tr`` of every measured run.
 
 Written into the report folder: ``equivalence.md``, ``equivalence.json``,
 ``equivalence_pairs.png`` (the four comparisons per level with 95% intervals and the margin),
-``equivalence_slope.png`` (effect vs ``a^2`` with the fitted lines), ``equivalence_choice.png``
+``equivalence_ratio.png`` (each regularizer's share of NEFTune's effect per level with Fieller's
+interval and the equivalence band), ``equivalence_slope.png`` (effect vs ``a^2`` with the fitted
+lines), ``equivalence_choice.png``
 (test-loss change at the best level vs cost per step).
 """
 
@@ -180,6 +185,34 @@ def runaway(folder: RunFolder) -> dict[str, Any] | None:
     return {"reason": "penalty negative", "step": logged[first][0]}
 
 
+def validation_curve(folder: RunFolder) -> dict[str, float]:
+    """The validation loss evaluated along training (``eval_loss`` in ``log_history``):
+
+    * ``val_curve_last``: its value at the last evaluated step;
+    * ``val_curve_best``: its minimum over the evaluated steps, ``val_curve_best_step`` where;
+    * ``val_curve_rise = last - best`` (> 0: the run overfits after its best step).
+
+    The last entry of a step wins (the run's closing evaluation repeats the last step). Empty for a
+    run that did not evaluate along training (older runs, or ``eval_strategy: no``).
+    """
+    history = (folder.trainer_state or {}).get("log_history", [])
+    points: dict[int, float] = {}
+    for entry in history:
+        value, step = entry.get("eval_loss"), entry.get("step")
+        if isinstance(value, (int, float)) and isinstance(step, int):
+            points[step] = float(value)
+    if not points:
+        return {}
+    best_step = min(points, key=lambda s: (points[s], s))
+    last = points[max(points)]
+    return {
+        "val_curve_last": last,
+        "val_curve_best": points[best_step],
+        "val_curve_best_step": float(best_step),
+        "val_curve_rise": last - points[best_step],
+    }
+
+
 def _curvature(record: dict[str, Any] | None) -> dict[str, dict[str, float]]:
     """Per measured split: the means and between-batch standard errors."""
     if not record:
@@ -283,6 +316,7 @@ def load_study(runs_dir: str | Path, names: Sequence[str]) -> tuple[dict[str, An
         for m in ANSWER_METRICS:
             if f"offline/{m}" in metrics:
                 values[m] = float(metrics[f"offline/{m}"])
+        values.update(validation_curve(folder))
         runs.append(
             StudyRun(
                 name=name,
@@ -524,6 +558,52 @@ def _answers(members: dict[str, list[StudyRun]], baseline: Sequence[StudyRun]) -
     return out
 
 
+CURVE_METRICS = ("val_curve_last", "val_curve_best", "val_curve_best_step", "val_curve_rise")
+
+
+def _along_training(
+    members: dict[str, list[StudyRun]], baseline: Sequence[StudyRun]
+) -> dict[str, Any] | None:
+    """The validation curve's last and best values per method (mean ± sd), the baseline's rise
+    from its best to its last evaluation (paired over seeds: > 0 is overfitting), and each
+    regularizer's best validation loss against the baseline's best (paired, uncorrected 95% CI)
+    with its ratio to NEFTune's (Fieller 95%) where NEFTune's effect on the best is detected.
+    ``None`` when no run evaluated along training."""
+    if not any("val_curve_best" in r.values for r in baseline):
+        return None
+    rows = {
+        kind: {m: _cell([r.values.get(m, math.nan) for r in members[kind]]) for m in CURVE_METRICS}
+        for kind in KINDS
+        if members.get(kind)
+    }
+    pairs = [
+        (r.values["val_curve_last"], r.values["val_curve_best"])
+        for r in baseline
+        if r.runaway is None and "val_curve_best" in r.values
+    ]
+    last, best = [a for a, _ in pairs], [b for _, b in pairs]
+    rise = asdict(paired_difference(last, best)) if len(pairs) >= 2 else None
+    neftune = _paired(members.get("neftune", []), baseline, "val_curve_best", None)
+    best_vs_baseline = {}
+    for kind in REGULARIZERS:
+        result = _paired(members.get(kind, []), baseline, "val_curve_best", None)
+        if result is None:
+            continue
+        if kind != "neftune" and neftune is not None and neftune["detected"]:
+            seeds, (a, n, z), _ = _common(
+                members[kind], members["neftune"], baseline, metric="val_curve_best"
+            )
+            if len(seeds) >= 2:
+                result["ratio"] = asdict(
+                    fieller_ratio(
+                        [p - q for p, q in zip(a, z, strict=True)],
+                        [p - q for p, q in zip(n, z, strict=True)],
+                    )
+                )
+        best_vs_baseline[kind] = result
+    return {"rows": rows, "baseline_rise": rise, "best_vs_baseline": best_vs_baseline}
+
+
 def _runaways(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
     """Per method and level with a runaway run: how many of its seeds, which, why and when."""
     out = []
@@ -643,6 +723,7 @@ def summarize(
                 "reproduction": _reproduction(members, neftune_effect, ratio_margin),
                 "comparisons": comparisons,
                 "answers": _answers(members, baseline),
+                "along_training": _along_training(members, baseline),
                 "test_vs_baseline": against_baseline,
             }
         )
@@ -923,6 +1004,46 @@ def _answers_table(summary: dict[str, Any]) -> list[str]:
     return lines if found else []
 
 
+def _along_training_table(summary: dict[str, Any]) -> list[str]:
+    lines = [
+        "| a/rms | method | last | best | best at step | best − baseline's best [95% CI] "
+        "| share of NEFTune's (Fieller 95%) |",
+        "|" + "---|" * 7,
+    ]
+    found = False
+    for level in summary["levels"]:
+        along = level.get("along_training")
+        if along is None:
+            continue
+        found = True
+        for kind, row in along["rows"].items():
+            result = along["best_vs_baseline"].get(kind)
+            lines.append(
+                f"| {level['ratio']:.2g} | {LABELS[kind]} | {_mean_sd(row['val_curve_last'])} | "
+                f"{_mean_sd(row['val_curve_best'])} | "
+                f"{_num(row['val_curve_best_step']['mean'], '.0f')} | "
+                f"{_ci(result) if result else '–'} | "
+                f"{_ratio_text(result.get('ratio')) if result else '–'} |"
+            )
+    if not found:
+        return []
+    rise = next(
+        (
+            lv["along_training"]["baseline_rise"]
+            for lv in summary["levels"]
+            if lv.get("along_training")
+        ),
+        None,
+    )
+    if rise is not None:
+        lines.append("")
+        lines.append(
+            f"The baseline's last − best validation loss (paired over seeds): {_ci(rise)} "
+            "(> 0: it overfits after its best step)."
+        )
+    return lines
+
+
 def _reading(summary: dict[str, Any]) -> list[str]:
     """Sentences computed from the (Holm-corrected) verdicts: only what the intervals support."""
     lines = []
@@ -1065,6 +1186,17 @@ def format_markdown(summary: dict[str, Any], *, title: str = "Equivalence study"
     parts.append("\n".join(_runaway_table(summary)) + "\n")
     parts.append("## Multiple comparisons (Holm, family-wise error 5% per family)\n")
     parts.append("\n".join(_corrections_text(summary)) + "\n")
+    along = _along_training_table(summary)
+    if along:
+        parts.append(
+            "## Along training: the last and the best validation loss\n\nValidation loss "
+            "evaluated every few steps during training (transformers' `eval_loss`, the mean of "
+            "per-batch assistant-token means); *best* = its minimum over the evaluations (the "
+            "step an early stop would keep). Paired over seeds, uncorrected 95% CIs; the share "
+            "is each regularizer's gain on the best over NEFTune's, where NEFTune's is "
+            "detected.\n"
+        )
+        parts.append("\n".join(along) + "\n")
     answers = _answers_table(summary)
     if answers:
         parts.append(
@@ -1166,6 +1298,55 @@ def _plot_pairs(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _plot_ratios(summary: dict[str, Any], path: Path) -> Path:
+    """Each regularizer's effect over NEFTune's per level, with Fieller's 95% interval where it is
+    bounded (an open marker where it is not), the equivalence band and the lines at 0 and 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lo, hi = 1 - summary["ratio_margin"], 1 + summary["ratio_margin"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.axhspan(lo, hi, color="0.9", label=f"equivalence [{lo:g}, {hi:g}]")
+    ax.axhline(1.0, color="0.4", lw=0.8)
+    ax.axhline(0.0, color="0.4", lw=0.8, ls=":")
+    kinds = REGULARIZERS[1:]
+    labelled: set[str] = set()
+    for offset, kind in enumerate(kinds):
+        shift = 1.0 + 0.04 * (offset - (len(kinds) - 1) / 2)  # side by side on the log axis
+        for level in summary["levels"]:
+            entry = level["reproduction"].get(kind)
+            if entry is None or not entry.get("to_match") or entry.get("ratio") is None:
+                continue
+            ratio = entry["ratio"]
+            x = level["ratio"] * shift
+            label = None if kind in labelled else LABELS[kind]
+            labelled.add(kind)
+            if ratio["kind"] == "bounded":
+                ax.errorbar(
+                    [x],
+                    [ratio["ratio"]],
+                    yerr=[[ratio["ratio"] - ratio["low"]], [ratio["high"] - ratio["ratio"]]],
+                    marker="o",
+                    capsize=3,
+                    color=COLORS[kind],
+                    label=label,
+                )
+            else:
+                ax.plot([x], [ratio["ratio"]], marker="o", mfc="none", color=COLORS[kind],
+                        label=label)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("noise level a / rms(X) (levels where NEFTune's effect is detected)")
+    ax.set_ylabel("effect / NEFTune's effect (Fieller 95%)")
+    ax.set_title("Share of NEFTune's effect on validation loss reproduced")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plot_slope(summary: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
@@ -1250,7 +1431,7 @@ def write_equivalence_report(
     ratio_margin: float,
     margin: float | None = None,
 ) -> dict[str, Path]:
-    """Write ``equivalence.md``, ``equivalence.json`` and the three plots into ``out_dir``.
+    """Write ``equivalence.md``, ``equivalence.json`` and the four plots into ``out_dir``.
 
     Returns:
         The written files by kind.
@@ -1266,6 +1447,7 @@ def write_equivalence_report(
     written["equivalence_md"].write_text(format_markdown(summary, title=title))
     written["equivalence_json"].write_text(json.dumps(_json_safe(summary), indent=1) + "\n")
     written["pairs_png"] = _plot_pairs(summary, out_dir / "equivalence_pairs.png")
+    written["ratio_png"] = _plot_ratios(summary, out_dir / "equivalence_ratio.png")
     written["slope_png"] = _plot_slope(summary, out_dir / "equivalence_slope.png")
     written["choice_png"] = _plot_choice(summary, out_dir / "equivalence_choice.png")
     return written
