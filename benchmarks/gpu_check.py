@@ -189,8 +189,8 @@ def environment_job(options: dict[str, Any]) -> dict[str, Any]:
     problems = []
     if missing:
         problems.append(
-            f"missing packages {', '.join(missing)} (README, 'GPU check': install fishertune's "
-            "train extra from a wheelhouse)"
+            f"missing packages {', '.join(missing)} (docs/benchmarks.md, 'Installing on an offline "
+            "GPU machine': install fishertune's train extra from a wheelhouse)"
         )
     if device == "cuda" and not torch.cuda.is_available():
         problems.append("CUDA is not available to torch")

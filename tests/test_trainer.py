@@ -396,7 +396,7 @@ def test_a_train_run_folder_holds_train_log_and_tensorboard_events(chat_file, tm
     out = tmp_path / "run"
     argv = base_args(chat_file, out, max_steps=2, neftune_noise_alpha=5)
     index = argv.index("--report_to")
-    del argv[index : index + 2]  # unset: tensorboard, as the README says
+    del argv[index : index + 2]  # unset: tensorboard, as docs/training.md says
     assert cli_main(["train", *argv]) == 0
     log = (out / "train.log").read_text()
     assert "--neftune_noise_alpha 5 taken as --method neftune" in log  # said before the folder
