@@ -404,3 +404,25 @@ def test_along_training_reports_the_baselines_rise_and_shares_of_neftunes_best()
     summary = summarize(base, runs, ratio_margin=0.25)
     assert all(level["along_training"] is None for level in summary["levels"])
     assert "## Along training" not in format_markdown(summary)
+
+
+def test_estimator_noise_is_the_one_direction_relative_sd_per_batch() -> None:
+    """A measurement of 8 batches with 32 probes and 16 target draws per batch, each direction's
+    value of standard deviation 0.3 (Tr(H_X) = 2) and 0.5 (Tr(F_X) = 1.25): the estimators' own
+    standard errors ``sqrt(sum_b (sd / sqrt(c))^2) / n`` must give back 0.3 / 2 and 0.5 / 1.25."""
+    import math
+
+    from fishertune.experiments.equivalence import _curvature
+
+    def trace(mean: float, sd: float, count: int) -> dict[str, float]:
+        se = math.sqrt(8 * (sd / math.sqrt(count)) ** 2) / 8
+        return {"mean": mean, "se_estimator": se, "se_batches": 0.01, "num_batches": 8}
+
+    entry = {"embedding_rms": 0.06, "loss": {"mean": 4.5}, "trace_h": trace(2.0, 0.3, 32),
+             "trace_f": trace(1.25, 0.5, 16), "gap": trace(0.75, 0.1, 32)}  # fmt: skip
+    found = _curvature({"probes": 32, "fisher_draws": 16, "splits": {"validation": entry}})
+    assert found["validation"]["trace_h_noise"] == pytest.approx(0.15, rel=1e-12)
+    assert found["validation"]["trace_f_noise"] == pytest.approx(0.4, rel=1e-12)
+    # an older record without the settings: no noise figure, the rest as before
+    old = _curvature({"splits": {"validation": entry}})["validation"]
+    assert math.isnan(old["trace_h_noise"]) and old["trace_f"] == 1.25

@@ -214,10 +214,19 @@ def validation_curve(folder: RunFolder) -> dict[str, float]:
 
 
 def _curvature(record: dict[str, Any] | None) -> dict[str, dict[str, float]]:
-    """Per measured split: the means and between-batch standard errors."""
+    """Per measured split: the means, between-batch standard errors, and the estimators' noise.
+
+    ``{trace}_noise`` is the relative standard deviation of a one-direction estimate of the trace
+    on one measured batch: the estimator's own standard error ``se`` of the mean over ``n``
+    batches with ``c`` directions each (Rademacher probes for ``Tr(H_X)``, target draws for
+    ``Tr(F_X)``) gives ``se sqrt(n) sqrt(c) / |mean|``. A penalty with ``K`` directions per
+    position (``penalty_samples``) has ``1 / sqrt(K)`` of it on a batch of the same size.
+    """
     if not record:
         return {}
     splits = record.get("splits") or {record.get("split", "validation"): record["final"]}
+    directions = {"trace_h": record.get("probes"),
+                  "trace_f": record.get("fisher_draws") or record.get("probes")}  # fmt: skip
     out = {}
     for split, entry in splits.items():
         values = {"rms": float(entry["embedding_rms"]), "loss": float(entry["loss"]["mean"])}
@@ -225,6 +234,14 @@ def _curvature(record: dict[str, Any] | None) -> dict[str, dict[str, float]]:
             values[key] = float(entry[key]["mean"])
             values[f"{key}_se"] = float(entry[key].get("se_batches", math.nan))
         values["batches"] = int(entry["trace_f"].get("num_batches", 0))
+        for key, count in directions.items():
+            se = entry[key].get("se_estimator")
+            mean = abs(values[key])
+            values[f"{key}_noise"] = (
+                float(se) * math.sqrt(values["batches"] * count) / mean
+                if isinstance(se, (int, float)) and isinstance(count, int) and mean > 0
+                else math.nan
+            )
         out[split] = values
     return out
 
@@ -878,8 +895,9 @@ def _base_text(base: dict[str, Any]) -> str:
 
 def _curvature_table(summary: dict[str, Any]) -> list[str]:
     lines = [
-        "| run | split | Tr(F_X) | Tr(H_X) | gap | rms | rms²·Tr(F_X) | rms²·Tr(H_X) | batches |",
-        "|" + "---|" * 9,
+        "| run | split | Tr(F_X) | Tr(H_X) | gap | rms | rms²·Tr(F_X) | rms²·Tr(H_X) | batches "
+        "| one-direction rel. sd Tr(F_X) / Tr(H_X) |",
+        "|" + "---|" * 10,
     ]
     entries = [{"name": "base", "splits": summary["base"]["curvature"]}, *summary["curvature"]]
     for entry in entries:
@@ -889,7 +907,9 @@ def _curvature_table(summary: dict[str, Any]) -> list[str]:
                 f"| {entry['name']} | {split} | {c['trace_f']:.4g} ± {c['trace_f_se']:.2g} | "
                 f"{c['trace_h']:.4g} ± {c['trace_h_se']:.2g} | {c['gap']:.4g} ± "
                 f"{c['gap_se']:.2g} | {c['rms']:.4g} | {rms2 * c['trace_f']:.3g} | "
-                f"{rms2 * c['trace_h']:.3g} | {c['batches']} |"
+                f"{rms2 * c['trace_h']:.3g} | {c['batches']} | "
+                f"{_num(c.get('trace_f_noise', math.nan), '.2f')} / "
+                f"{_num(c.get('trace_h_noise', math.nan), '.2f')} |"
             )
     return lines
 
@@ -1245,7 +1265,10 @@ def format_markdown(summary: dict[str, Any], *, title: str = "Equivalence study"
     parts.append(
         "## Curvature (the base and the measured runs)\n\n± = between-batch standard error; "
         "traces per scored token as `fishertune analyze` reports them; rms²·Tr is the "
-        "scale-free curvature.\n"
+        "scale-free curvature. The estimators' noise: the relative standard deviation of a "
+        "one-direction estimate (one Rademacher probe, one target draw per position) on one "
+        "measured batch, from the measurement's own standard error; an arm with K directions "
+        "per position (`penalty_samples`) has 1/√K of it on a batch of that size.\n"
     )
     parts.append("\n".join(_curvature_table(summary)) + "\n")
     parts.append("## Reading (computed from the intervals above)\n")
