@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from fishertune.data.chat import collate_tokenized, row_labels
+from fishertune.data.collate import collate_tokenized, row_labels
 from fishertune.errors import FishertuneError
 from fishertune.estimators import EmbeddingHVP, Estimate, fisher_trace, hutchinson_traces
 from fishertune.noise import NEFTuneNoise, find_input_embeddings
