@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from fishertune.analysis.cli import parse_alphas
-from fishertune.analysis.measure import analyze, combine_batches
+from fishertune.analysis.measure import analyze
+from fishertune.analysis.results import combine_batches
 from fishertune.cli import main as fishertune_main
 from fishertune.data.collate import collate_tokenized
 from fishertune.errors import FishertuneError
