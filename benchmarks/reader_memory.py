@@ -3,7 +3,7 @@
 Writes the same rows (messages format, distinct text so that parquet does not shrink them) in
 each form the reader takes: ``.jsonl``, a ``.json`` array, JSON Lines in a file named ``.json``,
 ``{"data": [rows]}`` in a ``.json`` and ``.parquet``; then reads each through
-``fishertune.data.formats.prepare_rows`` (the path of ``train``, ``data prepare`` and grids) in
+``fishertune.data.prepare.prepare_rows`` (the path of ``train``, ``data prepare`` and grids) in
 its own process and prints one table: file size, peak RSS, and the peak above the imports
 (``datasets`` and ``pyarrow`` are imported before that baseline in every form, so the forms
 compare alike).
@@ -107,7 +107,7 @@ def _write_parquet(path: Path, batch: list[dict], writer: Any) -> Any:
 READ = """
 import json, resource, sys, time
 import datasets, pyarrow  # imported in every form, so the baselines compare
-from fishertune.data.formats import prepare_rows
+from fishertune.data.prepare import prepare_rows
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 prepared = prepare_rows(sys.argv[1])

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from fishertune.analysis.cli import parse_alphas
-from fishertune.analysis.measure import analyze, combine_batches
+from fishertune.analysis.measure import analyze
+from fishertune.analysis.results import combine_batches
 from fishertune.cli import main as fishertune_main
-from fishertune.data.chat import collate_tokenized
+from fishertune.data.collate import collate_tokenized
 from fishertune.errors import FishertuneError
 from fishertune.estimators import Estimate
 from micro import CausalMix, cross_entropy, exact_fisher_trace, label_mask

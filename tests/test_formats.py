@@ -21,7 +21,7 @@ import pytest
 
 from fishertune.cli import main as cli_main
 from fishertune.data import cli as data_cli
-from fishertune.data import formats
+from fishertune.data import json_records, json_text, readers
 from fishertune.data.chat import (
     check_conversations,
     load_conversations,
@@ -29,7 +29,9 @@ from fishertune.data.chat import (
     tokenize_dataset,
     tokenize_text,
 )
-from fishertune.data.formats import DataOptions, iter_json_array, prepare_rows
+from fishertune.data.json_records import iter_json_array
+from fishertune.data.options import DataOptions
+from fishertune.data.prepare import prepare_rows
 from fishertune.data.tokenizer import load_chat_tokenizer
 from fishertune.errors import FishertuneError
 from fishertune.penalties import IGNORE_INDEX
@@ -252,7 +254,7 @@ def records(n: int) -> list[dict]:
 
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
 def test_json_array_streams_across_chunks_and_reports_a_cut_off_file(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(formats, "_CHUNK", chunk)  # records straddle chunk boundaries
+    monkeypatch.setattr(json_text, "_CHUNK", chunk)  # records straddle chunk boundaries
     rows = records(12)
     whole = json.dumps(rows, indent=2, ensure_ascii=False).encode()
     path = tmp_path / "a.json"
@@ -285,8 +287,8 @@ def test_json_array_streams_across_chunks_and_reports_a_cut_off_file(tmp_path, m
 
 
 def test_a_string_never_closed_is_refused_in_bounded_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(formats, "_CHUNK", 16)
-    monkeypatch.setattr(formats, "_MAX_RECORD", 200)
+    monkeypatch.setattr(json_text, "_CHUNK", 16)
+    monkeypatch.setattr(json_text, "_MAX_RECORD", 200)
     path = tmp_path / "q.json"
     path.write_text('[{"text": "a"}, {"text": "never closed ' + "x" * 1000 + "}]")
     with pytest.raises(FishertuneError, match=r"q\.json: record 1 \(from byte 16\) runs past"):
@@ -322,7 +324,7 @@ def test_json_array_syntax_errors_name_the_line(tmp_path):
 def test_a_json_array_cut_inside_a_number_literal_or_escape_is_cut_off(
     tmp_path, monkeypatch, chunk, tail
 ):
-    monkeypatch.setattr(formats, "_CHUNK", chunk)
+    monkeypatch.setattr(json_text, "_CHUNK", chunk)
     path = tmp_path / "c.json"
     path.write_text('[{"text": "a"}, ' + tail)
     pattern = r"cut off at byte \d+ inside record 1 .* 1 complete records precede it"
@@ -568,12 +570,12 @@ def test_a_killed_read_leaves_no_debris(tmp_path):
     killed = """
 import os, signal, sys
 from fishertune.data import cli as data_cli
-from fishertune.data import formats
+from fishertune.data import prepare
 def write_rows(source, options, out, **kwargs):
     out.write_text("a partial row\\n" * 1000)
     os.kill(os.getpid(), signal.SIGKILL)
-formats.write_rows = write_rows
-formats.prepare_rows(sys.argv[1])
+prepare.write_rows = write_rows
+prepare.prepare_rows(sys.argv[1])
 """
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     done = subprocess.run([sys.executable, "-c", killed, str(src)], env=env)
@@ -1031,7 +1033,7 @@ def test_reading_memory_is_bounded_in_every_container_form(tmp_path):
         assert path.stat().st_size > 50e6
 
         def read(path: Path = path) -> None:
-            count = sum(1 for _ in formats._local_file(path, path.name, options))
+            count = sum(1 for _ in readers._local_file(path, path.name, options))
             assert count == 50_000
 
         increase = _peak_rss_increase_mb(read)
@@ -1041,8 +1043,8 @@ def test_reading_memory_is_bounded_in_every_container_form(tmp_path):
 @pytest.mark.parametrize("chunk", [7, 1 << 20])
 @pytest.mark.parametrize("window", [40, 1 << 30], ids=["streamed", "held"])
 def test_a_mapping_of_rows_streams_and_keeps_the_one_row_rule(tmp_path, monkeypatch, chunk, window):
-    monkeypatch.setattr(formats, "_CHUNK", chunk)  # values straddle chunks, numbers included
-    monkeypatch.setattr(formats, "_ROWS_WINDOW", window)  # 40: streamed from the second row
+    monkeypatch.setattr(json_text, "_CHUNK", chunk)  # values straddle chunks, numbers included
+    monkeypatch.setattr(json_records, "_ROWS_WINDOW", window)  # 40: streamed from the second row
     rows = [{"text": f"row {i}", "n": 1.25 + i} for i in range(6)]
     path = tmp_path / "m.json"
 
@@ -1077,7 +1079,7 @@ def test_a_mapping_of_rows_streams_and_keeps_the_one_row_rule(tmp_path, monkeypa
 
 
 def test_json_lines_in_a_json_file_are_read_line_by_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(formats, "_CHUNK", 16)
+    monkeypatch.setattr(json_text, "_CHUNK", 16)
     rows = [{"text": f"row {i}", "n": i} for i in range(4)]
     path = tmp_path / "l.json"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -1111,7 +1113,7 @@ def test_kto_preference_images_and_tool_calls_are_warned_with_counts(tmp_path, c
     }
     for name, data in (("p.jsonl", rows), ("c.jsonl", chat)):
         caplog.clear()
-        with caplog.at_level("WARNING", logger="fishertune.data.formats"):
+        with caplog.at_level("WARNING", logger="fishertune.data.prepare"):
             report = prepare_rows(write_jsonl(tmp_path / name, data)).report
         assert report["rows_kept"] == 4
         assert len(report["warnings"]) == len(expected[name])

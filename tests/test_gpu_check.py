@@ -16,6 +16,8 @@ SCRIPT = BENCHMARKS / "gpu_check.py"
 sys.path.insert(0, str(BENCHMARKS))
 
 import gpu_check  # noqa: E402
+import gpu_check_measure  # noqa: E402
+import gpu_check_training  # noqa: E402
 from harness import largest_batch  # noqa: E402
 
 
@@ -70,8 +72,8 @@ def test_quick_run_overhead_rows(quick_run: Any) -> None:
     # baseline is measured again there
     assert batch == 2
     rows = {(row["label"], row["batch_size"]): row for row in result["rows"]}
-    exact = {label for label, _, _ in gpu_check.TIMED if "exact" in label}
-    expected = {(label, 1 if label in exact else 2) for label, _, _ in gpu_check.TIMED}
+    exact = {label for label, _, _ in gpu_check_measure.TIMED if "exact" in label}
+    expected = {(label, 1 if label in exact else 2) for label, _, _ in gpu_check_measure.TIMED}
     assert set(rows) == expected | {("baseline", 1)}
     seq = result["seq_len"]
     for (label, size), row in rows.items():
@@ -152,7 +154,7 @@ def test_failed_run_is_not_reported_as_passing(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({"w": torch.tensor([1.0, float("inf")])}, str(output / "model.safetensors"))
-    found = gpu_check._inspect_run(output, steps=3)
+    found = gpu_check_training.inspect_run(output, steps=3)
     assert "2 steps of 3" in found["error"]
     assert "not all finite" in found["error"]
     assert "non-finite saved weights: w" in found["error"]

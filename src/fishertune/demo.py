@@ -144,7 +144,7 @@ def _validation_scores(model: Any, validation: Any, pad_token_id: int) -> dict[s
     ``validation`` is the tokenized split (``input_ids`` + ``assistant_masks``): labels are the
     assistant tokens only, as in training.
     """
-    from fishertune.data.chat import collate_tokenized
+    from fishertune.data.collate import collate_tokenized
     from fishertune.noise import EmbeddingCapture, find_input_embeddings
     from fishertune.penalties import label_mask_from_labels, scored_cross_entropy, token_fisher
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fishertune.data.tokenizer import TINY_TOKENIZER, load_chat_tokenizer, set_chat_template_file
 from fishertune.errors import FishertuneError, first_line
 from fishertune.files import RUN_RECORD, read_json_record
 
@@ -37,7 +38,7 @@ __all__ = [
     "load_model_and_tokenizer",
     "load_tokenizer",
     "resolve_dtype",
-    "set_chat_template_file",
+    "set_chat_template_file",  # data.tokenizer's, where the trainer has long found it
     "tiny_llama",
 ]
 
@@ -257,23 +258,6 @@ def _tokenizer_source(model: str, folder: Path | None) -> str:
     raise FishertuneError(f"model {model}: no tokenizer in the folder; pass a tokenizer name")
 
 
-def set_chat_template_file(tokenizer: Any, path: str) -> Any:
-    """Give ``tokenizer`` the chat template in a ``.jinja`` / ``.j2`` file (TRL's
-    ``chat_template_path``), before any conversation is tokenized with it.
-
-    TRL also accepts a tokenizer name there, whose template it copies while adding its special
-    tokens and resizing the model's embeddings: that changes the model, and is refused here.
-    """
-    file = Path(path).expanduser()
-    if not (file.is_file() and file.suffix in (".jinja", ".j2")):
-        raise FishertuneError(
-            f"chat_template_path {path}: give a .jinja or .j2 template file (copying another "
-            "tokenizer's template, which adds tokens to the model, is not supported)"
-        )
-    tokenizer.chat_template = file.read_text(encoding="utf-8")
-    return tokenizer
-
-
 def load_tokenizer(
     model: str,
     tokenizer: str | None = None,
@@ -292,8 +276,6 @@ def load_tokenizer(
 def _load_tokenizer(
     model: str, tokenizer: str | None, *, revision: str | None, trust_remote_code: bool
 ) -> Any:
-    from fishertune.data.tokenizer import TINY_TOKENIZER, load_chat_tokenizer
-
     if tokenizer is not None:
         if tokenizer == TINY_TOKENIZER:
             return load_chat_tokenizer(tokenizer)

@@ -93,7 +93,7 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
         help="builtin:tiny-tasks, a .jsonl/.json/.parquet file, a folder or a hub name "
         "(messages, ShareGPT, Alpaca, prompt/completion or text rows)",
     )
-    from fishertune.data.formats import add_data_arguments
+    from fishertune.data.options import add_data_arguments
 
     add_data_arguments(add)
     add("--split", default="train", help="data split (default: train)")
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         check_model_source(args.model)
     except FishertuneError as err:
         raise _as_option_error(err) from err
-    from fishertune.data.formats import DataOptions
+    from fishertune.data.options import DataOptions
 
     conversations = load_conversations(args.data, args.split, DataOptions.from_args(args))
     model, tokenizer = load_for_analysis(

@@ -1,4 +1,4 @@
-"""Reports of an :class:`~fishertune.analysis.measure.AnalysisResult`: table, JSON, CSV and plot."""
+"""Reports of an :class:`~fishertune.analysis.results.AnalysisResult`: table, JSON, CSV and plot."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fishertune.analysis.measure import Z_95, AnalysisResult
+from fishertune.analysis.results import Z_95, AnalysisResult
 
 __all__ = ["format_table", "write_csv", "write_json", "write_plot", "write_reports"]
 

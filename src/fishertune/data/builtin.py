@@ -1,8 +1,7 @@
 """The built-in data sets: their names, and the cache they are generated into on first use.
 
-Both the reader (:mod:`fishertune.data.formats`, which resolves a source name) and the loaders
-(:mod:`fishertune.data.chat`) need them; kept here, below both, so neither imports the other
-for them.
+Both the reader (:mod:`fishertune.data.readers`, which resolves a source name) and the loaders
+(:mod:`fishertune.data.chat`) need them; kept here, below both.
 """
 
 from __future__ import annotations

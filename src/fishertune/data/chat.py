@@ -19,14 +19,13 @@ import logging
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fishertune.data.builtin import BUILTIN_TINY_TASKS, tiny_tasks_dir
+from fishertune.data.options import DataOptions
+from fishertune.data.prepare import check_source, prepare_rows
+from fishertune.data.tokenizer import TULU_CHAT_TEMPLATE, ensure_chat_template
 from fishertune.errors import FishertuneError
-from fishertune.penalties import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from fishertune.data.formats import DataOptions
 
 __all__ = [
     "ALLOWED_ROLES",
@@ -34,14 +33,13 @@ __all__ = [
     "TULU_CHAT_TEMPLATE",
     "assistant_spans",
     "check_conversations",
-    "collate_tokenized",
     "ensure_chat_template",
     "load_conversations",
-    "row_labels",
     "stratified_subsample",
     "tiny_tasks_dir",
     "tokenize_conversation",
     "tokenize_dataset",
+    "tokenize_row",
     "tokenize_text",
     "validate_messages",
 ]
@@ -49,29 +47,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ALLOWED_ROLES: tuple[str, ...] = ("system", "user", "assistant")
-
-# open-instruct's "tulu" chat template (open_instruct/dataset_transformation.py, CHAT_TEMPLATES),
-# the one its Tulu 3 SFT recipe applies to Llama-3.1-8B, whose base tokenizer has no template:
-#   <|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n{answer}{eos}\n<|user|>\n...
-# The last assistant turn ends on the EOS token with no newline after it.
-TULU_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}"
-    "{{ '<|system|>\\n' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'user' %}"
-    "{{ '<|user|>\\n' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{% if not loop.last %}"
-    "{{ '<|assistant|>\\n'  + message['content'] + eos_token + '\\n' }}"
-    "{% else %}"
-    "{{ '<|assistant|>\\n'  + message['content'] + eos_token }}"
-    "{% endif %}"
-    "{% endif %}"
-    "{% if loop.last and add_generation_prompt %}"
-    "{{ '<|assistant|>\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +104,7 @@ def load_conversations(
     *,
     reports: list[dict[str, Any]] | None = None,
 ) -> Any:
-    """Load rows through the one reader (:mod:`fishertune.data.formats`) as a ``datasets.Dataset``.
+    """Load rows through the one reader (:mod:`fishertune.data.prepare`) as a ``datasets.Dataset``.
 
     Args:
         source: one of
@@ -160,8 +135,6 @@ def load_conversations(
             inside its last record, no usable row, a hub dataset that cannot be loaded, or with
             ``on_bad_rows="error"`` the first bad row (file, row and field).
     """
-    from fishertune.data.formats import prepare_rows
-
     prepared = prepare_rows(source, split, options)
     if reports is not None:
         reports.append(prepared.report)
@@ -179,43 +152,11 @@ def check_conversations(
     Raises:
         FishertuneError: as :func:`load_conversations`.
     """
-    from fishertune.data.formats import check_source
-
     check_source(source, split, options)
 
 
 # --------------------------------------------------------------------------------------------
-# Chat templates and assistant-only tokenization
-
-
-def ensure_chat_template(tokenizer: Any, *, add_bos: bool | None = None) -> Any:
-    """Give a tokenizer without a chat template the Tulu 3 one (``TULU_CHAT_TEMPLATE``).
-
-    Base models such as Llama-3.1-8B ship no template; open-instruct's Tulu 3 SFT recipe formats
-    their conversations with its ``tulu`` template, and so do we. A tokenizer that already has a
-    template is left untouched.
-
-    Args:
-        tokenizer: a ``transformers`` tokenizer, changed in place.
-        add_bos: put ``bos_token`` at the start of the template (open-instruct's ``--add_bos``);
-            default: when the tokenizer has a BOS token, since chat templates are tokenized
-            without the tokenizer's own special tokens.
-
-    Returns:
-        The same tokenizer.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer
-    if tokenizer.eos_token is None:
-        raise FishertuneError(
-            "the tokenizer has no chat template and no EOS token: the Tulu template needs an EOS "
-            "token to end assistant turns"
-        )
-    if add_bos is None:
-        add_bos = tokenizer.bos_token is not None
-    tokenizer.chat_template = ("{{ bos_token }}" if add_bos else "") + TULU_CHAT_TEMPLATE
-    logger.info("tokenizer has no chat template: installed the Tulu 3 template")
-    return tokenizer
+# Assistant-only tokenization (the chat templates are fishertune.data.tokenizer's)
 
 
 def _render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], generation: bool) -> str:
@@ -361,7 +302,10 @@ def tokenize_text(
     return {"input_ids": input_ids, "assistant_masks": mask}
 
 
-def _tokenize_row(row: Mapping[str, Any], tokenizer: Any, max_length: int | None) -> dict[str, Any]:
+def tokenize_row(row: Mapping[str, Any], tokenizer: Any, max_length: int | None) -> dict[str, Any]:
+    """One reader row tokenized as training does (:func:`tokenize_conversation` for ``messages``,
+    :func:`tokenize_text` for ``prompt``/``completion``), cut to ``max_length``; ``full_length``
+    is the token count before the cut."""
     if "messages" in row:
         out = tokenize_conversation(tokenizer, row["messages"], None)
     else:
@@ -410,7 +354,7 @@ def tokenize_dataset(
         raise FishertuneError(f"max_length must be a positive integer, got {max_length}")
     keep = [c for c in ("source",) if c in dataset.column_names]
     tokenized = dataset.map(
-        _tokenize_row,
+        tokenize_row,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
         remove_columns=[c for c in dataset.column_names if c not in keep],
         num_proc=num_proc,
@@ -454,39 +398,6 @@ def tokenize_dataset(
 
 # --------------------------------------------------------------------------------------------
 # Stratified subsets
-
-
-def row_labels(row: Mapping[str, Any]) -> list[int]:
-    """A tokenized row's labels: its ``labels``, or its input ids on assistant tokens
-    (``assistant_masks == 1``) and ``-100`` elsewhere."""
-    if "labels" in row and row["labels"] is not None:
-        return list(row["labels"])
-    if "assistant_masks" not in row:
-        raise FishertuneError(
-            "tokenized examples need 'input_ids' and 'assistant_masks' (or 'labels'); got "
-            f"fields {sorted(row)}"
-        )
-    return [
-        token if keep else IGNORE_INDEX
-        for token, keep in zip(row["input_ids"], row["assistant_masks"], strict=True)
-    ]
-
-
-def collate_tokenized(rows: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad tokenized rows into ``input_ids``, ``attention_mask`` and ``labels`` (B, L)
-    tensors; ``labels`` are :func:`row_labels`, ``-100`` on padding."""
-    import torch
-
-    length = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids = list(row["input_ids"])
-        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[b, : len(ids)] = 1
-        labels[b, : len(ids)] = torch.tensor(row_labels(row), dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def _strata(values: Iterable[Any]) -> dict[Any, list[int]]:

@@ -1,6 +1,6 @@
 """``fishertune data prepare SRC --output DIR``: read a dataset once, keep what can be used.
 
-Reads any source the reader knows (:mod:`fishertune.data.formats`: a ``.jsonl`` / ``.json`` /
+Reads any source the reader knows (:mod:`fishertune.data.readers`: a ``.jsonl`` / ``.json`` /
 ``.parquet`` file, a folder, a hub dataset; ``messages``, ShareGPT, Alpaca, prompt/completion or
 text rows), applies the column and role mappings and the bad-row policy, and writes
 
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fishertune.data.formats import DROP_REASONS, DataOptions, add_data_arguments
+from fishertune.data.options import DROP_REASONS, DataOptions, add_data_arguments
 from fishertune.errors import FishertuneError
 from fishertune.files import write_json_atomic
 
@@ -95,9 +95,8 @@ def _tokenize_file(
     Counts the kept rows that training would cut at ``--max_length`` (train's default without
     it) and, without ``--max_length``, those the cut would leave with no scored token (with it
     they are dropped: ``no_label_after_truncation``)."""
-    from fishertune.data.chat import _tokenize_row
-    from fishertune.data.tokenizer import load_chat_tokenizer
-    from fishertune.modeling import set_chat_template_file
+    from fishertune.data.chat import tokenize_row
+    from fishertune.data.tokenizer import load_chat_tokenizer, set_chat_template_file
 
     tokenizer = load_chat_tokenizer(args.tokenizer)
     if args.chat_template_path:
@@ -109,7 +108,7 @@ def _tokenize_file(
     with source.open(encoding="utf-8") as f, target.open("w", encoding="utf-8") as out:
         for line in f:
             row = json.loads(line)
-            tokens = _tokenize_row(row, tokenizer, args.max_length)
+            tokens = tokenize_row(row, tokenizer, args.max_length)
             reason = None
             if args.drop_too_long and tokens["full_length"] > args.max_length:
                 reason = "too_long"
@@ -139,7 +138,8 @@ def _tokenize_file(
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``data prepare``; returns the report (also written to ``--output``)."""
-    from fishertune.data.formats import _resolve, write_rows
+    from fishertune.data.prepare import write_rows
+    from fishertune.data.readers import resolve_source
 
     if args.drop_too_long and (args.tokenizer is None or args.max_length is None):
         raise FishertuneError("--drop_too_long needs --tokenizer and --max_length")
@@ -152,7 +152,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         raise FishertuneError(f"--output {output}: exists and is not a folder")
     if target.exists():
         # a hub name is not contacted for this: only a local source can be the target
-        local = _resolve(args.source, args.split, contact_hub=False)
+        local = resolve_source(args.source, args.split, contact_hub=False)
         if local is not None and local.path is not None and os.path.samefile(local.path, target):
             raise FishertuneError(
                 f"{target} is the source being read: write to another --output (--overwrite "
@@ -161,7 +161,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         if not args.overwrite:
             raise FishertuneError(f"{target} exists: pass --overwrite to replace it")
     start = time.perf_counter()
-    source = _resolve(args.source, args.split)
+    source = resolve_source(args.source, args.split)
     assert source is not None
     output.mkdir(parents=True, exist_ok=True)
     partial = output / f".{args.split}.jsonl.partial"

@@ -1,8 +1,8 @@
 """LLaMA-Factory's ``dataset_info.json``: one entry read as a file plus the reader's options.
 
 ``--dataset_name DIR`` (a folder holding ``dataset_info.json``) or ``--dataset_name DIR:ENTRY``
-names an entry; its ``file_name`` (relative to ``DIR``) is read through
-:mod:`fishertune.data.formats` with the options its ``formatting``, ``columns`` and ``tags``
+names an entry; its ``file_name`` (relative to ``DIR``) is read through the one reader
+(:mod:`fishertune.data.prepare`) with the options its ``formatting``, ``columns`` and ``tags``
 describe, translated to fishertune's names:
 
 * ``alpaca`` (the default): ``prompt``/``query``/``response``/``system``/``history`` columns ->

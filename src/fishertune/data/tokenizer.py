@@ -1,7 +1,9 @@
-"""The tiny byte-level BPE tokenizer shipped with the package, for offline runs and tests.
+"""Tokenizers in one place: the loader of chat tokenizers (:func:`load_chat_tokenizer`), the
+chat templates given to them (open-instruct's Tulu template, a template file), and the tiny
+byte-level BPE tokenizer shipped with the package, for offline runs and tests.
 
-It is trained on the text of the offline tasks (``fishertune.data.tasks``), so a conversation
-takes a few dozen tokens, and carries a Tulu-style chat template::
+The tiny tokenizer is trained on the text of the offline tasks (``fishertune.data.tasks``), so a
+conversation takes a few dozen tokens, and carries a Tulu-style chat template::
 
     <s><|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{answer}</s>\\n<|user|>\\n...
 
@@ -17,6 +19,7 @@ byte-identically by calling ``build_tiny_tokenizer``.
 from __future__ import annotations
 
 import importlib.resources
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,12 +31,17 @@ __all__ = [
     "TINY_SPECIAL_TOKENS",
     "TINY_TOKENIZER",
     "TINY_VOCAB_SIZE",
+    "TULU_CHAT_TEMPLATE",
     "build_tiny_tokenizer",
+    "ensure_chat_template",
     "load_chat_tokenizer",
     "load_tiny_tokenizer",
+    "set_chat_template_file",
     "tiny_tokenizer_dir",
     "train_chat_tokenizer",
 ]
+
+logger = logging.getLogger(__name__)
 
 TINY_VOCAB_SIZE = 1024
 TINY_TOKENIZER = "builtin:tiny-tokenizer"  # the name that selects the shipped tokenizer
@@ -62,6 +70,29 @@ TINY_CHAT_TEMPLATE = (
     "{{ raise_exception('unknown role: ' + message['role']) }}"
     "{% endif %}"
     "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+# open-instruct's "tulu" chat template (open_instruct/dataset_transformation.py, CHAT_TEMPLATES),
+# the one its Tulu 3 SFT recipe applies to Llama-3.1-8B, whose base tokenizer has no template:
+#   <|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n{answer}{eos}\n<|user|>\n...
+# The last assistant turn ends on the EOS token with no newline after it.
+TULU_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{{ '<|system|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'user' %}"
+    "{{ '<|user|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if not loop.last %}"
+    "{{ '<|assistant|>\\n'  + message['content'] + eos_token + '\\n' }}"
+    "{% else %}"
+    "{{ '<|assistant|>\\n'  + message['content'] + eos_token }}"
+    "{% endif %}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt %}"
+    "{{ '<|assistant|>\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
 )
 
@@ -162,6 +193,53 @@ def train_chat_tokenizer(
     return out
 
 
+def ensure_chat_template(tokenizer: Any, *, add_bos: bool | None = None) -> Any:
+    """Give a tokenizer without a chat template the Tulu 3 one (``TULU_CHAT_TEMPLATE``).
+
+    Base models such as Llama-3.1-8B ship no template; open-instruct's Tulu 3 SFT recipe formats
+    their conversations with its ``tulu`` template, and so do we. A tokenizer that already has a
+    template is left untouched.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer, changed in place.
+        add_bos: put ``bos_token`` at the start of the template (open-instruct's ``--add_bos``);
+            default: when the tokenizer has a BOS token, since chat templates are tokenized
+            without the tokenizer's own special tokens.
+
+    Returns:
+        The same tokenizer.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer
+    if tokenizer.eos_token is None:
+        raise FishertuneError(
+            "the tokenizer has no chat template and no EOS token: the Tulu template needs an EOS "
+            "token to end assistant turns"
+        )
+    if add_bos is None:
+        add_bos = tokenizer.bos_token is not None
+    tokenizer.chat_template = ("{{ bos_token }}" if add_bos else "") + TULU_CHAT_TEMPLATE
+    logger.info("tokenizer has no chat template: installed the Tulu 3 template")
+    return tokenizer
+
+
+def set_chat_template_file(tokenizer: Any, path: str) -> Any:
+    """Give ``tokenizer`` the chat template in a ``.jinja`` / ``.j2`` file (TRL's
+    ``chat_template_path``), before any conversation is tokenized with it.
+
+    TRL also accepts a tokenizer name there, whose template it copies while adding its special
+    tokens and resizing the model's embeddings: that changes the model, and is refused here.
+    """
+    file = Path(path).expanduser()
+    if not (file.is_file() and file.suffix in (".jinja", ".j2")):
+        raise FishertuneError(
+            f"chat_template_path {path}: give a .jinja or .j2 template file (copying another "
+            "tokenizer's template, which adds tokens to the model, is not supported)"
+        )
+    tokenizer.chat_template = file.read_text(encoding="utf-8")
+    return tokenizer
+
+
 def load_chat_tokenizer(
     name: str, *, revision: str | None = None, trust_remote_code: bool = False
 ) -> Any:
@@ -169,8 +247,6 @@ def load_chat_tokenizer(
     ``AutoTokenizer.from_pretrained(name, revision=, trust_remote_code=)``; given a chat
     template if it has none (open-instruct's Tulu template) and EOS as padding if it has no pad
     token. A tokenizer that cannot be loaded raises a one-line ``FishertuneError``."""
-    from fishertune.data.chat import ensure_chat_template
-
     if name == TINY_TOKENIZER:
         tokenizer = load_tiny_tokenizer()
     else:

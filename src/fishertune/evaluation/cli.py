@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fishertune.data.formats import DataOptions, add_data_arguments
+from fishertune.data.options import DataOptions, add_data_arguments
 from fishertune.errors import FishertuneError
 from fishertune.files import write_json_atomic
 from fishertune.modeling import ADAPTER_CONFIG, DTYPES, is_adapter_folder

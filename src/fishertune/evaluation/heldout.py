@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fishertune.data.formats import DataOptions
+from fishertune.data.options import DataOptions
 from fishertune.errors import FishertuneError
 from fishertune.files import RUN_RECORD, read_json_record
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fishertune.data.formats import DataOptions
+from fishertune.data.options import DataOptions
 from fishertune.errors import FishertuneError
 
 __all__ = [
@@ -110,7 +110,7 @@ def validation_loss(model: Any, tokenized: Any, *, batch_size: int = 16, pad_id:
     """
     import torch
 
-    from fishertune.data.chat import collate_tokenized
+    from fishertune.data.collate import collate_tokenized
     from fishertune.penalties import IGNORE_INDEX
 
     device = next(model.parameters()).device

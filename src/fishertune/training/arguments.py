@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fishertune.data.formats import HELP as DATA_HELP
-from fishertune.data.formats import DataOptions
+from fishertune.data.options import HELP as DATA_HELP
+from fishertune.data.options import DataOptions
 from fishertune.data.tokenizer import TINY_TOKENIZER
 from fishertune.errors import FishertuneError
 from fishertune.modeling import TINY_MODEL
@@ -24,7 +24,9 @@ from fishertune.training.numbers import (
 from fishertune.training.output_dir import plan_output_dir
 
 
-def _script_arguments_class() -> type:
+def script_arguments_class() -> type:
+    """TRL's ``ScriptArguments`` with ``fishertune train``'s run options (made on first use:
+    TRL is imported only then)."""
     from trl import ScriptArguments
 
     @dataclass
@@ -92,7 +94,7 @@ def build_parser() -> Any:
     from fishertune.training.config import FisherSFTConfig
 
     return TrlParser(
-        (_script_arguments_class(), FisherSFTConfig, ModelConfig), prog="fishertune train"
+        (script_arguments_class(), FisherSFTConfig, ModelConfig), prog="fishertune train"
     )
 
 
@@ -209,7 +211,7 @@ def _check_config_keys(path: Path) -> dict[str, int]:
 
     known = {
         f.name
-        for cls in (_script_arguments_class(), FisherSFTConfig, ModelConfig)
+        for cls in (script_arguments_class(), FisherSFTConfig, ModelConfig)
         for f in fields(cls)
     } | {"env"}
     lines = {}
@@ -232,7 +234,7 @@ def _check_yaml_numbers(path: Path, lines: dict[str, int], overridden: set[str])
 
     numbers = {
         name: kind
-        for cls in (_script_arguments_class(), FisherSFTConfig, ModelConfig)
+        for cls in (script_arguments_class(), FisherSFTConfig, ModelConfig)
         for name, kind in number_fields(cls).items()
     }
     text = path.read_text(encoding="utf-8-sig")

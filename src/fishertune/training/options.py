@@ -27,7 +27,7 @@ from fishertune.errors import FishertuneError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "train_options.json"
 # the fishertune sources whose fields and help texts the table holds
-SOURCES = ("training/arguments.py", "training/config.py", "data/formats.py")
+SOURCES = ("training/arguments.py", "training/config.py", "data/options.py")
 # TRL's and transformers' options a first run needs, shown by the short --help
 COMMON = (
     "model_name_or_path",
@@ -79,7 +79,7 @@ def build_table() -> dict[str, Any]:
     from transformers import TrainingArguments
     from trl import ModelConfig, ScriptArguments, SFTConfig
 
-    from fishertune.training.arguments import _script_arguments_class, build_parser
+    from fishertune.training.arguments import build_parser, script_arguments_class
     from fishertune.training.config import FisherSFTConfig
 
     def names(cls: type) -> set[str]:
@@ -90,7 +90,7 @@ def build_table() -> dict[str, Any]:
         **{name: "trl" for name in names(SFTConfig) - names(TrainingArguments)},
         **{name: "trl" for name in names(ScriptArguments) | names(ModelConfig)},
         **{name: "method" for name in names(FisherSFTConfig) - names(SFTConfig)},
-        **{name: "run" for name in names(_script_arguments_class()) - names(ScriptArguments)},
+        **{name: "run" for name in names(script_arguments_class()) - names(ScriptArguments)},
     }
     options = []
     for action in build_parser()._actions:
