@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fishertune.data.tokenizer import TINY_TOKENIZER, load_chat_tokenizer, set_chat_template_file
 from fishertune.errors import FishertuneError, first_line
 from fishertune.files import RUN_RECORD, read_json_record
+
+if TYPE_CHECKING:  # torch loads when a model does: the commands' --help stays fast
+    import torch
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -79,6 +80,8 @@ def tiny_llama(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
+    import torch
+
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -89,6 +92,8 @@ def tiny_llama(
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     """``"bfloat16"`` -> ``torch.bfloat16``; ``"auto"`` (the checkpoint's dtype) and ``None``
     pass through. An unknown name is a one-line error listing :data:`DTYPES`."""
+    import torch
+
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     if dtype not in DTYPES:
@@ -323,7 +328,7 @@ def load_model(
             pad_token_id=tokenizer.pad_token_id,
         )
         resolved = resolve_dtype(dtype)
-        return lm.to(resolved) if isinstance(resolved, torch.dtype) else lm
+        return lm if resolved is None or isinstance(resolved, str) else lm.to(resolved)
     return load_causal_lm(
         model,
         dtype=dtype,
