@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from fishertune.errors import FishertuneError
 from fishertune.modeling import TINY_MODEL
 from fishertune.training.arguments import check_model_options, check_values
 from fishertune.training.output_dir import save_unnamed_base
+
+logger = logging.getLogger(__name__)
 
 
 def tokenizer_from_args(script_args: Any, model_args: Any, training_args: Any = None) -> Any:
@@ -72,8 +75,15 @@ def load_datasets(
 ) -> tuple[Any, Any]:
     """The tokenized train (and, with evaluation on, test) split, read through the one reader
     (:mod:`fishertune.data.formats`) with the run's data options; ``reports`` gets each split's
-    report (rows read, kept, dropped by reason, tokenization's drops included)."""
+    report (rows read, kept, dropped by reason, tokenization's drops included).
+
+    A run that reads fewer rows than the train split holds gets it tokenized lazily
+    (:func:`fishertune.training.data.tokenize_lazily`: the same rows in the same order, each
+    tokenized when the trainer first reads it; TRL's preparation skipped, the evaluation split
+    given its labels here); otherwise, or where every row's tokens or length are needed
+    (:func:`~fishertune.training.data.lazy_plan` says why, in one logged line), in full."""
     from fishertune.data.chat import load_conversations, stratified_subsample, tokenize_dataset
+    from fishertune.training.data import lazy_plan, tokenize_lazily, with_labels
 
     if not script_args.dataset_name:
         raise FishertuneError("dataset_name is required (a hub name, a local file or folder)")
@@ -93,19 +103,32 @@ def load_datasets(
             train, script_args.dataset_fraction, seed=script_args.dataset_subsample_seed
         )
     drop = bool(getattr(script_args, "drop_too_long", False))
-    train = tokenize_dataset(
-        train,
-        tokenizer,
-        max_length,
-        drop_too_long=drop,
-        report=reports[script_args.dataset_train_split],
-    )
+    report = reports[script_args.dataset_train_split]
+    eager = lazy_plan(script_args, training_args, tokenizer, len(train))
+    if eager is None:
+        train = tokenize_lazily(
+            train,
+            tokenizer,
+            max_length,
+            assistant_only=training_args.assistant_only,
+            report=report,
+        )
+        # the rows are trainer-ready: TRL's preparation would read (tokenize) every one
+        training_args.dataset_kwargs = {
+            **(training_args.dataset_kwargs or {}),
+            "skip_prepare_dataset": True,
+        }
+    else:
+        logger.info("train split tokenized in full: %s", eager)
+        train = tokenize_dataset(train, tokenizer, max_length, drop_too_long=drop, report=report)
     evaluation = None
     if training_args.eval_strategy != "no":
         split = script_args.dataset_test_split
         evaluation = tokenize_dataset(
             read(split), tokenizer, max_length, drop_too_long=drop, report=reports[split]
         )
+        if eager is None:  # prepared here as TRL would, since its preparation is skipped
+            evaluation = with_labels(evaluation, training_args.assistant_only)
     return train, evaluation
 
 
@@ -130,8 +153,11 @@ def build_trainer(
     reports: dict[str, dict[str, Any]] = {}
     train, evaluation = load_datasets(script_args, training_args, tokenizer, reports)
     if not training_args.assistant_only:  # TRL then scores every token, as the library does
+        # (rows tokenized lazily carry their labels already)
         train, evaluation = (
-            ds.remove_columns("assistant_masks") if ds is not None else None
+            ds.remove_columns("assistant_masks")
+            if ds is not None and "assistant_masks" in ds.column_names
+            else ds
             for ds in (train, evaluation)
         )
     model = model_from_args(script_args, training_args, model_args, tokenizer)
