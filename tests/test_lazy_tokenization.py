@@ -163,3 +163,25 @@ def test_evaluation_split_gets_trl_labels(tmp_path, tok) -> None:
                 t if (m or not assistant_only) else -100 for t, m in zip(ids, mask, strict=True)
             ]
             assert ready[i]["labels"] == want
+
+
+def test_a_row_the_screen_wrongly_kept_stops_the_run_in_one_line(tmp_path, tok, monkeypatch):
+    """Were the screen's token bound to fail for some tokenizer, a kept row without an answer
+    token must not be trained on silently: reading it raises, naming the row and the way out."""
+    from fishertune.errors import FishertuneError
+    from fishertune.training import data as training_data
+
+    rows = load_conversations(_write_rows(tmp_path / "d.jsonl"))
+    monkeypatch.setattr(training_data, "screen", lambda row, tokenizer, max_length: True)
+    lazy = tokenize_lazily(rows, tok, 24)
+    assert len(lazy) == len(rows)  # the faulty screen kept every row
+    unscored = [
+        i
+        for i, row in enumerate(rows)
+        if not any(chat.tokenize_conversation(tok, row["messages"], 24)["assistant_masks"])
+    ]
+    assert unscored and len(tokenize_dataset(rows, tok, 24)) == len(rows) - len(unscored)
+    dropped = unscored[0]
+    with pytest.raises(FishertuneError, match=rf"train row {dropped}: no answer token .* "
+                       "--drop_too_long true"):  # fmt: skip
+        lazy[dropped]

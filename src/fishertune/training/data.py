@@ -325,6 +325,14 @@ def tokenize_lazily(
         if position not in memo:
             row = kept[position]
             out = row if row["tokenized"] else _tokenize_row(row, tokenizer, max_length)
+            if not any(out["assistant_masks"]):
+                # the screen's token bound failed for this tokenizer: never train on a row
+                # the full tokenization would have dropped
+                raise FishertuneError(
+                    f"train row {position}: no answer token within max_length={max_length}, "
+                    "though the length screen kept it (a tokenizer the screen's bound does not "
+                    "hold for); rerun with --drop_too_long true, which tokenizes every row first"
+                )
             mask = out["assistant_masks"] if assistant_only else None
             memo[position] = {
                 "input_ids": list(out["input_ids"]),
