@@ -213,7 +213,7 @@ def test_ablation_methods_default_list_and_seeds(tmp_path: Path, base_config: Pa
         ({"evaluation": {"merge_adapter": "yes"}}, "evaluation.merge_adapter: expected true/false"),
         ({"evaluation": {"output": "x.json"}}, "evaluation.output: set by the grid"),
         ({"env": {"OMP_NUM_THREADS": [1]}}, "env.OMP_NUM_THREADS: expected a string"),
-        ({"slurm": {"partitionz": "gpu"}}, "slurm: unknown key(s) partitionz"),
+        ({"slurm": {"partitionz": "gpu"}}, "slurm.partitionz: not a submitit SLURM parameter"),
         ({"slurm": {"time": "1:2:3:4"}}, "slurm.time: expected minutes or SLURM's"),
         ({"slurm": {"nodes": 2}}, "slurm.nodes: more than one node needs launcher: accelerate"),
         ({"slurm": {"gpus_per_node": 0}}, "slurm.gpus_per_node: must be at least 1"),
@@ -262,14 +262,40 @@ def test_slurm_block_and_command_line_overrides(tmp_path: Path, base_config: Pat
     config = load_experiment(path)
     # gpus_per_node follows from num_processes / nodes; mem in GB; one setup line
     assert (config.slurm.nodes, config.slurm.gpus_per_node) == (2, 8)
-    assert config.slurm.mem == "480G" and config.slurm.setup == ("module load cuda",)
+    assert config.slurm.submitit["mem"] == "480G"
+    assert config.slurm.submitit["setup"] == ["module load cuda"]
     assert config.slurm_dir == config.output_dir / "slurm"
     overrides = experiment_cli.parse_set(
         ["partition=debug", "time=48:00:00", "array_parallelism=2"], "--slurm", raw_keys=("time",)
     )
     config = load_experiment(path, slurm=overrides)
-    assert config.slurm.partition == "debug" and config.slurm.time_min == 48 * 60
-    assert config.slurm.array_parallelism == 2 and config.slurm.nodes == 2
+    assert config.slurm.submitit["partition"] == "debug" and config.slurm.time_min == 48 * 60
+    assert config.slurm.submitit["array_parallelism"] == 2 and config.slurm.nodes == 2
+
+
+def test_slurm_block_hands_other_keys_to_submitit_which_checks_them(
+    tmp_path: Path, base_config: Path
+) -> None:
+    """Keys that are not fishertune's go to submitit's SLURM executor by name (slurm_<key>);
+    a misspelt one is refused at load by submitit's own check, in one line naming the field;
+    the old sbatch: mapping is answered with where its options go now."""
+    from fishertune.experiments.slurm import make_executor
+
+    raw = experiment(tmp_path, base_config,
+                     slurm={"constraint": "h100", "exclusive": True, "qos": "high",
+                            "additional_parameters": {"mail_type": "END"}})  # fmt: skip
+    config = load_experiment(write_yaml(tmp_path / "e.yaml", raw))
+    make_executor(config, cluster="debug")  # submitit takes every parameter
+    assert config.slurm.submitit == {"constraint": "h100", "exclusive": True, "qos": "high",
+                                     "additional_parameters": {"mail_type": "END"}}  # fmt: skip
+    for bad, field in (({"partiton": "gpu"}, "slurm.partiton"), ({"sbatch": {"x": 1}},
+                                                                  "slurm.sbatch")):  # fmt: skip
+        path = write_yaml(tmp_path / "bad.yaml", experiment(tmp_path, base_config, slurm=bad))
+        with pytest.raises(FishertuneError) as err:
+            load_experiment(path)
+        message = str(err.value)
+        assert field in message and "\n" not in message
+    assert not (tmp_path / ".submitit-check").exists()
 
 
 def test_load_experiment_command_line_changes(tmp_path: Path, base_config: Path) -> None:
@@ -1027,7 +1053,7 @@ def test_shipped_paper_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert config.accelerate_config == (REPO / "configs/accelerate/deepspeed_zero3.yaml").resolve()
     # on SLURM: one node, 8 GPUs, the accelerate launch of ZeRO-3 with 8 processes
     assert (config.slurm.nodes, config.slurm.gpus_per_node, config.num_processes) == (1, 8, 8)
-    assert config.slurm.time_min == 48 * 60 and config.slurm.sbatch == {"exclusive": True}
+    assert config.slurm.time_min == 48 * 60 and config.slurm.submitit["exclusive"] is True
     # every run's configuration is one `fishertune train` accepts, checked on a CPU-only machine
     validate_grid(config, runs)
 

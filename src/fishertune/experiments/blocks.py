@@ -44,18 +44,13 @@ __all__ = [
 LAUNCHERS = ("local", "accelerate")
 REPORT_KEYS = ("metrics", "study", "margin", "ratio_margin")
 STUDIES = ("equivalence",)
+# fishertune's own keys of the slurm: block; every other key is a parameter of submitit's SLURM
+# executor (partition, account, qos, mem, cpus_per_task, array_parallelism, setup, constraint,
+# exclusive, additional_parameters, ...), handed to it as slurm_<key> and checked by it at load
 SLURM_KEYS = (
-    "partition",
-    "account",
-    "qos",
     "nodes",
     "gpus_per_node",
-    "cpus_per_task",
-    "mem",
     "time",
-    "array_parallelism",
-    "sbatch",
-    "setup",
     "max_requeues",
     "signal_delay_s",
     "job_name",
@@ -70,17 +65,11 @@ class SlurmSpec:
     """Resources and behaviour of the SLURM job of each run (``--launcher slurm``).
 
     Attributes:
-        partition, account, qos: ``sbatch --partition/--account/--qos``.
         nodes: nodes per run; above 1 the run needs ``launcher: accelerate`` (one
             ``accelerate launch`` per node).
         gpus_per_node: ``sbatch --gpus-per-node``; with ``launcher: accelerate`` the run starts
             ``nodes * gpus_per_node`` processes.
-        cpus_per_task: ``sbatch --cpus-per-task`` (one task per node).
-        mem: ``sbatch --mem`` (e.g. ``"480G"``; a number means GB).
         time_min: time limit in minutes (``time:`` accepts SLURM's ``D-HH:MM:SS`` forms).
-        array_parallelism: at most this many runs of the grid at once (the array's ``%N``).
-        sbatch: further ``#SBATCH`` options, e.g. ``{constraint: h100, exclusive: true}``.
-        setup: shell lines run before the job's command (``module load ...``, ``source venv``).
         max_requeues: how many times a run that reaches its time limit requeues itself
             (preemptions always requeue).
         signal_delay_s: seconds before the time limit at which the job is told to stop and requeue.
@@ -88,24 +77,22 @@ class SlurmSpec:
         folder: where submitit keeps the jobs' scripts, pickles and logs (default
             ``OUTPUT_DIR/slurm``; must be on a file system the nodes share).
         main_process_port: port of the multi-node rendezvous (default derived from the job id).
+        submitit: every other key of the block, a parameter of submitit's SLURM executor by its
+            name there without the ``slurm_`` prefix (``partition``, ``account``, ``qos``,
+            ``mem``, ``cpus_per_task``, ``array_parallelism``, ``setup``, ``constraint``,
+            ``exclusive``, ``additional_parameters``, ...); ``mem`` given as a number means GB
+            and a ``setup`` string is one line.
     """
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
     nodes: int = 1
     gpus_per_node: int | None = None
-    cpus_per_task: int | None = None
-    mem: str | None = None
     time_min: int = 60
-    array_parallelism: int | None = None
-    sbatch: dict[str, Any] = field(default_factory=dict)
-    setup: tuple[str, ...] = ()
     max_requeues: int = 3
     signal_delay_s: int = 120
     job_name: str | None = None
     folder: Path | None = None
     main_process_port: int | None = None
+    submitit: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -286,31 +273,51 @@ def slurm_minutes(path: Path, value: Any) -> int:
     return max(1, -(-seconds // 60))
 
 
+def submitit_parameters(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """The block's keys that are submitit's, checked by submitit's own executor (an unknown
+    name is a one-line error naming the field); ``mem`` as a number is GB, ``setup`` a line."""
+    params = {key: value for key, value in raw.items() if key not in SLURM_KEYS}
+    mem = params.get("mem")
+    if isinstance(mem, (int, float)) and not isinstance(mem, bool) and mem > 0:
+        params["mem"] = f"{int(mem)}G"
+    if isinstance(params.get("setup"), str):
+        params["setup"] = [params["setup"]]
+    if not params:
+        return params
+    try:
+        import submitit
+    except ImportError:  # the launcher refuses in one line when it is asked for
+        return params
+    # submitit checks its parameters' names when they are set; the debug executor writes nothing
+    executor = submitit.AutoExecutor(folder=Path(path).parent / ".submitit-check", cluster="debug")
+    for key, value in params.items():
+        try:
+            executor.update_parameters(**{f"slurm_{key}": value})
+        except (NameError, ValueError, TypeError) as err:
+            message = str(err).splitlines()[0].split(". Valid arguments")[0]
+            raise field_error(
+                path, f"slurm.{key}", f"not a submitit SLURM parameter ({message})"
+            ) from None
+    return params
+
+
 def slurm_block(path: Path, value: Any, *, launcher: str, num_processes: int | None) -> SlurmSpec:
-    raw = mapping(path, "slurm", value, SLURM_KEYS)
-    strings = {}
-    for key in ("partition", "account", "qos", "job_name"):
-        if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise field_error(path, f"slurm.{key}", f"expected a string, got {raw[key]!r}")
-        strings[key] = raw.get(key)
+    raw = mapping(path, "slurm", value)
+    if "sbatch" in raw:
+        raise field_error(
+            path,
+            "slurm.sbatch",
+            "give #SBATCH options as submitit's parameters in the slurm: block itself "
+            "(e.g. exclusive: true, constraint: h100) or under additional_parameters:",
+        )
+    job_name = raw.get("job_name")
+    if job_name is not None and not isinstance(job_name, str):
+        raise field_error(path, "slurm.job_name", f"expected a string, got {job_name!r}")
     counts = {}
-    for key in ("nodes", "gpus_per_node", "cpus_per_task", "array_parallelism", "max_requeues"):
+    for key in ("nodes", "gpus_per_node", "max_requeues"):
         counts[key] = non_negative_int(path, f"slurm.{key}", raw.get(key))
         if key != "max_requeues" and counts[key] == 0:
             raise field_error(path, f"slurm.{key}", "must be at least 1")
-    mem = raw.get("mem")
-    if isinstance(mem, (int, float)) and not isinstance(mem, bool) and mem > 0:
-        mem = f"{int(mem)}G"
-    if mem is not None and not isinstance(mem, str):
-        raise field_error(path, "slurm.mem", f"expected e.g. '64G' or a number of GB, got {mem!r}")
-    sbatch = mapping(path, "slurm.sbatch", raw.get("sbatch"))
-    for key, item in sbatch.items():
-        if not isinstance(item, (str, int, float, bool)):
-            raise field_error(path, f"slurm.sbatch.{key}", f"expected a scalar, got {item!r}")
-    setup = raw.get("setup", [])
-    if isinstance(setup, str):
-        setup = [setup]
-    setup = str_list(path, "slurm.setup", setup) if setup else ()
     nodes = counts["nodes"] or 1
     if nodes > 1 and launcher != "accelerate":
         raise field_error(
@@ -330,21 +337,17 @@ def slurm_block(path: Path, value: Any, *, launcher: str, num_processes: int | N
     port = non_negative_int(path, "slurm.main_process_port", raw.get("main_process_port"))
     signal_delay = non_negative_int(path, "slurm.signal_delay_s", raw.get("signal_delay_s"))
     return SlurmSpec(
-        **strings,
         nodes=nodes,
         gpus_per_node=gpus,
-        cpus_per_task=counts["cpus_per_task"],
-        mem=mem,
         time_min=slurm_minutes(path, raw["time"]) if raw.get("time") is not None else 60,
-        array_parallelism=counts["array_parallelism"],
-        sbatch=sbatch,
-        setup=tuple(setup),
         max_requeues=3 if counts["max_requeues"] is None else counts["max_requeues"],
         signal_delay_s=120 if signal_delay is None else signal_delay,
+        job_name=job_name,
         folder=resolve_path(path, "slurm.folder", raw["folder"], must_exist=False)
         if raw.get("folder")
         else None,
         main_process_port=port,
+        submitit=submitit_parameters(path, raw),
     )
 
 

@@ -23,6 +23,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from fishertune.errors import FishertuneError
+from fishertune.experiments.blocks import SLURM_KEYS
 
 if TYPE_CHECKING:
     from fishertune.experiments.grid import ExperimentConfig
@@ -145,8 +146,9 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="KEY=VALUE",
         help="override the file's slurm: block, e.g. partition=gpu time=4:00:00 "
-        "array_parallelism=4 (keys: partition account qos nodes gpus_per_node cpus_per_task "
-        "mem time array_parallelism sbatch setup max_requeues signal_delay_s job_name folder)",
+        f"array_parallelism=4 (fishertune's keys: {' '.join(SLURM_KEYS)}; any other key is a "
+        "parameter of submitit's SLURM executor, e.g. partition account qos mem cpus_per_task "
+        "array_parallelism setup constraint exclusive additional_parameters)",
     )
     parser.add_argument(
         "--status",

@@ -97,19 +97,10 @@ def make_executor(config: ExperimentConfig, cluster: str | None = "slurm") -> An
         "nodes": spec.nodes,
         "tasks_per_node": 1,  # one task per node: it runs that node's accelerate launch
         "slurm_signal_delay_s": spec.signal_delay_s,
+        **{f"slurm_{key}": value for key, value in spec.submitit.items()},
     }
-    optional = {
-        "gpus_per_node": spec.gpus_per_node,
-        "cpus_per_task": spec.cpus_per_task,
-        "slurm_partition": spec.partition,
-        "slurm_account": spec.account,
-        "slurm_qos": spec.qos,
-        "slurm_mem": spec.mem,
-        "slurm_array_parallelism": spec.array_parallelism,
-        "slurm_additional_parameters": dict(spec.sbatch) or None,
-        "slurm_setup": list(spec.setup) or None,
-    }
-    params.update({key: value for key, value in optional.items() if value is not None})
+    if spec.gpus_per_node is not None:
+        params["gpus_per_node"] = spec.gpus_per_node
     try:
         executor.update_parameters(**params)
     except ValueError as err:
