@@ -24,6 +24,7 @@ from fishertune.studies.equivalence.runs import ALPHA, ANSWER_METRICS, REGULARIZ
 
 
 def summary_cell(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample sd and count of the finite ``values`` (NaN and 0 when none)."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return {"mean": math.nan, "sd": math.nan, "n": 0}
@@ -123,6 +124,9 @@ def _match(x: Sequence[float], y: Sequence[float], ratio_margin: float) -> dict[
 
 
 def match_verdict(entry: dict[str, Any], tost_p: float, differ_p: float, what: str) -> str:
+    """A match's verdict from its (possibly Holm-adjusted) p-values: *reproduces* ``what`` when
+    the ratio's TOST rejects at :data:`ALPHA`, *different: less/more than* ``what`` when the
+    ratio differs from 1, else *inconclusive*."""
     if tost_p < ALPHA:
         return f"reproduces {what}"
     if differ_p < ALPHA:

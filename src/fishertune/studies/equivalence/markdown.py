@@ -25,11 +25,10 @@ from fishertune.studies.equivalence.tables import (
 
 def _level_tables(level: dict[str, Any]) -> list[str]:
     """One level's heading, its methods' table and its cause chain's table."""
-    parts = []
-    parts.append(
+    parts = [
         f"### a/rms = {level['ratio']:.3g} (alpha = {level['alpha']:.4g}, a = "
         f"{level['a']:.3g}, lambda at L: {level['lambda_eq_typical']:.3g})\n"
-    )
+    ]
     lines = [
         "| method | val loss | test loss | s / step | n | ran away |",
         "|---|---|---|---|---|---|",
@@ -60,8 +59,7 @@ def _level_tables(level: dict[str, Any]) -> list[str]:
 
 def _slopes_and_choice(summary: dict[str, Any]) -> list[str]:
     """The slopes on ``a^2`` and the practitioner's choice with its costs."""
-    parts = []
-    parts.append("## Effect against a² (least squares; a slope alone does not test a²)\n")
+    parts = ["## Effect against a² (least squares; a slope alone does not test a²)\n"]
     lines = [
         "| method | slope (val loss per a²) | 95% CI | intercept | n |",
         "|---|---|---|---|---|",

@@ -9,6 +9,8 @@ from fishertune.studies.equivalence.runs import COLORS, COMPARISONS, LABELS, REG
 
 
 def plot_pairs(summary: dict[str, Any], path: Path) -> Path:
+    """The four comparisons of each level against ``a/rms`` with their 95% intervals and the
+    margin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,6 +102,7 @@ def plot_ratios(summary: dict[str, Any], path: Path) -> Path:
 
 
 def plot_slope(summary: dict[str, Any], path: Path) -> Path:
+    """NEFTune's and each regularizer's effect against ``a^2``, per seed, with the fitted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,6 +134,8 @@ def plot_slope(summary: dict[str, Any], path: Path) -> Path:
 
 
 def plot_choice(summary: dict[str, Any], path: Path) -> Path:
+    """Each regularizer at its best level: test-loss change against the baseline and its cost per
+    step."""
     import matplotlib
 
     matplotlib.use("Agg")

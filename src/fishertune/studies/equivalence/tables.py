@@ -9,18 +9,21 @@ from fishertune.studies.equivalence.runs import LABELS, REGULARIZERS
 
 
 def num(value: Any, fmt: str = "+.4f") -> str:
+    """``value`` in ``fmt``, or a dash for a missing or non-finite number."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return format(value, fmt)
 
 
 def ci(result: dict[str, Any] | None) -> str:
+    """``mean [low, high]`` of a paired result, or a dash."""
     if result is None:
         return "–"
     return f"{result['mean']:+.4f} [{result['low']:+.4f}, {result['high']:+.4f}]"
 
 
 def mean_sd(cell: dict[str, Any]) -> str:
+    """``mean ± sd`` of a summary cell, or a dash when it holds no run."""
     if not cell["n"]:
         return "–"
     sd = "" if not math.isfinite(cell["sd"]) else f" ± {cell['sd']:.4f}"
@@ -28,6 +31,7 @@ def mean_sd(cell: dict[str, Any]) -> str:
 
 
 def base_text(base: dict[str, Any]) -> str:
+    """The paragraph on the base model: size, pretraining, losses, rms and ``L``."""
     tokens = base["tokens_seen"]
     params = base["parameters"]
     lines = [
@@ -42,6 +46,8 @@ def base_text(base: dict[str, Any]) -> str:
 
 
 def curvature_table(summary: dict[str, Any]) -> list[str]:
+    """The table of ``Tr(F_X)``, ``Tr(H_X)``, the gap and ``rms^2 Tr`` of the base and the
+    measured runs."""
     lines = [
         "| run | split | Tr(F_X) | Tr(H_X) | gap | rms | rms²·Tr(F_X) | rms²·Tr(H_X) | batches |",
         "|" + "---|" * 9,
@@ -60,6 +66,7 @@ def curvature_table(summary: dict[str, Any]) -> list[str]:
 
 
 def ratio_text(ratio: dict[str, Any] | None) -> str:
+    """A Fieller ratio with its interval (bounded, or the unbounded forms), or a dash."""
     if ratio is None:
         return "–"
     if ratio["kind"] == "bounded":
@@ -74,10 +81,12 @@ def _p(value: float | None) -> str:
 
 
 def excluded_seeds(result: dict[str, Any]) -> str:
+    """The seeds a result left out as runaways, or a dash."""
     return ", ".join(str(s) for s in result.get("excluded") or []) or "–"
 
 
 def reproduction_table(summary: dict[str, Any]) -> list[str]:
+    """The table of each regularizer's share of NEFTune's effect per level, with its verdict."""
     lo, hi = 1 - summary["ratio_margin"], 1 + summary["ratio_margin"]
     lines = [
         "| a/rms | NEFTune − baseline [95% CI] | method | method − baseline [95% CI] | ratio to "
@@ -102,6 +111,7 @@ def reproduction_table(summary: dict[str, Any]) -> list[str]:
 
 
 def prediction_table(summary: dict[str, Any]) -> list[str]:
+    """The table of the ``a^2`` law's predictions between levels against the measured effects."""
     lines = [
         "| method | level (alpha) | (a_i/a_max)² | measured | predicted | measured − predicted "
         "[95% CI] | measured / predicted [95% Fieller] | verdict (Holm) |",
@@ -126,6 +136,7 @@ def prediction_table(summary: dict[str, Any]) -> list[str]:
 
 
 def runaway_table(summary: dict[str, Any]) -> list[str]:
+    """The table of the runs that ran away, per method and level."""
     if not summary["runaways"]:
         return ["No run ran away: no penalty ended negative, no training diverged."]
     lines = ["| method | alpha | runs | seed: reason (from step) |", "|---|---|---|---|"]
@@ -143,6 +154,7 @@ def runaway_table(summary: dict[str, Any]) -> list[str]:
 
 
 def corrections_text(summary: dict[str, Any]) -> list[str]:
+    """The list of Holm's families and the verdicts the correction changed."""
     lines = []
     for family in summary["corrections"]:
         changed = "; ".join(f"{c['what']}: {c['raw']} → {c['holm']}" for c in family["changed"])
@@ -154,6 +166,7 @@ def corrections_text(summary: dict[str, Any]) -> list[str]:
 
 
 def answers_table(summary: dict[str, Any]) -> list[str]:
+    """The table of the generated answers' paired changes (empty: no answers)."""
     lines = [
         "| a/rms | method | mean length − baseline [95% CI] | distinct-2 − baseline [95% CI] |",
         "|---|---|---|---|",
@@ -170,6 +183,8 @@ def answers_table(summary: dict[str, Any]) -> list[str]:
 
 
 def along_training_table(summary: dict[str, Any]) -> list[str]:
+    """The table of the last and best validation loss along training (empty: not evaluated along
+    training)."""
     lines = [
         "| a/rms | method | last | best | best at step | best − baseline's best [95% CI] "
         "| share of NEFTune's (Fieller 95%) |",
