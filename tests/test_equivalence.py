@@ -164,11 +164,17 @@ def test_slurm_refuses_the_grid_before_its_base_is_done(tmp_path: Path, base_con
         ({"measure": {"probes": 1}}, "measure.probes: expected an integer >= 2"),
         ({"measure": {"probez": 1}}, "measure: unknown key"),
         ({"report": {"study": "other"}}, "report.study: 'other' is not one of"),
-        ({"report": {"margin": -1}}, "report.margin: expected a positive number"),
-        ({"report": {"ratio_margin": 1.5}}, r"report.ratio_margin: expected a number in \(0, 1\)"),
+        ({"report": {"study": "equivalence", "margin": -1}}, "report.margin: expected a positive"),
+        (
+            {"report": {"study": "equivalence", "ratio_margin": 1.5}},
+            r"report.ratio_margin: expected a number in \(0, 1\)",
+        ),
         ({"measure": {"seeds": [0, 0]}}, "measure.seeds: seeds repeat"),
-        ({"study_data": {"finetune": 3}}, "study_data.out: missing"),
-        ({"study_data": {"out": "d", "finetune": "x"}}, "study_data.finetune: expected a number"),
+        ({"study_data": {"study": "equivalence", "finetune": 3}}, "study_data.out: missing"),
+        (
+            {"study_data": {"study": "equivalence", "out": "d", "finetune": "x"}},
+            "study_data.finetune: expected a number",
+        ),
     ],
 )
 def test_bad_stage_blocks_name_the_field(
@@ -201,7 +207,7 @@ def simulated_study(
     logged negative)."""
     import random
 
-    from fishertune.experiments.equivalence import StudyRun
+    from fishertune.studies.equivalence.runs import StudyRun
 
     rng = random.Random(11)
     base = {"rms": 0.05985, "length": 128, "hidden_size": 128, "val_loss": 4.61,
@@ -235,7 +241,8 @@ RATIOS = {"hessian-trace": 1.0, "token-f-unbiased": 1.0, "token-f-paper": 0.2}
 def test_report_reproduces_known_ratios_and_leaves_undetected_levels_unmatched() -> None:
     """True ratios 1, 1 and 0.2 of NEFTune's effect; NEFTune's effect 0.00013 at a/rms 0.1 (not
     detectable with these seeds), 0.00325 and 0.013 above; two Hessian-trace seeds run away."""
-    from fishertune.experiments.equivalence import format_markdown, summarize
+    from fishertune.studies.equivalence.markdown import format_markdown
+    from fishertune.studies.equivalence.summary import summarize
 
     base, runs = simulated_study(A2_LAW, RATIOS, runaway_seeds=(3, 7))
     summary = summarize(base, runs, ratio_margin=0.25)
@@ -285,7 +292,7 @@ def test_report_tells_a_flat_effect_from_the_a2_law_and_corrects_for_the_family(
     """NEFTune's effect absent below the largest level (as the first study measured): the a²
     prediction at the middle level is contradicted. Holm's adjusted p-values follow the hand
     step-down over each family, and verdicts that only pass uncorrected are listed as changed."""
-    from fishertune.experiments.equivalence import summarize
+    from fishertune.studies.equivalence.summary import summarize
 
     flat = {ALPHAS[0]: 0.0, ALPHAS[1]: 0.0, ALPHAS[2]: 0.013}
     base, runs = simulated_study(flat, RATIOS)
@@ -318,8 +325,8 @@ def test_runaway_reads_the_logged_penalty_old_and_new_and_failed_trainings(tmp_p
     """A penalty negative to the end (from the step it turned negative for good), a transient dip
     (not a runaway), a non-finite loss, a training the guard stopped; ``penalty_term`` as old run
     folders logged it."""
-    from fishertune.experiments.equivalence import runaway
     from fishertune.files import RUN_RECORD, TRAINER_STATE, RunFolder
+    from fishertune.studies.equivalence.runs import runaway
 
     def folder(name: str, history: list[dict[str, Any]], record: dict[str, Any]) -> RunFolder:
         model = tmp_path / name / "model"
@@ -347,8 +354,8 @@ def test_runaway_reads_the_logged_penalty_old_and_new_and_failed_trainings(tmp_p
 
 def test_validation_curve_keeps_the_last_entry_of_a_step_and_finds_the_best(tmp_path: Path) -> None:
     """eval_loss every 2 steps, a minimum at step 4, and the closing evaluation repeating step 8."""
-    from fishertune.experiments.equivalence import validation_curve
     from fishertune.files import RunFolder
+    from fishertune.studies.equivalence.runs import validation_curve
 
     history = [{"loss": 5.0, "step": 1}, {"eval_loss": 4.6, "step": 2},
                {"eval_loss": 4.5, "step": 4}, {"eval_loss": 4.55, "step": 6},
@@ -369,7 +376,8 @@ def test_along_training_reports_the_baselines_rise_and_shares_of_neftunes_best()
     half of it; the paired intervals and ratios must find them."""
     import random
 
-    from fishertune.experiments.equivalence import format_markdown, summarize
+    from fishertune.studies.equivalence.markdown import format_markdown
+    from fishertune.studies.equivalence.summary import summarize
 
     base, runs = simulated_study(A2_LAW, RATIOS)
     rng = random.Random(5)
@@ -412,7 +420,7 @@ def test_estimator_noise_is_the_one_direction_relative_sd_per_batch() -> None:
     standard errors ``sqrt(sum_b (sd / sqrt(c))^2) / n`` must give back 0.3 / 2 and 0.5 / 1.25."""
     import math
 
-    from fishertune.experiments.equivalence import _curvature
+    from fishertune.studies.equivalence.runs import _curvature
 
     def trace(mean: float, sd: float, count: int) -> dict[str, float]:
         se = math.sqrt(8 * (sd / math.sqrt(count)) ** 2) / 8

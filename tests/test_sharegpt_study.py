@@ -20,7 +20,7 @@ from fishertune.errors import FishertuneError
 from fishertune.experiments import cli as experiment_cli
 from fishertune.experiments.grid import expand_grid, load_experiment, parse_experiment
 from fishertune.experiments.runner import run_experiment
-from fishertune.experiments.sharegpt_data import StudyData, prepare_study_data, text_chunks
+from fishertune.studies.equivalence.data import StudyData, prepare_study_data, text_chunks
 from test_experiments import write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,8 +189,9 @@ def test_shipped_sharegpt_equivalence_grid(tmp_path: Path) -> None:
     config = load_experiment("sharegpt-equivalence", output_dir=tmp_path / "out")
     runs = expand_grid(config)
     assert len(runs) == 1 + 10 * (1 + 3 * 4) and runs[0].name == "base"
-    assert config.study == "equivalence" and config.ratio_margin == pytest.approx(0.25)
-    assert config.margin is None  # an absolute margin can be wider than the effect to match
+    options = config.report_options
+    assert config.study == "equivalence" and options["ratio_margin"] == pytest.approx(0.25)
+    assert options["margin"] is None  # an absolute margin can be wider than the effect to match
     assert config.evaluation.max_new_tokens > 0
     spec = config.measure
     assert spec is not None and spec.probes >= 32 and spec.batches >= 8
@@ -364,7 +365,7 @@ def study_grid(tmp_path: Path, out: str = "data") -> dict[str, Any]:
     return {
         "base_config": str(base),
         "output_dir": str(tmp_path / "out"),
-        "study_data": {"out": out, "source": str(source), **SMALL.__dict__},
+        "study_data": {"study": "equivalence", "out": out, "source": str(source), **SMALL.__dict__},
         "overrides": {"dataset_name": "{study_data}/chat"},
         "methods": {"baseline": {"method": "baseline"}},
         "seeds": [0],
@@ -422,8 +423,8 @@ def test_study_data_of_other_sizes_is_refused_not_rewritten(tmp_path: Path) -> N
 
 
 def test_runner_prepares_study_data_under_its_lock(tmp_path: Path, monkeypatch) -> None:
-    from fishertune.experiments import sharegpt_data
     from fishertune.files import folder_lock_path, lock_holder
+    from fishertune.studies.equivalence import data as sharegpt_data
     from test_experiments import FakeLauncher
 
     raw = study_grid(tmp_path)

@@ -10,7 +10,7 @@ import pytest
 from scipy import optimize, stats
 
 from fishertune.errors import FishertuneError
-from fishertune.experiments.statistics import (
+from fishertune.statistics import (
     equivalence_test,
     fieller_ratio,
     holm,

@@ -158,7 +158,7 @@ def _evaluate(
 def _paired(runs: list[Run]) -> tuple[list[dict[str, Any]], list[str]]:
     """Each method's paired test-loss differences against the baseline, and notes on runs
     that could not pair."""
-    from fishertune.experiments.statistics import paired_difference
+    from fishertune.statistics import paired_difference
 
     by_method: dict[str, dict[tuple[int | None, str], Run]] = {}
     notes: list[str] = []

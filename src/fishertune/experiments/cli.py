@@ -234,9 +234,10 @@ def _print_outcome(results: list[RunResult]) -> list[RunResult]:
 
 
 def _write_reports(config: ExperimentConfig) -> None:
-    """The grid's tables and plots (and the equivalence study's, if the file asks for it)."""
+    """The grid's tables and plots (and its study's, if the file asks for it)."""
     from fishertune.experiments.checks import select_runs
     from fishertune.experiments.report import load_run_records, write_report
+    from fishertune.experiments.study import find_study
 
     # The whole grid, not only --only's runs: the report always shows everything done so far.
     names = [run.name for run in select_runs(config) if run.run_dir.is_dir()]
@@ -250,22 +251,20 @@ def _write_reports(config: ExperimentConfig) -> None:
         metrics=config.report_metrics,
         title=config.path.stem,
     )
-    if config.study == "equivalence":
-        from fishertune.experiments.equivalence import write_equivalence_report
-
+    if config.study is not None and config.report_options is not None:
+        study = find_study(config.path, "report.study", config.study)
         try:
             written.update(
-                write_equivalence_report(
+                study.write_report(
                     config.runs_dir,
                     names,
                     config.report_dir,
                     title=config.path.stem,
-                    ratio_margin=float(config.ratio_margin or 0.0),  # required: report_block
-                    margin=config.margin,
+                    options=config.report_options,
                 )
             )
         except FishertuneError as err:  # e.g. the base not measured yet
-            print(f"no equivalence report: {err}")
+            print(f"no {config.study} report: {err}")
     print(f"report: {', '.join(str(p) for p in written.values())}")
 
 

@@ -17,12 +17,14 @@ An experiment YAML names a training preset and the variations to run on it::
     evaluation: {tasks: [offline]}          # `fishertune evaluate`'s flags, by name
     launcher: local                         # or accelerate (+ accelerate_config, num_processes)
     env: {OMP_NUM_THREADS: "1"}             # optional: environment of every launched command
-    report: {metrics: [offline/val_loss]}   # optional: table columns; default every metric
+    report: {metrics: [offline/val_loss]}   # optional: table columns; default every metric;
+                                            # study: NAME and the study's options
+                                            # (fishertune.experiments.study)
     base:                                   # optional: a model trained once, which every
       max_steps: 500                        #   run fine-tunes (training overrides)
     measure: {batches: 2, probes: 4}        # optional: Tr(F_X), Tr(H_X) of every run (the
                                             # measure program's flags, and seeds:)
-    study_data: {out: data}                 # optional: a study's data parts, made before any run
+    study_data: {out: data}                 # optional: the study's data, made before any run
                                             # (relative to output_dir); other blocks' strings
                                             # name the folder as {study_data}, e.g.
                                             # dataset_name: "{study_data}/chat"
@@ -64,14 +66,12 @@ from fishertune.experiments.blocks import (
     MeasureFlags,
     SlurmSpec,
     StageFlags,
-    StudyDataSpec,
     env_block,
     evaluation_block,
     launcher_block,
     measure_block,
     report_block,
     slurm_block,
-    study_data_block,
 )
 from fishertune.experiments.fields import (
     checked_name,
@@ -82,6 +82,7 @@ from fishertune.experiments.fields import (
     seed_list,
     str_list,
 )
+from fishertune.experiments.study import StudyData, study_blocks
 from fishertune.files import MODEL_SUBDIR
 
 __all__ = [
@@ -190,9 +191,8 @@ class ExperimentConfig:
     base_run: RunSpec | None = None
     measure: MeasureFlags | None = None
     study: str | None = None
-    study_data: StudyDataSpec | None = None
-    margin: float | None = None
-    ratio_margin: float | None = None
+    study_data: StudyData | None = None
+    report_options: dict[str, Any] | None = None
 
     @property
     def slurm_dir(self) -> Path:
@@ -370,8 +370,8 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         else None
     )
     output_dir = resolve_path(path, "output_dir", raw["output_dir"], must_exist=False)
-    study_data = study_data_block(path, raw.get("study_data"), output_dir)
-    raw = _fill_study_data(path, raw, None if study_data is None else study_data.out)
+    study, blocks = study_blocks(path, raw, output_dir)
+    raw = _fill_study_data(path, raw, None if blocks.data is None else blocks.data.out)
     methods, method_configs = _methods(path, raw["methods"], base)
     seeds = seed_list(path, "seeds", raw["seeds"])
     ablations = {
@@ -386,7 +386,7 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
     )
     launcher, accelerate_config, num_processes = launcher_block(path, raw)
     env = env_block(path, raw.get("env"))
-    report_metrics, study, margin, ratio_margin = report_block(path, raw.get("report"))
+    report_metrics = report_block(path, raw.get("report"))
     overrides = overrides_block(path, "overrides", raw.get("overrides"))
     base_run = _base_run(path, raw.get("base"), base, overrides, output_dir / "runs")
     if base_run is not None:
@@ -412,14 +412,9 @@ def parse_experiment(raw: Any, path: str | Path) -> ExperimentConfig:
         base_run=base_run,
         measure=measure_block(path, raw.get("measure")),
         study=study,
-        study_data=study_data,
-        margin=margin,
-        ratio_margin=ratio_margin,
+        study_data=blocks.data,
+        report_options=blocks.report,
     )
-    if study == "equivalence" and (base_run is None or config.measure is None):
-        raise field_error(
-            path, "report.study", "the equivalence study needs a base: and a measure: block"
-        )
     expand_grid(config)  # name collisions are a configuration error: find them now
     return config
 

@@ -22,6 +22,7 @@ from fishertune.errors import FishertuneError
 from fishertune.experiments.commands import evaluate_command, measure_command, train_command
 from fishertune.experiments.grid import ExperimentConfig, RunSpec, expand_grid
 from fishertune.experiments.processes import Launcher
+from fishertune.experiments.study import find_study
 from fishertune.files import (
     ANSWERS_SUBDIR,
     EVALUATION_FILE,
@@ -228,37 +229,21 @@ def pending_stages(
 def prepare_grid_data(
     config: ExperimentConfig, log: Callable[[str], None] = print, *, dry_run: bool = False
 ) -> bool:
-    """Write the ``study_data:`` block's data parts, under the launcher's
-    :class:`~fishertune.files.RunnerLock` (nothing when they exist with the same settings:
-    :func:`~fishertune.experiments.sharegpt_data.prepare_study_data`); with ``dry_run`` only
-    say whether they would be.
+    """Write the study's data (the ``study_data:`` block), under the launcher's
+    :class:`~fishertune.files.RunnerLock`, through its
+    :meth:`~fishertune.experiments.study.Study.prepare_data` (nothing when it exists with the
+    same settings); with ``dry_run`` only say whether it would be.
 
     Returns:
-        Whether data parts were written (the runs' data checks are then worth redoing).
+        Whether data was written (the runs' data checks are then worth redoing).
 
     Raises:
-        FishertuneError: the folder holds study data of other settings, or other files.
+        FishertuneError: the study refuses its data folder (other settings, other files).
     """
-    from fishertune.experiments.sharegpt_data import (
-        StudyData,
-        check_study_data,
-        prepare_study_data,
-    )
-
-    spec = config.study_data
-    if spec is None:
+    if config.study is None or config.study_data is None:
         return False
-    sizes = StudyData(**spec.sizes)
-    if check_study_data(spec.out, source=spec.source, sizes=sizes):
-        log(f"study data: {spec.out} (prepared before)")
-        return False
-    if dry_run:
-        log(f"study data: would be prepared in {spec.out}")
-        return False
-    manifest = prepare_study_data(spec.out, source=spec.source, sizes=sizes)
-    parts = ", ".join(f"{name} {info['rows']}" for name, info in manifest["parts"].items())
-    log(f"study data in {spec.out}: {parts} rows")
-    return True
+    study = find_study(config.path, "study", config.study)
+    return study.prepare_data(config, log, dry_run=dry_run)
 
 
 def prepare_run(config: ExperimentConfig, run: RunSpec) -> None:

@@ -34,7 +34,7 @@ folder is either absent or complete. A second call with the same settings finds
 ``manifest.json`` and does nothing; a folder holding other settings (another grid may be training
 on it) or anything but study data is refused, never rewritten::
 
-    python -m fishertune.experiments.sharegpt_data --out runs/x/data
+    python -m fishertune.studies.equivalence.data --out runs/x/data
 """
 
 from __future__ import annotations
@@ -366,7 +366,7 @@ def _write_parts(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fishertune.experiments.sharegpt_data",
+        prog="python -m fishertune.studies.equivalence.data",
         description="Split ShareGPT conversations into the equivalence study's disjoint parts "
         "and train its BPE tokenizer on the pretraining part.",
     )
