@@ -182,13 +182,18 @@ def test_preloaded_launcher_runs_stages_as_forks(tmp_path: Path) -> None:
 
 
 def test_shipped_sharegpt_equivalence_grid(tmp_path: Path) -> None:
-    """The preset: base, then baseline + 3 levels x 4 regularizers, 10 seeds, matched row by
+    """The preset: base, then baseline + 3 levels x 4 regularizers, 6 seeds, matched row by
     row; the penalized arms differ by one cause each (same gradient mode, 2 draws or probes);
     the margin a fraction of NEFTune's effect; greedy answers generated; measured with 32 probes
     on 8 batches of two splits."""
     config = load_experiment("sharegpt-equivalence", output_dir=tmp_path / "out")
     runs = expand_grid(config)
-    assert len(runs) == 1 + 10 * (1 + 3 * 4) and runs[0].name == "base"
+    assert len(runs) == 1 + 6 * (1 + 3 * 4) and runs[0].name == "base"
+    # a regime that overfits, with validation loss along training (not for the base)
+    fine_tune = runs[1].overrides
+    assert fine_tune["eval_strategy"] == "steps" and fine_tune["dataset_test_split"] == "validation"
+    assert fine_tune["max_steps"] * fine_tune["per_device_train_batch_size"] > 4 * 100
+    assert runs[0].overrides["eval_strategy"] == "no"
     options = config.report_options
     assert config.study == "equivalence" and options["ratio_margin"] == pytest.approx(0.25)
     assert options["margin"] is None  # an absolute margin can be wider than the effect to match
