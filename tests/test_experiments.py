@@ -702,7 +702,7 @@ def test_one_runner_per_output_directory(tmp_path: Path, base_config: Path) -> N
     import os
     import subprocess
 
-    from fishertune.files import RunnerLock, folder_lock_path
+    from fishertune.locks import RunnerLock, folder_lock_path
 
     config = parse_experiment(experiment(tmp_path, base_config, seeds=[0]), tmp_path / "e.yaml")
     with RunnerLock(config.output_dir):

@@ -423,7 +423,7 @@ def test_study_data_of_other_sizes_is_refused_not_rewritten(tmp_path: Path) -> N
 
 
 def test_runner_prepares_study_data_under_its_lock(tmp_path: Path, monkeypatch) -> None:
-    from fishertune.files import folder_lock_path, lock_holder
+    from fishertune.locks import folder_lock_path, lock_holder
     from fishertune.studies.equivalence import data as sharegpt_data
     from test_experiments import FakeLauncher
 
@@ -447,7 +447,7 @@ def test_slurm_launcher_prepares_study_data_before_submitting(tmp_path: Path) ->
     from types import SimpleNamespace
 
     from fishertune.experiments.slurm import submit_grid
-    from fishertune.files import folder_lock_path, lock_holder
+    from fishertune.locks import folder_lock_path, lock_holder
 
     raw = study_grid(tmp_path)
     config = parse_experiment(raw, write_yaml(tmp_path / "e.yaml", raw))

@@ -18,7 +18,7 @@ from fishertune.experiments import study as study_hook
 from fishertune.experiments.fields import field_error, mapping
 from fishertune.experiments.grid import parse_experiment
 from fishertune.experiments.runner import run_experiment
-from fishertune.files import folder_lock_path, lock_holder
+from fishertune.locks import folder_lock_path, lock_holder
 from test_experiments import FakeLauncher, write_yaml
 
 
