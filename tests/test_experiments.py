@@ -22,7 +22,8 @@ from fishertune.errors import FishertuneError
 from fishertune.experiments import cli as experiment_cli
 from fishertune.experiments.checks import validate_grid
 from fishertune.experiments.commands import evaluate_command, override_flags, train_command
-from fishertune.experiments.grid import expand_grid, load_experiment, parse_experiment
+from fishertune.experiments.experiment_file import load_experiment, parse_experiment
+from fishertune.experiments.grid import expand_grid
 from fishertune.experiments.report import (
     RunRecord,
     aggregate,
@@ -772,7 +773,7 @@ def test_parallel_runs_get_their_own_gpus_in_queue_order(tmp_path: Path, base_co
 STOPPABLE_RUNNER = """
 import sys, subprocess
 from pathlib import Path
-from fishertune.experiments.grid import load_experiment
+from fishertune.experiments.experiment_file import load_experiment
 from fishertune.experiments.processes import subprocess_launcher
 from fishertune.experiments.runner import run_experiment
 

@@ -18,7 +18,7 @@ import pytest
 
 from fishertune.cli import main as cli_main
 from fishertune.errors import FishertuneError
-from fishertune.experiments.grid import parse_experiment
+from fishertune.experiments.experiment_file import parse_experiment
 from fishertune.experiments.runner import run_experiment
 from fishertune.files import STATUS_FILE
 from fishertune.locks import RunnerLock

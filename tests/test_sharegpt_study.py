@@ -18,7 +18,8 @@ from scipy import stats
 
 from fishertune.errors import FishertuneError
 from fishertune.experiments import cli as experiment_cli
-from fishertune.experiments.grid import expand_grid, load_experiment, parse_experiment
+from fishertune.experiments.experiment_file import load_experiment, parse_experiment
+from fishertune.experiments.grid import expand_grid
 from fishertune.experiments.runner import run_experiment
 from fishertune.studies.equivalence.data import StudyData, prepare_study_data, text_chunks
 from test_experiments import write_yaml
