@@ -24,13 +24,8 @@ from fishertune.experiments.checks import validate_grid
 from fishertune.experiments.commands import evaluate_command, override_flags, train_command
 from fishertune.experiments.experiment_file import load_experiment, parse_experiment
 from fishertune.experiments.grid import expand_grid
-from fishertune.experiments.report import (
-    RunRecord,
-    aggregate,
-    format_markdown,
-    load_run_records,
-    write_report,
-)
+from fishertune.experiments.report import load_run_records, write_report
+from fishertune.experiments.report_tables import RunRecord, aggregate, format_markdown
 from fishertune.experiments.runner import run_experiment
 from fishertune.files import STATUS_FILE, read_status
 
