@@ -14,7 +14,7 @@ Two measurements, both without network access or a judge model:
   reported on test).
 * **Generation** on the ``test`` split (skipped with ``max_new_tokens=0``: losses only): greedy
   decoding of a reply to every conversation up to its last assistant turn, through the
-  tokenizer's chat template, scored by ``fishertune.data.tasks.check_response``:
+  tokenizer's chat template, scored by ``fishertune.data.instructions.check_response``:
 
   - ``exact_match``: fraction of test rows whose stripped reply equals the reference answer;
   - ``ifeval_strict`` / ``ifeval_loose``: IFEval's prompt-level strict and loose accuracy over the
@@ -171,7 +171,7 @@ def evaluate_offline(
         rows).
     """
     from fishertune.data.chat import ensure_chat_template, load_conversations, tokenize_dataset
-    from fishertune.data.tasks import check_response
+    from fishertune.data.instructions import check_response
     from fishertune.evaluation.export import generate_replies
 
     ensure_chat_template(tokenizer)
