@@ -26,8 +26,8 @@ from fishertune.data import (
     tokenize_dataset,
 )
 from fishertune.data.chat import check_conversations
+from fishertune.data.instructions import INSTRUCTION_CHECKERS, loose_variants
 from fishertune.data.options import DataOptions
-from fishertune.data.tasks import INSTRUCTION_CHECKERS, loose_variants
 from fishertune.data.tokenizer import tiny_tokenizer_dir
 from fishertune.errors import FishertuneError
 

@@ -15,7 +15,8 @@ import pytest
 
 from fishertune.errors import FishertuneError
 from fishertune.experiments import cli as experiment_cli
-from fishertune.experiments.grid import expand_grid, parse_experiment
+from fishertune.experiments.experiment_file import parse_experiment
+from fishertune.experiments.grid import expand_grid
 from fishertune.experiments.runner import run_experiment
 from fishertune.files import STATUS_FILE
 from test_experiments import FakeLauncher, experiment, option, write_yaml

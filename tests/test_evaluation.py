@@ -14,7 +14,7 @@ from torch import nn
 
 from fishertune.cli import main as cli_main
 from fishertune.data import load_conversations, load_tiny_tokenizer, tokenize_conversation
-from fishertune.data.tasks import reference_answer
+from fishertune.data.instructions import reference_answer
 from fishertune.errors import FishertuneError
 from fishertune.evaluation.export import (
     export_answers,

@@ -22,14 +22,10 @@ from fishertune.errors import FishertuneError
 from fishertune.experiments import cli as experiment_cli
 from fishertune.experiments.checks import validate_grid
 from fishertune.experiments.commands import evaluate_command, override_flags, train_command
-from fishertune.experiments.grid import expand_grid, load_experiment, parse_experiment
-from fishertune.experiments.report import (
-    RunRecord,
-    aggregate,
-    format_markdown,
-    load_run_records,
-    write_report,
-)
+from fishertune.experiments.experiment_file import load_experiment, parse_experiment
+from fishertune.experiments.grid import expand_grid
+from fishertune.experiments.report import load_run_records, write_report
+from fishertune.experiments.report_tables import RunRecord, aggregate, format_markdown
 from fishertune.experiments.runner import run_experiment
 from fishertune.files import STATUS_FILE, read_status
 
@@ -702,7 +698,7 @@ def test_one_runner_per_output_directory(tmp_path: Path, base_config: Path) -> N
     import os
     import subprocess
 
-    from fishertune.files import RunnerLock, folder_lock_path
+    from fishertune.locks import RunnerLock, folder_lock_path
 
     config = parse_experiment(experiment(tmp_path, base_config, seeds=[0]), tmp_path / "e.yaml")
     with RunnerLock(config.output_dir):
@@ -772,7 +768,7 @@ def test_parallel_runs_get_their_own_gpus_in_queue_order(tmp_path: Path, base_co
 STOPPABLE_RUNNER = """
 import sys, subprocess
 from pathlib import Path
-from fishertune.experiments.grid import load_experiment
+from fishertune.experiments.experiment_file import load_experiment
 from fishertune.experiments.processes import subprocess_launcher
 from fishertune.experiments.runner import run_experiment
 

@@ -20,6 +20,7 @@ KNOWN_CLIMBS: set[tuple[str, str]] = set()
 # modules (options .. prepare) come before the tokenizing and loading that use them; formats
 # only re-exports the reader's public names; the package's __init__ re-exports the rest.
 DATA_LAYERS = [
+    "instructions",
     "tasks",
     "builtin",
     "dataset_info",

@@ -18,9 +18,10 @@ import pytest
 
 from fishertune.cli import main as cli_main
 from fishertune.errors import FishertuneError
-from fishertune.experiments.grid import parse_experiment
+from fishertune.experiments.experiment_file import parse_experiment
 from fishertune.experiments.runner import run_experiment
-from fishertune.files import STATUS_FILE, RunnerLock
+from fishertune.files import STATUS_FILE
+from fishertune.locks import RunnerLock
 from fishertune.training.output_dir import output_lock
 from test_experiments import FakeLauncher, experiment, write_yaml
 from test_faults import ENV
@@ -28,7 +29,7 @@ from test_trainer import base_args
 
 HOLD = """
 import sys
-from fishertune.files import RunnerLock, folder_lock
+from fishertune.locks import RunnerLock, folder_lock
 kind, folder = sys.argv[1:]
 lock = RunnerLock(folder) if kind == "runner" else folder_lock(folder, "fishertune train")
 with lock:

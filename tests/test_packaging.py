@@ -88,7 +88,7 @@ def test_unknown_names_list_the_presets_that_exist(tmp_path, monkeypatch) -> Non
 
 
 def test_train_and_experiment_take_preset_names(tmp_path, monkeypatch, capsys) -> None:
-    from fishertune.experiments.grid import load_experiment
+    from fishertune.experiments.experiment_file import load_experiment
     from fishertune.training.cli import parse_args
 
     monkeypatch.chdir(tmp_path)
@@ -116,7 +116,7 @@ def test_train_and_experiment_take_preset_names(tmp_path, monkeypatch, capsys) -
 
 
 def test_a_grid_naming_an_unknown_preset_says_which_exist(tmp_path) -> None:
-    from fishertune.experiments.grid import load_experiment
+    from fishertune.experiments.experiment_file import load_experiment
 
     path = tmp_path / "grid.yaml"
     path.write_text("base_config: tinyy\noutput_dir: out\nmethods: {a: {}}\nseeds: [0]\n")

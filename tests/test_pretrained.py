@@ -538,7 +538,7 @@ def test_readme_library_example_runs_as_written(tmp_path, monkeypatch):
 def test_experiment_grid_fine_tunes_a_saved_model(models, tmp_path):
     """A grid whose runs fine-tune a saved folder, one of them with LoRA: each run trains and is
     scored (the LoRA run folder evaluated as a model)."""
-    from fishertune.experiments.grid import load_experiment
+    from fishertune.experiments.experiment_file import load_experiment
     from fishertune.experiments.runner import run_experiment
 
     base = tmp_path / "base.yaml"

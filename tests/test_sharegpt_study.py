@@ -18,7 +18,8 @@ from scipy import stats
 
 from fishertune.errors import FishertuneError
 from fishertune.experiments import cli as experiment_cli
-from fishertune.experiments.grid import expand_grid, load_experiment, parse_experiment
+from fishertune.experiments.experiment_file import load_experiment, parse_experiment
+from fishertune.experiments.grid import expand_grid
 from fishertune.experiments.runner import run_experiment
 from fishertune.studies.equivalence.data import StudyData, prepare_study_data, text_chunks
 from test_experiments import write_yaml
@@ -428,7 +429,7 @@ def test_study_data_of_other_sizes_is_refused_not_rewritten(tmp_path: Path) -> N
 
 
 def test_runner_prepares_study_data_under_its_lock(tmp_path: Path, monkeypatch) -> None:
-    from fishertune.files import folder_lock_path, lock_holder
+    from fishertune.locks import folder_lock_path, lock_holder
     from fishertune.studies.equivalence import data as sharegpt_data
     from test_experiments import FakeLauncher
 
@@ -452,7 +453,7 @@ def test_slurm_launcher_prepares_study_data_before_submitting(tmp_path: Path) ->
     from types import SimpleNamespace
 
     from fishertune.experiments.slurm import submit_grid
-    from fishertune.files import folder_lock_path, lock_holder
+    from fishertune.locks import folder_lock_path, lock_holder
 
     raw = study_grid(tmp_path)
     config = parse_experiment(raw, write_yaml(tmp_path / "e.yaml", raw))

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from fishertune.experiments import cli as experiment_cli
-from fishertune.experiments.grid import load_experiment
+from fishertune.experiments.experiment_file import load_experiment
 from fishertune.experiments.slurm import grid_status
 from fishertune.files import read_status, step_reached, training_done
 

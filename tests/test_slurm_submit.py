@@ -21,7 +21,8 @@ import cloudpickle
 import pytest
 
 from fishertune.experiments import cli as experiment_cli
-from fishertune.experiments.grid import expand_grid, load_experiment, parse_experiment
+from fishertune.experiments.experiment_file import load_experiment, parse_experiment
+from fishertune.experiments.grid import expand_grid
 from fishertune.experiments.runner import run_experiment
 from fishertune.experiments.slurm import (
     RunJob,

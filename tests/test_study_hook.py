@@ -15,10 +15,10 @@ import pytest
 from fishertune.errors import FishertuneError
 from fishertune.experiments import cli as experiment_cli
 from fishertune.experiments import study as study_hook
+from fishertune.experiments.experiment_file import parse_experiment
 from fishertune.experiments.fields import field_error, mapping
-from fishertune.experiments.grid import parse_experiment
 from fishertune.experiments.runner import run_experiment
-from fishertune.files import folder_lock_path, lock_holder
+from fishertune.locks import folder_lock_path, lock_holder
 from test_experiments import FakeLauncher, write_yaml
 
 

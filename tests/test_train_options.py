@@ -13,7 +13,8 @@ import pytest
 from fishertune.errors import FishertuneError
 from fishertune.files import CHECKPOINT_RECORD
 from fishertune.training import options
-from fishertune.training.options import check_command_line, load_table, prepare_argv
+from fishertune.training.argv import prepare_argv
+from fishertune.training.options import check_command_line, load_table
 
 HEAVY = ("torch", "transformers", "trl", "datasets")
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             # --help, argument errors and TRL's habits answered before the training stack is
             # imported (15 s); the command itself reads its notes again
-            from fishertune.training.options import prepare_argv
+            from fishertune.training.argv import prepare_argv
 
             if prepare_argv(rest)[0] is None:
                 return 0

@@ -235,6 +235,61 @@ def _plot(runs: list[Run], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _checked_runs(
+    args: argparse.Namespace, *, with_validation: bool
+) -> list[tuple[str, Path, dict[str, Any]]]:
+    """``(as given, folder, run record)`` of each run folder on the command line, once every
+    one is refused or accepted: a finished run, given once, not trained on the held-out files."""
+    from fishertune.evaluation.heldout import training_splits
+
+    found: list[tuple[str, Path, dict[str, Any]]] = []
+    seen: dict[Path, str] = {}
+    for text in args.runs:
+        folder, record = _finished_run(text)
+        if folder.resolve() in seen:
+            raise FishertuneError(f"{text}: given twice (also as {seen[folder.resolve()]})")
+        seen[folder.resolve()] = text
+        sources = {"test": ("--test_file", args.test_file)}
+        if with_validation:
+            sources["validation"] = ("--validation_file", args.validation_file)
+        training_splits(sources, folder, allow_training_data=False, hint=HINT)
+        found.append((text, folder, record))
+    return found
+
+
+def _print_results(runs: list[Run], paired: list[dict[str, Any]], notes: list[str]) -> None:
+    """Print the runs' losses, then the paired differences against the baseline and the notes."""
+    header = ["run", "method", "seed", "validation loss", "test loss"]
+    rows = [
+        [r.name, r.method, str(r.seed), _format(r.validation_loss), _format(r.test_loss)]
+        for r in runs
+    ]
+    print()
+    print(_table(header, rows))
+    print()
+    if paired:
+        print("test loss, paired by seed against baseline (method - baseline):")
+        print(
+            _table(
+                ["method", "mean", "95% CI", "pairs", "reading"],
+                [
+                    [
+                        p["method"],
+                        f"{p['mean']:+.4f}",
+                        "-" if p["low"] is None else f"[{p['low']:+.4f}, {p['high']:+.4f}]",
+                        str(p["n"]),
+                        p["reading"],
+                    ]
+                    for p in paired
+                ],
+            )
+        )
+    else:
+        print("no paired differences: no method shares a seed and its data with a baseline run")
+    for note in notes:
+        print(f"note: {note}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``fishertune compare``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -249,21 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             raise FishertuneError(f"{option} must be positive, got {value}")
 
     from fishertune.evaluation.cli import DEFAULT_MAX_LENGTH
-    from fishertune.evaluation.heldout import file_sha256, training_splits
+    from fishertune.evaluation.heldout import file_sha256
 
     # every refusal before the first evaluation: a long comparison does not fail half-way
-    found: list[tuple[str, Path, dict[str, Any]]] = []
-    seen: dict[Path, str] = {}
-    for text in args.runs:
-        folder, record = _finished_run(text)
-        if folder.resolve() in seen:
-            raise FishertuneError(f"{text}: given twice (also as {seen[folder.resolve()]})")
-        seen[folder.resolve()] = text
-        sources = {"test": ("--test_file", args.test_file)}
-        if validation is not None:
-            sources["validation"] = ("--validation_file", args.validation_file)
-        training_splits(sources, folder, allow_training_data=False, hint=HINT)
-        found.append((text, folder, record))
+    found = _checked_runs(args, with_validation=validation is not None)
 
     # without a validation file, evaluate scores the test file for both (its val loss unused)
     scored_validation = validation or test
@@ -301,36 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
-    header = ["run", "method", "seed", "validation loss", "test loss"]
-    rows = [
-        [r.name, r.method, str(r.seed), _format(r.validation_loss), _format(r.test_loss)]
-        for r in runs
-    ]
-    print()
-    print(_table(header, rows))
     paired, notes = _paired(runs)
-    print()
-    if paired:
-        print("test loss, paired by seed against baseline (method - baseline):")
-        print(
-            _table(
-                ["method", "mean", "95% CI", "pairs", "reading"],
-                [
-                    [
-                        p["method"],
-                        f"{p['mean']:+.4f}",
-                        "-" if p["low"] is None else f"[{p['low']:+.4f}, {p['high']:+.4f}]",
-                        str(p["n"]),
-                        p["reading"],
-                    ]
-                    for p in paired
-                ],
-            )
-        )
-    else:
-        print("no paired differences: no method shares a seed and its data with a baseline run")
-    for note in notes:
-        print(f"note: {note}")
+    _print_results(runs, paired, notes)
 
     output = Path(args.output).expanduser()
     output.mkdir(parents=True, exist_ok=True)

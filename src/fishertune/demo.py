@@ -56,7 +56,7 @@ def default_output_dir() -> Path:
 
 def method_overrides(grid_config: str | Path = GRID_PRESET) -> dict[str, dict[str, Any]]:
     """Per-method overrides of the tiny grid (``methods:`` of the experiment YAML or preset)."""
-    from fishertune.experiments.grid import load_experiment
+    from fishertune.experiments.experiment_file import load_experiment
 
     methods = load_experiment(grid_config).methods
     missing = [m for m in METHOD_ORDER if m not in methods]

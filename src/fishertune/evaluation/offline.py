@@ -14,7 +14,7 @@ Two measurements, both without network access or a judge model:
   reported on test).
 * **Generation** on the ``test`` split (skipped with ``max_new_tokens=0``: losses only): greedy
   decoding of a reply to every conversation up to its last assistant turn, through the
-  tokenizer's chat template, scored by ``fishertune.data.tasks.check_response``:
+  tokenizer's chat template, scored by ``fishertune.data.instructions.check_response``:
 
   - ``exact_match``: fraction of test rows whose stripped reply equals the reference answer;
   - ``ifeval_strict`` / ``ifeval_loose``: IFEval's prompt-level strict and loose accuracy over the
@@ -171,7 +171,6 @@ def evaluate_offline(
         rows).
     """
     from fishertune.data.chat import ensure_chat_template, load_conversations, tokenize_dataset
-    from fishertune.data.tasks import check_response
     from fishertune.evaluation.export import generate_replies
 
     ensure_chat_template(tokenizer)
@@ -207,19 +206,32 @@ def evaluate_offline(
         rows = [test[i] for i in range(len(test))]
         replies = None
         if max_new_tokens > 0:
-            prompts = []
-            for row in rows:
-                messages = row["messages"]
-                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                prompts.append(messages[:last])
             replies = generate_replies(
-                model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+                model,
+                tokenizer,
+                [_prompt(row["messages"]) for row in rows],
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
             )
     finally:
         model.train(was_training)
     losses = {"val_loss": val_loss, "test_loss": test_loss, "perplexity": math.exp(val_loss)}
     if replies is None:
         return {**losses, "n_test": float(len(rows))}
+    return {**losses, **_reply_metrics(rows, replies, tokenizer), "n_test": float(len(rows))}
+
+
+def _prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation up to its last assistant turn: what the model is asked to answer."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
+def _reply_metrics(rows: list[Any], replies: list[str], tokenizer: Any) -> dict[str, float]:
+    """The generation metrics of the test replies: exact match, IFEval's strict and loose
+    accuracy (over the rows with instructions; NaN when none has) and the replies' lengths."""
+    from fishertune.data.instructions import check_response
+
     verdicts = [check_response(row, reply) for row, reply in zip(rows, replies, strict=True)]
     with_rules = [v for v in verdicts if "strict" in v]
 
@@ -227,12 +239,10 @@ def evaluate_offline(
         return sum(values) / len(values) if values else float("nan")
 
     return {
-        **losses,
         "exact_match": mean([v["exact_match"] for v in verdicts]),
         "ifeval_strict": mean([v["strict"] for v in with_rules]),
         "ifeval_loose": mean([v["loose"] for v in with_rules]),
         **answer_statistics(
             replies, lambda r: len(tokenizer(r, add_special_tokens=False)["input_ids"])
         ),
-        "n_test": float(len(rows)),
     }

@@ -185,7 +185,7 @@ def _refuse_conflicting_flags(args: argparse.Namespace) -> None:
 
 def _load_config(args: argparse.Namespace) -> ExperimentConfig:
     """The experiment file with the command line's replacements and overrides applied."""
-    from fishertune.experiments.grid import load_experiment
+    from fishertune.experiments.experiment_file import load_experiment
 
     overrides = parse_set(args.set_)
     if args.max_steps is not None:

@@ -1,6 +1,6 @@
 """The experiment file's field checks: every fault is one line naming the file and the field
 (``FILE: methods.a.seed: ...``); relative paths resolve as the module docstring of
-:mod:`fishertune.experiments.grid` says."""
+:mod:`fishertune.experiments.experiment_file` says."""
 
 from __future__ import annotations
 

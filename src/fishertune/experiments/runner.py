@@ -21,7 +21,7 @@ CUDA context and RNG state, a crash cannot take the grid down, and the multi-GPU
 ``accelerate launch`` command a user would type. Each child runs in its own process group, which
 is killed when the runner is stopped (Ctrl-C, SIGTERM): an ``accelerate launch`` and its workers go
 with it. A lock (``.OUTPUT_DIR.lock`` beside the output directory, holding the owner's PID:
-:class:`~fishertune.files.RunnerLock`) keeps a second runner, and any ``fishertune train`` but the
+:class:`~fishertune.locks.RunnerLock`) keeps a second runner, and any ``fishertune train`` but the
 runs' own, off the output directory. ``--parallel N`` runs N runs at once, each on its own GPUs.
 """
 
@@ -52,7 +52,8 @@ from fishertune.experiments.stages import (
     run_run,
     update_status,
 )
-from fishertune.files import RunnerLock, read_status, training_done
+from fishertune.files import read_status, training_done
+from fishertune.locks import RunnerLock
 
 __all__ = ["gpu_slots", "run_experiment"]
 

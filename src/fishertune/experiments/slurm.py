@@ -47,7 +47,8 @@ from fishertune.experiments.stages import (
     update_status,
 )
 from fishertune.experiments.status import ACTIVE_STATES, RunView, format_status_table, run_views
-from fishertune.files import RunnerLock, read_status
+from fishertune.files import read_status
+from fishertune.locks import RunnerLock
 
 try:  # submitit is the `train` extra's; the local launcher works without it
     import submitit

@@ -154,7 +154,7 @@ def _finish_run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fishertune.training.options import prepare_argv
+    from fishertune.training.argv import prepare_argv
 
     prepared, notes = prepare_argv(list(sys.argv[1:] if argv is None else argv))
     if prepared is None:

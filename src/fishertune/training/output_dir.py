@@ -16,14 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fishertune.errors import FishertuneError
-from fishertune.files import (
-    RUN_RECORD,
-    HeldFolder,
-    check_no_holders_inside,
-    folder_lock,
-    latest_checkpoint,
-    read_json_record,
-)
+from fishertune.files import RUN_RECORD, latest_checkpoint, read_json_record
+from fishertune.locks import HeldFolder, check_no_holders_inside, folder_lock
 from fishertune.modeling import TINY_MODEL
 
 logger = logging.getLogger(__name__)
@@ -253,7 +247,7 @@ def check_writable(path: Path) -> None:
 
 def output_lock(output_dir: str | os.PathLike) -> HeldFolder:
     """The lock that keeps one ``fishertune train`` per output folder, and none in or around a
-    live grid or another live trainer's folder: :class:`~fishertune.files.HeldFolder`
+    live grid or another live trainer's folder: :class:`~fishertune.locks.HeldFolder`
     (``.NAME.lock`` beside the folder, naming its holder's PID), the runners' protocol too."""
     path = Path(output_dir).resolve()
     check_writable(path)

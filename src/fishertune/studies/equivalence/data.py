@@ -260,6 +260,21 @@ def check_study_data(
     return _existing(Path(out_dir), settings) is not None
 
 
+def _chat_row(records: list[dict[str, Any]], group: str, sizes: StudyData) -> dict[str, Any] | None:
+    """The group's first conversation as a chat row (cut to ``conversation_chars`` by
+    :func:`_cut`), or ``None`` when it is not usable as one: its first turn after a system
+    prompt is not a user's of at most ``first_turn_chars``, or it cannot be cut."""
+    first = records[0]["messages"]
+    if first[0]["role"] == "system":
+        first = first[1:]
+    if not first or first[0]["role"] != "user" or len(first[0]["content"]) > sizes.first_turn_chars:
+        return None
+    cut = _cut(records[0]["messages"], sizes.conversation_chars)
+    if cut is None:
+        return None
+    return {"messages": cut, "id": records[0].get("id"), "group": group}
+
+
 def _write_parts(
     out: Path, source: str, sizes: StudyData, settings: dict[str, Any]
 ) -> dict[str, Any]:
@@ -288,20 +303,10 @@ def _write_parts(
             continue
         open_part = next((p for p in chat_parts if len(chat_parts[p]) < wanted[p]), None)
         if open_part is not None:
-            first = records[0]["messages"]
-            if first[0]["role"] == "system":
-                first = first[1:]
-            if (
-                first
-                and first[0]["role"] == "user"
-                and len(first[0]["content"]) <= (sizes.first_turn_chars)
-            ):
-                cut = _cut(records[0]["messages"], sizes.conversation_chars)
-                if cut is not None:
-                    chat_parts[open_part].append(
-                        {"messages": cut, "id": records[0].get("id"), "group": group}
-                    )
-                    continue
+            row = _chat_row(records, group, sizes)
+            if row is not None:
+                chat_parts[open_part].append(row)
+                continue
             # not usable as a chat row: it goes to part A below, like any later conversation
         if pretrain_chars >= sizes.pretrain_chars:
             if open_part is None:
