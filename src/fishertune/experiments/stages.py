@@ -230,7 +230,7 @@ def prepare_grid_data(
     config: ExperimentConfig, log: Callable[[str], None] = print, *, dry_run: bool = False
 ) -> bool:
     """Write the study's data (the ``study_data:`` block), under the launcher's
-    :class:`~fishertune.files.RunnerLock`, through its
+    :class:`~fishertune.locks.RunnerLock`, through its
     :meth:`~fishertune.experiments.study.Study.prepare_data` (nothing when it exists with the
     same settings); with ``dry_run`` only say whether it would be.
 
