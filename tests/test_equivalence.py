@@ -435,3 +435,21 @@ def test_estimator_noise_is_the_one_direction_relative_sd_per_batch() -> None:
     # an older record without the settings: no noise figure, the rest as before
     old = _curvature({"splits": {"validation": entry}})["validation"]
     assert math.isnan(old["trace_h_noise"]) and old["trace_f"] == 1.25
+
+
+def test_a_different_effect_of_the_other_sign_is_called_so() -> None:
+    """NEFTune's measured effect can change sign between levels (helping at small noise, hurting
+    at large): a negative ratio is "opposite in sign", not "more" by its absolute size."""
+    from fishertune.studies.equivalence.comparisons import match_verdict
+
+    def verdict(ratio: float, tost_p: float = 0.5, differ_p: float = 0.001, high=None) -> str:
+        fieller = {"ratio": ratio, "kind": "bounded", "low": ratio - 1, "high": high or ratio + 1}
+        return match_verdict({"ratio": fieller}, tost_p, differ_p, "the a² prediction")
+
+    assert verdict(-4.5) == "different: opposite in sign to the a² prediction"
+    # a negative point ratio whose interval reaches 0: an effect not shown to go the other way
+    assert verdict(-0.2, high=0.3) == "different: less than the a² prediction"
+    assert verdict(0.4) == "different: less than the a² prediction"
+    assert verdict(1.6) == "different: more than the a² prediction"
+    assert verdict(-4.5, differ_p=0.2) == "inconclusive"
+    assert verdict(1.02, tost_p=0.01) == "reproduces the a² prediction"

@@ -125,13 +125,17 @@ def _match(x: Sequence[float], y: Sequence[float], ratio_margin: float) -> dict[
 
 def match_verdict(entry: dict[str, Any], tost_p: float, differ_p: float, what: str) -> str:
     """A match's verdict from its (possibly Holm-adjusted) p-values: *reproduces* ``what`` when
-    the ratio's TOST rejects at :data:`ALPHA`, *different: less/more than* ``what`` when the
-    ratio differs from 1, else *inconclusive*."""
+    the ratio's TOST rejects at :data:`ALPHA`; when the ratio differs from 1, *different:
+    opposite in sign to* ``what`` when its whole 95% Fieller interval is below 0 (the effect goes
+    the other way), else *different: less/more than* ``what`` (ratio below or above 1); else
+    *inconclusive*."""
     if tost_p < ALPHA:
         return f"reproduces {what}"
     if differ_p < ALPHA:
-        below = abs(entry["ratio"]["ratio"]) < 1
-        return f"different: {'less' if below else 'more'} than {what}"
+        ratio = entry["ratio"]
+        if ratio.get("kind") == "bounded" and ratio["high"] < 0:
+            return f"different: opposite in sign to {what}"
+        return f"different: {'less' if ratio['ratio'] < 1 else 'more'} than {what}"
     return "inconclusive"
 
 
