@@ -61,6 +61,11 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("logit-F exact", {"method": "logit-f", "penalty_grad": "exact", **PENALTY}),
     ("token-F fd", {"method": "token-f", "penalty_grad": "fd", **PENALTY}),
     ("logit-F fd", {"method": "logit-f", "penalty_grad": "fd", **PENALTY}),
+    # the projection fused with the CE and the penalty: no (N, V) logits on any pass
+    ("token-F fd, linear",
+     {"method": "token-f", "penalty_grad": "fd", "ce_kernel": "linear", **PENALTY}),
+    ("logit-F fd, linear",
+     {"method": "logit-f", "penalty_grad": "fd", "ce_kernel": "linear", **PENALTY}),
     # the CE taken at X + h v (one backward fewer; its error grows as 1 / coefficient)
     ("token-F fd, fused CE",
      {"method": "token-f", "penalty_grad": "fd", "penalty_fd_fused_ce": True, **PENALTY}),

@@ -68,7 +68,7 @@ from fishertune.penalties import (
     penalty_from_direction,
     scored_targets,
 )
-from fishertune.vocab import scored_softmax, scored_terms
+from fishertune.vocab import Logits, frozen_reference, scored_terms
 
 __all__ = [
     "DEFAULT_HESSIAN_FD_STEP",
@@ -102,10 +102,12 @@ DEFAULT_HESSIAN_FD_STEP: dict[torch.dtype, float] = {
     torch.float16: 1e-1,
 }
 
-Forward = Callable[[Tensor | None], tuple[Tensor, Tensor]]
+Forward = Callable[[Tensor | None], tuple[Logits, Tensor]]
 """``forward(shift) -> (logits (B, L, V), embeds (B, L, d))``: the model's logits with its input
 embeddings replaced by ``X + shift`` (``shift=None``: ``X`` itself), and the embeddings the model
-saw (with their graph). Every call must draw the same dropout masks, or a difference of two
+saw (with their graph). The logits may be :class:`fishertune.vocab.LinearLogits` (the hidden
+states and the output projection, never (N, V)) for :func:`fd_penalty_loss` and
+:func:`hessian_fd_loss`. Every call must draw the same dropout masks, or a difference of two
 forwards would be mask noise divided by ``h``."""
 
 Backward = Callable[[Tensor], None]
@@ -486,14 +488,15 @@ class _FiniteDifference:
         term (or, fused, its gradient by hand). Returns the objective's value and ``S``.
 
         CE, ``g`` and the metrics share one log-sum-exp per position, read chunk by chunk
-        (:func:`fishertune.vocab.scored_terms`); logit-F's ``p_ref`` is the one (N, V) tensor
-        kept for the shifted passes."""
+        (:func:`fishertune.vocab.scored_terms`); logit-F's ``p_ref`` is kept for the shifted
+        passes (:func:`fishertune.vocab.frozen_reference`: (N, V), or the (N, d) hidden states
+        it is projected from again)."""
         passes, settings, label_mask = self.passes, self.settings, self.label_mask
         with passes.no_sync() if self.split else contextlib.nullcontext():
             logits, embeds = passes.forward(None)
             self.targets = targets_for(logits, label_mask)
             # logit-F's p_ref here is softmax(z) of these logits, computed by the chunks as they
-            # go: bit for bit the scored_softmax kept below for the shifted passes
+            # go: bit for bit the frozen_reference kept below for the shifted passes
             terms = scored_terms(
                 logits,
                 label_mask,
@@ -526,7 +529,7 @@ class _FiniteDifference:
             # X + h v against g(X)'s own float64 one would put its rounding, about 1e-7 |z|, into
             # g(X + h v) - g(X) and so 1e-7 |z| / h into the fd gradient
             self.reference_probs = (
-                scored_softmax(logits.detach(), label_mask) if self.kind == "logit" else None
+                frozen_reference(logits, label_mask) if self.kind == "logit" else None
             )
             self.steps = [
                 fd_step_size(

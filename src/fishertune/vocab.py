@@ -23,31 +23,46 @@ the output projection's matmul on a CPU.
 * :func:`softmax_draws`: the sampler's draws ``y' ~ softmax(z_t)``, chunk by chunk, with the same
   uniforms from the same generator (one ``torch.rand((N, m), float64)``) and the same float32
   softmax per row as the dense sampler, so the same seed gives the same draws.
-* :func:`scored_softmax`: logit-F's constant ``p_ref`` (N, V) for the shifted forwards of finite
-  differences; the one (N, V) tensor kept, because a shifted pass sees only its own logits.
+* :func:`frozen_reference`: logit-F's constant ``p_ref`` for the shifted forwards of finite
+  differences: the (N, V) softmax for dense logits (a shifted pass sees only its own logits), or,
+  for :class:`LinearLogits`, the scored hidden states (N, d) from which each chunk of ``p_ref`` is
+  projected again.
+* :class:`LinearLogits` (``ce_kernel=linear``): the output projection ``z = W h + b`` fused into
+  all of the above: the model hands over its last hidden states and ``lm_head``'s weight instead
+  of its logits, and the CE, the draws, ``g`` and the rows' log-likelihood are computed from
+  projected chunks of rows; the backward projects each chunk again and writes ``grad h = dZ W``,
+  ``grad W = dZ^T h``, ``grad b = sum_t dZ_t`` (the weight's matmul skipped when the running
+  backward does not reach the weight: ``v = grad_X g``). No (N, V) tensor exists on this path.
+  :func:`linear_scored_ce` is the baseline's CE through the same kernel.
 
-Hand-written: ``torch.nn.functional.linear_cross_entropy`` (torch 2.13) chunks the CE over the
-output projection, but it takes the hidden states and the projection's weight, which the
-trainer's forward (through DDP / FSDP / PEFT wrappers, with models that post-process their logits)
-does not expose, and it returns the CE alone: not the log-sum-exp that the draws and ``g`` share,
-nor ``g``'s gradient. Nothing in torch or the fine-tuning libraries samples from a softmax
-or forms ``g`` chunk by chunk.
+Hand-written: ``torch.nn.functional.linear_cross_entropy`` (torch 2.13) and the fused linear CEs
+of Liger Kernel or Cut Cross-Entropy chunk the CE over the output projection, but they return the
+CE alone: not the log-sum-exp that the draws and ``g`` share, nor ``g``, logit-F's
+``<z_t, p_ref_t>`` against a reference held constant, the rows' log-likelihood or their gradients;
+nor the entropy and accuracy the step logs. Nothing in torch or the fine-tuning libraries samples
+from a softmax or forms ``g`` chunk by chunk, fused with the projection or not. The dense path
+stays for models whose logits are not their hidden states times the output embedding (a logit
+scale, a softcap, an adapter on the head) and for exact double backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.autograd.graph import get_gradient_edge
 
 __all__ = [
     "CHUNK_BYTES",
+    "LinearLogits",
     "ScoredTerms",
+    "frozen_reference",
     "inverse_cdf",
+    "linear_logits",
     "linear_scored_ce",
     "row_chunks",
     "scored_rows",
@@ -65,6 +80,9 @@ ACCELERATOR_CHUNK_BYTES = 256 * 2**20
 
 # index of each statistic in ScoredTerms.statistics
 STAT_TOKENS, STAT_ENTROPY, STAT_CORRECT, STAT_CE = range(4)
+
+ChunkLogits = Callable[[slice], Tensor]
+"""``z_of(chunk)``: the logits (c, V) of the scored rows ``chunk``, float32 or wider."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -125,9 +143,84 @@ def inverse_cdf(probs: Tensor, u: Tensor, block: int) -> Tensor:
     return (chosen * block + inner.clamp_(max=block - 1)).clamp_(max=vocab - 1)
 
 
+@dataclass(eq=False)
+class LinearLogits:
+    """The logits ``z = W h + b`` of the output projection, never materialized as (N, V).
+
+    What the penalty's forward hands over instead of the model's (B, L, V) logits under
+    ``ce_kernel=linear``; every function here that takes logits takes this too, and recomputes
+    ``z`` chunk by chunk from ``hidden`` and ``weight``.
+
+    Attributes:
+        hidden: (B, L, d) the last hidden states, with graph; or (N, d) already at the scored
+            positions (:func:`frozen_reference`).
+        weight: (V, d) the projection's weight; ``bias`` (V,) or ``None``.
+        mm_dtype: the dtype of the projection's matmul (autocast's when on, as the model's own
+            ``lm_head`` would run); its softmax runs in float32 or wider.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    mm_dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape the logits would have: ``(*hidden.shape[:-1], V)``."""
+        return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def scored(self, label_mask: Tensor) -> Tensor:
+        """The hidden states (N, d) at the scored positions, in ``label_mask`` order."""
+        return self.hidden.reshape(-1, self.hidden.shape[-1])[scored_rows(label_mask)]
+
+    def operands(self) -> tuple[Tensor, Tensor | None]:
+        """``W`` and ``b`` in the matmul's dtype (cast once per pass, not per chunk)."""
+        bias = None if self.bias is None else self.bias.to(self.mm_dtype)
+        return self.weight.to(self.mm_dtype), bias
+
+
+def linear_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> LinearLogits:
+    """:class:`LinearLogits` with the matmul in the autocast dtype when autocast is on."""
+    device_type = hidden.device.type
+    mm_dtype = (
+        torch.get_autocast_dtype(device_type)
+        if torch.is_autocast_enabled(device_type)
+        else hidden.dtype
+    )
+    return LinearLogits(hidden, weight, bias, mm_dtype)
+
+
+Logits = Tensor | LinearLogits
+
+
+def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``z = h W^T + b`` (c, V) in ``weight``'s dtype, returned in float32 or wider."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        z = hidden.to(weight.dtype) @ weight.T
+        if bias is not None:
+            z = z + bias
+    return z.to(compute_dtype(z.dtype))
+
+
+def _scored_chunks(logits: Logits, label_mask: Tensor) -> tuple[int, int, ChunkLogits]:
+    """``(N, V, z_of)``: ``z_of(chunk)`` gives the scored rows' logits (c, V) of ``chunk``, in
+    float32 or wider: read from the logits, or projected from the hidden states."""
+    if isinstance(logits, LinearLogits):
+        hidden = logits.scored(label_mask)
+        weight, bias = logits.operands()
+        return hidden.shape[0], weight.shape[0], lambda c: _project(hidden[c], weight, bias)
+    flat, rows = _flat(logits), scored_rows(label_mask)
+    dtype = compute_dtype(flat.dtype)
+    return rows.numel(), flat.shape[1], lambda c: flat[rows[c]].to(dtype)
+
+
 @torch.no_grad()
 def softmax_draws(
-    logits: Tensor,
+    logits: Logits,
     label_mask: Tensor,
     samples: int,
     generator: torch.Generator | None,
@@ -137,14 +230,13 @@ def softmax_draws(
 
     The uniforms are one ``torch.rand((N, samples), float64)`` from ``generator`` and each row's
     probabilities ``torch.softmax(z_t.float())``, as the dense sampler takes them, so a generator
-    in the same state gives the same draws.
+    in the same state gives the same draws (for :class:`LinearLogits`, of the projected rows).
     """
-    flat, rows = _flat(logits), scored_rows(label_mask)
-    n = rows.numel()
+    n, vocab, z_of = _scored_chunks(logits, label_mask)
     u = torch.rand(n, samples, generator=generator, device=logits.device, dtype=torch.float64)
     draws = torch.empty(n, samples, dtype=torch.long, device=logits.device)
-    for chunk in row_chunks(n, flat.shape[1], flat.device):
-        probs = torch.softmax(flat[rows[chunk]].float(), dim=-1)
+    for chunk in row_chunks(n, vocab, logits.device):
+        probs = torch.softmax(z_of(chunk).float(), dim=-1)
         draws[chunk] = inverse_cdf(probs, u[chunk], block)
     return draws
 
@@ -154,12 +246,40 @@ def scored_softmax(logits: Tensor, label_mask: Tensor) -> Tensor:
     """``softmax(z_t)`` at the scored positions (N, V), float32 or wider, filled chunk by chunk
     (logit-F's constant ``p_ref``; bit for bit ``torch.softmax(logits[label_mask].float())``
     for float32 logits)."""
-    flat, rows = _flat(logits), scored_rows(label_mask)
-    dtype = compute_dtype(flat.dtype)
-    out = torch.empty(rows.numel(), flat.shape[1], dtype=dtype, device=flat.device)
-    for chunk in row_chunks(rows.numel(), flat.shape[1], flat.device):
-        out[chunk] = torch.softmax(flat[rows[chunk]].to(dtype), dim=-1)
+    n, vocab, z_of = _scored_chunks(logits, label_mask)
+    out = torch.empty(n, vocab, dtype=compute_dtype(logits.dtype), device=logits.device)
+    for chunk in row_chunks(n, vocab, logits.device):
+        out[chunk] = torch.softmax(z_of(chunk), dim=-1)
     return out
+
+
+Reference = Tensor | LinearLogits
+
+
+def frozen_reference(logits: Logits, label_mask: Tensor) -> Reference:
+    """logit-F's constant ``p_ref = softmax(z_t)`` at the scored positions, for ``reference``.
+
+    Dense logits: the (N, V) softmax (:func:`scored_softmax`). :class:`LinearLogits`: the
+    scored hidden states (N, d) and the weight, detached, from which each pass recomputes its
+    chunk of ``p_ref``: storage that does not grow with V, and the same chunks and matmul as the
+    pass at these logits, so bit for bit the ``q`` that pass used.
+    """
+    if isinstance(logits, LinearLogits):
+        bias = None if logits.bias is None else logits.bias.detach()
+        hidden = logits.scored(label_mask).detach()
+        return LinearLogits(hidden, logits.weight.detach(), bias, logits.mm_dtype)
+    return scored_softmax(logits.detach(), label_mask)
+
+
+def _reference_of(reference: Reference | None) -> ChunkLogits | None:
+    """``q`` of the rows of a chunk (c, V), from a :func:`frozen_reference`."""
+    if reference is None:
+        return None
+    if isinstance(reference, LinearLogits):
+        hidden = reference.hidden
+        weight, bias = reference.operands()
+        return lambda c: torch.softmax(_project(hidden[c], weight, bias), dim=-1)
+    return lambda c: reference[c]
 
 
 Kind = Literal["token", "logit"]
@@ -186,27 +306,28 @@ class ScoredTerms:
 
 
 def scored_terms(
-    logits: Tensor,
+    logits: Logits,
     label_mask: Tensor,
     labels: Tensor | None = None,
     draws: Tensor | None = None,
     *,
     kind: Kind = "token",
-    reference: Tensor | None = None,
+    reference: Reference | None = None,
     statistics: bool = False,
     row_log_likelihood: bool = False,
 ) -> ScoredTerms:
     """CE, the penalty's ``g`` and the metrics at the scored positions, from one log-sum-exp.
 
     Args:
-        logits: (B, L, V), with graph.
+        logits: (B, L, V), with graph; or :class:`LinearLogits` (the projection fused in:
+            gradients go to its hidden states, weight and bias).
         label_mask: (B, L) bool.
         labels: (N,) the next-token targets ``y_t`` at the scored positions, for the CE (and the
             accuracy); ``None``: no CE.
         draws: (N, m) ``y'``; ``None``: no ``g``.
         kind: ``"token"``: ``g_s = sum_t (z_t[y'_ts] - lse_t)``; ``"logit"``:
-            ``g_s = sum_t (z_t[y'_ts] - <z_t, q_t>)``, ``q`` held constant: ``reference`` (N, V),
-            or ``softmax(z_t)`` of these logits.
+            ``g_s = sum_t (z_t[y'_ts] - <z_t, q_t>)``, ``q`` held constant: ``reference``
+            (:func:`frozen_reference`), or ``softmax(z_t)`` of these logits.
         statistics: also return the metrics (needs ``labels``).
         row_log_likelihood: also return ``l_bs = sum_{t in row b} M_t (z_t[y'_ts] - lse_t)``
             (B, m) (needs ``draws``; the model's own ``log p``, whichever ``kind``).
@@ -220,12 +341,17 @@ def scored_terms(
         raise ValueError("statistics need the labels")
     if row_log_likelihood and draws is None:
         raise ValueError("the rows' log-likelihood needs the draws")
-    flat, rows = _flat(logits), scored_rows(label_mask)
+    rows = scored_rows(label_mask)
     # the row (in B) of each scored position, for the rows' log-likelihood
     owner = rows // label_mask.shape[1] if row_log_likelihood else None
-    ce, g, stats, row_ll = _ScoredTerms.apply(
-        flat, rows, labels, draws, reference, kind, statistics, owner, label_mask.shape[0]
-    )
+    terms = _Terms(labels, draws, reference, kind, statistics, owner, label_mask.shape[0])
+    if isinstance(logits, LinearLogits):
+        hidden = logits.scored(label_mask)
+        ce, g, stats, row_ll = _LinearScoredTerms.apply(
+            hidden, logits.weight, logits.bias, logits.mm_dtype, terms
+        )
+    else:
+        ce, g, stats, row_ll = _ScoredTerms.apply(_flat(logits), rows, terms)
     return ScoredTerms(
         ce if labels is not None else None,
         g if draws is not None else None,
@@ -234,118 +360,174 @@ def scored_terms(
     )
 
 
+@dataclass
+class _Terms:
+    """What :func:`scored_terms` computes, shared by its two autograd functions: ``owner``
+    (N,) is the row of each scored position (``None``: no rows' log-likelihood), ``batch``
+    the number of rows; ``lse`` (N,) is filled by the forward for the backward."""
+
+    labels: Tensor | None
+    draws: Tensor | None
+    reference: Reference | None
+    kind: str
+    statistics: bool
+    owner: Tensor | None
+    batch: int
+    lse: Tensor | None = None
+
+
+def _forward(terms: _Terms, n: int, vocab: int, z_of: ChunkLogits, like: Tensor, dtype):
+    """``(ce, g, statistics, row_log_likelihood)`` of :func:`scored_terms`, reading each
+    chunk's logits ``z_of(chunk)`` once: its log-sum-exp, ``z`` at the labels and the draws,
+    logit-F's ``<z_t, q_t>`` and the metrics. Keeps ``lse`` in ``terms`` for the backward."""
+    labels, draws, kind = terms.labels, terms.draws, terms.kind
+    # the log-sum-exp is needed by the CE, token-F's g and logit-F's own p; logit-F with a
+    # given reference and no CE needs none
+    need_lse = (
+        labels is not None or kind == "token" or terms.reference is None or terms.owner is not None
+    )
+    lse = like.new_zeros(n, dtype=dtype) if need_lse else None
+    at_labels = like.new_zeros(n, dtype=dtype) if labels is not None else None
+    at_draws = like.new_zeros(n, draws.shape[1], dtype=dtype) if draws is not None else None
+    baseline = like.new_zeros(n, dtype=dtype) if kind == "logit" and draws is not None else None
+    reference_of = _reference_of(terms.reference)
+    entropy = like.new_zeros((), dtype=torch.float64)
+    correct = like.new_zeros((), dtype=torch.float64)
+    for chunk in row_chunks(n, vocab, like.device):
+        z = z_of(chunk)  # (c, V)
+        if lse is not None:
+            lse[chunk] = torch.logsumexp(z, dim=-1)
+        if at_labels is not None:
+            at_labels[chunk] = z.gather(1, labels[chunk, None])[:, 0]
+        if at_draws is not None:
+            at_draws[chunk] = z.gather(1, draws[chunk])
+        q = None
+        if baseline is not None:
+            q = reference_of(chunk) if reference_of is not None else torch.softmax(z, dim=-1)
+            baseline[chunk] = (z * q).sum(-1)
+        if terms.statistics:
+            p = q if q is not None and reference_of is None else torch.softmax(z, dim=-1)
+            entropy += (lse[chunk] - (p * z).sum(-1)).sum().double()
+            correct += (z.argmax(-1) == labels[chunk]).sum().double()
+    ce = like.new_zeros((), dtype=dtype)
+    if labels is not None:
+        ce = (lse - at_labels).sum()
+    g = like.new_zeros(0, dtype=dtype)
+    row_ll = like.new_zeros(0, dtype=dtype)
+    if draws is not None:
+        g = (at_draws - (lse if kind == "token" else baseline)[:, None]).sum(0)
+        if terms.owner is not None:  # log p_t[y'_ts] summed per row: (B, m)
+            log_p = at_draws - lse[:, None]
+            row_ll = log_p.new_zeros(terms.batch, draws.shape[1])
+            row_ll.index_add_(0, terms.owner, log_p)
+    stats = like.new_zeros(4, dtype=torch.float64)
+    if terms.statistics:
+        stats[STAT_TOKENS] = n
+        stats[STAT_ENTROPY] = entropy
+        stats[STAT_CORRECT] = correct
+        stats[STAT_CE] = ce.double()
+    terms.lse = lse
+    return ce, g, stats, row_ll
+
+
+def _logit_grads(
+    terms: _Terms,
+    n: int,
+    vocab: int,
+    z_of: ChunkLogits,
+    grads: tuple[Tensor, Tensor, Tensor],
+    like: Tensor,
+    dtype: torch.dtype,
+) -> Iterator[tuple[slice, Tensor]]:
+    """The gradient of the logits, chunk by chunk (nothing when every output's gradient is 0):
+
+    ``dZ_t = a_ce (p_t - e_{y_t}) + sum_s a_s (e_{y'_ts} - q_t)``
+    ``+ sum_s c_{b(t)s} (e_{y'_ts} - p_t)``, with ``p_t = exp(z_t - lse_t)`` (LogsumexpBackward's
+    own formula), ``q = p`` for token-F,
+    ``grads = (a_ce, a, c)`` the gradients of the CE, ``g`` and the rows' log-likelihood.
+    ``z_of`` is called only where ``p`` is needed."""
+    grad_ce, grad_g, grad_rows = grads
+    labels, draws, lse, owner = terms.labels, terms.draws, terms.lse, terms.owner
+    use_ce = labels is not None and bool(grad_ce != 0)
+    use_g = draws is not None and grad_g.numel() > 0 and bool((grad_g != 0).any())
+    use_rows = owner is not None and grad_rows.numel() > 0 and bool((grad_rows != 0).any())
+    if not (use_ce or use_g or use_rows):
+        return
+    reference_of = _reference_of(terms.reference)
+    token = terms.kind == "token"
+    g_total = grad_g.sum().to(dtype) if use_g else None
+    # c_{b(t)s} per scored position (N, m): row b's gradient of l_bs
+    per_position = grad_rows.to(dtype)[owner] if use_rows else None
+    # the coefficient of p_t: a_ce - sum_s a_s (token-F) - sum_s c_{b(t)s}
+    scale: Tensor | float = (grad_ce.to(dtype) if use_ce else 0.0) - (
+        g_total if use_g and token else 0.0
+    )
+    for chunk in row_chunks(n, vocab, like.device):
+        part = None
+        z = None
+        if use_ce or (use_g and token) or use_rows:
+            z = z_of(chunk)
+            p = (z - lse[chunk, None]).exp_()
+            chunk_scale = scale
+            if use_rows:
+                chunk_scale = scale - per_position[chunk].sum(-1, keepdim=True)  # (c, 1)
+            part = p.mul_(chunk_scale)
+        if use_g and not token:
+            if reference_of is not None:
+                q = reference_of(chunk)
+            else:
+                q = torch.softmax(z_of(chunk) if z is None else z, dim=-1)
+            part = -g_total * q if part is None else part.sub_(q * g_total)
+        if part is None:
+            part = like.new_zeros(chunk.stop - chunk.start, vocab, dtype=dtype)
+        if use_ce:
+            part.scatter_add_(1, labels[chunk, None], (-grad_ce.to(dtype)).expand(part.shape[0], 1))
+        if use_g or use_rows:
+            m = draws.shape[1]
+            at_draws = (
+                grad_g.to(dtype)[None, :].expand(part.shape[0], m) if use_g else per_position[chunk]
+            )
+            if use_g and use_rows:
+                at_draws = at_draws + per_position[chunk]
+            part.scatter_add_(1, draws[chunk], at_draws)
+        yield chunk, part
+
+
 class _ScoredTerms(torch.autograd.Function):
-    """``(ce, g, statistics, row_log_likelihood)`` of :func:`scored_terms` over the flattened
-    logits (R, V); ``owner`` (N,) is the row of each scored position (``None``: no
-    ``row_log_likelihood``), ``batch`` the number of rows."""
+    """:func:`scored_terms` over the flattened logits (R, V), scored rows ``rows`` (N,)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        flat: Tensor,
-        rows: Tensor,
-        labels: Tensor | None,
-        draws: Tensor | None,
-        reference: Tensor | None,
-        kind: str,
-        statistics: bool,
-        owner: Tensor | None,
-        batch: int,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(ctx, flat: Tensor, rows: Tensor, terms: _Terms):  # type: ignore[override]
         dtype = compute_dtype(flat.dtype)
-        n, vocab = rows.numel(), flat.shape[1]
-        # the log-sum-exp is needed by the CE, token-F's g and logit-F's own p; logit-F with a
-        # given reference and no CE needs none
-        need_lse = labels is not None or kind == "token" or reference is None or owner is not None
-        lse = flat.new_zeros(n, dtype=dtype) if need_lse else None
-        baseline = flat.new_zeros(n, dtype=dtype) if kind == "logit" and draws is not None else None
-        entropy = flat.new_zeros((), dtype=torch.float64)
-        correct = flat.new_zeros((), dtype=torch.float64)
-        for chunk in row_chunks(n, vocab, flat.device):
-            z = flat[rows[chunk]].to(dtype)  # (c, V)
-            if lse is not None:
-                lse[chunk] = torch.logsumexp(z, dim=-1)
-            q = None
-            if baseline is not None:
-                q = reference[chunk] if reference is not None else torch.softmax(z, dim=-1)
-                baseline[chunk] = (z * q).sum(-1)
-            if statistics:
-                p = q if q is not None and reference is None else torch.softmax(z, dim=-1)
-                entropy += (lse[chunk] - (p * z).sum(-1)).sum().double()
-                correct += (z.argmax(-1) == labels[chunk]).sum().double()
-        ce = flat.new_zeros((), dtype=dtype)
-        if labels is not None:
-            ce = (lse - flat[rows, labels].to(dtype)).sum()
-        g = flat.new_zeros(0, dtype=dtype)
-        row_ll = flat.new_zeros(0, dtype=dtype)
-        if draws is not None:
-            picked = flat[rows[:, None], draws].to(dtype)  # (N, m)
-            g = (picked - (lse if kind == "token" else baseline)[:, None]).sum(0)
-            if owner is not None:  # log p_t[y'_ts] summed per row: (B, m)
-                log_p = picked - lse[:, None]
-                row_ll = log_p.new_zeros(batch, draws.shape[1]).index_add_(0, owner, log_p)
-        stats = flat.new_zeros(4, dtype=torch.float64)
-        if statistics:
-            stats[STAT_TOKENS] = n
-            stats[STAT_ENTROPY] = entropy
-            stats[STAT_CORRECT] = correct
-            stats[STAT_CE] = ce.double()
-        ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(flat, rows, labels, draws, reference, lse, owner)
-        ctx.kind, ctx.shape = kind, flat.shape
-        return ce, g, stats, row_ll
+        outputs = _forward(
+            terms, rows.numel(), flat.shape[1], lambda c: flat[rows[c]].to(dtype), flat, dtype
+        )
+        ctx.mark_non_differentiable(outputs[2])
+        ctx.save_for_backward(flat, rows)
+        ctx.terms = terms
+        return outputs
 
     @staticmethod
     @once_differentiable
     def backward(
         ctx, grad_ce: Tensor, grad_g: Tensor, _: Tensor, grad_rows: Tensor
     ) -> tuple[Tensor | None, ...]:
-        flat, rows, labels, draws, reference, lse, owner = ctx.saved_tensors
-        n, vocab = rows.numel(), flat.shape[1]
+        flat, rows = ctx.saved_tensors
         dtype = compute_dtype(flat.dtype)
         # the zeros a dense backward's index_put would also allocate: unscored rows get none
-        grad = torch.zeros(ctx.shape, dtype=flat.dtype, device=flat.device)
-        use_ce = labels is not None and bool(grad_ce != 0)
-        use_g = draws is not None and grad_g.numel() > 0 and bool((grad_g != 0).any())
-        use_rows = owner is not None and grad_rows.numel() > 0 and bool((grad_rows != 0).any())
-        g_total = grad_g.sum().to(dtype) if use_g else None
-        # c_{b(t)s} per scored position (N, m): row b's gradient of l_bs
-        per_position = grad_rows.to(dtype)[owner] if use_rows else None
-        # the coefficient of p_t: a_ce - sum_s a_s (token-F) - sum_s c_{b(t)s}
-        scale: Tensor | float = (grad_ce.to(dtype) if use_ce else 0.0) - (
-            g_total if use_g and ctx.kind == "token" else 0.0
+        grad = torch.zeros_like(flat)
+        chunks = _logit_grads(
+            ctx.terms,
+            rows.numel(),
+            flat.shape[1],
+            lambda c: flat[rows[c]].to(dtype),
+            (grad_ce, grad_g, grad_rows),
+            flat,
+            dtype,
         )
-        for chunk in row_chunks(n, vocab, flat.device):
-            z = flat[rows[chunk]].to(dtype)
-            part = None
-            if use_ce or (use_g and ctx.kind == "token") or use_rows:
-                # p_t = exp(z_t - lse_t): LogsumexpBackward's own formula
-                p = (z - lse[chunk, None]).exp_()
-                chunk_scale = scale
-                if use_rows:
-                    chunk_scale = scale - per_position[chunk].sum(-1, keepdim=True)  # (c, 1)
-                part = p.mul_(chunk_scale)
-            if use_g and ctx.kind == "logit":
-                q = reference[chunk] if reference is not None else torch.softmax(z, dim=-1)
-                part = -g_total * q if part is None else part.sub_(q * g_total)
-            if part is None:
-                part = torch.zeros_like(z)
-            if use_ce:
-                part.scatter_add_(
-                    1, labels[chunk, None], (-grad_ce.to(dtype)).expand(part.shape[0], 1)
-                )
-            if use_g or use_rows:
-                m = draws.shape[1]
-                at_draws = (
-                    grad_g.to(dtype)[None, :].expand(part.shape[0], m)
-                    if use_g
-                    else per_position[chunk]
-                )
-                if use_g and use_rows:
-                    at_draws = at_draws + per_position[chunk]
-                part.scatter_add_(1, draws[chunk], at_draws)
+        for chunk, part in chunks:
             grad.index_copy_(0, rows[chunk], part.to(flat.dtype))
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None
 
 
 def linear_scored_ce(
@@ -357,7 +539,8 @@ def linear_scored_ce(
     ``CE = sum_t (lse_t - z_t[y_t])``; its backward recomputes each chunk's ``z`` and writes
     ``dz = p - e_y`` into ``grad h = dz W`` and ``grad W = dz^T h`` chunk by chunk. The
     projection's matmul runs in the autocast dtype when autocast is on (as the model's own
-    ``lm_head`` would), its softmax in float32 or wider, as :func:`scored_terms` does.
+    ``lm_head`` would), its softmax in float32 or wider, as :func:`scored_terms` does (the same
+    kernel as :func:`scored_terms` of :class:`LinearLogits`).
 
     Hand-written beside ``torch.nn.functional.linear_cross_entropy``: that returns the CE alone
     (not the entropy and accuracy that the step logs, which would cost another pass over the
@@ -372,73 +555,81 @@ def linear_scored_ce(
         The CE summed (float32, float64 for float64 inputs) and the statistics (4,) of
         :class:`ScoredTerms` (tokens, entropy, argmax-correct count, CE), float64, detached.
     """
-    device_type = hidden.device.type
-    mm_dtype = (
-        torch.get_autocast_dtype(device_type)
-        if torch.is_autocast_enabled(device_type)
-        else hidden.dtype
-    )
-    ce, stats = _LinearScoredCE.apply(hidden, weight, bias, targets, mm_dtype)
+    logits = linear_logits(hidden, weight, bias)
+    terms = _Terms(targets, None, None, "token", True, None, 0)
+    ce, _, stats, _ = _LinearScoredTerms.apply(hidden, weight, bias, logits.mm_dtype, terms)
     return ce, stats
 
 
-def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None, mm_dtype: torch.dtype) -> Tensor:
-    z = hidden.to(mm_dtype) @ weight.to(mm_dtype).T
-    if bias is not None:
-        z = z + bias.to(mm_dtype)
-    return z.to(compute_dtype(z.dtype))
+def _will_run(node: object) -> bool:
+    """Whether the running backward reaches ``node`` (a gradient of ``v = grad_X g`` alone
+    skips the weight's gradient, a weight-sized matmul); ``True`` where torch cannot tell."""
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if node is None or will_execute is None:
+        return node is not None
+    try:
+        return bool(will_execute(node))
+    except RuntimeError:  # not inside a backward, or an older engine
+        return True
 
 
-class _LinearScoredCE(torch.autograd.Function):
+class _LinearScoredTerms(torch.autograd.Function):
+    """:func:`scored_terms` of ``z = h W^T + b`` for the scored hidden states ``h`` (N, d):
+    each chunk's ``z`` is projected in the forward and again in the backward, which writes
+    ``grad h = dZ W``, ``grad W = dZ^T h`` and ``grad b = sum_t dZ_t`` chunk by chunk."""
+
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, mm_dtype
-    ) -> tuple[Tensor, Tensor]:
-        n, vocab = hidden.shape[0], weight.shape[0]
-        dtype = compute_dtype(mm_dtype)
-        lse = hidden.new_zeros(n, dtype=dtype)
-        ce = hidden.new_zeros((), dtype=dtype)
-        entropy = hidden.new_zeros((), dtype=torch.float64)
-        correct = hidden.new_zeros((), dtype=torch.float64)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for chunk in row_chunks(n, vocab, hidden.device):
-                z = _project(hidden[chunk], weight, bias, mm_dtype)
-                lse[chunk] = torch.logsumexp(z, dim=-1)
-                ce += (lse[chunk] - z.gather(1, targets[chunk, None])[:, 0]).sum()
-                p = (z - lse[chunk, None]).exp_()
-                entropy += (lse[chunk] - (p * z).sum(-1)).sum().double()
-                correct += (z.argmax(-1) == targets[chunk]).sum().double()
-        stats = hidden.new_zeros(4, dtype=torch.float64)
-        stats[STAT_TOKENS], stats[STAT_ENTROPY], stats[STAT_CORRECT] = n, entropy, correct
-        stats[STAT_CE] = ce.double()
-        ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.mm_dtype = mm_dtype
-        return ce, stats
+        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, mm_dtype, terms: _Terms
+    ):
+        weight_mm, bias_mm = LinearLogits(hidden, weight, bias, mm_dtype).operands()
+        outputs = _forward(
+            terms,
+            hidden.shape[0],
+            weight.shape[0],
+            lambda c: _project(hidden[c], weight_mm, bias_mm),
+            hidden,
+            compute_dtype(mm_dtype),
+        )
+        ctx.mark_non_differentiable(outputs[2])
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.terms, ctx.mm_dtype = terms, mm_dtype
+        ctx.weight_node = get_gradient_edge(weight).node if weight.requires_grad else None
+        return outputs
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_ce: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        mm_dtype, n, vocab = ctx.mm_dtype, hidden.shape[0], weight.shape[0]
-        grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(
-            weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device
+    def backward(
+        ctx, grad_ce: Tensor, grad_g: Tensor, _: Tensor, grad_rows: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias = ctx.saved_tensors
+        mm_dtype, dtype = ctx.mm_dtype, compute_dtype(ctx.mm_dtype)
+        weight_mm, bias_mm = LinearLogits(hidden, weight, bias, mm_dtype).operands()
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1] and _will_run(ctx.weight_node):
+            grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device)
+        chunks = _logit_grads(
+            ctx.terms,
+            hidden.shape[0],
+            weight.shape[0],
+            lambda c: _project(hidden[c], weight_mm, bias_mm),
+            (grad_ce, grad_g, grad_rows),
+            hidden,
+            dtype,
         )
-        grad_bias = None if bias is None else torch.zeros_like(grad_weight[:, 0])
-        scale = grad_ce.to(lse.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            for chunk in row_chunks(n, vocab, hidden.device):
-                z = _project(hidden[chunk], weight, bias, mm_dtype)
-                dz = (z - lse[chunk, None]).exp_()  # p
-                dz.scatter_add_(1, targets[chunk, None], -torch.ones_like(dz[:, :1]))
-                dz.mul_(scale)
-                dz_mm = dz.to(mm_dtype)
-                grad_hidden[chunk] = (dz_mm @ weight.to(mm_dtype)).to(hidden.dtype)
-                grad_weight += (dz_mm.T @ hidden[chunk].to(mm_dtype)).to(grad_weight.dtype)
+            for chunk, part in chunks:
+                dz = part.to(mm_dtype)
+                if grad_hidden is not None:
+                    grad_hidden[chunk] = (dz @ weight_mm).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (dz.T @ hidden[chunk].to(mm_dtype)).to(dtype)
                 if grad_bias is not None:
-                    grad_bias += dz.sum(0).to(grad_bias.dtype)
-        grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
+                    grad_bias += part.sum(0)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None

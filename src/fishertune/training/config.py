@@ -85,8 +85,9 @@ class FisherSFTConfig(SFTConfig):
             "rows a penalty_fraction leaves out) reads the vocabulary: 'chunked' (the model's "
             "logits chunk by chunk, no (N, V) float32 copies; default), 'dense' (log-softmax of "
             "the (N, V) scored logits), or 'linear' (the output projection fused with the CE "
-            "from the last hidden states: no (N, V) logits at all; baseline and neftune, models "
-            "whose logits are hidden states times the output embedding).",
+            "from the last hidden states: no (N, V) logits at all; baseline, neftune and "
+            "penalty_grad=fd, whose penalty then shares the kernel; models whose logits are "
+            "hidden states times the output embedding).",
             "choices": ("chunked", "dense", "linear"),
         },
     )
@@ -315,10 +316,11 @@ class FisherSFTConfig(SFTConfig):
         _choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
         _choice("ce_kernel", self.ce_kernel, ("chunked", "dense", "linear"))
         is_penalty = self.method in PENALTY_METHODS
-        if is_penalty and self.ce_kernel == "linear":
+        if is_penalty and self.ce_kernel == "linear" and self.penalty_grad != "fd":
             raise FishertuneError(
-                f"ce_kernel=linear is for baseline and neftune: method={self.method} needs the "
-                "logits (its penalty differentiates them); use ce_kernel=chunked"
+                f"ce_kernel=linear is for baseline and neftune, and penalty_grad=fd: "
+                f"method={self.method} with penalty_grad=exact differentiates the logits twice; "
+                "use ce_kernel=chunked or penalty_grad=fd"
             )
         matched = is_penalty and self.penalty_match_neftune_alpha is not None
         for names, active, label in (

@@ -42,7 +42,7 @@ from fishertune.streams import Stream
 from fishertune.training.checks import attention_implementation, unwrap
 from fishertune.training.config import FisherSFTConfig
 from fishertune.training.stats import StepSums
-from fishertune.vocab import linear_scored_ce, scored_terms
+from fishertune.vocab import LinearLogits, linear_logits, scored_terms
 
 __all__ = [
     "MicroStepLoss",
@@ -97,10 +97,17 @@ def forward_logits(
     different dropout masks (LoRA's default lora_dropout=0.05, say) would be mask noise / h.
     The global RNG streams are left as they were.
     """
+    return _model_outputs(model, inputs, rng_seed).logits
+
+
+def _model_outputs(
+    model: nn.Module, inputs: dict[str, Tensor], rng_seed: int | None, **extra: Any
+) -> Any:
+    """The model's outputs (``extra`` added to its inputs), dropout drawn from ``rng_seed``."""
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     model_inputs["use_cache"] = False
     if rng_seed is None:
-        return model(**model_inputs).logits
+        return model(**model_inputs, **extra)
     device = inputs["input_ids"].device
     accelerator = device.type != "cpu"
     with torch.random.fork_rng(
@@ -108,7 +115,7 @@ def forward_logits(
         device_type=device.type if accelerator else "cuda",
     ):
         torch.manual_seed(rng_seed)
-        return model(**model_inputs).logits
+        return model(**model_inputs, **extra)
 
 
 def exact_attention(model: nn.Module, penalty_grad: str) -> contextlib.AbstractContextManager:
@@ -200,19 +207,35 @@ class MicroStepLoss:
         self.sums.add_statistics(terms.statistics, logits.shape[-1])
         return terms.ce, label_mask
 
-    def _linear_ce(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
-        """CE summed over scored tokens from the last hidden states and the output projection
-        (:func:`fishertune.vocab.linear_scored_ce`): the model computes no logits
-        (``logits_to_keep`` empty), except at the first step, where the logits of the last
-        position check that they are the projection of the hidden states."""
+    def _ce_sum(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        """CE summed over scored tokens (with graph) with the run's ``ce_kernel``; adds the
+        metrics to the step's sums. ``linear``: from the last hidden states and the output
+        projection (:class:`fishertune.vocab.LinearLogits`), no logits."""
         labels = inputs["labels"]
+        if self.args.ce_kernel != "linear":
+            return self.scored_ce(forward_logits(model, inputs), labels)[0]
+        logits = self._linear_logits(model, inputs)
         label_mask = label_mask_from_labels(labels)
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        terms = scored_terms(
+            logits, label_mask, scored_targets(labels, label_mask), statistics=True
+        )
+        self.sums.add_statistics(terms.statistics, logits.shape[-1])
+        return terms.ce
+
+    def _linear_logits(
+        self, model: nn.Module, inputs: dict[str, Tensor], rng_seed: int | None = None
+    ) -> LinearLogits:
+        """The last hidden states and the output projection's weight and bias, through the
+        DDP / PEFT wrappers (``unwrap``): the model computes no logits (``logits_to_keep``
+        empty), except at the run's first call, where the logits of the last position check
+        that they are the projection of the hidden states."""
+        labels = inputs["labels"]
         check = "linear_ce" not in self.precision
         keep = [labels.shape[1] - 1] if check else []
-        outputs = model(
-            **model_inputs,
-            use_cache=False,
+        outputs = _model_outputs(
+            model,
+            inputs,
+            rng_seed,
             output_hidden_states=True,
             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=labels.device),
         )
@@ -220,11 +243,7 @@ class MicroStepLoss:
         head = unwrap(model).get_output_embeddings()
         if check:
             self._check_linear(outputs.logits[:, -1], hidden[:, -1], head)
-        ce, statistics = linear_scored_ce(
-            hidden[label_mask], head.weight, scored_targets(labels, label_mask), head.bias
-        )
-        self.sums.add_statistics(statistics, head.weight.shape[0])
-        return ce
+        return linear_logits(hidden, head.weight, head.bias)
 
     def _check_linear(self, logits: Tensor, hidden: Tensor, head: nn.Module) -> None:
         """The linear kernel needs ``logits = W h + b``: a plain ``nn.Linear`` head (no adapter
@@ -282,9 +301,7 @@ class MicroStepLoss:
 
     def plain(self, model: nn.Module, inputs: dict[str, Tensor], normalizer: Tensor) -> Tensor:
         """``CE / N``: no penalty on this micro-step."""
-        if self.args.ce_kernel == "linear":
-            return self._linear_ce(model, inputs) / normalizer
-        return self.scored_ce(forward_logits(model, inputs), inputs["labels"])[0] / normalizer
+        return self._ce_sum(model, inputs) / normalizer
 
     def _rng_seed(self) -> int:
         generator = self.stream(Stream.DROPOUT, torch.device("cpu"))
@@ -382,8 +399,9 @@ class MicroStepLoss:
                 "are sharded (FSDP) or scaled: set penalty_fd_fused_ce=false"
             )
         all_rows = torch.arange(inputs["labels"].shape[0], device=inputs["labels"].device)
-        passes = self._passes(model, inputs, split, fused)
-        settings = self._fd_settings(model, inputs, fused, passes)
+        rng_seed = self._rng_seed()
+        passes = self._passes(model, inputs, split, fused, rng_seed)
+        settings = self._fd_settings(model, inputs, fused, rng_seed)
         weights = self._position_weights(inputs, model, all_rows)
         if self.kind == "hessian":
             result = hessian_fd_loss(
@@ -426,28 +444,36 @@ class MicroStepLoss:
         rest[rows] = False
         rest_inputs = _select_rows(inputs, rest)
         with self._no_sync(model) if split else contextlib.nullcontext():
-            logits = forward_logits(model, rest_inputs)
-            part = self.scored_ce(logits, rest_inputs["labels"])[0] / normalizer
+            part = self._ce_sum(model, rest_inputs) / normalizer
             if split:
                 self.accelerator.backward(part)
         return part
 
-    def _passes(
-        self, model: nn.Module, inputs: dict[str, Tensor], split: bool, fused: bool
-    ) -> Passes:
-        """The engine's callbacks: the forward with the embedding shift (one dropout seed for
-        all passes) and ``accelerator.backward``."""
-        rng_seed = self._rng_seed()
+    def _shifted_forward(
+        self, model: nn.Module, inputs: dict[str, Tensor], rng_seed: int, linear: bool
+    ) -> Callable[[Tensor | None], tuple[Tensor | LinearLogits, Tensor]]:
+        """The forward with the embedding shift (:data:`fishertune.penalty_grad.Forward`):
+        the logits, or with ``linear`` the hidden states and the projection (no (N, V))."""
 
-        def forward(shift: Tensor | None) -> tuple[Tensor, Tensor]:
+        def forward(shift: Tensor | None) -> tuple[Tensor | LinearLogits, Tensor]:
             self.capture.shift = shift
             try:
+                if linear:
+                    return self._linear_logits(model, inputs, rng_seed), self.capture.embeds
                 return forward_logits(model, inputs, rng_seed), self.capture.embeds
             finally:
                 self.capture.shift = None
 
+        return forward
+
+    def _passes(
+        self, model: nn.Module, inputs: dict[str, Tensor], split: bool, fused: bool, rng_seed: int
+    ) -> Passes:
+        """The engine's callbacks: the forward with the embedding shift (one dropout seed for
+        all passes; ``ce_kernel=linear``: no logits) and ``accelerator.backward``."""
+        linear = self.args.ce_kernel == "linear"
         return Passes(
-            forward,
+            self._shifted_forward(model, inputs, rng_seed, linear),
             self.accelerator.backward if split else None,
             no_sync=lambda: self._no_sync(model),
             on_scored=self.sums.add_statistics,
@@ -455,13 +481,15 @@ class MicroStepLoss:
         )
 
     def _fd_settings(
-        self, model: nn.Module, inputs: dict[str, Tensor], fused: bool, passes: Passes
+        self, model: nn.Module, inputs: dict[str, Tensor], fused: bool, rng_seed: int
     ) -> FDSettings:
         device_type = inputs["labels"].device.type
         compute_dtype = None  # the embeddings' dtype
         if torch.is_autocast_enabled(device_type):
             compute_dtype = torch.get_autocast_dtype(device_type)
-        elif self.args.penalty_fd_step is None and self._float32_inside(model, passes):
+        elif self.args.penalty_fd_step is None and self._float32_inside(
+            model, self._shifted_forward(model, inputs, rng_seed, linear=False)
+        ):
             compute_dtype = torch.float32
         return FDSettings(
             scheme=self.args.penalty_fd_scheme,
@@ -470,12 +498,12 @@ class MicroStepLoss:
             fused=fused,
         )
 
-    def _float32_inside(self, model: nn.Module, passes: Passes) -> bool:
+    def _float32_inside(self, model: nn.Module, forward: Callable) -> bool:
         """A float64 model that rounds to float32 inside (:func:`float64_throughout`), measured
         once per run (the answer is kept in ``precision``); ``False`` for other dtypes."""
         if "float32_inside" not in self.precision:
             float64 = find_input_embeddings(model).weight.dtype == torch.float64
-            self.precision["float32_inside"] = float64 and not float64_throughout(passes.forward)
+            self.precision["float32_inside"] = float64 and not float64_throughout(forward)
             if self.precision["float32_inside"]:
                 logger.info(
                     "fd: the float64 model computes in float32 inside (RMSNorm or softmax "
