@@ -13,14 +13,10 @@ import math
 import pytest
 import torch
 
+from fishertune.hessian_grad import exact_hessian_trace, hessian_fd_loss, rademacher_probes
 from fishertune.noise import NEFTuneNoise
-from fishertune.penalty_grad import (
-    Passes,
-    exact_hessian_trace,
-    hessian_fd_loss,
-    rademacher_probes,
-)
-from fishertune.training.loss import matched_position_weights
+from fishertune.penalty_grad import Passes
+from fishertune.training.forward import matched_position_weights
 from micro import CausalMix, label_mask
 
 INPUT_IDS = torch.tensor([[0, 3, 1, 4, 2], [5, 2, 2, 0, 1]])

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fishertune import vocab
+from fishertune import vocab, vocab_chunks
+from fishertune.hessian_grad import hessian_fd_loss
 from fishertune.penalties import sample_targets
-from fishertune.penalty_grad import FDSettings, Passes, fd_penalty_loss, hessian_fd_loss
+from fishertune.penalty_grad import FDSettings, Passes, fd_penalty_loss
 from micro import CausalMix, label_mask
 
 B, L, V, D, K = 4, 7, 37, 3, 4
@@ -26,7 +27,7 @@ ROWS_PER_CHUNK = 3
 
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
-    monkeypatch.setattr(vocab, "CHUNK_BYTES", ROWS_PER_CHUNK * 4 * V)
+    monkeypatch.setattr(vocab_chunks, "CHUNK_BYTES", ROWS_PER_CHUNK * 4 * V)
 
 
 class Head(nn.Module):

@@ -15,13 +15,8 @@ import pytest
 import torch
 
 import fishertune.penalty_grad as penalty_grad
-from fishertune.penalty_grad import (
-    FDSettings,
-    Passes,
-    exact_penalty,
-    fd_penalty_loss,
-    penalty_rows,
-)
+from fishertune.penalty_estimators import exact_penalty
+from fishertune.penalty_grad import FDSettings, Passes, fd_penalty_loss, penalty_rows
 from micro import CausalMix, label_mask, reference_penalty
 
 pytestmark = pytest.mark.numerics  # CI runs these again under ATEN_CPU_CAPABILITY=default

@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from fishertune.penalty_grad import exact_penalty_parts, score_function_term
+from fishertune.penalty_estimators import exact_penalty_parts, score_function_term
 from micro import CausalMix, label_mask
 
 VOCAB = 3

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from fishertune import vocab
+from fishertune import vocab, vocab_chunks
 from fishertune.penalties import (
     _CDF_BLOCK,
     _inverse_cdf_draws,
@@ -27,7 +27,7 @@ B, L, V = 3, 9, 37
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
     """Three rows per chunk: 19 scored positions give six full chunks and a shorter one."""
-    monkeypatch.setattr(vocab, "CHUNK_BYTES", 3 * 4 * V)
+    monkeypatch.setattr(vocab_chunks, "CHUNK_BYTES", 3 * 4 * V)
 
 
 def _batch(seed: int = 0, dtype: torch.dtype = torch.float64):

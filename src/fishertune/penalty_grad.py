@@ -12,8 +12,9 @@ Notation (``docs/method.md``, :mod:`fishertune.penalties`): embeddings ``X`` (B,
 (:func:`~fishertune.penalties.fisher_objective`), ``v_s = grad_X g_s``, and the penalty summed over
 tokens ``S = (1/m) sum_s ||v_s||^2`` (the caller divides by its normalizer ``N``).
 
-* exact (:func:`exact_penalty`): ``S`` with the graph of ``v`` kept (``create_graph``), so one
-  backward of ``CE + lambda S`` differentiates it (double backward).
+* exact (:func:`fishertune.penalty_estimators.exact_penalty`): ``S`` with the graph of ``v``
+  kept (``create_graph``), so one backward of ``CE + lambda S`` differentiates it (double
+  backward).
 * finite differences (:func:`fd_penalty_loss`): with ``v`` held constant,
   ``grad_theta ||v||^2 = 2 d/dh grad_theta g(X + h v)|_0``, approximated by
   ``(2/h) [grad_theta g(X + h v) - grad_theta g(X)]`` (forward, error O(h)) or
@@ -36,11 +37,8 @@ Per-position weights ``w`` (B, L) (``position_weights``) turn ``||v||^2`` into
 (``w = a^2 / 6`` with the noise's own half-width ``a``). In fd mode the shift is then along
 ``u = w v``: ``d/dh g(X + h u)|_0 = <v, w v>`` and ``grad_theta <v, w v> = 2 (dv/dtheta)^T w v``.
 
-The Hessian-trace penalty ``(1/K) sum_k u_k^T H_X u_k`` (Hutchinson, ``u_k`` Rademacher probes
-times ``sqrt(w)``, ``H_X`` the Hessian of the summed CE in ``X``) has an exact form
-(:func:`exact_hessian_trace`, double backward through a Hessian-vector product) and a
-finite-difference one (:func:`hessian_fd_loss`): ``(CE(X + h u) - 2 CE(X) + CE(X - h u)) / h^2``,
-value and parameter gradient both O(h^2) off, first-order autograd only.
+The Hessian-trace penalty (Hutchinson probes, exact and by second differences) is in
+:mod:`fishertune.hessian_grad`, on the same :class:`Passes`.
 
 Penalizing ``k`` of ``B`` rows (:func:`penalty_rows`) and multiplying by ``B / k`` is unbiased for
 the whole batch's penalty: the rows' penalties add up (``v`` of a row depends on that row only),
@@ -63,44 +61,26 @@ from fishertune.penalties import (
     Kind,
     fd_step_size,
     fd_surrogate,
-    fisher_objective,
     label_mask_from_labels,
     penalty_from_direction,
     scored_targets,
 )
+from fishertune.penalty_estimators import leave_one_out, row_squared_norms, score_term
 from fishertune.vocab import Logits, frozen_reference, scored_terms
 
 __all__ = [
-    "DEFAULT_HESSIAN_FD_STEP",
     "ESTIMATORS",
     "FDSettings",
     "Passes",
     "PenaltyLoss",
     "accumulate_gradients",
-    "exact_hessian_trace",
-    "exact_penalty",
-    "exact_penalty_parts",
     "fd_penalty_loss",
     "float64_throughout",
-    "hessian_fd_loss",
     "penalty_rows",
-    "rademacher_probes",
-    "row_squared_norms",
-    "score_function_term",
 ]
 
 Estimator = Literal["paper", "unbiased"]
 ESTIMATORS = ("paper", "unbiased")
-
-# Relative step of the Hessian-trace second difference, h = h_rel ||X|| / ||u||. Its truncation
-# error is O(h^2) and its rounding O(eps / h^2): the best h_rel is about eps^(1/4), so larger than
-# the Fisher fd steps (tests/test_penalty_grad.py measures the order in float64).
-DEFAULT_HESSIAN_FD_STEP: dict[torch.dtype, float] = {
-    torch.float64: 1e-3,
-    torch.float32: 3e-2,
-    torch.bfloat16: 1e-1,
-    torch.float16: 1e-1,
-}
 
 Forward = Callable[[Tensor | None], tuple[Logits, Tensor]]
 """``forward(shift) -> (logits (B, L, V), embeds (B, L, d))``: the model's logits with its input
@@ -207,156 +187,6 @@ def accumulate_gradients(
             param.grad = (grad * scale).to(param.dtype)
         else:
             param.grad.add_(grad.to(param.grad.dtype), alpha=scale)
-
-
-def row_squared_norms(direction: Tensor, position_weights: Tensor | None = None) -> Tensor:
-    """``S_b = sum_l w_bl ||v_bl||^2`` per row of one draw's ``v`` (B, L, d); ``w = 1`` if
-    ``position_weights`` (B, L) is ``None``. Float32 or wider, (B,)."""
-    squared = direction.to(torch.promote_types(direction.dtype, torch.float32)).pow(2).sum(-1)
-    if position_weights is not None:
-        squared = squared * position_weights.to(squared.dtype)
-    return squared.sum(-1)
-
-
-def _leave_one_out(row_squared: Tensor) -> Tensor:
-    """``S_bj - mean_{k != j} S_bk`` (m, B), detached."""
-    samples = row_squared.shape[0]
-    if samples < 2:
-        raise ValueError("the leave-one-out baseline needs m >= 2 draws per position")
-    squared = row_squared.detach()
-    return squared - (squared.sum(0, keepdim=True) - squared) / (samples - 1)
-
-
-def _row_log_likelihood(draw_log_probs: Tensor, label_mask: Tensor) -> Tensor:
-    """(B, m) ``sum_{t in row b} log p_t[y'_{t,j}]`` from (N, m) in ``label_mask`` order."""
-    rows = label_mask.nonzero()[:, 0]  # (N,) row of each scored position
-    batch = label_mask.shape[0]
-    return draw_log_probs.new_zeros(batch, draw_log_probs.shape[1]).index_add(
-        0, rows, draw_log_probs
-    )
-
-
-def score_function_term(draw_log_probs: Tensor, label_mask: Tensor, row_squared: Tensor) -> Tensor:
-    """The unbiased estimator's score-function half, as a term of value 0.
-
-    With ``m >= 2`` draws per row, row ``b``'s sampled log-likelihood of draw ``j``
-    ``log p(y'_bj | X) = sum_{t in row b} M_t log p_t[y'_{t,j}]`` and its penalty
-    ``S_bj = sum_l w_bl ||v_{j,bl}||^2`` (row ``b``'s part of ``||v_j||^2``), the term is
-
-        ``T = (1/m) sum_j sum_b stopgrad(S_bj - mean_{k != j} S_bk) log p(y'_bj | X)``
-
-    and ``E[grad_theta T] = E[S_bj grad_theta log p(y'_bj)]`` summed over rows: the baseline is
-    independent of draw ``j`` and ``E[grad_theta log p(y')] = 0``. Rows are independent given
-    ``X``, so row ``b``'s penalty needs only row ``b``'s likelihood (other rows' would add
-    variance, not expectation). ``(1/m) sum_j grad S_j + grad T`` is unbiased for
-    ``grad_theta E[S]``.
-
-    Args:
-        draw_log_probs: (N, m) ``log p_t[y'_{t,j}]`` at the scored positions of ``label_mask``
-            (row-major order), with graph.
-        label_mask: (B, L) bool: the positions of the rows of ``draw_log_probs``.
-        row_squared: (m, B) ``S_bj`` (detached here).
-
-    Returns:
-        Scalar ``T - stopgrad(T)``: 0, with ``T``'s gradient.
-    """
-    return _score_term(_row_log_likelihood(draw_log_probs, label_mask), row_squared)
-
-
-def _score_term(row_log_likelihood: Tensor, row_squared: Tensor) -> Tensor:
-    """:func:`score_function_term` from the rows' ``log p(y'_bj | X)`` (B, m), with graph
-    (:func:`fishertune.vocab.scored_terms`' ``row_log_likelihood``)."""
-    weights = _leave_one_out(row_squared).to(row_log_likelihood.dtype)  # (m, B)
-    term = (weights * row_log_likelihood.T).sum() / weights.shape[0]
-    return term - term.detach()
-
-
-def exact_penalty_parts(
-    kind: Kind,
-    embeds: Tensor,
-    logits: Tensor,
-    label_mask: Tensor,
-    targets: Tensor,
-    position_weights: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``S = (1/m) sum_s sum_b S_bs`` with the graph of every ``v_s`` (double backward), and the
-    rows' ``S_bs`` (m, B), detached (:func:`row_squared_norms`).
-
-    Args:
-        embeds: (B, L, d) ``X``, the input ``logits`` were computed from.
-        logits: (B, L, V).
-        label_mask: (B, L) bool: the penalized scored positions.
-        targets: (N, m) draws at those positions (:func:`~fishertune.penalties.sample_targets`).
-        position_weights: (B, L) ``w`` (``None``: 1).
-
-    Returns:
-        ``S`` (float32, float64 for float64 logits; 0 without a scored position) and (m, B).
-    """
-    dtype = torch.promote_types(embeds.dtype, torch.float32)  # float32 at least, as g
-    samples = targets.shape[1]
-    if targets.shape[0] == 0:
-        rows = embeds.new_zeros((samples, embeds.shape[0]), dtype=dtype)
-        return embeds.new_zeros((), dtype=dtype), rows
-    # token-F and logit-F share v; the functions differ only by g, which fisher_objective picks
-    g = fisher_objective(kind, logits, label_mask, targets)  # (m,)
-    squared = embeds.new_zeros((), dtype=dtype)
-    per_row = []
-    for s in range(g.shape[0]):
-        (v,) = torch.autograd.grad(g[s], embeds, create_graph=True, retain_graph=True)
-        if position_weights is None:
-            squared = squared + v.to(dtype).pow(2).sum()
-        else:
-            squared = squared + row_squared_norms(v, position_weights).sum()
-        per_row.append(row_squared_norms(v.detach(), position_weights))
-    return squared / g.shape[0], torch.stack(per_row)
-
-
-def exact_penalty(
-    kind: Kind, embeds: Tensor, logits: Tensor, label_mask: Tensor, targets: Tensor
-) -> Tensor:
-    """``S = (1/m) sum_s ||v_s||^2`` with the graph of every ``v_s`` (double backward); see
-    :func:`exact_penalty_parts`. Scalar, float32 (float64 for float64 logits)."""
-    return exact_penalty_parts(kind, embeds, logits, label_mask, targets)[0]
-
-
-def rademacher_probes(
-    embeds: Tensor,
-    probes: int,
-    generator: torch.Generator | None,
-    position_weights: Tensor | None = None,
-) -> Tensor:
-    """Hutchinson probes ``u_k = sqrt(w) z_k``, ``z_k`` uniform on ``{-1, 1}^(B L d)``, so that
-    ``E[u^T H u] = Tr(w H)``: (K, B, L, d) in ``embeds``' dtype, without gradient."""
-    shape = (probes, *embeds.shape)
-    device = generator.device if generator is not None else embeds.device
-    signs = torch.randint(2, shape, generator=generator, device=device)
-    unit = (2 * signs - 1).to(device=embeds.device, dtype=embeds.dtype)
-    if position_weights is not None:
-        unit = unit * position_weights.to(embeds.dtype).sqrt()[None, :, :, None]
-    return unit
-
-
-def exact_hessian_trace(loss_sum: Tensor, embeds: Tensor, probes: Tensor) -> Tensor:
-    """``(1/K) sum_k u_k^T H_X u_k``, ``H_X = d^2 loss_sum / dX^2``, with its graph.
-
-    One backward for ``grad_X loss`` (``create_graph``), one per probe for the Hessian-vector
-    product ``H u = grad_X <grad_X loss, u>`` (``create_graph``): backpropagating the result
-    differentiates third derivatives of the model (eager or SDPA-math attention).
-
-    Args:
-        loss_sum: scalar, computed from ``embeds`` (the CE summed over scored tokens).
-        embeds: (B, L, d) ``X``.
-        probes: (K, B, L, d) ``u_k`` (:func:`rademacher_probes`), zero on rows not penalized.
-    """
-    (grad,) = torch.autograd.grad(loss_sum, embeds, create_graph=True)
-    dtype = torch.promote_types(embeds.dtype, torch.float32)
-    total = embeds.new_zeros((), dtype=dtype)
-    for probe in probes:
-        (product,) = torch.autograd.grad(
-            (grad * probe).sum(), embeds, create_graph=True, retain_graph=True
-        )
-        total = total + (product.to(dtype) * probe.to(dtype)).sum()
-    return total / probes.shape[0]
 
 
 @torch.no_grad()
@@ -543,7 +373,7 @@ class _FiniteDifference:
             ]
             self.draw_weight = self.weight / (len(self.directions) * self.normalizer)
             if self.fused and self.unbiased:
-                self.score_weights = _leave_one_out(rows)
+                self.score_weights = leave_one_out(rows)
             if self.fused:
                 for grads, h in zip(g_grads, self.steps[: len(g_grads)], strict=True):  # forward
                     if h > 0:
@@ -552,7 +382,7 @@ class _FiniteDifference:
             else:
                 part = ce_sum / self.normalizer
                 if self.unbiased:  # shares the CE's backward (one chunked pass)
-                    score = _score_term(terms.row_log_likelihood, rows)
+                    score = score_term(terms.row_log_likelihood, rows)
                     part = part + self.weight / self.normalizer * score
                 if self.forward_scheme:
                     # the -(2/h) g(X) half of fd_surrogate; the +(2/h) g(X + h v) half is below
@@ -598,101 +428,3 @@ class _FiniteDifference:
                         part = part + self.weight / self.normalizer * (term - term.detach())
                 self.finish(part, last=last)
             del logits
-
-
-def hessian_fd_loss(
-    passes: Passes,
-    labels: Tensor,
-    probes_for: Callable[[Tensor], Tensor],
-    *,
-    weight: float,
-    normalizer: Tensor,
-    relative_step: float | None = None,
-    compute_dtype: torch.dtype | None = None,
-) -> PenaltyLoss:
-    """CE plus ``weight * T`` with the Hutchinson Hessian trace ``T`` by second differences.
-
-    For each probe ``u_k`` (``probes_for(X) -> (K, B, L, d)``) and each row ``b`` its own step
-    ``h_kb = h_rel ||X_b|| / ||u_kb||``,
-
-        ``T = (1/K) sum_k sum_b (CE_b(X + h_k u_k) - 2 CE_b(X) + CE_b(X - h_k u_k)) / h_kb^2``
-
-    with ``CE_b`` row ``b``'s CE summed over its scored tokens and ``X = X(theta)`` keeping its
-    graph. Row ``b``'s CE depends on row ``b``'s embeddings only, so ``H_X`` is block diagonal
-    over rows and ``T = (1/K) sum_k u_k^T H_X u_k + O(h^2)``, and so is its parameter gradient,
-    an ordinary first-order backward of the same expression. The step of a row depends on that
-    row alone: the value does not change with how the rows are split over processes. The
-    ``-2 CE(X)`` part joins the CE's own backward at ``X``; with ``passes.backward`` every pass
-    but the last is backpropagated before the next forward (one graph in memory).
-
-    Args:
-        passes: the model (see :class:`Passes`); ``fused`` does not apply.
-        labels: (B, L) with -100 on unscored tokens.
-        probes_for: the probes, given ``X`` (:func:`rademacher_probes`).
-        weight, normalizer: as in :func:`fd_penalty_loss`.
-        relative_step: ``h_rel``; default :data:`DEFAULT_HESSIAN_FD_STEP` for ``compute_dtype``
-            (``X``'s dtype if not given).
-
-    Returns:
-        The loss still to backpropagate, the objective's value (``T`` being the second
-        difference) and ``T``.
-    """
-    split = passes.backward is not None
-    label_mask = label_mask_from_labels(labels)
-    next_tokens = scored_targets(labels, label_mask)
-    # the rows' CE as the log-likelihood of the labels themselves: -CE_b, from the same chunks
-    as_draws = next_tokens[:, None]
-    joint: list[Tensor] = []
-    with passes.no_sync() if split else contextlib.nullcontext():
-        logits, embeds = passes.forward(None)
-        terms = scored_terms(
-            logits,
-            label_mask,
-            next_tokens,
-            as_draws,
-            statistics=passes.on_scored is not None,
-            row_log_likelihood=True,
-        )
-        if passes.on_scored is not None:
-            passes.on_scored(terms.statistics, logits.shape[-1])
-        del logits
-        row_ce = -terms.row_log_likelihood[:, 0]  # (B,)
-        probes = probes_for(embeds.detach())
-        if relative_step is None:
-            relative_step = DEFAULT_HESSIAN_FD_STEP[compute_dtype or embeds.dtype]
-        x_norms = embeds.detach().float().flatten(1).norm(dim=1)  # (B,)
-        # (K, B) steps, 0 where a row's probe is 0 (a row not penalized)
-        probe_norms = probes.detach().float().flatten(2).norm(dim=2)
-        steps = torch.where(probe_norms > 0, relative_step * x_norms / probe_norms, 0.0)
-        inverse = torch.where(steps > 0, 1.0 / steps.double().pow(2), 0.0)  # (K, B)
-        inverse = inverse.to(row_ce.dtype if row_ce.dtype == torch.float64 else torch.float32)
-        probe_weight = weight / (probes.shape[0] * normalizer)
-        part = terms.ce / normalizer - probe_weight * 2.0 * (inverse.sum(0) * row_ce).sum()
-        if split:
-            passes.backward(part)
-        else:
-            joint.append(part)
-    row_ce_value = row_ce.detach()
-    trace = row_ce_value.new_zeros(())
-    shifts = [(k, sign) for k in range(probes.shape[0]) for sign in (1.0, -1.0)]
-    for index, (k, sign) in enumerate(shifts):
-        last = index == len(shifts) - 1
-        with passes.no_sync() if split and not last else contextlib.nullcontext():
-            shift = sign * steps[k].to(probes.dtype)[:, None, None] * probes[k]
-            logits, _ = passes.forward(shift)
-            shifted = (
-                scored_terms(logits, label_mask, draws=as_draws, row_log_likelihood=True)
-                .row_log_likelihood[:, 0]
-                .neg()
-            )  # (B,) chunked, no (N, V)
-            del logits
-            part = probe_weight * (inverse[k] * shifted).sum()
-            trace = trace + (inverse[k] * (shifted.detach() - row_ce_value)).sum()
-            if split and not last:
-                passes.backward(part)
-            else:
-                joint.append(part)
-    squared = trace / probes.shape[0]
-    value = (terms.ce.detach() + weight * squared) / normalizer
-    loss = sum(joint[1:], joint[0])
-    return PenaltyLoss(loss - loss.detach() + value, value.detach(), squared.detach())

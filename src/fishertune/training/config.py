@@ -85,9 +85,8 @@ class FisherSFTConfig(SFTConfig):
             "rows a penalty_fraction leaves out) reads the vocabulary: 'chunked' (the model's "
             "logits chunk by chunk, no (N, V) float32 copies; default), 'dense' (log-softmax of "
             "the (N, V) scored logits), or 'linear' (the output projection fused with the CE "
-            "from the last hidden states: no (N, V) logits at all; baseline, neftune and "
-            "penalty_grad=fd, whose penalty then shares the kernel; models whose logits are "
-            "hidden states times the output embedding).",
+            "from the last hidden states: no (N, V) logits at all; baseline, neftune and fd "
+            "penalties, for models whose logits are hidden states times the output embedding).",
             "choices": ("chunked", "dense", "linear"),
         },
     )

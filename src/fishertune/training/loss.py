@@ -2,9 +2,9 @@
 
 ``CE`` is summed over the scored (response) tokens, ``S`` is the token-F or logit-F penalty of the
 penalized rows (:mod:`fishertune.penalties`), ``rescale = B / rows`` makes a row fraction unbiased,
-and ``N`` is the normalizer of :func:`loss_normalizer`: the objective is already normalized over
-the whole accumulated batch, so the trainer tells transformers not to divide it again
-(``loss_is_scaled_for_ga = True``).
+and ``N`` is the normalizer of :func:`fishertune.training.forward.loss_normalizer`: the
+objective is already normalized over the whole accumulated batch, so the trainer tells
+transformers not to divide it again (``loss_is_scaled_for_ga = True``).
 
 :class:`MicroStepLoss` computes it three ways: plain CE (no penalty on this micro-step), exact
 (double backward through the returned loss) and finite differences (the passes of
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -26,129 +25,29 @@ from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
 from fishertune.errors import FishertuneError
-from fishertune.noise import EmbeddingCapture, NEFTuneNoise, find_input_embeddings
+from fishertune.hessian_grad import exact_hessian_trace, hessian_fd_loss
+from fishertune.noise import EmbeddingCapture, find_input_embeddings
 from fishertune.penalties import label_mask_from_labels, scored_log_probs, scored_targets
-from fishertune.penalty_grad import (
-    FDSettings,
-    Passes,
-    exact_hessian_trace,
-    exact_penalty_parts,
-    fd_penalty_loss,
-    float64_throughout,
-    hessian_fd_loss,
-    score_function_term,
-)
+from fishertune.penalty_estimators import exact_penalty_parts, score_function_term
+from fishertune.penalty_grad import FDSettings, Passes, fd_penalty_loss, float64_throughout
 from fishertune.streams import Stream
-from fishertune.training.checks import attention_implementation, unwrap
+from fishertune.training.checks import unwrap
 from fishertune.training.config import FisherSFTConfig
+from fishertune.training.forward import (
+    exact_attention,
+    forward_logits,
+    matched_position_weights,
+    model_outputs,
+    select_rows,
+)
 from fishertune.training.stats import StepSums
 from fishertune.vocab import LinearLogits, linear_logits, scored_terms
 
-__all__ = [
-    "MicroStepLoss",
-    "exact_attention",
-    "forward_logits",
-    "loss_normalizer",
-    "matched_position_weights",
-]
+__all__ = ["MicroStepLoss"]
 
 logger = logging.getLogger(__name__)
 
 StreamFactory = Callable[[Stream, torch.device], torch.Generator]
-
-
-def loss_normalizer(
-    label_mask: Tensor,
-    num_items_in_batch: Any,
-    *,
-    reduction: str,
-    processes: int,
-    average_tokens_across_devices: bool,
-    accumulation_steps: int,
-) -> Tensor:
-    """``N``, shared by CE and penalty, as transformers / TRL normalize the CE.
-
-    ``mean``: the number of scored tokens in the whole accumulated (and, with
-    ``average_tokens_across_devices``, all-rank) batch, times the number of processes since DDP
-    averages gradients. Without ``num_items_in_batch`` (a model that takes no loss kwargs) the
-    micro-batch's own count times ``accumulation_steps``: what transformers does to a per-batch
-    mean. ``sum``: ``1 / processes`` (DDP's average is then the sum), times ``accumulation_steps``
-    without ``num_items_in_batch``, again as transformers would divide.
-    """
-    if reduction == "sum":
-        count = torch.tensor(1.0 / processes, device=label_mask.device)
-    elif num_items_in_batch is None:
-        count = label_mask.sum().float().clamp(min=1.0)
-    else:
-        count = torch.as_tensor(num_items_in_batch, device=label_mask.device).float().clamp(min=1)
-        if average_tokens_across_devices:
-            count = count / processes
-    if num_items_in_batch is None:
-        count = count * accumulation_steps
-    return count
-
-
-def forward_logits(
-    model: nn.Module, inputs: dict[str, Tensor], rng_seed: int | None = None
-) -> Tensor:
-    """Logits (B, L, V); with ``rng_seed``, dropout masks drawn from that seed.
-
-    The penalty's forwards share one seed: fd differences g(X + h v) - g(X) of forwards with
-    different dropout masks (LoRA's default lora_dropout=0.05, say) would be mask noise / h.
-    The global RNG streams are left as they were.
-    """
-    return _model_outputs(model, inputs, rng_seed).logits
-
-
-def _model_outputs(
-    model: nn.Module, inputs: dict[str, Tensor], rng_seed: int | None, **extra: Any
-) -> Any:
-    """The model's outputs (``extra`` added to its inputs), dropout drawn from ``rng_seed``."""
-    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    model_inputs["use_cache"] = False
-    if rng_seed is None:
-        return model(**model_inputs, **extra)
-    device = inputs["input_ids"].device
-    accelerator = device.type != "cpu"
-    with torch.random.fork_rng(
-        devices=[device] if accelerator else [],
-        device_type=device.type if accelerator else "cuda",
-    ):
-        torch.manual_seed(rng_seed)
-        return model(**model_inputs, **extra)
-
-
-def exact_attention(model: nn.Module, penalty_grad: str) -> contextlib.AbstractContextManager:
-    """SDPA's math kernel for double backward (the fused kernels have no second derivative)."""
-    if penalty_grad == "exact" and attention_implementation(model) == "sdpa":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
-
-
-def matched_position_weights(
-    alpha: float, inputs: dict[str, Tensor], hidden_size: int, length_mode: str
-) -> Tensor:
-    """``w_bl = a_bl^2 / 6`` (B, L): NEFTune's second-order coefficient per position.
-
-    ``a_bl`` is the half-width the noise at ``alpha`` would use there
-    (:meth:`fishertune.noise.NEFTuneNoise.scale`, so ``L_b`` is counted exactly as the noise
-    counts it: per sequence from the attention mask, per packed segment from ``position_ids``, or
-    the padded length), 0 on padding in ``per_sequence`` mode. The penalty
-    ``sum_bl w_bl ||v_bl||^2`` (or ``Tr(w H_X)``) is then the noise's
-    ``E[CE(X + eps)] - CE(X) = sum_bl (a_bl^2 / 6) Tr(H_bl,bl) + O(a^4)`` with the Fisher (or the
-    Hessian itself) for ``H``: row ``b`` of an unpacked batch gets ``alpha^2 / (6 L_b d)``.
-    """
-    labels = inputs["labels"]
-    noise = NEFTuneNoise(alpha, length_mode=length_mode)
-    noise.set_batch(inputs.get("attention_mask"), inputs.get("position_ids"))
-    scale = noise.scale(torch.Size((*labels.shape, hidden_size)), labels.device)[..., 0]
-    return (scale.double() ** 2 / 6.0).expand(labels.shape)  # (B, L), float64
-
-
-def _select_rows(inputs: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
-    return {k: v[rows] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
 
 
 class MicroStepLoss:
@@ -232,7 +131,7 @@ class MicroStepLoss:
         labels = inputs["labels"]
         check = "linear_ce" not in self.precision
         keep = [labels.shape[1] - 1] if check else []
-        outputs = _model_outputs(
+        outputs = model_outputs(
             model,
             inputs,
             rng_seed,
@@ -389,7 +288,7 @@ class MicroStepLoss:
         rest_part = None
         if rows.numel() < batch_size:
             rest_part = self._rest_of_batch(model, inputs, rows, normalizer, split)
-            inputs = _select_rows(inputs, rows)
+            inputs = select_rows(inputs, rows)
         # the CE at X unless asked otherwise: fused takes it at X + h v, an O(h_rel) offset of the
         # CE's own gradient that does not shrink with the coefficient (docs/method.md)
         fused = split and args.penalty_fd_fused_ce
@@ -442,7 +341,7 @@ class MicroStepLoss:
         labels = inputs["labels"]
         rest = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
         rest[rows] = False
-        rest_inputs = _select_rows(inputs, rest)
+        rest_inputs = select_rows(inputs, rest)
         with self._no_sync(model) if split else contextlib.nullcontext():
             part = self._ce_sum(model, rest_inputs) / normalizer
             if split:

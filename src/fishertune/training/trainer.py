@@ -40,15 +40,17 @@ from torch import Tensor, nn
 from trl import SFTTrainer
 
 from fishertune.errors import FishertuneError
+from fishertune.hessian_grad import rademacher_probes
 from fishertune.noise import EmbeddingCapture, NEFTuneNoise, find_input_embeddings
 from fishertune.penalties import label_mask_from_labels, sample_targets
-from fishertune.penalty_grad import penalty_rows, rademacher_probes
+from fishertune.penalty_grad import penalty_rows
 from fishertune.schedules import every_k_coefficient, warmup_coefficient
 from fishertune.streams import Stream, stream_generator
 from fishertune.training.checkpoints import CheckpointRecord, restore_totals
 from fishertune.training.checks import WarmupCheck, check_launch, check_supported
 from fishertune.training.config import PENALTY_METHODS, FisherSFTConfig
 from fishertune.training.data import tokenize_conversations
+from fishertune.training.forward import exact_attention, loss_normalizer
 from fishertune.training.guard import (
     OptimizerStepHook,
     TrainingDivergedError,
@@ -56,7 +58,7 @@ from fishertune.training.guard import (
     divergence_limit,
     gradient_norm,
 )
-from fishertune.training.loss import MicroStepLoss, exact_attention, loss_normalizer
+from fishertune.training.loss import MicroStepLoss
 from fishertune.training.precision import MasterWeights
 from fishertune.training.stats import StepSums, Sum
 
@@ -75,7 +77,7 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
     """
 
     args: FisherSFTConfig
-    # compute_loss normalizes over the whole accumulated batch itself (.loss.loss_normalizer).
+    # compute_loss normalizes over the whole accumulated batch itself (.forward.loss_normalizer).
     # transformers reads this from 5.19 on; on older versions TRL would turn it into a string
     # compute_loss_func that SFTTrainer's evaluation loss then calls, so it stays unset there.
     loss_is_scaled_for_ga = True if _READS_LOSS_SCALING else None
@@ -181,7 +183,7 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
 
     def draw_probes(self, embeds: Tensor, weights: Tensor | None) -> Tensor:
         """hessian-trace's Rademacher probes ``sqrt(w) z`` (K, B, L, d), ``K =
-        penalty_samples`` (:func:`fishertune.penalty_grad.rademacher_probes`, from this
+        penalty_samples`` (:func:`fishertune.hessian_grad.rademacher_probes`, from this
         micro-step's draws stream)."""
         generator = self._stream(Stream.PENALTY_TARGETS, embeds.device)
         return rademacher_probes(embeds, self.args.penalty_samples, generator, weights)
