@@ -18,6 +18,14 @@ NEFTune-equivalent coefficient ``alpha^2 / (6 L d)`` at the data's median length
 
 Writes ``analysis.json``, ``analysis.csv``, ``analysis.png`` and ``analysis.txt`` (the table that
 is also printed) into ``--output``.
+
+``--record FILE`` also writes the curvature record of :mod:`fishertune.analysis.record` (the
+experiment runner's ``curvature.json``): the curvature terms of the final model on each split of
+``--split a,b`` and, with ``--checkpoints``, of each complete ``checkpoint-N`` of ``--model`` on
+the first split; the tables go to ``--output`` only when it is given::
+
+    fishertune analyze --model runs/x/model --data builtin:tiny-tasks --split validation,train \
+        --checkpoints --record runs/x/curvature.json
 """
 
 from __future__ import annotations
@@ -25,15 +33,26 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
 from fishertune.errors import FishertuneError
 from fishertune.modeling import TINY_MODEL, check_model_source
 
-__all__ = ["build_parser", "main", "parse_alphas"]
+__all__ = [
+    "SIZE_MINIMUMS",
+    "build_parser",
+    "check_arguments",
+    "main",
+    "parse_alphas",
+    "parse_splits",
+]
 
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+# the least each size can be: an error bar needs two probes, draws or noise pairs
+SIZE_MINIMUMS = {"batches": 1, "batch_size": 1, "probes": 2, "noise_samples": 2, "max_length": 2,
+                 "fisher_draws": 2}  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,6 +80,22 @@ def parse_alphas(text: str) -> list[float]:
     if len(set(alphas)) != len(alphas):
         raise FishertuneError(f"--alphas: repeated value in {text!r}")
     return alphas
+
+
+def parse_splits(text: str) -> list[str]:
+    """``"validation,train"`` -> ``["validation", "train"]``: at least one name, none twice."""
+    splits = [name.strip() for name in text.split(",") if name.strip()]
+    if not splits:
+        raise argparse.ArgumentTypeError(f"no split named in {text!r}")
+    if len(set(splits)) != len(splits):
+        raise argparse.ArgumentTypeError(f"repeated split in {text!r}")
+    return splits
+
+
+def _split_list(text: str) -> str:
+    """An argparse type: a comma list of split names (:func:`parse_splits`), kept as given."""
+    parse_splits(text)
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +131,13 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
     from fishertune.data.options import add_data_arguments
 
     add_data_arguments(add)
-    add("--split", default="train", help="data split (default: train)")
+    add(
+        "--split",
+        type=_split_list,
+        default="train",
+        help="data split (default: train); several, comma-separated (validation,train), are "
+        "measured into --record",
+    )
     add("--tokenizer", default=None, help="tokenizer (default: the model's)")
 
 
@@ -184,13 +225,51 @@ def _add_outputs(parser: argparse.ArgumentParser) -> None:
         "(a = alpha / sqrt(L d), L the median length, rms the embeddings' rms), and its "
         "matched coefficient alpha^2 / (6 L d); the Taylor relation holds for R well below 1",
     )
-    add("--output", default="analysis", help="output folder (default: ./analysis)")
+    add(
+        "--output",
+        default=None,
+        help="output folder of the tables and the plot (default: ./analysis; with --record: "
+        "none unless given)",
+    )
+    add(
+        "--record",
+        default=None,
+        metavar="FILE",
+        help="also write the curvature record (loss, Tr(F_X), Tr(H_X), their gap, rms, lengths; "
+        "the experiment runner's curvature.json) of the final model on each --split, and of "
+        "its checkpoints with --checkpoints, to FILE",
+    )
+    add(
+        "--checkpoints",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="with --record: also measure each complete checkpoint-N of --model on the first "
+        "split (the curvature trajectory; default: the final model only)",
+    )
     add("--no_progress", action="store_true", help="no progress bar")
 
 
+def check_arguments(args: argparse.Namespace) -> tuple[list[float], list[str]]:
+    """The checks made before anything is loaded (sizes, alphas, splits, the target ratio,
+    what needs ``--record``); returns the alphas and the splits.
+
+    Raises:
+        FishertuneError: one line naming the option.
+    """
+    alphas = parse_alphas(args.alphas)
+    _check_sizes(args)
+    splits = parse_splits(args.split)
+    if args.record is None and (len(splits) > 1 or args.checkpoints):
+        what = "--checkpoints" if args.checkpoints else f"--split {args.split}"
+        raise FishertuneError(f"{what}: measured only into a record; give --record FILE")
+    ratio = args.target_noise_ratio
+    if ratio is not None and (not math.isfinite(ratio) or ratio <= 0):
+        raise FishertuneError(f"--target_noise_ratio must be a positive number, got {ratio}")
+    return alphas, splits
+
+
 def _check_sizes(args: argparse.Namespace) -> None:
-    for name, low in (("batches", 1), ("batch_size", 1), ("probes", 2), ("noise_samples", 2),
-                      ("max_length", 2), ("fisher_draws", 2)):  # fmt: skip
+    for name, low in SIZE_MINIMUMS.items():
         value = getattr(args, name)
         if value is not None and value < low:
             raise FishertuneError(f"--{name} must be >= {low}, got {value}")
@@ -275,21 +354,149 @@ def _target_line(target: dict[str, float]) -> str:
     )
 
 
+def _load(
+    args: argparse.Namespace, model: str, tokenizer: str | None, device: Any, dtype: Any
+) -> tuple[Any, Any]:
+    """``model`` (and ``tokenizer``) loaded as the command's loading options say."""
+    return load_for_analysis(
+        model,
+        tokenizer,
+        device=device,
+        dtype=dtype,
+        attn_implementation=args.attn_implementation,
+        merge_adapter=args.merge_adapter,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _measure(
+    args: argparse.Namespace,
+    alphas: list[float],
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    *,
+    model_name: str,
+    split: str,
+    device: Any,
+) -> Any:
+    """:func:`fishertune.analysis.measure.analyze` with the command's sizes and noise settings
+    on ``data`` (conversations or tokenized rows), its settings recorded with the result."""
+    from fishertune.analysis.measure import analyze
+
+    return analyze(
+        model,
+        tokenizer,
+        data,
+        alphas=alphas,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        probes=args.probes,
+        noise_samples=args.noise_samples,
+        seed=args.seed,
+        max_length=args.max_length,
+        fisher_draws=args.fisher_draws,
+        length_mode=args.length_mode,
+        noise_distribution=args.noise,
+        show_progress=not args.no_progress,
+        config={
+            "model": model_name,
+            "data": args.data,
+            "split": split,
+            "device": str(device),
+            "attn_implementation": args.attn_implementation,
+        },
+    )
+
+
+def _write_record(
+    args: argparse.Namespace,
+    alphas: list[float],
+    conversations: dict[str, Any],
+    *,
+    device: Any,
+    dtype: Any,
+) -> Any:
+    """Measure the final model on every split and, with ``--checkpoints``, each checkpoint on
+    the first; write ``--record`` (:mod:`fishertune.analysis.record`), last and atomically.
+
+    Each split is tokenized once, with the final model's tokenizer (measured first), so every
+    folder is measured on the same rows; one model is held at a time.
+
+    Returns:
+        The final model's result on the first split (the one the tables show).
+    """
+    from fishertune.analysis.measure import measured_rows
+    from fishertune.analysis.record import measure_folders, model_folders, record
+    from fishertune.files import write_json_atomic
+
+    start = time.time()
+    splits = list(conversations)
+    loaded: dict[str, Any] = {}
+    rows: dict[str, Any] = {}
+
+    def measure(folder: str, split: str) -> Any:
+        if loaded.get("folder") != folder:
+            loaded.clear()  # the previous model is released before the next one loads
+            # a checkpoint is read with the final model's tokenizer (only its padding id is used)
+            tokenizer = args.tokenizer if folder == args.model else args.tokenizer or args.model
+            loaded.update(folder=folder, model=_load(args, folder, tokenizer, device, dtype))
+        model, tokenizer = loaded["model"]
+        if split not in rows:
+            rows[split] = measured_rows(
+                conversations[split],
+                tokenizer,
+                max_length=args.max_length,
+                seed=args.seed,
+                batches=args.batches,
+                batch_size=args.batch_size,
+            )
+        return _measure(
+            args,
+            alphas,
+            model,
+            tokenizer,
+            rows[split],
+            model_name=folder,
+            split=split,
+            device=device,
+        )
+
+    folders = model_folders(args.model, checkpoints=args.checkpoints)
+    results, trajectory, by_split = measure_folders(
+        folders, splits, measure, log=lambda line: print(line, flush=True)
+    )
+    settings = {
+        "model": args.model,
+        "data": args.data,
+        "split": splits[0],
+        "max_length": args.max_length,
+        "batches": args.batches,
+        "batch_size": args.batch_size,
+        "probes": args.probes,
+        "fisher_draws": args.fisher_draws,
+        "seed": args.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    write_json_atomic(Path(args.record), record(settings, trajectory, by_split, start))
+    return results[splits[0]]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``fishertune analyze``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    alphas = parse_alphas(args.alphas)
-    _check_sizes(args)
+    alphas, splits = check_arguments(args)
     ratio = args.target_noise_ratio
-    if ratio is not None and (not math.isfinite(ratio) or ratio <= 0):
-        raise FishertuneError(f"--target_noise_ratio must be a positive number, got {ratio}")
-    output = Path(args.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise FishertuneError(f"--output {args.output}: exists and is not a folder")
+    name = args.output if args.output is not None or args.record else "analysis"
+    output = None if name is None else Path(name).expanduser()
+    if output is not None and output.exists() and not output.is_dir():
+        raise FishertuneError(f"--output {name}: exists and is not a folder")
+    if args.record is not None and Path(args.record).is_dir():
+        raise FishertuneError(f"--record {args.record}: is a folder, not a file")
 
     import torch
 
-    from fishertune.analysis.measure import analyze
     from fishertune.analysis.report import format_table, write_reports
     from fishertune.data.chat import load_conversations
 
@@ -307,49 +514,27 @@ def main(argv: list[str] | None = None) -> int:
         raise _as_option_error(err) from err
     from fishertune.data.options import DataOptions
 
-    conversations = load_conversations(args.data, args.split, DataOptions.from_args(args))
-    model, tokenizer = load_for_analysis(
-        args.model,
-        args.tokenizer,
-        device=device,
-        dtype=dtype,
-        attn_implementation=args.attn_implementation,
-        merge_adapter=args.merge_adapter,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-    )
-    result = analyze(
-        model,
-        tokenizer,
-        conversations,
-        alphas=alphas,
-        batches=args.batches,
-        batch_size=args.batch_size,
-        probes=args.probes,
-        noise_samples=args.noise_samples,
-        seed=args.seed,
-        max_length=args.max_length,
-        fisher_draws=args.fisher_draws,
-        length_mode=args.length_mode,
-        noise_distribution=args.noise,
-        show_progress=not args.no_progress,
-        config={
-            "model": args.model,
-            "data": args.data,
-            "split": args.split,
-            "device": str(device),
-            "attn_implementation": args.attn_implementation,
-        },
-    )
+    options = DataOptions.from_args(args)
+    conversations = {split: load_conversations(args.data, split, options) for split in splits}
+    if args.record is not None:
+        result = _write_record(args, alphas, conversations, device=device, dtype=dtype)
+    else:
+        model, tokenizer = _load(args, args.model, args.tokenizer, device, dtype)
+        data, split = conversations[splits[0]], splits[0]
+        result = _measure(
+            args, alphas, model, tokenizer, data, model_name=args.model, split=split, device=device
+        )
     if ratio is not None:
         result.extra["target_noise_ratio"] = _target(result, ratio)
     table = format_table(result)
     if ratio is not None:
         table += "\n" + _target_line(result.extra["target_noise_ratio"])
-    paths = write_reports(result, output)
-    (output / "analysis.txt").write_text(table + "\n")
+    written = [] if args.record is None else [Path(args.record)]
+    if output is not None:
+        written = [*write_reports(result, output).values(), *written]
+        (output / "analysis.txt").write_text(table + "\n")
     print(table)
-    print("\nwrote " + ", ".join(str(path) for path in paths.values()), file=sys.stderr)
+    print("\nwrote " + ", ".join(str(path) for path in written), file=sys.stderr)
     return 0
 
 

@@ -45,7 +45,7 @@ from fishertune.estimators import EmbeddingHVP, Estimate, fisher_trace, hutchins
 from fishertune.noise import NEFTuneNoise, find_input_embeddings
 from fishertune.penalties import label_mask_from_labels, scored_cross_entropy
 
-__all__ = ["SAMPLE_CAP", "analyze"]
+__all__ = ["SAMPLE_CAP", "analyze", "measured_rows"]
 
 SAMPLE_CAP = 2000  # conversations tokenized at most (a seeded random sample of larger sets)
 LengthMode = Literal["per_sequence", "padded"]
@@ -359,6 +359,24 @@ def _settings(
     return settings
 
 
+def measured_rows(
+    dataset: Any,
+    tokenizer: Any,
+    *,
+    max_length: int | None,
+    seed: int,
+    batches: int,
+    batch_size: int,
+) -> Any:
+    """The rows :func:`analyze` draws its batches from: ``dataset`` itself when it holds token
+    ids, else its conversations tokenized, a seeded sample of at most
+    ``max(SAMPLE_CAP, 4 * batches * batch_size)`` of them (:func:`tokenized_rows`). Given these
+    rows, :func:`analyze` measures what it would have measured on ``dataset``: several models
+    are measured on one tokenization."""
+    cap = max(SAMPLE_CAP, 4 * batches * batch_size)
+    return tokenized_rows(dataset, tokenizer, max_length, seed, cap)
+
+
 def analyze(
     model: nn.Module,
     tokenizer: Any,
@@ -411,8 +429,8 @@ def analyze(
     fisher_draws = _checked_sizes(alphas, batches, batch_size, probes, noise_samples, fisher_draws)
     draws = _Draws(alphas, noise_samples, probes, fisher_draws, length_mode, noise_distribution)
 
-    dataset = tokenized_rows(
-        dataset, tokenizer, max_length, seed, max(SAMPLE_CAP, 4 * batches * batch_size)
+    dataset = measured_rows(
+        dataset, tokenizer, max_length=max_length, seed=seed, batches=batches, batch_size=batch_size
     )
     lengths = [len(row["input_ids"]) for row in dataset]
     if not lengths:
