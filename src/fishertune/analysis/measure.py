@@ -38,16 +38,15 @@ import torch
 from torch import Tensor, nn
 
 from fishertune.analysis.results import AnalysisResult, BatchMeasurement, summarize
-from fishertune.analysis.samples import pad_token_id, scored_rows, tokenized_rows
+from fishertune.analysis.samples import SAMPLE_CAP, measured_rows, pad_token_id, scored_rows
 from fishertune.data.collate import collate_tokenized
 from fishertune.errors import FishertuneError
 from fishertune.estimators import EmbeddingHVP, Estimate, fisher_trace, hutchinson_traces
 from fishertune.noise import NEFTuneNoise, find_input_embeddings
 from fishertune.penalties import label_mask_from_labels, scored_cross_entropy
 
-__all__ = ["SAMPLE_CAP", "analyze", "measured_rows"]
+__all__ = ["SAMPLE_CAP", "analyze"]
 
-SAMPLE_CAP = 2000  # conversations tokenized at most (a seeded random sample of larger sets)
 LengthMode = Literal["per_sequence", "padded"]
 NoiseDistribution = Literal["uniform", "gaussian"]
 
@@ -357,24 +356,6 @@ def _settings(
     }
     settings.update(config or {})
     return settings
-
-
-def measured_rows(
-    dataset: Any,
-    tokenizer: Any,
-    *,
-    max_length: int | None,
-    seed: int,
-    batches: int,
-    batch_size: int,
-) -> Any:
-    """The rows :func:`analyze` draws its batches from: ``dataset`` itself when it holds token
-    ids, else its conversations tokenized, a seeded sample of at most
-    ``max(SAMPLE_CAP, 4 * batches * batch_size)`` of them (:func:`tokenized_rows`). Given these
-    rows, :func:`analyze` measures what it would have measured on ``dataset``: several models
-    are measured on one tokenization."""
-    cap = max(SAMPLE_CAP, 4 * batches * batch_size)
-    return tokenized_rows(dataset, tokenizer, max_length, seed, cap)
 
 
 def analyze(

@@ -52,7 +52,6 @@ from fishertune.experiments.blocks import (
     env_block,
     evaluation_block,
     launcher_block,
-    measure_block,
     report_block,
     slurm_block,
 )
@@ -66,6 +65,7 @@ from fishertune.experiments.fields import (
     str_list,
 )
 from fishertune.experiments.grid import BASE_RUN, ExperimentConfig, RunSpec, expand_grid
+from fishertune.experiments.measure_block import measure_block
 from fishertune.experiments.study import study_blocks
 
 __all__ = ["load_experiment", "parse_experiment"]

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fishertune.experiments.blocks import MeasureFlags, SlurmSpec, StageFlags, evaluation_block
+from fishertune.experiments.blocks import SlurmSpec, StageFlags, evaluation_block
 from fishertune.experiments.fields import field_error
+from fishertune.experiments.measure_block import MeasureFlags
 from fishertune.experiments.study import StudyData
 from fishertune.files import MODEL_SUBDIR
 

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fishertune.errors import FishertuneError
-from fishertune.experiments.blocks import MEASURE_ALIASES, MEASURE_PROGRAM, measure_options
 from fishertune.experiments.commands import evaluate_command, measure_command, train_command
 from fishertune.experiments.grid import ExperimentConfig, RunSpec, expand_grid
+from fishertune.experiments.measure_block import MEASURE_ALIASES, MEASURE_PROGRAM, measure_options
 from fishertune.experiments.processes import Launcher
 from fishertune.experiments.study import find_study
 from fishertune.files import (
@@ -63,7 +63,7 @@ STAGE_BLOCKS = ("evaluation", "measure")
 _STORED_DEFAULTS: dict[str, dict[str, Any]] = {
     "evaluation": {"tasks": ["offline"], "include_path": [], "extra_args": []},
 }
-# A measure: entry without "program" (blocks.MEASURE_PROGRAM) was written while the stage was
+# A measure: entry without "program" (measure_block.MEASURE_PROGRAM) was written while the stage was
 # its own program (fishertune/experiments/curvature.py, up to commit 4dc7e15; the dataclass
 # MeasureSpec before it): these were that program's defaults for an option left unset (its
 # dataclass form wrote them out), and the settings it measured with and had no option for.
@@ -163,7 +163,7 @@ def _measure_flags(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _canonical_measure(entry: dict[str, Any]) -> dict[str, Any]:
-    """A ``measure`` entry as what its measurement records (:func:`blocks.measure_options`:
+    """A ``measure`` entry as what its measurement records (:func:`measure_options`:
     every option analyze measured with, defaults included, but those the record does not
     depend on) and its ``seeds``; an entry analyze's parser refuses stays as it is."""
     options = measure_options(_measure_flags(entry))
