@@ -346,3 +346,87 @@ def test_target_noise_ratio_gives_the_alpha_at_that_ratio(saved_llama, tmp_path,
     )
     summary = json.loads((again / "analysis.json").read_text())["alphas"][0]
     assert summary["scale_over_rms"] == pytest.approx(0.3, rel=1e-9)
+
+
+def test_record_holds_analyze_on_each_split_and_checkpoint(saved_llama, tmp_path, monkeypatch):
+    """--record: the final model on every split and each complete checkpoint (by step, the one at
+    the final step once) on the first; each entry is what analyze measures on that folder and
+    split alone; no tables unless --output is given."""
+    import shutil
+
+    from fishertune.files import CHECKPOINT_RECORD, RunFolder
+    from fishertune.modeling import tiny_llama
+
+    run = tmp_path / "run"
+    model = run / "model"
+    shutil.copytree(saved_llama / "model", model)
+    (model / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    for step in (2, 3, 4):
+        other = tiny_llama(vocab, hidden_size=16, num_layers=1, num_heads=2, seed=step)
+        other.save_pretrained(model / f"checkpoint-{step}")
+        if step != 3:  # checkpoint-3 was never completed
+            (model / f"checkpoint-{step}" / CHECKPOINT_RECORD).write_text("{}")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, rows in (("train", _conversations(8)), ("validation", _conversations(14)[6:])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sizes = ["--batches", "2", "--batch_size", "3", "--probes", "3", "--fisher_draws", "2",
+             "--alphas", "1", "--noise_samples", "2", "--max_length", "48",
+             "--no_progress"]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    record = run / "curvature.json"
+    argv = ["analyze", "--model", str(model), "--data", str(data), "--split", "validation,train",
+            "--checkpoints", "--record", str(record), *sizes]  # fmt: skip
+    assert fishertune_main(argv) == 0
+    assert not (tmp_path / "analysis").exists() and RunFolder(run).measured
+
+    written = json.loads(record.read_text())
+    assert (written["split"], written["probes"], written["fisher_draws"]) == ("validation", 3, 2)
+    assert (written["batches"], written["batch_size"], written["max_length"]) == (2, 3, 48)
+    trajectory = written["trajectory"]
+    assert [(e["step"], e["folder"]) for e in trajectory] == [(2, "checkpoint-2"), (4, "model")]
+    assert written["final"] == trajectory[-1] == written["splits"]["validation"]
+    assert list(written["splits"]) == ["validation", "train"]
+    keys = {"step", "folder", "loss", "trace_f", "trace_h", "gap", "embedding_rms",
+            "median_length", "typical_length", "hidden_size"}  # fmt: skip
+    assert all(set(e) == keys for e in [*trajectory, *written["splits"].values()])
+
+    def alone(folder, split: str) -> dict:
+        out = tmp_path / f"alone-{folder.name}-{split}"
+        argv = ["analyze", "--model", str(folder), "--tokenizer", str(model), "--data", str(data),
+                "--split", split, "--output", str(out), *sizes]  # fmt: skip
+        assert fishertune_main(argv) == 0
+        return json.loads((out / "analysis.json").read_text())
+
+    for entry, folder, split in (
+        (trajectory[0], model / "checkpoint-2", "validation"),
+        (written["splits"]["validation"], model, "validation"),
+        (written["splits"]["train"], model, "train"),
+    ):
+        report = alone(folder, split)
+        for key, name in (("trace_f", "trace_fisher"), ("trace_h", "trace_hessian"),
+                          ("gap", "gauss_newton_gap"), ("loss", "loss")):  # fmt: skip
+            assert entry[key] == pytest.approx(report[name], rel=1e-12, abs=1e-15)
+        assert entry["embedding_rms"] == pytest.approx(report["embedding_rms"], rel=1e-12)
+        assert entry["typical_length"] == report["typical_length"]
+    # another model, another split: the entries differ
+    assert trajectory[0]["trace_h"]["mean"] != trajectory[1]["trace_h"]["mean"]
+    assert written["splits"]["train"]["loss"]["mean"] != written["final"]["loss"]["mean"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--split", "validation,train"], "--split validation,train: measured only into a record"),
+        (["--checkpoints"], "--checkpoints: measured only into a record; give --record FILE"),
+        (["--split", "a, a"], "--split: repeated split in 'a, a'"),
+        (["--split", ","], "--split: no split named in ','"),
+        (["--record", "{tmp}"], "is a folder, not a file"),
+    ],
+)
+def test_record_options_refused_in_one_line(saved_llama, tmp_path, capsys, args, message):
+    argv = ["analyze", "--model", str(saved_llama / "model"), "--data", "builtin:tiny-tasks"]
+    assert fishertune_main([*argv, *(a.format(tmp=tmp_path) for a in args)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1

@@ -36,14 +36,14 @@ class StageLauncher(FakeLauncher):
             metrics = {"metrics": {"offline/val_loss": 2.5}}
             Path(option(command, "--output")).write_text(json.dumps(metrics))
             return 0
-        if "fishertune.experiments.curvature" not in command:
+        if "analyze" not in command:
             return super().__call__(command, log_path, env)
         self.calls.append(("measure", run_dir.name))
         self.commands.append(command)
         if ("measure", run_dir.name) in self.fail:
             return 3
         entry = {"step": 7, "loss": {"mean": 2.0}, "trace_f": {"mean": 5.0}}
-        Path(option(command, "--output")).write_text(json.dumps({"final": entry}))
+        Path(option(command, "--record")).write_text(json.dumps({"final": entry}))
         return 0
 
 
@@ -104,6 +104,72 @@ def test_base_stage_runs_first_and_every_run_starts_from_its_model(
     assert (config.runs_dir / "token-f-seed1" / "evaluation.json").is_file()
 
 
+# A run's "measure" entry in fishertune_experiment.json as the code wrote it while the stage was
+# its own program (fishertune.experiments.curvature, its flags' defaults: 2 batches of 8, 4
+# probes, max_length 128, the validation split, every checkpoint, float32): the block of the
+# shipped sharegpt-equivalence preset, every value given, and one that left them to that program.
+OLD_MEASURE_EXPLICIT = """{"dataset": "builtin:tiny-tasks", "split": "validation,train",
+"batches": 8, "batch_size": 4, "probes": 32, "max_length": 128, "checkpoints": false,
+"seeds": [0]}"""
+OLD_MEASURE_DEFAULTS = """{"split": "validation", "seeds": [0]}"""
+
+
+def test_a_folder_measured_by_the_former_program_is_not_measured_again(
+    tmp_path: Path, base_config: Path
+) -> None:
+    """Folders whose settings record holds the former measure program's entry stay measured when
+    the block, read by analyze, means the same measurement; a block that relied on the former
+    defaults now means analyze's, and those runs are measured again (and only measured)."""
+    from fishertune.experiments.stages import stale_block, stored_settings
+
+    raw = staged(tmp_path, base_config)
+    raw["measure"] = json.loads(OLD_MEASURE_EXPLICIT)  # read unchanged, under analyze's names
+    config = parse_experiment(raw, tmp_path / "e.yaml")
+    assert config.measure.stored["data"] == "builtin:tiny-tasks"
+    assert config.measure.stored["program"] == "analyze"
+    run_experiment(config, launcher=StageLauncher(), log=lambda _: None)
+    records = sorted(config.runs_dir.glob("*/fishertune_experiment.json"))
+    assert len(records) == 5
+
+    def store(entry: str) -> None:
+        for path in records:
+            settings = json.loads(path.read_text())
+            path.write_text(json.dumps({**settings, "measure": json.loads(entry)}))
+
+    store(OLD_MEASURE_EXPLICIT)
+    again = StageLauncher()
+    assert {r.status for r in run_experiment(config, launcher=again, log=lambda _: None)} == {
+        "skipped"
+    }
+    assert again.calls == []
+    # another number is another measurement
+    raw["measure"]["probes"] = 16
+    changed = parse_experiment(raw, tmp_path / "e.yaml")
+    remeasure = StageLauncher()
+    run_experiment(changed, launcher=remeasure, only=["baseline-seed0"], log=lambda _: None)
+    assert remeasure.calls == [("measure", "baseline-seed0")]
+
+    # the former defaults, given explicitly now, are what the old entry meant
+    store(OLD_MEASURE_DEFAULTS)
+    former = {"batches": 2, "batch_size": 8, "probes": 4, "max_length": 128,
+              "checkpoints": True, "split": "validation", "seeds": [0]}  # fmt: skip
+    raw["measure"] = former
+    config = parse_experiment(raw, tmp_path / "e.yaml")
+    kept = StageLauncher()
+    assert {r.status for r in run_experiment(config, launcher=kept, log=lambda _: None)} == {
+        "skipped"
+    }
+    assert kept.calls == []
+    # left out, they are analyze's (8 batches of 4, 16 probes, ...): measured again, only that
+    old = {"measure": json.loads(OLD_MEASURE_DEFAULTS)}
+    raw["measure"] = {"split": "validation", "seeds": [0]}
+    config = parse_experiment(raw, tmp_path / "e.yaml")
+    assert stale_block(old, stored_settings(config, expand_grid(config)[0]), "measure")
+    redo = StageLauncher()
+    run_experiment(config, launcher=redo, only=["baseline-seed0"], log=lambda _: None)
+    assert redo.calls == [("measure", "baseline-seed0")]
+
+
 def test_only_a_run_trains_its_missing_base_first_and_a_failed_base_blocks_the_rest(
     tmp_path: Path, base_config: Path
 ) -> None:
@@ -132,7 +198,7 @@ def test_dry_run_lists_the_base_first(tmp_path: Path, base_config: Path, capsys)
     assert experiment_cli.main(["--config", str(path), "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "# [1/5] base"
-    assert "fishertune.experiments.curvature" in out and "--model_name_or_path" in out
+    assert "fishertune analyze" in out and "--record" in out and "--model_name_or_path" in out
     assert not (tmp_path / "out" / "runs").exists()
 
 

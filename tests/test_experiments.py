@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -388,21 +389,53 @@ def test_evaluation_block_is_evaluates_own_flags(tmp_path: Path, base_config: Pa
 
 
 def test_measure_block_is_the_measure_programs_flags(tmp_path: Path, base_config: Path) -> None:
-    """The measure: block holds the measure program's options, its defaults where left out;
-    without a dataset the run's training data is measured."""
+    """The measure: block holds fishertune analyze's options, analyze's defaults where left out
+    (float32 unless it says otherwise); without a dataset the run's training data is measured;
+    the stage is `fishertune analyze --record` into the run's curvature.json."""
+    from fishertune.analysis.cli import build_parser as measure_parser
     from fishertune.experiments.commands import measure_command
-    from fishertune.experiments.curvature import build_parser as measure_parser
 
-    block = {"batches": 3, "checkpoints": False, "split": ["validation", "train"], "seeds": [1]}
+    block = {"batches": 3, "checkpoints": True, "split": ["validation", "train"], "seeds": [1]}
     config = parse_experiment(experiment(tmp_path, base_config, measure=block), tmp_path / "e.yaml")
     run = expand_grid(config)[1]  # baseline-seed1
-    args = measure_parser().parse_args(measure_command(config, run)[3:])
-    assert (args.batches, args.checkpoints, args.split) == (3, False, "validation,train")
-    assert args.probes == 4 and args.dataset == "builtin:tiny-tasks"
-    assert args.output == str(run.run_dir / "curvature.json")
+    command = measure_command(config, run)
+    assert command[2:4] == ["fishertune.cli", "analyze"]
+    args = measure_parser().parse_args(command[4:])
+    assert (args.batches, args.checkpoints, args.split) == (3, True, "validation,train")
+    assert args.probes == 16 and args.data == "builtin:tiny-tasks" and args.dtype == "float32"
+    # curvature.json holds no noise increase: the least of it is measured
+    assert (args.alphas, args.noise_samples, args.no_progress) == ("1", 2, True)
+    assert args.record == str(run.run_dir / "curvature.json") and args.output is None
     assert config.measure.measures(1) and not config.measure.measures(0)
     default = parse_experiment(experiment(tmp_path, base_config, measure={}), tmp_path / "e.yaml")
-    assert default.measure.checkpoints and default.measure.batches == 2
+    spec = default.measure
+    parsed = measure_parser().parse_args(["--model", "m", "--data", "d"])
+    for name in ("batches", "batch_size", "probes", "max_length", "split", "checkpoints", "seed"):
+        assert getattr(spec, name) == getattr(parsed, name)  # analyze's own defaults
+    assert (spec.batches, spec.probes, spec.split, spec.checkpoints) == (8, 16, "train", False)
+    # the former program's name of --data is read as it
+    renamed = experiment(tmp_path, base_config, measure={"dataset": "x.jsonl", "batches": 2})
+    spec = parse_experiment(renamed, tmp_path / "e.yaml").measure
+    assert spec.data == "x.jsonl" and spec.stored["data"] == "x.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"probes": 1}, "measure.probes: expected an integer >= 2, got 1"),
+        ({"split": "a,a"}, "measure.split: repeated split in 'a,a'"),
+        ({"batches": "two"}, "measure.batches: invalid int value: 'two'"),
+        ({"record": "x.json"}, "measure.record: set by the grid for each run"),
+        ({"dataset": "x", "data": "y"}, "measure.dataset: the same option as measure.data"),
+        ({"alphas": "1,x"}, "measure: --alphas: expected comma-separated numbers"),
+    ],
+)
+def test_measure_block_is_checked_by_analyze(
+    tmp_path: Path, base_config: Path, block: dict[str, Any], message: str
+) -> None:
+    raw = experiment(tmp_path, base_config, measure=block)
+    with pytest.raises(FishertuneError, match=re.escape(message)):
+        parse_experiment(raw, tmp_path / "e.yaml")
 
 
 # ----------------------------------------------------------------------------- runner
@@ -488,7 +521,9 @@ def test_an_old_run_folder_stays_evaluated(tmp_path: Path, base_config: Path) ->
 
     from fishertune.experiments.stages import same_settings, stale_block, stored_settings
 
-    measure = {"batches": 1, "probes": 2, "split": "validation,train", "seeds": [0]}
+    # the old record's measurement: its values given where analyze's defaults differ
+    measure = {"batches": 1, "batch_size": 8, "probes": 2, "max_length": 128, "checkpoints": True,
+               "split": "validation,train", "seeds": [0]}  # fmt: skip
     config = parse_experiment(experiment(tmp_path, base_config), tmp_path / "e.yaml")
     run_experiment(config, launcher=FakeLauncher(), log=lambda _: None)
     record = config.runs_dir / "baseline-seed0" / "fishertune_experiment.json"

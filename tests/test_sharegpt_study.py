@@ -175,8 +175,8 @@ def test_preloaded_launcher_runs_stages_as_forks(tmp_path: Path) -> None:
         code = launcher([sys.executable, "-m", "fishertune.cli", "nope"], log, {"X": "1"})
         assert code == 2 and "unknown command 'nope'" in log.read_text()
         # a FishertuneError from a stage: its one line in the log, status 2
-        bad = [sys.executable, "-m", "fishertune.experiments.curvature", "--model", str(tmp_path),
-               "--output", str(tmp_path / "c.json")]  # fmt: skip
+        bad = [sys.executable, "-m", "fishertune.cli", "analyze", "--model", str(tmp_path),
+               "--data", "builtin:tiny-tasks", "--record", str(tmp_path / "c.json")]  # fmt: skip
         assert launcher(bad, log, {}) == 2 and "not a saved model folder" in log.read_text()
     finally:
         launcher.close()

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from fishertune.analysis.results import AnalysisResult, BatchMeasurement, summarize
-from fishertune.analysis.samples import pad_token_id, scored_rows, tokenized_rows
+from fishertune.analysis.samples import SAMPLE_CAP, measured_rows, pad_token_id, scored_rows
 from fishertune.data.collate import collate_tokenized
 from fishertune.errors import FishertuneError
 from fishertune.estimators import EmbeddingHVP, Estimate, fisher_trace, hutchinson_traces
@@ -47,7 +47,6 @@ from fishertune.penalties import label_mask_from_labels, scored_cross_entropy
 
 __all__ = ["SAMPLE_CAP", "analyze"]
 
-SAMPLE_CAP = 2000  # conversations tokenized at most (a seeded random sample of larger sets)
 LengthMode = Literal["per_sequence", "padded"]
 NoiseDistribution = Literal["uniform", "gaussian"]
 
@@ -411,8 +410,8 @@ def analyze(
     fisher_draws = _checked_sizes(alphas, batches, batch_size, probes, noise_samples, fisher_draws)
     draws = _Draws(alphas, noise_samples, probes, fisher_draws, length_mode, noise_distribution)
 
-    dataset = tokenized_rows(
-        dataset, tokenizer, max_length, seed, max(SAMPLE_CAP, 4 * batches * batch_size)
+    dataset = measured_rows(
+        dataset, tokenizer, max_length=max_length, seed=seed, batches=batches, batch_size=batch_size
     )
     lengths = [len(row["input_ids"]) for row in dataset]
     if not lengths:

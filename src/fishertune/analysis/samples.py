@@ -12,7 +12,9 @@ from fishertune.data.collate import row_labels
 from fishertune.errors import FishertuneError
 from fishertune.penalties import IGNORE_INDEX
 
-__all__ = ["pad_token_id", "scored_rows", "tokenized_rows"]
+__all__ = ["SAMPLE_CAP", "measured_rows", "pad_token_id", "scored_rows", "tokenized_rows"]
+
+SAMPLE_CAP = 2000  # conversations tokenized at most (a seeded random sample of larger sets)
 
 
 def _has_scored_token(row: Mapping[str, Any]) -> bool:
@@ -64,6 +66,24 @@ def tokenized_rows(
         dataset = dataset.select(sorted(order[:cap].tolist()))
     ensure_chat_template(tokenizer)
     return tokenize_dataset(dataset, tokenizer, max_length or 1024)
+
+
+def measured_rows(
+    dataset: Any,
+    tokenizer: Any,
+    *,
+    max_length: int | None,
+    seed: int,
+    batches: int,
+    batch_size: int,
+) -> Any:
+    """The rows :func:`fishertune.analysis.measure.analyze` draws its batches from:
+    ``dataset`` itself when it holds token ids, else its conversations tokenized, a seeded sample
+    of at most ``max(SAMPLE_CAP, 4 * batches * batch_size)`` of them (:func:`tokenized_rows`).
+    Given these rows, ``analyze`` measures what it would have measured on ``dataset``: several
+    models are measured on one tokenization."""
+    cap = max(SAMPLE_CAP, 4 * batches * batch_size)
+    return tokenized_rows(dataset, tokenizer, max_length, seed, cap)
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -1,14 +1,14 @@
 """The blocks of an experiment file that configure a stage or a launcher: ``evaluation:``,
-``measure:``, ``slurm:``, ``launcher:`` (with ``accelerate_config``, ``num_processes``),
-``env:`` and ``report:``, each checked into its spec (a study's blocks:
-:mod:`fishertune.experiments.study`)."""
+``slurm:``, ``launcher:`` (with ``accelerate_config``, ``num_processes``), ``env:`` and
+``report:``, each checked into its spec (``measure:``: :mod:`fishertune.experiments.measure_block`;
+a study's blocks: :mod:`fishertune.experiments.study`)."""
 
 from __future__ import annotations
 
 import argparse
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,7 +17,6 @@ from fishertune.experiments.fields import (
     mapping,
     non_negative_int,
     resolve_path,
-    seed_list,
     str_list,
 )
 
@@ -25,15 +24,12 @@ __all__ = [
     "EVALUATION_PATHS",
     "EVALUATION_SET_BY_GRID",
     "LAUNCHERS",
-    "MEASURE_SET_BY_GRID",
     "SLURM_KEYS",
-    "MeasureFlags",
     "SlurmSpec",
     "StageFlags",
     "env_block",
     "evaluation_block",
     "launcher_block",
-    "measure_block",
     "report_block",
     "slurm_block",
     "stage_flags_block",
@@ -345,42 +341,6 @@ def slurm_block(path: Path, value: Any, *, launcher: str, num_processes: int | N
         main_process_port=port,
         submitit=submitit_parameters(path, raw),
     )
-
-
-@dataclass(frozen=True)
-class MeasureFlags(StageFlags):
-    """The ``measure:`` block: options of the measure stage's program
-    (:mod:`fishertune.experiments.curvature`), and ``seeds``, the grid's own key: measure only
-    the runs of these training seeds (and the base); ``None``: every run."""
-
-    seeds: tuple[int, ...] | None = None
-
-    @property
-    def stored(self) -> dict[str, Any]:
-        return {**self.flags, **({} if self.seeds is None else {"seeds": list(self.seeds)})}
-
-    def measures(self, seed: int, *, base: bool = False) -> bool:
-        """Whether a run of training seed ``seed`` (or the base) gets a measure stage."""
-        return base or self.seeds is None or seed in self.seeds
-
-
-# the measure program's options that the grid gives each run (commands.measure_command)
-MEASURE_SET_BY_GRID = ("model", "output")
-
-
-def measure_block(path: Path, value: Any) -> MeasureFlags | None:
-    """The ``measure:`` block (``None``: no measure stage), checked by the measure program's
-    own parser; ``dataset`` left out measures each run's training data, read as it was."""
-    from fishertune.experiments.curvature import build_parser
-
-    if value is None:
-        return None
-    spec = stage_flags_block(
-        path, "measure", value, build_parser(), set_by_grid=MEASURE_SET_BY_GRID, own=("seeds",)
-    )
-    raw = mapping(path, "measure", value)
-    seeds = seed_list(path, "measure.seeds", raw["seeds"]) if "seeds" in raw else None
-    return MeasureFlags(**{f.name: getattr(spec, f.name) for f in fields(spec)}, seeds=seeds)
 
 
 def launcher_block(path: Path, raw: Mapping[str, Any]) -> tuple[str, Path | None, int | None]:

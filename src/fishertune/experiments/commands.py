@@ -156,23 +156,25 @@ def evaluate_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
 
 
 def measure_command(config: ExperimentConfig, run: RunSpec) -> list[str]:
-    """The ``measure`` stage of a run: :mod:`fishertune.experiments.curvature` on its model (and
-    its checkpoints), then the ``measure:`` block's flags; without a ``dataset`` there, the
-    run's training data with its reader options, so the measure reads the same rows."""
+    """The ``measure`` stage of a run: ``fishertune analyze --record`` on its model (and its
+    checkpoints, with ``checkpoints: true``) into its ``curvature.json``, then the ``measure:``
+    block's flags; without ``data`` there, the run's training data with its reader options, so
+    the measure reads the same rows."""
     spec = config.measure
     if spec is None:
         raise FishertuneError(f"{config.path}: no measure: block")
     command = [
         sys.executable,
         "-m",
-        "fishertune.experiments.curvature",
+        "fishertune.cli",
+        "analyze",
         "--model",
         str(run.model_dir),
-        "--output",
+        "--record",
         str(run.run_dir / MEASURE_FILE),
     ]
-    if "dataset" not in spec.flags:  # other data: the reader detects its format
-        command += ["--dataset", str(run.overrides.get("dataset_name", "builtin:tiny-tasks"))]
+    if "data" not in spec.flags:  # other data: the reader detects its format
+        command += ["--data", str(run.overrides.get("dataset_name", "builtin:tiny-tasks"))]
         for key in ("data_format", "data_columns", "data_roles", "on_bad_rows"):
             if run.overrides.get(key) is not None:
                 command += [f"--{key}", str(run.overrides[key])]

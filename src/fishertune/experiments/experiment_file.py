@@ -23,8 +23,8 @@ An experiment YAML names a training preset and the variations to run on it::
                                             # (fishertune.experiments.study)
     base:                                   # optional: a model trained once, which every
       max_steps: 500                        #   run fine-tunes (training overrides)
-    measure: {batches: 2, probes: 4}        # optional: Tr(F_X), Tr(H_X) of every run (the
-                                            # measure program's flags, and seeds:)
+    measure: {split: validation, probes: 4} # optional: Tr(F_X), Tr(H_X) of every run
+                                            # (fishertune analyze's flags, and seeds:)
     study_data: {out: data}                 # optional: the study's data, made before any run
                                             # (relative to output_dir); other blocks' strings
                                             # name the folder as {study_data}, e.g.
@@ -52,7 +52,6 @@ from fishertune.experiments.blocks import (
     env_block,
     evaluation_block,
     launcher_block,
-    measure_block,
     report_block,
     slurm_block,
 )
@@ -66,6 +65,7 @@ from fishertune.experiments.fields import (
     str_list,
 )
 from fishertune.experiments.grid import BASE_RUN, ExperimentConfig, RunSpec, expand_grid
+from fishertune.experiments.measure_block import measure_block
 from fishertune.experiments.study import study_blocks
 
 __all__ = ["load_experiment", "parse_experiment"]

@@ -11,9 +11,14 @@ A ``base:`` block adds a first run named ``base`` (folder ``OUTPUT_DIR/runs/base
 base YAML < ``overrides`` < the block (its own ``base_config`` and ``seed``, default 0, allowed),
 evaluated and measured like any run; every other run then starts from its saved model
 (``model_name_or_path`` = ``OUTPUT_DIR/runs/base/model``, set by the grid, so no method may set it).
-A ``measure:`` block adds a third stage to every run (:mod:`fishertune.experiments.curvature`):
-the estimators of ``fishertune analyze`` (CE, ``Tr(F_X)``, ``Tr(H_X)``) on validation data, for
-the final model and each saved checkpoint, into the run's ``curvature.json``.
+A ``measure:`` block adds a third stage to every run, ``fishertune analyze --record``
+(:mod:`fishertune.analysis.record`): CE, ``Tr(F_X)``, ``Tr(H_X)`` of the final model (and, with
+``checkpoints: true``, each saved checkpoint) into the run's ``curvature.json``.
+
+Relative input paths are resolved against the current directory, then against the experiment
+file's directory, then (``base_config``, ``accelerate_config``) as the name of a shipped preset
+(``fishertune presets``), then against the experiment file's parent directories; a file always
+wins over a preset of the same name. ``output_dir`` is relative to the current directory.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fishertune.experiments.blocks import MeasureFlags, SlurmSpec, StageFlags, evaluation_block
+from fishertune.experiments.blocks import SlurmSpec, StageFlags, evaluation_block
 from fishertune.experiments.fields import field_error
+from fishertune.experiments.measure_block import MeasureFlags
 from fishertune.experiments.study import StudyData
 from fishertune.files import MODEL_SUBDIR
 

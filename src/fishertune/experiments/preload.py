@@ -42,7 +42,7 @@ PRELOADED = (
     "fishertune.cli",
     "fishertune.training.cli",
     "fishertune.evaluation.cli",
-    "fishertune.experiments.curvature",
+    "fishertune.analysis.cli",
     "fishertune.analysis.measure",
 )
 

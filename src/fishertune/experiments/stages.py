@@ -21,6 +21,7 @@ from typing import Any
 from fishertune.errors import FishertuneError
 from fishertune.experiments.commands import evaluate_command, measure_command, train_command
 from fishertune.experiments.grid import ExperimentConfig, RunSpec, expand_grid
+from fishertune.experiments.measure_block import MEASURE_ALIASES, MEASURE_PROGRAM, measure_options
 from fishertune.experiments.processes import Launcher
 from fishertune.experiments.study import find_study
 from fishertune.files import (
@@ -53,23 +54,30 @@ __all__ = [
 
 STAGE_BLOCKS = ("evaluation", "measure")
 
-# What run folders stored for an option left unset while the evaluation: and measure: blocks
-# were the dataclasses EvaluationSpec and MeasureSpec (blocks.py, up to commit 101eb0e): every
-# field was written, unset ones with these defaults. Frozen here so that such records still
-# compare equal to the current entries, which hold only the options a file sets: an 8B
-# evaluation is GPU hours, not worth redoing for a change of how its settings are written.
-# (EvaluationSpec's other fields defaulted to None, which is dropped anyway.)
+# What run folders stored for an option left unset while the evaluation: block was the
+# dataclass EvaluationSpec (blocks.py, up to commit 101eb0e): every field was written, unset ones
+# with these defaults. Frozen here so that such records still compare equal to the current
+# entries, which hold only the options a file sets: an 8B evaluation is GPU hours, not worth
+# redoing for a change of how its settings are written. (EvaluationSpec's other fields
+# defaulted to None, which is dropped anyway.)
 _STORED_DEFAULTS: dict[str, dict[str, Any]] = {
     "evaluation": {"tasks": ["offline"], "include_path": [], "extra_args": []},
-    "measure": {
-        "batches": 2,
-        "batch_size": 8,
-        "probes": 4,
-        "max_length": 128,
-        "split": "validation",
-        "checkpoints": True,
-        "seed": 0,
-    },
+}
+# A measure: entry without "program" (measure_block.MEASURE_PROGRAM) was written while the stage was
+# its own program (fishertune/experiments/curvature.py, up to commit 4dc7e15; the dataclass
+# MeasureSpec before it): these were that program's defaults for an option left unset (its
+# dataclass form wrote them out), and the settings it measured with and had no option for.
+# Frozen here: such an entry means these, whatever analyze's defaults are.
+_OLD_MEASURE_DEFAULTS: dict[str, Any] = {
+    "batches": 2,
+    "batch_size": 8,
+    "probes": 4,
+    "max_length": 128,
+    "split": "validation",
+    "checkpoints": True,
+    "seed": 0,
+    "dtype": "float32",
+    "attn_implementation": "eager",
 }
 # options whose string value is a comma list (``--tasks mmlu,ifeval``, ``--split a,b``)
 _COMMA_LISTS = ("tasks", "split")
@@ -145,12 +153,34 @@ def _canonical_value(key: str, value: Any) -> Any:
     return value
 
 
+def _measure_flags(entry: dict[str, Any]) -> dict[str, Any]:
+    """A stored ``measure`` entry's analyze flags: an entry of the former program (no
+    ``program``) under analyze's names (``dataset`` -> ``data``), its defaults filled in."""
+    flags = {k: v for k, v in entry.items() if k not in ("program", "seeds") and v is not None}
+    if entry.get("program") == MEASURE_PROGRAM:
+        return flags
+    return {**_OLD_MEASURE_DEFAULTS, **{MEASURE_ALIASES.get(k, k): v for k, v in flags.items()}}
+
+
+def _canonical_measure(entry: dict[str, Any]) -> dict[str, Any]:
+    """A ``measure`` entry as what its measurement records (:func:`measure_options`:
+    every option analyze measured with, defaults included, but those the record does not
+    depend on) and its ``seeds``; an entry analyze's parser refuses stays as it is."""
+    options = measure_options(_measure_flags(entry))
+    if options is None:
+        return {"unreadable": entry}
+    return {**options, "seeds": entry.get("seeds")}
+
+
 def canonical_block(block: str, entry: Any) -> dict[str, Any] | None:
     """A stored ``evaluation`` or ``measure`` entry in the form two entries compare in: absent,
-    None and empty values dropped, values equal to the old stored defaults dropped, lists
-    normalized (:func:`_canonical_value`). ``None`` (no block) stays ``None``."""
+    None and empty values dropped, values equal to the old stored defaults dropped (a
+    ``measure`` entry: every option resolved, :func:`_canonical_measure`), lists normalized
+    (:func:`_canonical_value`). ``None`` (no block) stays ``None``."""
     if not isinstance(entry, dict):
         return None
+    if block == "measure":
+        entry = _canonical_measure(entry)
     defaults = {
         key: _canonical_value(key, value) for key, value in _STORED_DEFAULTS.get(block, {}).items()
     }

@@ -37,7 +37,7 @@ seed share the base and the data order):
   difference to the baseline, and its measured seconds per training step (the runs' own
   ``train_runtime / global_step``, mean over all its runs) against the baseline's.
 
-Curvature (the ``measure`` stage, :mod:`fishertune.experiments.curvature`): ``Tr(F_X)``,
+Curvature (the ``measure`` stage, :mod:`fishertune.analysis.record`): ``Tr(F_X)``,
 ``Tr(H_X)``, the gap, per split measured, with their between-batch standard errors; the embedding
 rms and the scale-free curvature ``rms^2 Tr`` of every measured run.
 
