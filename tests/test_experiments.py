@@ -543,6 +543,11 @@ def test_an_old_run_folder_stays_evaluated(tmp_path: Path, base_config: Path) ->
     current = stored_settings(measured, expand_grid(measured)[0])
     assert same_settings(json.loads(old), current)
     assert not stale_block(json.loads(old), current, "measure")
+    # the preset found at another path (a new environment, another checkout) with the same
+    # content is the same training; other content is not
+    moved = {**json.loads(old), "base_config": "/elsewhere/site-packages/fishertune/tiny.yaml"}
+    assert same_settings(moved, current)
+    assert not same_settings({**moved, "base_config_sha256": "0" * 64}, current)
     other = parse_experiment(
         experiment(tmp_path, base_config, measure={**measure, "dataset": "other.jsonl"}),
         tmp_path / "e.yaml",

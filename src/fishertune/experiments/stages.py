@@ -206,7 +206,11 @@ def same_settings(stored: Any, current: dict[str, Any]) -> bool:
     identity and training, and the same stage blocks in canonical form."""
     if not isinstance(stored, dict):
         return False
-    rest = [{k: v for k, v in s.items() if k not in STAGE_BLOCKS} for s in (stored, current)]
+    # the preset by content where both record its hash: its path changes with the install
+    # (a new virtual environment, another checkout) while the training it names does not
+    by_hash = "base_config_sha256" in stored and "base_config_sha256" in current
+    ignored = {*STAGE_BLOCKS, "base_config"} if by_hash else set(STAGE_BLOCKS)
+    rest = [{k: v for k, v in s.items() if k not in ignored} for s in (stored, current)]
     return rest[0] == rest[1] and not any(stale_block(stored, current, b) for b in STAGE_BLOCKS)
 
 
