@@ -495,8 +495,10 @@ def test_library_scores_the_tokens_the_cli_scores(models, chat_file, tmp_path, a
                            use_cpu=True)  # fmt: skip
     library = FisherSFTTrainer(model=model, args=args, train_dataset=conversations,
                                processing_class=tokenizer)  # fmt: skip
-    assert library.train_dataset["labels"] == cli.train_dataset["labels"]
-    assert library.train_dataset["input_ids"] == cli.train_dataset["input_ids"]
+    # the command line's rows are tokenized when read (a short run): compare them row by row
+    cli_rows = [cli.train_dataset[i] for i in range(len(cli.train_dataset))]
+    assert library.train_dataset["labels"] == [row["labels"] for row in cli_rows]
+    assert library.train_dataset["input_ids"] == [row["input_ids"] for row in cli_rows]
     # independently: what is scored is each assistant reply and its end-of-turn token
     for row, conversation in zip(library.train_dataset, conversations, strict=True):
         replies = [m["content"] for m in conversation["messages"] if m["role"] == "assistant"]
@@ -510,7 +512,8 @@ def test_library_scores_the_tokens_the_cli_scores(models, chat_file, tmp_path, a
     assert all(-100 not in labels for labels in everything.train_dataset["labels"])
     argv = train_argv(models[arch], chat_file, tmp_path / "d", assistant_only="false")[1:]
     cli_everything = build_trainer(*parse_args(argv))
-    assert cli_everything.train_dataset["labels"] == cli_everything.train_dataset["input_ids"]
+    rows = [cli_everything.train_dataset[i] for i in range(len(cli_everything.train_dataset))]
+    assert all(row["labels"] == row["input_ids"] for row in rows)
 
 
 def test_trl_assistant_only_loss_is_taken_as_ours(tmp_path):
