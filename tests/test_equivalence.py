@@ -519,3 +519,25 @@ def test_a_different_effect_of_the_other_sign_is_called_so() -> None:
     assert verdict(1.6) == "different: more than the a² prediction"
     assert verdict(-4.5, differ_p=0.2) == "inconclusive"
     assert verdict(1.02, tost_p=0.01) == "reproduces the a² prediction"
+
+
+def test_the_choice_leaves_runaway_runs_out() -> None:
+    """A level's loss for the practitioner's choice is over the runs that behaved; an arm whose
+    every run ran away is said to, not ranked by the losses of its runaway runs."""
+    from fishertune.studies.equivalence.markdown import format_markdown
+    from fishertune.studies.equivalence.summary import summarize
+
+    base, runs = simulated_study(A2_LAW, RATIOS, runaway_seeds=(3, 7))
+    summary = summarize(base, runs, ratio_margin=0.25)
+    pick = summary["choice"]["hessian-trace"]
+    top = [r for r in runs if r.kind == "hessian-trace" and r.alpha == pick["alpha"]]
+    kept = [r.values["val_loss"] for r in top if r.runaway is None]
+    assert pick["val_loss"]["n"] == len(kept) and pick["val_loss"]["mean"] == pytest.approx(
+        sum(kept) / len(kept)
+    )
+    for r in runs:
+        if r.kind == "hessian-trace":
+            r.runaway = {"reason": "penalty negative", "step": 20}
+    summary = summarize(base, runs, ratio_margin=0.25)
+    assert summary["choice"]["hessian-trace"] == {"ran_away": True}
+    assert "| Hessian-trace | every run ran away |" in format_markdown(summary)

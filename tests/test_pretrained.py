@@ -638,7 +638,8 @@ def test_chat_template_file_is_used_for_the_data(models, chat_file, tmp_path, ca
                            use_cpu=True, chat_template_path=str(template))  # fmt: skip
     library = FisherSFTTrainer(model=model, args=args, processing_class=library_tokenizer,
                                train_dataset=load_conversations(str(chat_file)))  # fmt: skip
-    assert library.train_dataset["labels"] == trainer.train_dataset["labels"]
+    cli_rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    assert library.train_dataset["labels"] == [row["labels"] for row in cli_rows]
 
     argv = train_argv(models["llama"], chat_file, tmp_path / "bad", chat_template_path="gpt2")
     assert cli_main(argv) == 2

@@ -83,6 +83,9 @@ def _slopes_and_choice(summary: dict[str, Any]) -> list[str]:
         pick = choice.get(kind)
         if pick is None:
             continue
+        if pick.get("ran_away"):
+            lines.append(f"| {LABELS[kind]} | every run ran away | – | – | – | – | – | – |")
+            continue
         result = pick["test_vs_baseline"]
         lines.append(
             f"| {LABELS[kind]} | {pick['ratio']:.2g} | {mean_sd(pick['val_loss'])} | "

@@ -147,7 +147,7 @@ def plot_choice(summary: dict[str, Any], path: Path) -> Path:
         ax.axhspan(-summary["margin"], summary["margin"], color="0.9")
     for kind in REGULARIZERS:
         pick = summary["choice"].get(kind)
-        if pick is None or pick["test_vs_baseline"] is None:
+        if pick is None or pick.get("ran_away") or pick["test_vs_baseline"] is None:
             continue
         r = pick["test_vs_baseline"]
         ax.errorbar(

@@ -313,7 +313,8 @@ def _corrections(
 
 
 def _choice(levels: Sequence[dict[str, Any]], runs: Sequence[StudyRun]) -> dict[str, Any]:
-    """Each regularizer at its level of lowest mean validation loss: that level, its test-loss
+    """Each regularizer at its level of lowest mean validation loss over the runs that did not run
+    away (``{"ran_away": True}`` when every run did): that level, its test-loss
     difference to the baseline (paired, 95% CI), and its cost per step (mean over all its runs,
     every level: the computation per step does not depend on the strength) against the
     baseline's."""
@@ -322,17 +323,31 @@ def _choice(levels: Sequence[dict[str, Any]], runs: Sequence[StudyRun]) -> dict[
     }
     out: dict[str, Any] = {"baseline_step": steps["baseline"]}
     for kind in REGULARIZERS:
-        candidates = [
-            lv for lv in levels if kind in lv["rows"] and lv["rows"][kind]["val_loss"]["n"]
-        ]
+        # the runs that behaved: a runaway run is its own outcome, not a level's loss
+        behaved = {
+            lv["alpha"]: [r for r in runs if r.kind == kind and r.alpha == lv["alpha"]
+                          and r.runaway is None]
+            for lv in levels
+        }  # fmt: skip
+        candidates = [lv for lv in levels if kind in lv["rows"] and behaved[lv["alpha"]]]
         if not candidates:
+            if any(kind in lv["rows"] for lv in levels):
+                out[kind] = {"ran_away": True}
             continue
-        best = min(candidates, key=lambda lv: lv["rows"][kind]["val_loss"]["mean"])
+
+        cells = {
+            lv["alpha"]: {
+                m: summary_cell([r.values.get(m, math.nan) for r in behaved[lv["alpha"]]])
+                for m in ("val_loss", "test_loss")
+            }
+            for lv in candidates
+        }
+        best = min(candidates, key=lambda lv: cells[lv["alpha"]]["val_loss"]["mean"])
         out[kind] = {
             "alpha": best["alpha"],
             "ratio": best["ratio"],
-            "val_loss": best["rows"][kind]["val_loss"],
-            "test_loss": best["rows"][kind]["test_loss"],
+            "val_loss": cells[best["alpha"]]["val_loss"],
+            "test_loss": cells[best["alpha"]]["test_loss"],
             "test_vs_baseline": best["test_vs_baseline"].get(kind),
             "step_s": steps[kind]["mean"],
             "step_sd": steps[kind]["sd"],

@@ -275,7 +275,7 @@ def reading_lines(summary: dict[str, Any]) -> list[str]:
     choice = summary["choice"]
     for kind in REGULARIZERS:
         pick = choice.get(kind)
-        if pick is None or pick["test_vs_baseline"] is None:
+        if pick is None or pick.get("ran_away") or pick["test_vs_baseline"] is None:
             continue
         result = pick["test_vs_baseline"]
         lines.append(
