@@ -38,9 +38,7 @@ DATA_LAYERS = [
 ]
 
 # Private names (``_x``) imported from another module, each to be removed, never added to.
-KNOWN_PRIVATE_IMPORTS = {
-    ("fishertune.experiments.preload", "fishertune.experiments.processes._STOPPING"),
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

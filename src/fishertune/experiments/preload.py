@@ -155,7 +155,7 @@ class PreloadedLauncher:
 
     def __call__(self, command: list[str], log_path: Path, env: dict[str, str]) -> int:
         from fishertune.experiments.processes import (
-            _STOPPING,
+            STOPPING,
             register_group,
             subprocess_launcher,
             unregister_group,
@@ -168,7 +168,7 @@ class PreloadedLauncher:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("a") as log:
             log.write(f"\n$ {format_command(command, env)}\n")
-            if _STOPPING.is_set():
+            if STOPPING.is_set():
                 log.write("not started: the runner is stopping\n")
                 return -int(signal.SIGTERM)
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -185,7 +185,7 @@ class PreloadedLauncher:
             register_group(pid)
             done = _read_line(replies)
             if done is None:  # killed before it could answer
-                return -int(signal.SIGTERM) if _STOPPING.is_set() else 1
+                return -int(signal.SIGTERM) if STOPPING.is_set() else 1
             return int(done["code"])
         except BaseException:
             if pid is not None:

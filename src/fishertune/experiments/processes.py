@@ -32,7 +32,7 @@ experiment's ``env`` added to the environment."""
 # no new child starts after that.
 _CHILDREN: set[subprocess.Popen] = set()
 _CHILDREN_LOCK = threading.Lock()
-_STOPPING = threading.Event()
+STOPPING = threading.Event()
 # Process groups of children started by other means (the preloading server's forks).
 _GROUPS: set[int] = set()
 
@@ -67,13 +67,13 @@ def _kill_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 def allow_children() -> None:
     """Let children start again after :func:`stop_children` (a launcher's start)."""
-    _STOPPING.clear()
+    STOPPING.clear()
 
 
 def stop_children() -> None:
     """Kill the process group of every running child and start no new one (until
     :func:`allow_children`)."""
-    _STOPPING.set()
+    STOPPING.set()
     with _CHILDREN_LOCK:
         children = list(_CHILDREN)
         groups = list(_GROUPS)
@@ -112,7 +112,7 @@ def subprocess_launcher(
     with log_path.open("a") as log:
         log.write(f"\n$ {format_command(command, env)}\n")
         log.flush()
-        if _STOPPING.is_set():
+        if STOPPING.is_set():
             log.write("not started: the runner is stopping\n")
             return -int(signal.SIGTERM)
         process = subprocess.Popen(
