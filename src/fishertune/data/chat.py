@@ -23,7 +23,7 @@ from typing import Any
 
 from fishertune.data.builtin import BUILTIN_TINY_TASKS, tiny_tasks_dir
 from fishertune.data.options import DataOptions
-from fishertune.data.prepare import check_source, prepare_rows
+from fishertune.data.prepare import check_source, prepare_rows, record_drops
 from fishertune.data.tokenizer import TULU_CHAT_TEMPLATE, ensure_chat_template
 from fishertune.errors import FishertuneError
 
@@ -374,25 +374,7 @@ def tokenize_dataset(
     )
     dropped["no_label_after_truncation"] = before - len(tokenized)
     tokenized = tokenized.remove_columns("full_length")
-    dropped = {k: v for k, v in dropped.items() if v}
-    if total and not len(tokenized):
-        raise FishertuneError(
-            f"all {total} rows were dropped at max_length={max_length} "
-            f"({', '.join(f'{k} {v}' for k, v in dropped.items())}); raise max_length"
-        )
-    if dropped:
-        logger.warning(
-            "dropped %d of %d rows at max_length=%d (%s)",
-            sum(dropped.values()),
-            total,
-            max_length,
-            ", ".join(f"{k} {v}" for k, v in dropped.items()),
-        )
-    if report is not None:
-        counts = report.setdefault("dropped", {})
-        for reason, n in dropped.items():
-            counts[reason] = counts.get(reason, 0) + n
-        report["rows_kept"] = len(tokenized)
+    record_drops(dropped, total, len(tokenized), max_length, report)
     return tokenized
 
 

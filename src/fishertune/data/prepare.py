@@ -52,7 +52,14 @@ from fishertune.data.options import DataOptions
 from fishertune.data.readers import Source, resolve_source
 from fishertune.errors import FishertuneError
 
-__all__ = ["READER_VERSION", "PreparedRows", "check_source", "prepare_rows", "write_rows"]
+__all__ = [
+    "READER_VERSION",
+    "PreparedRows",
+    "check_source",
+    "prepare_rows",
+    "record_drops",
+    "write_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -300,3 +307,38 @@ def check_source(source: str, split: str = "train", options: DataOptions | None 
     options = options or DataOptions()
     if resolve_source(source, split, contact_hub=False) is not None:
         prepare_rows(source, split, options)
+
+
+def record_drops(
+    dropped: dict[str, int],
+    total: int,
+    kept: int,
+    max_length: int,
+    report: dict[str, Any] | None,
+) -> None:
+    """The rows a tokenization at ``max_length`` dropped, by reason: refused in one line when no
+    row is left, else one warning with the counts, and added to the data ``report``
+    (``dropped`` by reason, ``rows_kept``).
+
+    Raises:
+        FishertuneError: every one of ``total`` rows was dropped.
+    """
+    dropped = {k: v for k, v in dropped.items() if v}
+    if total and not kept:
+        raise FishertuneError(
+            f"all {total} rows were dropped at max_length={max_length} "
+            f"({', '.join(f'{k} {v}' for k, v in dropped.items())}); raise max_length"
+        )
+    if dropped:
+        logger.warning(
+            "dropped %d of %d rows at max_length=%d (%s)",
+            sum(dropped.values()),
+            total,
+            max_length,
+            ", ".join(f"{k} {v}" for k, v in dropped.items()),
+        )
+    if report is not None:
+        counts = report.setdefault("dropped", {})
+        for reason, n in dropped.items():
+            counts[reason] = counts.get(reason, 0) + n
+        report["rows_kept"] = kept

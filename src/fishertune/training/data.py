@@ -285,6 +285,8 @@ def tokenize_lazily(
     """
     import datasets
 
+    from fishertune.data.prepare import record_drops
+
     if max_length is None or max_length < 1:
         raise FishertuneError(f"max_length must be a positive integer, got {max_length}")
     screened = dataset.map(
@@ -295,25 +297,7 @@ def tokenize_lazily(
     total = len(screened)
     kept = screened.filter(lambda keep: keep, input_columns="keep", desc="Keeping scored rows")
     dropped = {"no_label_after_truncation": total - len(kept)}
-    dropped = {k: v for k, v in dropped.items() if v}
-    if total and not len(kept):
-        raise FishertuneError(
-            f"all {total} rows were dropped at max_length={max_length} "
-            f"({', '.join(f'{k} {v}' for k, v in dropped.items())}); raise max_length"
-        )
-    if dropped:
-        logger.warning(
-            "dropped %d of %d rows at max_length=%d (%s)",
-            sum(dropped.values()),
-            total,
-            max_length,
-            ", ".join(f"{k} {v}" for k, v in dropped.items()),
-        )
-    if report is not None:
-        counts = report.setdefault("dropped", {})
-        for reason, n in dropped.items():
-            counts[reason] = counts.get(reason, 0) + n
-        report["rows_kept"] = len(kept)
+    record_drops(dropped, total, len(kept), max_length, report)
     logger.info(
         "train split: %d rows kept, %d tokenized to place them; the others are tokenized when read",
         len(kept),
