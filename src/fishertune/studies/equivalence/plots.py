@@ -8,16 +8,26 @@ from typing import Any
 from fishertune.studies.equivalence.runs import COLORS, COMPARISONS, LABELS, REGULARIZERS
 
 
+def _figure(size: tuple[float, float], *, columns: int = 1) -> tuple[Any, Any]:
+    """A figure and its axes (one, or a row of ``columns``), as the grid's report draws them:
+    ``matplotlib.figure.Figure`` without pyplot, so no backend is switched for the process and
+    no figure is left open."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots(1, columns)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def plot_pairs(summary: dict[str, Any], path: Path) -> Path:
     """The four comparisons of each level against ``a/rms`` with their 95% intervals and the
     margin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     comparisons = COMPARISONS[:4]
-    fig, axes = plt.subplots(1, len(comparisons), figsize=(4.2 * len(comparisons), 3.8))
+    fig, axes = _figure((4.2 * len(comparisons), 3.8), columns=len(comparisons))
     margin = summary["margin"]
     for ax, (first, second, cause) in zip(axes, comparisons, strict=True):
         xs, means, lows, highs = [], [], [], []
@@ -46,22 +56,14 @@ def plot_pairs(summary: dict[str, Any], path: Path) -> Path:
         if margin is not None:
             ax.legend(fontsize=7)
     axes[0].set_ylabel("paired Δ validation loss (95% CI)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_ratios(summary: dict[str, Any], path: Path) -> Path:
     """Each regularizer's effect over NEFTune's per level, with Fieller's 95% interval where it is
     bounded (an open marker where it is not), the equivalence band and the lines at 0 and 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lo, hi = 1 - summary["ratio_margin"], 1 + summary["ratio_margin"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = _figure((6.4, 4.2))
     ax.axhspan(lo, hi, color="0.9", label=f"equivalence [{lo:g}, {hi:g}]")
     ax.axhline(1.0, color="0.4", lw=0.8)
     ax.axhline(0.0, color="0.4", lw=0.8, ls=":")
@@ -95,20 +97,12 @@ def plot_ratios(summary: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("effect / NEFTune's effect (Fieller 95%)")
     ax.set_title("Share of NEFTune's effect on validation loss reproduced")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_slope(summary: dict[str, Any], path: Path) -> Path:
     """NEFTune's and each regularizer's effect against ``a^2``, per seed, with the fitted lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = _figure((6.4, 4.2))
     ax.axhline(0.0, color="0.4", lw=0.8)
     for kind, slope in summary["slopes"].items():
         if slope is None:
@@ -127,21 +121,13 @@ def plot_slope(summary: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("val loss − baseline (same seed)")
     ax.set_title("Effect against a² (one point per seed and level; 95% CI of slopes)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_choice(summary: dict[str, Any], path: Path) -> Path:
     """Each regularizer at its best level: test-loss change against the baseline and its cost per
     step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = _figure((6.4, 4.2))
     ax.axhline(0.0, color="0.4", lw=0.8, label="baseline")
     if summary["margin"] is not None:
         ax.axhspan(-summary["margin"], summary["margin"], color="0.9")
@@ -163,7 +149,4 @@ def plot_choice(summary: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("test loss − baseline (same seed), 95% CI")
     ax.set_title("Each regularizer at its best level: gain vs cost")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
