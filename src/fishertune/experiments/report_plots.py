@@ -48,6 +48,28 @@ def curve_panels(records: Sequence[RunRecord]) -> list[str]:
     ]
 
 
+def _panels(count: int, size: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure with ``count`` panels of ``size`` inches, three to a row, and its axes, flat."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, draws with Agg
+
+    ncols = min(3, count)
+    nrows = math.ceil(count / ncols)
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
+
+
+def _save(fig: Any, unused: Any, title: str | None, path: str | Path) -> Path:
+    """Hide the ``unused`` panels, title the figure and write it to ``path``."""
+    for ax in unused:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def plot_training_curves(
     records: Sequence[RunRecord], path: str | Path, *, title: str | None = None
 ) -> Path | None:
@@ -57,8 +79,6 @@ def plot_training_curves(
     ``R``, its coefficient and the gradient norm. Returns the PNG's path, or ``None`` when no
     record has a log history.
     """
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, draws with Agg
-
     groups: dict[str, list[RunRecord]] = {}
     for record in records:
         if record.log_history:
@@ -66,10 +86,7 @@ def plot_training_curves(
     panels = curve_panels([r for members in groups.values() for r in members])
     if not panels:
         return None
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(5.5 * ncols, 3.8 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig, axes = _panels(len(panels), (5.5, 3.8))
     colors = {group: f"C{index % 10}" for index, group in enumerate(groups)}
     for ax, key in zip(axes, panels, strict=False):
         positive = True
@@ -89,27 +106,15 @@ def plot_training_curves(
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, axes[len(panels) :], title, path)
 
 
 def plot_benchmarks(table: Table, path: str | Path, *, title: str | None = None) -> Path | None:
     """One bar chart per metric column: a bar per row, error bars ±1 std over seeds."""
-    from matplotlib.figure import Figure
-
     columns = [c for c in table.columns if any(table.cells[r][c] for r in table.rows)]
     if not columns:
         return None
-    ncols = min(3, len(columns))
-    nrows = math.ceil(len(columns) / ncols)
-    fig = Figure(figsize=(4.5 * ncols, 3.5 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig, axes = _panels(len(columns), (4.5, 3.5))
     for ax, column in zip(axes, columns, strict=False):
         rows = [r for r in table.rows if table.cells[r][column] is not None]
         means = [table.cells[r][column].mean for r in rows]
@@ -120,15 +125,8 @@ def plot_benchmarks(table: Table, path: str | Path, *, title: str | None = None)
         arrow = {True: " (↑)", False: " (↓)", None: ""}[table.directions.get(column)]
         ax.set_title(column + arrow, fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
-    for ax in axes[len(columns) :]:
-        ax.set_visible(False)
     fig.supxlabel(
         "orange: best mean (by the metric's direction); error bars: ±1 std over seeds",
         fontsize="small",
     )
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, axes[len(columns) :], title, path)
