@@ -75,7 +75,12 @@ def _relative(a: Tensor, b: Tensor) -> float:
 
 @pytest.mark.parametrize("kind", ["token", "logit"])
 @pytest.mark.parametrize("given_reference", [False, True])
-def test_linear_terms_match_the_dense_computation(kind, given_reference):
+@pytest.mark.parametrize("with_rows", [False, True])
+@pytest.mark.parametrize("sampled_first", [False, True])
+def test_linear_terms_match_the_dense_computation(kind, given_reference, with_rows, sampled_first):
+    """Both linear kernels (gradients formed in the forward's one pass, and, for the rows'
+    log-likelihood, the chunks projected again in the backward), after the sampler's pass on the
+    same logits or not, against the dense (N, V) computation."""
     model = Head()
     ids, attention, labels = _batch()
     mask = label_mask(labels)
@@ -84,13 +89,18 @@ def test_linear_terms_match_the_dense_computation(kind, given_reference):
     draws = _draws(n)
     X = model.trunk.embeddings(ids)
     logits = model.logits(X, attention, linear=True)
+    if sampled_first:  # the sampler's pass, left on the logits for the terms
+        sample_targets(logits, mask, samples=2, generator=torch.Generator().manual_seed(1))
     reference = vocab.frozen_reference(logits, mask) if given_reference else None
     terms = vocab.scored_terms(
         logits, mask, targets, draws, kind=kind, reference=reference,
-        statistics=True, row_log_likelihood=True,
+        statistics=True, row_log_likelihood=with_rows,
     )  # fmt: skip
     weights = torch.randn(3 + B * 2, generator=torch.Generator().manual_seed(2), dtype=X.dtype)
-    outputs = torch.cat([terms.ce[None], terms.g, terms.row_log_likelihood.flatten()])
+    if not with_rows:
+        weights[3:] = 0.0
+    rows_ll = terms.row_log_likelihood if with_rows else torch.zeros(B, 2, dtype=X.dtype)
+    outputs = torch.cat([terms.ce[None], terms.g, rows_ll.flatten()])
     (outputs * weights).sum().backward()
     linear_grads = _grads(model)
     model.zero_grad()
@@ -106,6 +116,8 @@ def test_linear_terms_match_the_dense_computation(kind, given_reference):
     rows = torch.zeros(B, 2, dtype=z.dtype).index_add(0, owner, log_p.gather(1, draws))
     dense = torch.cat([ce[None], g, rows.flatten()])
     (dense * weights).sum().backward()
+    if not with_rows:
+        dense = torch.cat([dense[:3], torch.zeros(B * 2, dtype=X.dtype)])
     torch.testing.assert_close(outputs.detach(), dense.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(linear_grads, _grads(model), rtol=1e-11, atol=1e-12)
     entropy = -(log_p.exp() * log_p).sum()
@@ -214,6 +226,115 @@ def test_hessian_trace_through_the_projection_equals_the_dense_path():
     # measured 2e-9: the second difference divides rounding by h^2 (h_rel = 1e-3)
     assert _relative(results[1][0], results[0][0]) < 1e-7
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["token", "logit"])
+def test_a_frozen_projection_gets_no_gradient_and_the_rest_is_exact(kind):
+    """A frozen output projection (an adapter elsewhere, lm_head not trained): the pass keeps no
+    weight-sized reductions, the hidden states' gradient is still the dense one."""
+    results = []
+    for linear in (True, False):
+        model = Head()
+        model.trunk.W.requires_grad_(False)
+        ids, attention, labels = _batch()
+        mask = label_mask(labels)
+        targets = labels[:, 1:][mask[:, :-1]]
+        draws = _draws(int(mask.sum()))
+        X = model.trunk.embeddings(ids)
+        logits = model.logits(X, attention, linear)
+        if linear:
+            terms = vocab.scored_terms(logits, mask, targets, draws, kind=kind)
+            assert logits.summary.p_outer is None
+            ce, g = terms.ce, terms.g
+        else:
+            z = logits[mask]
+            ce = -torch.log_softmax(z, -1).gather(1, targets[:, None]).sum()
+            other = (
+                torch.logsumexp(z, -1) if kind == "token" else (z * z.softmax(-1).detach()).sum(-1)
+            )
+            g = (z.gather(1, draws) - other[:, None]).sum(0)
+        (ce + 0.3 * g[0] - 1.7 * g[1]).backward()
+        assert model.trunk.W.grad is None
+        results.append(
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        )
+    torch.testing.assert_close(results[0], results[1], rtol=1e-11, atol=1e-12)
+
+
+def test_linear_terms_under_bf16_autocast_match_the_autocast_projection():
+    """bf16 autocast: the projection in bf16, the softmax and the reductions in float32; CE,
+    token-F's g and their gradients as the dense computation on the bf16 logits (bf16 rounding
+    of the matmul's output and of p before its matmuls: measured 2e-3 relative)."""
+    generator = torch.Generator().manual_seed(6)
+    hidden = torch.randn(40, 8, generator=generator, requires_grad=True)
+    weight = (0.3 * torch.randn(V, 8, generator=generator)).requires_grad_()
+    targets = torch.randint(V, (40,), generator=generator)
+    draws = torch.randint(V, (40, 2), generator=generator)
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    grads = []
+    for linear in (True, False):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if linear:
+                logits = vocab.linear_logits(hidden[None], weight)
+                terms = vocab.scored_terms(logits, mask, targets, draws)
+                ce, g = terms.ce, terms.g
+            else:
+                z = (hidden @ weight.T).float()
+                log_p = torch.log_softmax(z, -1)
+                ce = -log_p.gather(1, targets[:, None]).sum()
+                g = log_p.gather(1, draws).sum(0)
+        value = ce + 0.5 * g.sum()
+        value.backward()
+        grads.append((float(value), hidden.grad.clone(), weight.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-4)
+    for got, want in zip(grads[0][1:], grads[1][1:], strict=True):
+        assert _relative(got, want) < 1e-2
+
+
+class _VocabMatmuls(TorchDispatchMode):
+    """The matmuls with a vocabulary-sized operand, in units of one projection of the scored
+    rows (N x d x V multiply-adds)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.work = n, 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            a, b = args[-2], args[-1]
+            if V in a.shape or V in b.shape:
+                self.work += a.shape[0] * a.shape[1] * b.shape[1] / (self.n * K * V)
+        return out
+
+
+@pytest.mark.parametrize(
+    "kind, scheme, projections",
+    # per pass at X: the projection, p W and p^T H (the draws from the same pass); per shifted
+    # pass: the same for token-F, q projected again and q^T H for logit-F (its r = q W is kept)
+    [("token", "forward", 6), ("logit", "forward", 5), ("token", "central", 9),
+     ("logit", "central", 7)],
+)  # fmt: skip
+def test_each_pass_projects_the_vocabulary_once(kind, scheme, projections):
+    """The fd step on the linear path, counted in vocabulary-wide matmuls: no backward projects
+    a chunk again and the CE and g at X read the sampler's pass (float32, the sampler's own
+    dtype: a float64 model's draws take a float32 softmax of their own)."""
+    model = Head().float()
+    ids, attention, labels = _batch()
+    n = int(label_mask(labels).sum())
+    with _VocabMatmuls(n) as record:
+        result = fd_penalty_loss(
+            kind,
+            _passes(model, ids, attention, linear=True, split=True),
+            labels,
+            lambda logits, mask: sample_targets(logits, mask, samples=1),
+            weight=0.7,
+            normalizer=torch.tensor(3.0),
+            settings=FDSettings(scheme=scheme, relative_step=1e-2),
+        )
+        result.loss.backward()
+    assert record.work == pytest.approx(projections)
 
 
 class _Largest(TorchDispatchMode):

@@ -25,15 +25,15 @@ the output projection's matmul on a CPU.
   softmax per row as the dense sampler, so the same seed gives the same draws.
 * :func:`frozen_reference`: logit-F's constant ``p_ref`` for the shifted forwards of finite
   differences: the (N, V) softmax for dense logits (a shifted pass sees only its own logits), or,
-  for :class:`LinearLogits`, the scored hidden states (N, d) from which each chunk of ``p_ref`` is
-  projected again.
+  for :class:`LinearLogits`, the scored hidden states (N, d) and ``r = p_ref W`` (N, d).
 * :class:`LinearLogits` (``ce_kernel=linear``): the output projection ``z = W h + b`` fused into
   all of the above: the model hands over its last hidden states and ``lm_head``'s weight instead
-  of its logits, and the CE, the draws, ``g`` and the rows' log-likelihood are computed from
-  projected chunks of rows; the backward projects each chunk again and writes ``grad h = dZ W``,
-  ``grad W = dZ^T h``, ``grad b = sum_t dZ_t`` (the weight's matmul skipped when the running
-  backward does not reach the weight: ``v = grad_X g``). No (N, V) tensor exists on this path.
-  :func:`linear_scored_ce` is the baseline's CE through the same kernel.
+  of its logits. :mod:`fishertune.vocab_linear` computes the CE, the draws, ``g`` and the metrics
+  from one pass over projected chunks that keeps ``p W`` and ``p^T H``, from which every
+  backward follows without projecting again; the rows' log-likelihood (a coefficient per row in
+  ``grad W``) takes :class:`_LinearScoredTerms` here, whose backward projects each chunk again.
+  No (N, V) tensor exists on this path. :func:`linear_scored_ce` is the baseline's CE through
+  the same kernel.
 
 Hand-written: ``torch.nn.functional.linear_cross_entropy`` (torch 2.13) and the fused linear CEs
 of Liger Kernel or Cut Cross-Entropy chunk the CE over the output projection, but they return the
@@ -64,15 +64,20 @@ from fishertune.vocab_chunks import (
     Reference,
     compute_dtype,
     flat_logits,
-    frozen_reference,
     inverse_cdf,
-    linear_logits,
     project,
     reference_of,
     row_chunks,
     scored_rows,
     scored_softmax,
+)
+from fishertune.vocab_linear import (
+    frozen_reference,
+    linear_logits,
+    linear_scored_ce,
+    linear_terms,
     softmax_draws,
+    will_run,
 )
 
 __all__ = [
@@ -160,7 +165,14 @@ def scored_terms(
     # the row (in B) of each scored position, for the rows' log-likelihood
     owner = rows // label_mask.shape[1] if row_log_likelihood else None
     terms = _Terms(labels, draws, reference, kind, statistics, owner, label_mask.shape[0])
-    if isinstance(logits, LinearLogits):
+    if isinstance(logits, LinearLogits) and not row_log_likelihood:
+        # one pass keeps what every gradient needs (fishertune.vocab_linear)
+        ce, g, stats = linear_terms(
+            logits, label_mask, labels, draws, kind=kind, reference=reference,
+            statistics=statistics,
+        )  # fmt: skip
+        row_ll = None
+    elif isinstance(logits, LinearLogits):
         hidden = logits.scored(label_mask)
         ce, g, stats, row_ll = _LinearScoredTerms.apply(
             hidden, logits.weight, logits.bias, logits.mm_dtype, terms
@@ -345,53 +357,11 @@ class _ScoredTerms(torch.autograd.Function):
         return grad, None, None
 
 
-def linear_scored_ce(
-    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """The CE of the output projection ``z_t = W h_t (+ b)`` at the scored positions, chunk by
-    chunk, without the (N, V) logits, and the step's metrics from the same chunks.
-
-    ``CE = sum_t (lse_t - z_t[y_t])``; its backward recomputes each chunk's ``z`` and writes
-    ``dz = p - e_y`` into ``grad h = dz W`` and ``grad W = dz^T h`` chunk by chunk. The
-    projection's matmul runs in the autocast dtype when autocast is on (as the model's own
-    ``lm_head`` would), its softmax in float32 or wider, as :func:`scored_terms` does (the same
-    kernel as :func:`scored_terms` of :class:`LinearLogits`).
-
-    Hand-written beside ``torch.nn.functional.linear_cross_entropy``: that returns the CE alone
-    (not the entropy and accuracy that the step logs, which would cost another pass over the
-    projection) and is not in every torch this package supports (>= 2.11).
-
-    Args:
-        hidden: (N, d) the final hidden states at the scored positions, with graph.
-        weight: (V, d) the output projection's weight; ``bias`` (V,) or ``None``.
-        targets: (N,) the next-token labels.
-
-    Returns:
-        The CE summed (float32, float64 for float64 inputs) and the statistics (4,) of
-        :class:`ScoredTerms` (tokens, entropy, argmax-correct count, CE), float64, detached.
-    """
-    logits = linear_logits(hidden, weight, bias)
-    terms = _Terms(targets, None, None, "token", True, None, 0)
-    ce, _, stats, _ = _LinearScoredTerms.apply(hidden, weight, bias, logits.mm_dtype, terms)
-    return ce, stats
-
-
-def _will_run(node: object) -> bool:
-    """Whether the running backward reaches ``node`` (a gradient of ``v = grad_X g`` alone
-    skips the weight's gradient, a weight-sized matmul); ``True`` where torch cannot tell."""
-    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
-    if node is None or will_execute is None:
-        return node is not None
-    try:
-        return bool(will_execute(node))
-    except RuntimeError:  # not inside a backward, or an older engine
-        return True
-
-
 class _LinearScoredTerms(torch.autograd.Function):
     """:func:`scored_terms` of ``z = h W^T + b`` for the scored hidden states ``h`` (N, d):
     each chunk's ``z`` is projected in the forward and again in the backward, which writes
-    ``grad h = dZ W``, ``grad W = dZ^T h`` and ``grad b = sum_t dZ_t`` chunk by chunk."""
+    ``grad h = dZ W``, ``grad W = dZ^T h`` and ``grad b = sum_t dZ_t`` chunk by chunk (used for
+    the rows' log-likelihood; the rest takes :mod:`fishertune.vocab_linear`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -422,7 +392,7 @@ class _LinearScoredTerms(torch.autograd.Function):
         weight_mm, bias_mm = LinearLogits(hidden, weight, bias, mm_dtype).operands()
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = None
-        if ctx.needs_input_grad[1] and _will_run(ctx.weight_node):
+        if ctx.needs_input_grad[1] and will_run(ctx.weight_node):
             grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[2]:

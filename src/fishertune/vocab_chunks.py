@@ -1,7 +1,7 @@
 """The chunking under :mod:`fishertune.vocab`: chunk sizes, the scored rows, the output
-projection's logits never materialized (:class:`LinearLogits`), the sampler's draws
-(:func:`softmax_draws`, :func:`inverse_cdf`) and logit-F's constant reference
-(:func:`frozen_reference`).
+projection's logits never materialized (:class:`LinearLogits`, with what one pass over its
+chunks keeps: :class:`LinearPass`), the sampler's inverse CDF (:func:`inverse_cdf`) and the
+dense reference ``p_ref`` (:func:`scored_softmax`).
 
 Torch only. Every function of :mod:`fishertune.vocab` reads the scored logits through
 :func:`scored_chunks`: ``z_of(chunk)`` gives the (c, V) logits of a chunk of scored rows, read
@@ -21,11 +21,11 @@ __all__ = [
     "CHUNK_BYTES",
     "ChunkLogits",
     "LinearLogits",
+    "LinearPass",
     "Logits",
     "Reference",
     "compute_dtype",
     "flat_logits",
-    "frozen_reference",
     "inverse_cdf",
     "linear_logits",
     "project",
@@ -34,7 +34,6 @@ __all__ = [
     "scored_chunks",
     "scored_rows",
     "scored_softmax",
-    "softmax_draws",
 ]
 
 CHUNK_BYTES = 32 * 2**20
@@ -112,16 +111,20 @@ class LinearLogits:
 
     Attributes:
         hidden: (B, L, d) the last hidden states, with graph; or (N, d) already at the scored
-            positions (:func:`frozen_reference`).
+            positions (a frozen reference, :func:`fishertune.vocab_linear.frozen_reference`).
         weight: (V, d) the projection's weight; ``bias`` (V,) or ``None``.
         mm_dtype: the dtype of the projection's matmul (autocast's when on, as the model's own
             ``lm_head`` would run); its softmax runs in float32 or wider.
+        summary: what the last pass over these logits' chunks kept
+            (:func:`fishertune.vocab_linear.linear_pass`): the sampler's pass leaves it for the
+            CE and ``g`` of the same logits, and a frozen reference carries its ``p W``.
     """
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None
     mm_dtype: torch.dtype
+    summary: LinearPass | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -156,6 +159,41 @@ def linear_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) ->
 Logits = Tensor | LinearLogits
 
 
+@dataclass(eq=False)
+class LinearPass:
+    """What one pass over the projected chunks of :class:`LinearLogits` keeps: the reductions
+    over the vocabulary that the CE, ``g``, the metrics and all their gradients need, so that
+    no chunk is projected again in the backward (:mod:`fishertune.vocab_linear`).
+
+    With ``p_t = softmax(z_t)`` of the pass's own logits and ``q_t`` logit-F's frozen reference
+    (``None`` where not asked for; (N, ...) in ``label_mask`` order):
+
+    Attributes:
+        label_mask: the mask the pass was computed for (``None``: the hidden states were given
+            at the scored positions already).
+        lse: (N,) ``log sum_v exp(z_tv)``.
+        argmax: (N,) ``argmax_v z_tv``.
+        p_projection: (N, d) ``p_t W`` (so ``<p_t, z_t> = h_t . p_t W + <p_t, b>`` and the
+            gradient of the hidden state's dense part).
+        p_bias: (N,) ``<p_t, b>``, with a bias.
+        p_outer: (V, d) ``sum_t p_t h_t^T``, the weight gradient's dense part (when the
+            weight is trained); ``p_sum`` (V,) ``sum_t p_t``, the bias's.
+        q_outer, q_sum: the same for ``q`` (logit-F's shifted passes).
+        draws: (N, m) the sampler's ``y' ~ p_t``, drawn in the pass.
+    """
+
+    label_mask: Tensor | None
+    lse: Tensor | None = None
+    argmax: Tensor | None = None
+    p_projection: Tensor | None = None
+    p_bias: Tensor | None = None
+    p_outer: Tensor | None = None
+    p_sum: Tensor | None = None
+    q_outer: Tensor | None = None
+    q_sum: Tensor | None = None
+    draws: Tensor | None = None
+
+
 def project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``z = h W^T + b`` (c, V) in ``weight``'s dtype, returned in float32 or wider."""
     with torch.autocast(hidden.device.type, enabled=False):
@@ -178,29 +216,6 @@ def scored_chunks(logits: Logits, label_mask: Tensor) -> tuple[int, int, ChunkLo
 
 
 @torch.no_grad()
-def softmax_draws(
-    logits: Logits,
-    label_mask: Tensor,
-    samples: int,
-    generator: torch.Generator | None,
-    block: int,
-) -> Tensor:
-    """``samples`` draws ``y' ~ softmax(z_t)`` per scored position (N, samples), chunk by chunk.
-
-    The uniforms are one ``torch.rand((N, samples), float64)`` from ``generator`` and each row's
-    probabilities ``torch.softmax(z_t.float())``, as the dense sampler takes them, so a generator
-    in the same state gives the same draws (for :class:`LinearLogits`, of the projected rows).
-    """
-    n, vocab, z_of = scored_chunks(logits, label_mask)
-    u = torch.rand(n, samples, generator=generator, device=logits.device, dtype=torch.float64)
-    draws = torch.empty(n, samples, dtype=torch.long, device=logits.device)
-    for chunk in row_chunks(n, vocab, logits.device):
-        probs = torch.softmax(z_of(chunk).float(), dim=-1)
-        draws[chunk] = inverse_cdf(probs, u[chunk], block)
-    return draws
-
-
-@torch.no_grad()
 def scored_softmax(logits: Tensor, label_mask: Tensor) -> Tensor:
     """``softmax(z_t)`` at the scored positions (N, V), float32 or wider, filled chunk by chunk
     (logit-F's constant ``p_ref``; bit for bit ``torch.softmax(logits[label_mask].float())``
@@ -215,23 +230,9 @@ def scored_softmax(logits: Tensor, label_mask: Tensor) -> Tensor:
 Reference = Tensor | LinearLogits
 
 
-def frozen_reference(logits: Logits, label_mask: Tensor) -> Reference:
-    """logit-F's constant ``p_ref = softmax(z_t)`` at the scored positions, for ``reference``.
-
-    Dense logits: the (N, V) softmax (:func:`scored_softmax`). :class:`LinearLogits`: the
-    scored hidden states (N, d) and the weight, detached, from which each pass recomputes its
-    chunk of ``p_ref``: storage that does not grow with V, and the same chunks and matmul as the
-    pass at these logits, so bit for bit the ``q`` that pass used.
-    """
-    if isinstance(logits, LinearLogits):
-        bias = None if logits.bias is None else logits.bias.detach()
-        hidden = logits.scored(label_mask).detach()
-        return LinearLogits(hidden, logits.weight.detach(), bias, logits.mm_dtype)
-    return scored_softmax(logits.detach(), label_mask)
-
-
 def reference_of(reference: Reference | None) -> ChunkLogits | None:
-    """``q`` of the rows of a chunk (c, V), from a :func:`frozen_reference`."""
+    """``q`` of the rows of a chunk (c, V), from a frozen reference
+    (:func:`fishertune.vocab_linear.frozen_reference`)."""
     if reference is None:
         return None
     if isinstance(reference, LinearLogits):

@@ -1,0 +1,425 @@
+"""The output projection fused with the CE, the penalty's draws and ``g``, gradients formed in
+the forward: one projection of each chunk per pass, none in the backward.
+
+Torch only. For ``z_t = W h_t + b`` (:class:`~fishertune.vocab_chunks.LinearLogits`) every
+gradient that :func:`fishertune.vocab.scored_terms` returns has the form
+
+    ``dZ_t = alpha_p p_t + alpha_q q_t + sparse_t``
+
+with ``p_t = softmax(z_t)``, ``q_t`` logit-F's constant reference, scalars ``alpha`` known only
+in the backward (``alpha_p = a_ce - sum_s a_s`` for token-F, ``alpha_q = -sum_s a_s`` for logit-F
+against a reference) and ``sparse_t`` nonzero at the label and the draws only. So
+
+    ``grad h_t = alpha_p (p_t W) + alpha_q (q_t W) + sum_k c_tk W[k]``
+    ``grad W   = alpha_p sum_t p_t h_t^T + alpha_q sum_t q_t h_t^T + sum_{t,k} c_tk e_k h_t^T``
+
+and one pass over the projected chunks (:func:`linear_pass`) keeps the vocabulary's reductions
+``p W`` (N, d), ``sum_t p_t h_t^T`` (V, d, the size of the weight's own gradient) and the
+log-sum-exp, from which the CE, ``g``, the metrics and every backward follow by gathers of ``W``
+at the labels and draws: per pass three vocabulary-wide matmuls (the projection, ``p W`` and
+``p^T H``), as a dense CE's forward and backward, where recomputing the chunks in the backward
+takes four and more. The sampler draws ``y'`` in the same pass (:func:`softmax_draws`) and leaves
+it on the logits, so the CE and ``g`` that follow project nothing again. Logit-F's frozen
+reference (:func:`frozen_reference`) keeps ``r_t = q_t W`` (N, d): its shifted passes need
+``<z_t, q_t> = h_t . r_t + <q_t, b>`` and ``grad h_t``'s ``q`` part without any projection, and
+``sum_t q_t h_t^T`` (a projection of the reference's chunks) only when the weight is trained.
+
+Hand-written for the same reasons as :mod:`fishertune.vocab` (no library returns ``g``, the draws,
+the reference's terms or the step's metrics from a fused projection); the eager gradient is the
+scheme of Liger Kernel's fused linear CE, generalized to gradients whose coefficients are known
+only in the backward. The unbiased estimator's per-row log-likelihood has a coefficient per row
+in ``grad W`` (it would need ``sum_{t in row b} p_t h_t^T`` per row), so it keeps
+:mod:`fishertune.vocab`'s kernel that projects the chunks again in the backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.autograd.graph import get_gradient_edge
+
+from fishertune.vocab_chunks import (
+    LinearLogits,
+    LinearPass,
+    Logits,
+    Reference,
+    compute_dtype,
+    inverse_cdf,
+    linear_logits,
+    project,
+    row_chunks,
+    scored_chunks,
+    scored_softmax,
+)
+
+__all__ = [
+    "Sampler",
+    "frozen_reference",
+    "linear_pass",
+    "linear_scored_ce",
+    "linear_terms",
+    "softmax_draws",
+    "will_run",
+]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The sampler's uniforms ``u`` (N, m) float64 and the inverse CDF's block
+    (:func:`fishertune.vocab_chunks.inverse_cdf`)."""
+
+    uniforms: Tensor
+    block: int
+
+
+def _matmul(a: Tensor, b: Tensor, mm_dtype: torch.dtype, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` in the projection's matmul dtype, returned in ``dtype``."""
+    return (a.to(mm_dtype) @ b.to(mm_dtype)).to(dtype)
+
+
+@torch.no_grad()
+def linear_pass(
+    logits: LinearLogits,
+    label_mask: Tensor | None,
+    *,
+    softmax: bool = True,
+    reference: LinearLogits | None = None,
+    sampler: Sampler | None = None,
+) -> LinearPass:
+    """One pass over the projected chunks of the scored rows: what :class:`LinearPass` keeps.
+
+    ``softmax``: the pass's own ``lse``, ``argmax``, ``p W`` (and ``<p_t, b>``) and, when the
+    weight (bias) is trained, ``sum_t p_t h_t^T`` (``sum_t p_t``); with ``sampler`` the draws
+    ``y' ~ p_t`` too, each row's probabilities ``torch.softmax(z_t.float())`` as the dense
+    sampler's, so the same uniforms give the same draws. ``reference`` (logit-F's frozen
+    :func:`frozen_reference`): ``sum_t q_t h_t^T`` (``sum_t q_t``) when the weight (bias) is
+    trained, ``q_t`` projected again from the reference's hidden states.
+    """
+    hidden = logits.hidden if label_mask is None else logits.scored(label_mask)
+    weight, bias = logits.operands()
+    dtype = compute_dtype(logits.mm_dtype)
+    n, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
+    outer = logits.weight.requires_grad
+    bias_sum = logits.bias is not None and logits.bias.requires_grad
+    result = LinearPass(label_mask)
+    if softmax:
+        result.lse = hidden.new_empty(n, dtype=dtype)
+        result.argmax = torch.empty(n, dtype=torch.long, device=device)
+        result.p_projection = hidden.new_empty(n, weight.shape[1], dtype=dtype)
+        result.p_bias = None if bias is None else hidden.new_empty(n, dtype=dtype)
+        result.p_outer = hidden.new_zeros(weight.shape, dtype=dtype) if outer else None
+        result.p_sum = hidden.new_zeros(vocab, dtype=dtype) if bias_sum else None
+        if sampler is not None:
+            result.draws = torch.empty(sampler.uniforms.shape, dtype=torch.long, device=device)
+    q_hidden = None
+    if reference is not None and (outer or bias_sum):
+        q_hidden = reference.hidden
+        result.q_outer = hidden.new_zeros(weight.shape, dtype=dtype) if outer else None
+        result.q_sum = hidden.new_zeros(vocab, dtype=dtype) if bias_sum else None
+    with torch.autocast(device.type, enabled=False):
+        for chunk in row_chunks(n, vocab, device):
+            rows = hidden[chunk]
+            if softmax:
+                z = project(rows, weight, bias)  # (c, V)
+                result.lse[chunk] = torch.logsumexp(z, dim=-1)
+                result.argmax[chunk] = z.argmax(-1)
+                p = torch.softmax(z, dim=-1)
+                del z
+                if sampler is not None:
+                    probs = (
+                        p
+                        if p.dtype == torch.float32
+                        else torch.softmax(project(rows, weight, bias).float(), dim=-1)
+                    )
+                    result.draws[chunk] = inverse_cdf(probs, sampler.uniforms[chunk], sampler.block)
+                _accumulate(result, "p", p, rows, weight, bias, chunk, logits.mm_dtype)
+            if q_hidden is not None:
+                q = torch.softmax(project(q_hidden[chunk], weight, bias), dim=-1)
+                _accumulate(result, "q", q, rows, None, None, chunk, logits.mm_dtype)
+    return result
+
+
+def _accumulate(
+    result: LinearPass,
+    name: str,
+    probs: Tensor,
+    rows: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    chunk: slice,
+    mm_dtype: torch.dtype,
+) -> None:
+    """A chunk's ``probs W``, ``<probs, b>``, ``probs^T h`` and ``sum probs`` into ``result``."""
+    dtype = probs.dtype
+    if weight is not None:
+        result.p_projection[chunk] = _matmul(probs, weight, mm_dtype, dtype)
+        if bias is not None:
+            result.p_bias[chunk] = probs @ bias.to(dtype)
+    outer = getattr(result, f"{name}_outer")
+    if outer is not None:
+        if mm_dtype == dtype:  # accumulated in place: no (V, d) temporary per chunk
+            outer.addmm_(probs.T, rows.to(dtype))
+        else:
+            outer += _matmul(probs.T, rows, mm_dtype, dtype)
+    total = getattr(result, f"{name}_sum")
+    if total is not None:
+        total += probs.sum(0)
+
+
+@torch.no_grad()
+def softmax_draws(
+    logits: Logits,
+    label_mask: Tensor,
+    samples: int,
+    generator: torch.Generator | None,
+    block: int,
+) -> Tensor:
+    """``samples`` draws ``y' ~ softmax(z_t)`` per scored position (N, samples), chunk by chunk.
+
+    The uniforms are one ``torch.rand((N, samples), float64)`` from ``generator`` and each row's
+    probabilities ``torch.softmax(z_t.float())``, as the dense sampler takes them, so a generator
+    in the same state gives the same draws. For :class:`LinearLogits` the draws come from the
+    pass that also keeps the CE's and ``g``'s reductions (:func:`linear_pass`), left in
+    ``logits.summary`` for :func:`linear_terms` on the same logits and mask.
+    """
+    n, vocab, z_of = scored_chunks(logits, label_mask)
+    u = torch.rand(n, samples, generator=generator, device=logits.device, dtype=torch.float64)
+    if isinstance(logits, LinearLogits):
+        logits.summary = linear_pass(logits, label_mask, sampler=Sampler(u, block))
+        return logits.summary.draws
+    draws = torch.empty(n, samples, dtype=torch.long, device=logits.device)
+    for chunk in row_chunks(n, vocab, logits.device):
+        probs = torch.softmax(z_of(chunk).float(), dim=-1)
+        draws[chunk] = inverse_cdf(probs, u[chunk], block)
+    return draws
+
+
+def frozen_reference(logits: Logits, label_mask: Tensor) -> Reference:
+    """logit-F's constant ``p_ref = softmax(z_t)`` at the scored positions, for ``reference``.
+
+    Dense logits: the (N, V) softmax (:func:`~fishertune.vocab_chunks.scored_softmax`).
+    :class:`LinearLogits`: the scored hidden states (N, d) and the weight, detached, from which
+    a pass projects its chunks of ``p_ref`` again where it needs them, and ``r_t = p_ref_t W``
+    from the pass at these logits (``summary``; one pass if none ran): storage that does not
+    grow with V, and bit for bit the ``p W`` the pass at ``X`` used.
+    """
+    if isinstance(logits, LinearLogits):
+        summary = logits.summary
+        if summary is None or summary.label_mask is not label_mask:
+            summary = logits.summary = linear_pass(logits, label_mask)
+        bias = None if logits.bias is None else logits.bias.detach()
+        hidden = logits.scored(label_mask).detach()
+        kept = LinearPass(None, p_projection=summary.p_projection, p_bias=summary.p_bias)
+        return LinearLogits(hidden, logits.weight.detach(), bias, logits.mm_dtype, kept)
+    return scored_softmax(logits.detach(), label_mask)
+
+
+def will_run(node: object) -> bool:
+    """Whether the running backward reaches ``node`` (a gradient of ``v = grad_X g`` alone
+    skips the weight's gradient); ``True`` where torch cannot tell."""
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if node is None or will_execute is None:
+        return node is not None
+    try:
+        return bool(will_execute(node))
+    except RuntimeError:  # not inside a backward, or an older engine
+        return True
+
+
+@dataclass
+class _Request:
+    """What :func:`linear_terms` computes: the CE's ``labels`` (N,) or ``None``, the draws
+    (N, m) or ``None``, ``kind``, logit-F's ``reference`` (with its ``r = q W``), the metrics,
+    and the pass's reductions."""
+
+    labels: Tensor | None
+    draws: Tensor | None
+    kind: str
+    reference: LinearLogits | None
+    statistics: bool
+    summary: LinearPass
+
+    @property
+    def own_softmax(self) -> bool:
+        """Whether ``g``'s dense part is the pass's own ``p`` (token-F; logit-F at ``X``)."""
+        return self.kind == "token" or self.reference is None
+
+
+def linear_terms(
+    logits: LinearLogits,
+    label_mask: Tensor | None,
+    labels: Tensor | None,
+    draws: Tensor | None,
+    *,
+    kind: str = "token",
+    reference: LinearLogits | None = None,
+    statistics: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ce, g, statistics)`` of :func:`fishertune.vocab.scored_terms` (no rows'
+    log-likelihood) for :class:`LinearLogits`, from one :func:`linear_pass` (the sampler's, when
+    it ran on these logits and mask) and gathers of ``W`` at the labels and draws.
+
+    ``label_mask=None``: ``logits.hidden`` is at the scored positions already (N, d).
+    """
+    summary = logits.summary
+    with_reference = kind == "logit" and draws is not None and reference is not None
+    if (
+        summary is None
+        or summary.label_mask is not label_mask
+        or summary.lse is None
+        or with_reference
+    ):
+        softmax = labels is not None or statistics or (draws is not None and not with_reference)
+        summary = linear_pass(
+            logits,
+            label_mask,
+            softmax=softmax,
+            reference=reference if with_reference else None,
+        )
+        if not with_reference:
+            logits.summary = summary
+    hidden = logits.hidden if label_mask is None else logits.scored(label_mask)
+    request = _Request(labels, draws, kind, reference, statistics, summary)
+    weight_node = get_gradient_edge(logits.weight).node if logits.weight.requires_grad else None
+    return _EagerLinearTerms.apply(
+        hidden, logits.weight, logits.bias, logits.mm_dtype, request, weight_node
+    )
+
+
+def _picked(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, dtype) -> Tensor:
+    """``z_t[k] = W[k] . h_t + b[k]`` at ``ids`` (N, k), one column at a time (no (N, k, d)),
+    rounded to the matmul's dtype as the projection's output is, returned in ``dtype``."""
+    h = hidden.to(weight.dtype).to(dtype)
+    columns = []
+    for j in range(ids.shape[1]):
+        z = (weight[ids[:, j]].to(dtype) * h).sum(-1).to(weight.dtype)
+        columns.append(z if bias is None else z + bias[ids[:, j]])
+    return torch.stack(columns, 1).to(dtype)
+
+
+class _EagerLinearTerms(torch.autograd.Function):
+    """CE, ``g`` and the metrics from a :class:`LinearPass`; the backward combines the pass's
+    reductions with the outputs' gradients (module docstring) and projects nothing."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, hidden, weight, bias, mm_dtype, request: _Request, weight_node
+    ):
+        summary, labels, draws = request.summary, request.labels, request.draws
+        weight_mm, bias_mm = LinearLogits(hidden, weight, bias, mm_dtype).operands()
+        dtype = compute_dtype(mm_dtype)
+        h = hidden.to(mm_dtype).to(dtype)  # as the projection reads it
+        ce = hidden.new_zeros((), dtype=dtype)
+        if labels is not None:
+            at_labels = _picked(hidden, weight_mm, bias_mm, labels[:, None], dtype)[:, 0]
+            ce = (summary.lse - at_labels).sum()
+        g = hidden.new_zeros(0, dtype=dtype)
+        if draws is not None:
+            at_draws = _picked(hidden, weight_mm, bias_mm, draws, dtype)  # (N, m)
+            if request.kind == "token":
+                g = (at_draws - summary.lse[:, None]).sum(0)
+            else:  # <z_t, q_t> = h_t . q_t W + <q_t, b>, q held constant
+                kept = summary if request.reference is None else request.reference.summary
+                baseline = (h * kept.p_projection).sum(-1)
+                if kept.p_bias is not None:
+                    baseline = baseline + kept.p_bias
+                g = (at_draws - baseline[:, None]).sum(0)
+        stats = hidden.new_zeros(4, dtype=torch.float64)
+        if request.statistics:
+            expected = (h * summary.p_projection).sum(-1)  # <p_t, z_t>
+            if summary.p_bias is not None:
+                expected = expected + summary.p_bias
+            stats[0] = hidden.shape[0]
+            stats[1] = (summary.lse - expected).double().sum()
+            stats[2] = (summary.argmax == labels).sum().double()
+            stats[3] = ce.double()
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.request, ctx.mm_dtype, ctx.weight_node = request, mm_dtype, weight_node
+        return ce, g, stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ce: Tensor, grad_g: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias = ctx.saved_tensors
+        request, mm_dtype = ctx.request, ctx.mm_dtype
+        summary, labels, draws = request.summary, request.labels, request.draws
+        dtype = compute_dtype(mm_dtype)
+        # dZ_t = alpha_p p_t + alpha_q q_t + sum_k c_tk e_k (module docstring)
+        zero = grad_ce.new_zeros((), dtype=dtype)
+        a_ce = grad_ce.to(dtype) if labels is not None else zero
+        a_sum = grad_g.to(dtype).sum() if draws is not None else zero
+        alpha_p = a_ce - a_sum if request.own_softmax else a_ce
+        alpha_q = zero if request.own_softmax else -a_sum
+        ids, coefs = [], []
+        if labels is not None:
+            ids.append(labels[:, None])
+            coefs.append((-a_ce).expand(labels.shape[0], 1))
+        if draws is not None:
+            ids.append(draws)
+            coefs.append(grad_g.to(dtype)[None, :].expand(draws.shape))
+        ids = torch.cat(ids, 1) if ids else hidden.new_zeros(hidden.shape[0], 0, dtype=torch.long)
+        coefs = torch.cat(coefs, 1) if coefs else hidden.new_zeros(ids.shape, dtype=dtype)
+        weight_mm, _ = LinearLogits(hidden, weight, bias, mm_dtype).operands()
+        h = hidden.to(mm_dtype).to(dtype)  # as the projection reads it
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.zeros(h.shape, dtype=dtype, device=h.device)
+            for j in range(ids.shape[1]):  # one column at a time: no (N, k, d)
+                grad.add_(weight_mm[ids[:, j]].to(dtype) * coefs[:, j, None])
+            if summary.p_projection is not None:
+                grad.add_(summary.p_projection * alpha_p)
+            if not request.own_softmax:
+                grad.add_(request.reference.summary.p_projection * alpha_q)
+            grad_hidden = grad.to(hidden.dtype)
+        if ctx.needs_input_grad[1] and will_run(ctx.weight_node):
+            grad = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+            if summary.p_outer is not None:
+                grad.add_(summary.p_outer * alpha_p)
+            if summary.q_outer is not None:
+                grad.add_(summary.q_outer * alpha_q)
+            for j in range(ids.shape[1]):
+                grad.index_add_(0, ids[:, j], h * coefs[:, j, None])
+            grad_weight = grad.to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad = torch.zeros(bias.shape, dtype=dtype, device=bias.device)
+            if summary.p_sum is not None:
+                grad.add_(summary.p_sum * alpha_p)
+            if summary.q_sum is not None:
+                grad.add_(summary.q_sum * alpha_q)
+            grad.index_add_(0, ids.reshape(-1), coefs.reshape(-1))
+            grad_bias = grad.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def linear_scored_ce(
+    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The CE of the output projection ``z_t = W h_t (+ b)`` at the scored positions, chunk by
+    chunk, without the (N, V) logits, and the step's metrics from the same pass.
+
+    ``CE = sum_t (lse_t - z_t[y_t])``; the forward's one pass over the projected chunks keeps
+    ``p W`` and ``sum_t p_t h_t^T``, from which the backward forms ``grad h = (p - e_y) W`` and
+    ``grad W = (p - e_y)^T h`` without projecting again (:func:`linear_pass`). The projection's
+    matmul runs in the autocast dtype when autocast is on (as the model's own ``lm_head``
+    would), its softmax in float32 or wider.
+
+    Hand-written beside ``torch.nn.functional.linear_cross_entropy``: that returns the CE alone
+    (not the entropy and accuracy that the step logs, which would cost another pass over the
+    projection) and is not in every torch this package supports (>= 2.11).
+
+    Args:
+        hidden: (N, d) the final hidden states at the scored positions, with graph.
+        weight: (V, d) the output projection's weight; ``bias`` (V,) or ``None``.
+        targets: (N,) the next-token labels.
+
+    Returns:
+        The CE summed (float32, float64 for float64 inputs) and the statistics (4,) (tokens,
+        entropy, argmax-correct count, CE), float64, detached.
+    """
+    logits = linear_logits(hidden, weight, bias)
+    ce, _, stats = linear_terms(logits, None, targets, None, statistics=True)
+    return ce, stats
