@@ -7,7 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 from gpu_check_workers import Budget, WorkerError, run_worker
-from overhead import FLOOR_FD_ERROR, FLOOR_FD_MEMORY, FLOOR_FD_TIME, FLOORS_BY_SIZE, METHODS
+from overhead import (
+    BEST_BASELINE_GOALS,
+    FLOOR_FD_ERROR,
+    FLOOR_FD_MEMORY,
+    FLOOR_FD_TIME,
+    FLOORS_BY_SIZE,
+    METHODS,
+)
 
 # timed methods: (label, FisherSFTConfig overrides, attention); the first six are overhead.py's
 TIMED = [
@@ -18,6 +25,13 @@ FLASH = "flash_attention_2"
 # the rows overhead.py's floors are for: one draw of token-F / logit-F over every row (m = 2, the
 # unbiased estimator, NEFTune matching and hessian-trace do more work by design)
 FLOORED = ("token-F fd", "logit-F fd")
+# the baselines fishertune offers (CE kernels), and each penalty's fd paths, for the ratios
+# against the best baseline (the fastest's step, the lightest's peak)
+BASELINES = [label for label, _, attention in TIMED if label.startswith("baseline")]
+FD_PATHS = {
+    "token-F": ("token-F fd", "token-F fd, linear"),
+    "logit-F": ("logit-F fd", "logit-F fd, linear"),
+}
 TIMED_FLASH = [
     ("baseline, flash-attn 2", {"method": "baseline"}, FLASH),
     *[(f"{label}, flash-attn 2", o, FLASH) for label, o, attention in TIMED if " fd" in label],
@@ -89,6 +103,7 @@ def check_overhead(options: dict[str, Any], budget: Budget, flash: bool) -> dict
             row["min_fwd_bwd_x"] = row["min_fwd_bwd_s"] / base["min_fwd_bwd_s"]
             row["peak_x"] = row["peak_gb"] / base["peak_gb"]
             row["above_setup_x"] = row["above_setup_gb"] / max(base["above_setup_gb"], 1e-9)
+    _against_best_baseline(rows)
     # overhead.py's floors; at a 128k vocabulary (the 1B shape) its tighter goals
     goals = FLOORS_BY_SIZE.get(options["model_size"], {})
     floors = []
@@ -103,6 +118,8 @@ def check_overhead(options: dict[str, Any], budget: Budget, flash: bool) -> dict
         if "above_setup" in goals:
             name = f"{label}: memory above set-up"
             floors.append(_floor(name, row["above_setup_x"], goals["above_setup"]))
+    if goals:
+        floors += best_baseline_floors(rows)
     result["rows"] = rows
     result["floors"] = floors
     result["floors_enforced"] = not options["quick"]
@@ -111,6 +128,49 @@ def check_overhead(options: dict[str, Any], budget: Budget, flash: bool) -> dict
     if options["quick"] is False:
         errors += [f"floor missed: {f['name']} {f['value']:.2f}x" for f in floors if not f["ok"]]
     return {"ok": not errors, "error": "; ".join(errors) or None, **result}
+
+
+def _against_best_baseline(rows: list[dict[str, Any]]) -> None:
+    """Each timed row's step against the fastest baseline at its batch and its peak against the
+    lightest (``step_x_best``, ``peak_x_best``): the ratios a user should read."""
+    for row in rows:
+        same = [
+            r
+            for r in rows
+            if r["label"] in BASELINES
+            and r.get("batch_size") == row.get("batch_size")
+            and "step_s" in r
+        ]
+        if "step_s" not in row or not same:
+            continue
+        fastest = min(same, key=lambda r: r["step_s"])
+        lightest = min(same, key=lambda r: r["peak_gb"])
+        row["fastest_baseline"], row["lightest_baseline"] = fastest["label"], lightest["label"]
+        row["step_x_best"] = row["step_s"] / fastest["step_s"]
+        row["peak_x_best"] = row["peak_gb"] / lightest["peak_gb"]
+
+
+def best_baseline_floors(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per penalty, its fd path closest to the goals against the best baseline (both ratios
+    within ``BEST_BASELINE_GOALS`` where one path meets both)."""
+    time_goal, memory_goal = BEST_BASELINE_GOALS["time"], BEST_BASELINE_GOALS["memory"]
+
+    def excess(row: dict[str, Any]) -> float:
+        return max(row["step_x_best"] / time_goal, row["peak_x_best"] / memory_goal)
+
+    floors = []
+    for penalty, paths in FD_PATHS.items():
+        measured = [r for r in rows if r["label"] in paths and "step_x_best" in r]
+        if not measured:
+            continue
+        best = min(measured, key=excess)
+        name = (
+            f"{penalty}: {best['label']} vs the best baselines "
+            f"(step {best['step_x_best']:.2f}x <= {time_goal}x, "
+            f"peak {best['peak_x_best']:.2f}x <= {memory_goal}x); the larger share of its goal"
+        )
+        floors.append(_floor(name, excess(best), 1.0))
+    return floors
 
 
 def _floor(name: str, value: float, floor: float) -> dict[str, Any]:

@@ -51,9 +51,10 @@ def _overhead_lines(overhead: dict[str, Any]) -> list[str]:
         f"## Overhead: {overhead['model_size']} shape, sequence {overhead['seq_len']}, "
         f"{overhead['dtype']}, largest baseline batch {overhead['batch_size']}",
         "",
-        "| method | attention | batch | step (s) | x baseline | fwd+bwd (s), median | x "
-        "| min, x | peak (GB) | x | above set-up (GB) | x | tokens/s | note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | attention | batch | step (s) | x baseline | x fastest baseline "
+        "| fwd+bwd (s), median | x | min, x | peak (GB) | x | x lightest baseline "
+        "| above set-up (GB) | x | tokens/s | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in overhead["rows"]:
         note = row.get("error", "")
@@ -62,9 +63,11 @@ def _overhead_lines(overhead: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {row['label']} | {row['attention']} | {_fmt(row.get('batch_size'))} "
             f"| {_fmt(row.get('step_s'))} | {_fmt(row.get('step_x'), '.2f')} "
+            f"| {_fmt(row.get('step_x_best'), '.2f')} "
             f"| {_fmt(row.get('fwd_bwd_s'))} | {_fmt(row.get('fwd_bwd_x'), '.2f')} "
             f"| {_fmt(row.get('min_fwd_bwd_x'), '.2f')} "
             f"| {_fmt(row.get('peak_gb'), '.2f')} | {_fmt(row.get('peak_x'), '.2f')} "
+            f"| {_fmt(row.get('peak_x_best'), '.2f')} "
             f"| {_fmt(row.get('above_setup_gb'), '.2f')} "
             f"| {_fmt(row.get('above_setup_x'), '.2f')} "
             f"| {_fmt(row.get('tokens_per_s'), '.0f')} "

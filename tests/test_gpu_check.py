@@ -85,9 +85,31 @@ def test_quick_run_overhead_rows(quick_run: Any) -> None:
         base = rows[("baseline", size)]
         assert row["step_x"] == pytest.approx(row["step_s"] / base["step_s"])
         assert row["peak_x"] == pytest.approx(row["peak_gb"] / base["peak_gb"])
+        # against the best baseline at the same batch: the fastest's step, the lightest's peak
+        same = [r for (b, s), r in rows.items() if s == size and b in gpu_check_measure.BASELINES]
+        fastest = min(r["step_s"] for r in same)
+        assert row["step_x_best"] == pytest.approx(row["step_s"] / fastest)
+        assert row["peak_x_best"] == pytest.approx(row["peak_gb"] / min(r["peak_gb"] for r in same))
     assert rows[("baseline", 2)]["step_x"] == pytest.approx(1.0)
     assert {f["name"].split(":")[0] for f in result["floors"]} == {"token-F fd", "logit-F fd"}
     assert result["floors_enforced"] is False
+
+
+def test_each_penalty_is_held_to_its_best_fd_path_against_the_best_baselines() -> None:
+    def row(label, step_x, peak_x):
+        return {"label": label, "step_x_best": step_x, "peak_x_best": peak_x}
+
+    rows = [
+        row("token-F fd", 2.1, 1.2),  # meets the time, not the memory
+        row("token-F fd, linear", 2.0, 0.9),  # meets both
+        row("logit-F fd", 2.5, 1.0),
+        row("logit-F fd, linear", 2.4, 1.3),
+    ]
+    floors = {f["name"].split(":")[0]: f for f in gpu_check_measure.best_baseline_floors(rows)}
+    assert floors["token-F"]["ok"] and "token-F fd, linear vs" in floors["token-F"]["name"]
+    assert floors["token-F"]["value"] == pytest.approx(2.0 / 2.2)
+    assert not floors["logit-F"]["ok"]
+    assert floors["logit-F"]["value"] == pytest.approx(2.5 / 2.2)  # the chunked path, nearer
 
 
 def test_quick_run_accuracy_and_training(quick_run: Any) -> None:

@@ -34,7 +34,7 @@ in ``grad W`` (it would need ``sum_{t in row b} p_t h_t^T`` per row), so it keep
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -208,7 +208,7 @@ def frozen_reference(logits: Logits, label_mask: Tensor) -> Reference:
     """
     if isinstance(logits, LinearLogits):
         summary = logits.summary
-        if summary is None or summary.label_mask is not label_mask:
+        if summary is None or summary.label_mask is not label_mask or summary.p_projection is None:
             summary = logits.summary = linear_pass(logits, label_mask)
         bias = None if logits.bias is None else logits.bias.detach()
         hidden = logits.scored(label_mask).detach()
@@ -271,6 +271,7 @@ def linear_terms(
         or summary.label_mask is not label_mask
         or summary.lse is None
         or with_reference
+        or (summary.p_outer is None and logits.weight.requires_grad)
     ):
         softmax = labels is not None or statistics or (draws is not None and not with_reference)
         summary = linear_pass(
@@ -279,8 +280,10 @@ def linear_terms(
             softmax=softmax,
             reference=reference if with_reference else None,
         )
-        if not with_reference:
-            logits.summary = summary
+    if not with_reference:
+        # these terms own the weight's reductions (their backward turns them into the gradient
+        # in place); the logits keep the rest, for logit-F's frozen reference
+        logits.summary = replace(summary, p_outer=None)
     hidden = logits.hidden if label_mask is None else logits.scored(label_mask)
     request = _Request(labels, draws, kind, reference, statistics, summary)
     weight_node = get_gradient_edge(logits.weight).node if logits.weight.requires_grad else None
@@ -376,11 +379,8 @@ class _EagerLinearTerms(torch.autograd.Function):
                 grad.add_(request.reference.summary.p_projection * alpha_q)
             grad_hidden = grad.to(hidden.dtype)
         if ctx.needs_input_grad[1] and will_run(ctx.weight_node):
-            grad = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-            if summary.p_outer is not None:
-                grad.add_(summary.p_outer * alpha_p)
-            if summary.q_outer is not None:
-                grad.add_(summary.q_outer * alpha_q)
+            logits = LinearLogits(hidden, weight, bias, mm_dtype)
+            grad = _weight_gradient(request, logits, alpha_p, alpha_q)
             for j in range(ids.shape[1]):
                 grad.index_add_(0, ids[:, j], h * coefs[:, j, None])
             grad_weight = grad.to(weight.dtype)
@@ -393,6 +393,28 @@ class _EagerLinearTerms(torch.autograd.Function):
             grad.index_add_(0, ids.reshape(-1), coefs.reshape(-1))
             grad_bias = grad.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _weight_gradient(
+    request: _Request, logits: LinearLogits, alpha_p: Tensor, alpha_q: Tensor
+) -> Tensor:
+    """``alpha_p sum_t p_t h_t^T + alpha_q sum_t q_t h_t^T``, formed in the buffer of the
+    pass's first reduction: the gradient's own buffer is the only weight-sized one, as in a
+    dense backward. The reductions are used up; a second backward through the weight (fused
+    forward differences with several draws) makes them again with one more pass."""
+    summary = request.summary
+    if summary.p_outer is None and summary.q_outer is None:
+        with_p = summary.p_projection is not None
+        reference = None if request.own_softmax else request.reference
+        summary = linear_pass(logits, None, softmax=with_p, reference=reference)
+    outers = [
+        (o, a) for o, a in ((summary.p_outer, alpha_p), (summary.q_outer, alpha_q)) if o is not None
+    ]
+    grad = outers[0][0].mul_(outers[0][1])
+    for outer, alpha in outers[1:]:
+        grad.addcmul_(outer, alpha)
+    request.summary.p_outer = request.summary.q_outer = None
+    return grad
 
 
 def linear_scored_ce(
