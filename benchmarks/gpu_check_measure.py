@@ -29,8 +29,8 @@ FLOORED = ("token-F fd", "logit-F fd")
 # against the best baseline (the fastest's step, the lightest's peak)
 BASELINES = [label for label, _, attention in TIMED if label.startswith("baseline")]
 FD_PATHS = {
-    "token-F": ("token-F fd", "token-F fd, linear"),
-    "logit-F": ("logit-F fd", "logit-F fd, linear"),
+    "token-F": ("token-F fd", "token-F fd, chunked CE"),
+    "logit-F": ("logit-F fd", "logit-F fd, chunked CE"),
 }
 TIMED_FLASH = [
     ("baseline, flash-attn 2", {"method": "baseline"}, FLASH),

@@ -219,4 +219,4 @@ def test_a_float64_llama_gets_the_float32_steps(chat_file, tmp_path):
     rows = torch.arange(batch["labels"].shape[0])
     with trainer._capture.attached(trainer.model.get_input_embeddings()):
         loss.fd(trainer.model, batch, token_count(batch), 1.0, rows).backward()
-    assert precision == {"float32_inside": True}
+    assert precision["float32_inside"] is True

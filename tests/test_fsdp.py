@@ -37,6 +37,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
                               "penalty_estimator": "unbiased", "penalty_match_neftune_alpha": 20},
     "same-hessian-trace": {"method": "hessian-trace", "penalty_coef": 1.0,
                            "penalty_warmup_steps": 0, "penalty_grad": "fd"},
+    # the default kernel: linear unsharded; on the sharded weight it turns to chunked
+    "same-auto-baseline": {"method": "baseline", "ce_kernel": "auto"},
 }  # fmt: skip
 TOLERANCE = {"forward": 2e-2, "central": 2e-3}
 
@@ -47,7 +49,7 @@ def _argv(data: str, output_dir: str, overrides: dict[str, Any]) -> list[str]:
         "tiny_num_layers": 2, "tiny_num_heads": 2, "dataset_name": data, "max_length": 64,
         "max_steps": 1, "bf16": "false", "activation_checkpointing": "false", "use_cpu": "true",
         "report_to": "none", "save_strategy": "no", "disable_tqdm": "true",
-        "output_dir": output_dir, "seed": 0, **overrides,
+        "output_dir": output_dir, "seed": 0, "ce_kernel": "chunked", **overrides,
     }  # fmt: skip
     return [item for key, value in options.items() for item in (f"--{key}", str(value))]
 
@@ -92,6 +94,8 @@ def _worker(data: str, out: str) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(trainer.model, mesh=mesh)
         sharded[name] = gradient(trainer, batch)
+        if name == "same-auto-baseline":
+            results["auto_kernel_after_sharding"] = trainer._fd_precision.get("linear_ce")
     results["world_size"] = int(os.environ["WORLD_SIZE"])
     base = unsharded["baseline"]
     results["baseline"] = ((sharded["baseline"] - base).norm() / base.norm()).item()
@@ -104,7 +108,10 @@ def _worker(data: str, out: str) -> None:
                     (unsharded[name] - base - exact).norm() / exact.norm()
                 ).item(),
             }
-        if name.startswith("same"):
+        if name == "same-auto-baseline":  # against its own unsharded (linear) gradient
+            own = unsharded[name]
+            results[name] = ((sharded[name] - own).norm() / own.norm()).item()
+        elif name.startswith("same"):
             own = unsharded[name] - base
             results[name] = ((sharded[name] - base - own).norm() / own.norm()).item()
     if os.environ["RANK"] == "0":
@@ -142,6 +149,7 @@ def test_fd_penalties_under_fsdp2_sharding(tmp_path):
             assert results[name]["sharded_vs_exact"] < tolerance, (name, results[name])
         if name.startswith("same"):
             assert results[name] < 1e-4, (name, results[name])
+    assert results["auto_kernel_after_sharding"] is False  # auto: chunked on the sharded head
 
 
 if __name__ == "__main__":

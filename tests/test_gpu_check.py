@@ -100,13 +100,13 @@ def test_each_penalty_is_held_to_its_best_fd_path_against_the_best_baselines() -
         return {"label": label, "step_x_best": step_x, "peak_x_best": peak_x}
 
     rows = [
-        row("token-F fd", 2.1, 1.2),  # meets the time, not the memory
-        row("token-F fd, linear", 2.0, 0.9),  # meets both
+        row("token-F fd, chunked CE", 2.1, 1.2),  # meets the time, not the memory
+        row("token-F fd", 2.0, 0.9),  # meets both
         row("logit-F fd", 2.5, 1.0),
-        row("logit-F fd, linear", 2.4, 1.3),
+        row("logit-F fd, chunked CE", 2.4, 1.3),
     ]
     floors = {f["name"].split(":")[0]: f for f in gpu_check_measure.best_baseline_floors(rows)}
-    assert floors["token-F"]["ok"] and "token-F fd, linear vs" in floors["token-F"]["name"]
+    assert floors["token-F"]["ok"] and "token-F fd vs" in floors["token-F"]["name"]
     assert floors["token-F"]["value"] == pytest.approx(2.0 / 2.2)
     assert not floors["logit-F"]["ok"]
     assert floors["logit-F"]["value"] == pytest.approx(2.5 / 2.2)  # the chunked path, nearer

@@ -536,18 +536,55 @@ def test_penalized_update_is_the_same_whoever_divides_by_accumulation(chat_file,
 
 @pytest.mark.parametrize("method, extra", [("baseline", {}), ("neftune", {"neftune_alpha": 5})])
 def test_ce_kernels_give_the_dense_gradient_and_metrics(chat_file, tmp_path, method, extra):
-    """chunked (the default) and linear (no logits: the output projection fused with the CE)
-    against the dense log-softmax: the same step gradient and logged CE, entropy and accuracy."""
+    """chunked, linear (no logits: the output projection fused with the CE) and auto (the
+    default, linear on this model) against the dense log-softmax: the same step gradient and
+    logged CE, entropy and accuracy."""
     trainers = [
         trainer_for(chat_file, tmp_path, method=method, ce_kernel=kernel, **extra)
-        for kernel in ("dense", "chunked", "linear")
+        for kernel in ("dense", "chunked", "linear", "auto")
     ]
-    dense, chunked, linear = _gradients_on_one_batch(*trainers)
-    for other in (chunked, linear):
+    assert trainers[-1].args.ce_kernel == trainer_for(chat_file, tmp_path).args.ce_kernel
+    dense, *others = _gradients_on_one_batch(*trainers)
+    for other in others:
         assert float((other - dense).norm() / dense.norm()) < 1e-5
     sums = [t._sums.vector for t in trainers]
     for other in sums[1:]:
         assert torch.allclose(other[:4], sums[0][:4], rtol=1e-5)
+    assert trainers[-1]._fd_precision["linear_ce"] is True  # auto took the linear kernel
+
+
+def test_auto_ce_kernel_turns_to_chunked_where_linear_cannot_apply(chat_file, tmp_path, caplog):
+    """auto: exact double backward and a non-Linear head are seen at set-up, logits that are not
+    the projection of the hidden states at the first step; each run trains on, through the
+    chunked kernel (the same gradient as ce_kernel=chunked), and says why in the log."""
+    caplog.set_level("INFO", logger="fishertune")
+    exact = trainer_for(chat_file, tmp_path, method="token-f", penalty_grad="exact", **PENALTY)
+    assert exact._fd_precision["linear_ce"] is False
+    assert "penalty_grad=exact differentiates the logits twice" in caplog.text
+
+    class ScaledHead(torch.nn.Linear):  # a logit scale, as some models apply
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    trainers = [trainer_for(chat_file, tmp_path, ce_kernel=k) for k in ("auto", "chunked")]
+    for trainer in trainers:
+        head = trainer.model.lm_head
+        trainer.model.lm_head = ScaledHead(head.in_features, head.out_features, bias=False)
+        trainer.model.lm_head.weight = head.weight
+    # the head is swapped after set-up here: the first step's comparison catches it
+    auto, chunked = _gradients_on_one_batch(*trainers)
+    torch.testing.assert_close(auto, chunked, rtol=1e-6, atol=1e-9)
+    assert trainers[0]._fd_precision["linear_ce"] is False
+    assert "not a plain Linear" in caplog.text
+
+    trainers = [trainer_for(chat_file, tmp_path, ce_kernel=k, **PENALTY, method="logit-f",
+                            penalty_grad="fd") for k in ("auto", "chunked")]  # fmt: skip
+    for trainer in trainers:  # a scale by a hook: the logits are not W h
+        trainer.model.lm_head.register_forward_hook(lambda module, args, out: 1.5 * out)
+    auto, chunked = _gradients_on_one_batch(*trainers)
+    torch.testing.assert_close(auto, chunked, rtol=1e-6, atol=1e-9)
+    assert trainers[0]._fd_precision["linear_ce"] is False
+    assert "logits are not its last hidden state" in caplog.text
 
 
 def test_linear_ce_is_refused_where_the_logits_are_not_a_plain_projection(chat_file, tmp_path):

@@ -61,6 +61,22 @@ def _fsdp(accelerator: Any) -> bool:
     return getattr(accelerator, "distributed_type", None) == "FSDP"
 
 
+def linear_ce_problem(args: Any, accelerator: Any, model: nn.Module, deepspeed: bool) -> str | None:
+    """Why ``ce_kernel=linear`` cannot apply to this run (``None``: it can; its first step
+    still checks that the logits are the projection of the hidden states)."""
+    if args.method in PENALTY_METHODS and args.penalty_grad == "exact":
+        return "penalty_grad=exact differentiates the logits twice"
+    if deepspeed or _fsdp(accelerator):
+        return "FSDP and DeepSpeed shard the output projection's weight"
+    getter = getattr(unwrap(model), "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        return "the model has no output embedding"
+    if type(head) is not nn.Linear:
+        return f"its output embedding is a {type(head).__name__}, not a plain Linear"
+    return None
+
+
 def check_supported(args: Any, accelerator: Any, model: nn.Module, deepspeed: bool) -> None:
     """Refuse, with the reason, option combinations known to fail or to be wrong (measured)."""
     if getattr(args, "ce_kernel", None) == "linear" and (deepspeed or _fsdp(accelerator)):

@@ -32,6 +32,7 @@ PENALTY_FIELDS = (
     "penalty_estimator",
     "penalty_match_neftune_alpha",
 )
+CE_KERNELS = ("auto", "chunked", "dense", "linear")
 NEFTUNE_FIELDS = ("neftune_alpha", "neftune_length", "neftune_distribution")
 
 
@@ -79,15 +80,14 @@ class FisherSFTConfig(SFTConfig):
         },
     )
     ce_kernel: str = field(
-        default="chunked",
+        default="auto",
         metadata={
-            "help": "How the CE of a step without a penalty (baseline, neftune, warm-up at 0, the "
-            "rows a penalty_fraction leaves out) reads the vocabulary: 'chunked' (the model's "
-            "logits chunk by chunk, no (N, V) float32 copies; default), 'dense' (log-softmax of "
-            "the (N, V) scored logits), or 'linear' (the output projection fused with the CE "
-            "from the last hidden states: no (N, V) logits at all; baseline, neftune and fd "
-            "penalties, for models whose logits are hidden states times the output embedding).",
-            "choices": ("chunked", "dense", "linear"),
+            "help": "How the CE, the metrics and (fd) the penalty read the vocabulary: 'linear' "
+            "(the output projection fused with them: no (N, V) logits; baseline, neftune and fd, "
+            "for logits that are hidden states times the output embedding), 'chunked' (the "
+            "model's logits chunk by chunk), 'dense' (log-softmax of the (N, V) logits), or "
+            "'auto' (default: linear where it applies, else chunked; the choice is logged).",
+            "choices": CE_KERNELS,
         },
     )
     master_weights: str = field(
@@ -313,7 +313,7 @@ class FisherSFTConfig(SFTConfig):
         """Check the method's options and fill in their defaults; raise ``FishertuneError``."""
         _choice("method", self.method, METHODS)
         _choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
-        _choice("ce_kernel", self.ce_kernel, ("chunked", "dense", "linear"))
+        _choice("ce_kernel", self.ce_kernel, CE_KERNELS)
         is_penalty = self.method in PENALTY_METHODS
         if is_penalty and self.ce_kernel == "linear" and self.penalty_grad != "fd":
             raise FishertuneError(

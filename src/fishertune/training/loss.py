@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from fishertune.errors import FishertuneError
 from fishertune.hessian_grad import exact_hessian_trace, hessian_fd_loss
@@ -41,7 +42,7 @@ from fishertune.training.forward import (
     select_rows,
 )
 from fishertune.training.stats import StepSums
-from fishertune.vocab import LinearLogits, linear_logits, scored_terms
+from fishertune.vocab import LinearLogits, scored_terms
 
 __all__ = ["MicroStepLoss"]
 
@@ -91,12 +92,20 @@ class MicroStepLoss:
         # the mean over the penalized rows of the matched coefficient (1 when not matched)
         self.mean_row_coef = 1.0
 
+    @property
+    def kernel(self) -> str:
+        """The run's ``ce_kernel``, ``auto`` resolved: ``linear`` unless the run found that it
+        does not apply (``precision["linear_ce"]`` false), then ``chunked``."""
+        if self.args.ce_kernel != "auto":
+            return self.args.ce_kernel
+        return "linear" if self.precision.get("linear_ce", True) else "chunked"
+
     def scored_ce(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """CE summed over scored tokens (float32, with graph) and the label mask; adds the CE,
         entropy, accuracy and token count to the step's sums. Chunk by chunk
         (:func:`fishertune.vocab.scored_terms`, exact to the dense computation) unless
         ``ce_kernel`` is ``dense``."""
-        if self.args.ce_kernel == "dense":
+        if self.kernel == "dense":
             ce_sum, label_mask, _ = self._scored(logits, labels)
             return ce_sum, label_mask
         label_mask = label_mask_from_labels(labels)
@@ -111,7 +120,7 @@ class MicroStepLoss:
         metrics to the step's sums. ``linear``: from the last hidden states and the output
         projection (:class:`fishertune.vocab.LinearLogits`), no logits."""
         labels = inputs["labels"]
-        if self.args.ce_kernel != "linear":
+        if self.kernel != "linear":
             return self.scored_ce(forward_logits(model, inputs), labels)[0]
         logits = self._linear_logits(model, inputs)
         label_mask = label_mask_from_labels(labels)
@@ -123,11 +132,16 @@ class MicroStepLoss:
 
     def _linear_logits(
         self, model: nn.Module, inputs: dict[str, Tensor], rng_seed: int | None = None
-    ) -> LinearLogits:
+    ) -> LinearLogits | Tensor:
         """The last hidden states and the output projection's weight and bias, through the
         DDP / PEFT wrappers (``unwrap``): the model computes no logits (``logits_to_keep``
         empty), except at the run's first call, where the logits of the last position check
-        that they are the projection of the hidden states."""
+        that they are the projection of the hidden states. Where they are not (or the weight
+        is sharded), ``auto`` turns to the chunked kernel for the run (this call's logits come
+        from a forward of their own, with the same dropout); ``linear`` is refused."""
+        head = unwrap(model).get_output_embeddings()
+        if isinstance(head.weight, DTensor):  # fully_shard applied outside accelerate
+            return self._not_linear(model, inputs, rng_seed, "FSDP shards its output embedding")
         labels = inputs["labels"]
         check = "linear_ce" not in self.precision
         keep = [labels.shape[1] - 1] if check else []
@@ -139,27 +153,51 @@ class MicroStepLoss:
             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=labels.device),
         )
         hidden = outputs.hidden_states[-1]
-        head = unwrap(model).get_output_embeddings()
+        # the model's own lm_head runs under the accelerator's autocast, which ends with its
+        # forward (accelerate returns float32 outputs): the projection takes that dtype too
+        mm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            str(self.accelerator.mixed_precision), head.weight.dtype
+        )
         if check:
-            self._check_linear(outputs.logits[:, -1], hidden[:, -1], head)
-        return linear_logits(hidden, head.weight, head.bias)
+            problem = self._linear_problem(outputs.logits[:, -1], hidden[:, -1], head, mm_dtype)
+            if problem is not None:
+                return self._not_linear(model, inputs, rng_seed, problem)
+            self.precision["linear_ce"] = True
+            if self.args.ce_kernel == "auto":
+                logger.info("ce_kernel=auto: the output projection fused with the CE (linear)")
+        return LinearLogits(hidden, head.weight, head.bias, mm_dtype)
 
-    def _check_linear(self, logits: Tensor, hidden: Tensor, head: nn.Module) -> None:
-        """The linear kernel needs ``logits = W h + b``: a plain ``nn.Linear`` head (no adapter
-        on it) and no logit scale or softcap (Gemma 2, Cohere), compared at one position."""
+    def _not_linear(
+        self, model: nn.Module, inputs: dict[str, Tensor], rng_seed: int | None, problem: str
+    ) -> Tensor:
+        """``auto``: the chunked kernel from now on, and this call's logits; ``linear``:
+        refused, with ``problem``."""
+        if self.args.ce_kernel != "auto":
+            raise FishertuneError(f"ce_kernel=linear: {problem}; use ce_kernel=chunked")
+        self.precision["linear_ce"] = False
+        logger.info("ce_kernel=auto: the chunked kernel, as %s", problem)
+        return forward_logits(model, inputs, rng_seed)
+
+    def _linear_problem(
+        self, logits: Tensor, hidden: Tensor, head: nn.Module, mm_dtype: torch.dtype
+    ) -> str | None:
+        """Why the linear kernel cannot take this model (``None``: it can): it needs
+        ``logits = W h + b``, a plain ``nn.Linear`` head (no adapter on it) and no logit scale
+        or softcap (Gemma 2, Cohere), compared at one position."""
         problem = None
         if type(head) is not nn.Linear:
             problem = f"its output embedding is a {type(head).__name__}, not a plain Linear"
         else:
             with torch.no_grad():
                 # by hand, not head(): a hook on the head (or a softcap after it) must show
-                projected = nn.functional.linear(hidden.detach(), head.weight, head.bias).float()
+                bias = None if head.bias is None else head.bias.to(mm_dtype)
+                projected = nn.functional.linear(
+                    hidden.detach().to(mm_dtype), head.weight.to(mm_dtype), bias
+                ).float()
                 scale = logits.detach().float().abs().max().clamp(min=1e-6)
                 if float((logits.detach().float() - projected).abs().max() / scale) > 1e-2:
                     problem = "its logits are not its last hidden state times its output embedding"
-        if problem is not None:
-            raise FishertuneError(f"ce_kernel=linear: {problem}; use ce_kernel=chunked")
-        self.precision["linear_ce"] = True
+        return problem
 
     def _scored(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The dense :meth:`scored_ce` and the log-probabilities (N, V), with graph (exact
@@ -221,8 +259,6 @@ class MicroStepLoss:
             DistributedType.DEEPSPEED,
         ):
             return False
-        from torch.distributed.tensor import DTensor
-
         return not any(isinstance(p, DTensor) for p in model.parameters())
 
     def exact(
@@ -352,12 +388,13 @@ class MicroStepLoss:
         self, model: nn.Module, inputs: dict[str, Tensor], rng_seed: int, linear: bool
     ) -> Callable[[Tensor | None], tuple[Tensor | LinearLogits, Tensor]]:
         """The forward with the embedding shift (:data:`fishertune.penalty_grad.Forward`):
-        the logits, or with ``linear`` the hidden states and the projection (no (N, V))."""
+        the logits, or with ``linear`` the hidden states and the projection (no (N, V)) while
+        the run's kernel is linear (``auto`` may turn to chunked at the first pass)."""
 
         def forward(shift: Tensor | None) -> tuple[Tensor | LinearLogits, Tensor]:
             self.capture.shift = shift
             try:
-                if linear:
+                if linear and self.kernel == "linear":
                     return self._linear_logits(model, inputs, rng_seed), self.capture.embeds
                 return forward_logits(model, inputs, rng_seed), self.capture.embeds
             finally:
@@ -370,7 +407,7 @@ class MicroStepLoss:
     ) -> Passes:
         """The engine's callbacks: the forward with the embedding shift (one dropout seed for
         all passes; ``ce_kernel=linear``: no logits) and ``accelerator.backward``."""
-        linear = self.args.ce_kernel == "linear"
+        linear = self.kernel == "linear"
         return Passes(
             self._shifted_forward(model, inputs, rng_seed, linear),
             self.accelerator.backward if split else None,

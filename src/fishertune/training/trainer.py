@@ -47,7 +47,12 @@ from fishertune.penalty_grad import penalty_rows
 from fishertune.schedules import every_k_coefficient, warmup_coefficient
 from fishertune.streams import Stream, stream_generator
 from fishertune.training.checkpoints import CheckpointRecord, restore_totals
-from fishertune.training.checks import WarmupCheck, check_launch, check_supported
+from fishertune.training.checks import (
+    WarmupCheck,
+    check_launch,
+    check_supported,
+    linear_ce_problem,
+)
 from fishertune.training.config import PENALTY_METHODS, FisherSFTConfig
 from fishertune.training.data import tokenize_conversations
 from fishertune.training.forward import exact_attention, loss_normalizer
@@ -109,6 +114,13 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
         self._clock = (time.time(), 0.0)  # (start of this train() call, wall time before it)
         check_launch(self.accelerator)
         check_supported(self.args, self.accelerator, self.model, self.is_deepspeed_enabled)
+        if self.args.ce_kernel == "auto":
+            problem = linear_ce_problem(
+                self.args, self.accelerator, self.model, self.is_deepspeed_enabled
+            )
+            if problem is not None:
+                self._fd_precision["linear_ce"] = False
+                logger.info("ce_kernel=auto: the chunked kernel, as %s", problem)
         self.add_callback(OptimizerStepHook(self._check_step))
         self.add_callback(WarmupCheck())
         self.checkpoint_record = CheckpointRecord(self.accelerator, lambda: self.run_totals)
