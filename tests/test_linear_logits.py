@@ -261,6 +261,23 @@ def test_a_frozen_projection_gets_no_gradient_and_the_rest_is_exact(kind):
     torch.testing.assert_close(results[0], results[1], rtol=1e-11, atol=1e-12)
 
 
+def test_without_a_graph_the_pass_keeps_no_gradient_reductions():
+    """Under ``torch.no_grad`` (evaluation) the pass keeps no weight-sized reductions (one
+    vocabulary-wide matmul fewer) and gives the same CE and metrics."""
+    model = Head()
+    ids, attention, labels = _batch()
+    mask = label_mask(labels)
+    targets = labels[:, 1:][mask[:, :-1]]
+    values = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            logits = model.logits(model.trunk.embeddings(ids), attention, linear=True)
+            terms = vocab.scored_terms(logits, mask, targets, statistics=True)
+        values.append(torch.cat([terms.ce.detach()[None], terms.statistics]))
+        assert (logits.summary.p_sum is None) != grad  # the bias's reduction: with a graph only
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+
+
 def test_linear_terms_under_bf16_autocast_match_the_autocast_projection():
     """bf16 autocast: the projection in bf16, the softmax and the reductions in float32; CE,
     token-F's g and their gradients as the dense computation on the bf16 logits (bf16 rounding

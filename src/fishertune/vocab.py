@@ -70,6 +70,7 @@ from fishertune.vocab_chunks import (
     row_chunks,
     scored_rows,
     scored_softmax,
+    will_run,
 )
 from fishertune.vocab_linear import (
     frozen_reference,
@@ -77,7 +78,6 @@ from fishertune.vocab_linear import (
     linear_scored_ce,
     linear_terms,
     softmax_draws,
-    will_run,
 )
 
 __all__ = [

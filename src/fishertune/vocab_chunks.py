@@ -34,6 +34,7 @@ __all__ = [
     "scored_chunks",
     "scored_rows",
     "scored_softmax",
+    "will_run",
 ]
 
 CHUNK_BYTES = 32 * 2**20
@@ -240,3 +241,15 @@ def reference_of(reference: Reference | None) -> ChunkLogits | None:
         weight, bias = reference.operands()
         return lambda c: torch.softmax(project(hidden[c], weight, bias), dim=-1)
     return lambda c: reference[c]
+
+
+def will_run(node: object) -> bool:
+    """Whether the running backward reaches ``node`` (a gradient of ``v = grad_X g`` alone
+    skips the weight's gradient); ``True`` where torch cannot tell."""
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if node is None or will_execute is None:
+        return node is not None
+    try:
+        return bool(will_execute(node))
+    except RuntimeError:  # not inside a backward, or an older engine
+        return True

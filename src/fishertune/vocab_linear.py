@@ -53,6 +53,7 @@ from fishertune.vocab_chunks import (
     row_chunks,
     scored_chunks,
     scored_softmax,
+    will_run,
 )
 
 __all__ = [
@@ -62,7 +63,6 @@ __all__ = [
     "linear_scored_ce",
     "linear_terms",
     "softmax_draws",
-    "will_run",
 ]
 
 
@@ -88,6 +88,7 @@ def linear_pass(
     softmax: bool = True,
     reference: LinearLogits | None = None,
     sampler: Sampler | None = None,
+    weight_gradient: bool | None = None,
 ) -> LinearPass:
     """One pass over the projected chunks of the scored rows: what :class:`LinearPass` keeps.
 
@@ -96,14 +97,17 @@ def linear_pass(
     ``y' ~ p_t`` too, each row's probabilities ``torch.softmax(z_t.float())`` as the dense
     sampler's, so the same uniforms give the same draws. ``reference`` (logit-F's frozen
     :func:`frozen_reference`): ``sum_t q_t h_t^T`` (``sum_t q_t``) when the weight (bias) is
-    trained, ``q_t`` projected again from the reference's hidden states.
+    trained, ``q_t`` projected again from the reference's hidden states. ``weight_gradient``:
+    whether to keep the weight's reductions (``None``: where a backward can reach the weight,
+    :func:`_reaches_weight`).
     """
     hidden = logits.hidden if label_mask is None else logits.scored(label_mask)
     weight, bias = logits.operands()
     dtype = compute_dtype(logits.mm_dtype)
     n, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
-    outer = logits.weight.requires_grad
-    bias_sum = logits.bias is not None and logits.bias.requires_grad
+    outer = _reaches_weight(logits) if weight_gradient is None else weight_gradient
+    graph = logits.hidden.requires_grad if weight_gradient is None else weight_gradient
+    bias_sum = graph and logits.bias is not None and logits.bias.requires_grad
     result = LinearPass(label_mask)
     if softmax:
         result.lse = hidden.new_empty(n, dtype=dtype)
@@ -140,6 +144,12 @@ def linear_pass(
                 q = torch.softmax(project(q_hidden[chunk], weight, bias), dim=-1)
                 _accumulate(result, "q", q, rows, None, None, chunk, logits.mm_dtype)
     return result
+
+
+def _reaches_weight(logits: LinearLogits) -> bool:
+    """Whether a backward from these logits can reach the weight: it is trained and the hidden
+    states carry a graph (not under ``torch.no_grad``, as in evaluation)."""
+    return logits.weight.requires_grad and logits.hidden.requires_grad
 
 
 def _accumulate(
@@ -217,18 +227,6 @@ def frozen_reference(logits: Logits, label_mask: Tensor) -> Reference:
     return scored_softmax(logits.detach(), label_mask)
 
 
-def will_run(node: object) -> bool:
-    """Whether the running backward reaches ``node`` (a gradient of ``v = grad_X g`` alone
-    skips the weight's gradient); ``True`` where torch cannot tell."""
-    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
-    if node is None or will_execute is None:
-        return node is not None
-    try:
-        return bool(will_execute(node))
-    except RuntimeError:  # not inside a backward, or an older engine
-        return True
-
-
 @dataclass
 class _Request:
     """What :func:`linear_terms` computes: the CE's ``labels`` (N,) or ``None``, the draws
@@ -271,7 +269,7 @@ def linear_terms(
         or summary.label_mask is not label_mask
         or summary.lse is None
         or with_reference
-        or (summary.p_outer is None and logits.weight.requires_grad)
+        or (summary.p_outer is None and _reaches_weight(logits))
     ):
         softmax = labels is not None or statistics or (draws is not None and not with_reference)
         summary = linear_pass(
@@ -406,7 +404,9 @@ def _weight_gradient(
     if summary.p_outer is None and summary.q_outer is None:
         with_p = summary.p_projection is not None
         reference = None if request.own_softmax else request.reference
-        summary = linear_pass(logits, None, softmax=with_p, reference=reference)
+        summary = linear_pass(
+            logits, None, softmax=with_p, reference=reference, weight_gradient=True
+        )
     outers = [
         (o, a) for o, a in ((summary.p_outer, alpha_p), (summary.q_outer, alpha_q)) if o is not None
     ]
@@ -420,18 +420,14 @@ def _weight_gradient(
 def linear_scored_ce(
     hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The CE of the output projection ``z_t = W h_t (+ b)`` at the scored positions, chunk by
-    chunk, without the (N, V) logits, and the step's metrics from the same pass.
-
-    ``CE = sum_t (lse_t - z_t[y_t])``; the forward's one pass over the projected chunks keeps
-    ``p W`` and ``sum_t p_t h_t^T``, from which the backward forms ``grad h = (p - e_y) W`` and
-    ``grad W = (p - e_y)^T h`` without projecting again (:func:`linear_pass`). The projection's
-    matmul runs in the autocast dtype when autocast is on (as the model's own ``lm_head``
-    would), its softmax in float32 or wider.
+    """The CE of the output projection ``z_t = W h_t (+ b)`` at the scored positions
+    ``CE = sum_t (lse_t - z_t[y_t])`` and the step's metrics, from one :func:`linear_pass`
+    (no (N, V) logits; the backward projects nothing), the matmul in the autocast dtype when
+    autocast is on (as the model's own ``lm_head``), the softmax in float32 or wider.
 
     Hand-written beside ``torch.nn.functional.linear_cross_entropy``: that returns the CE alone
-    (not the entropy and accuracy that the step logs, which would cost another pass over the
-    projection) and is not in every torch this package supports (>= 2.11).
+    (not the entropy and accuracy that the step logs) and is not in every torch this package
+    supports (>= 2.11).
 
     Args:
         hidden: (N, d) the final hidden states at the scored positions, with graph.
