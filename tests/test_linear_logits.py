@@ -261,6 +261,31 @@ def test_a_frozen_projection_gets_no_gradient_and_the_rest_is_exact(kind):
     torch.testing.assert_close(results[0], results[1], rtol=1e-11, atol=1e-12)
 
 
+def test_a_trained_head_on_a_frozen_trunk_gets_its_whole_gradient():
+    """Hidden states without a graph (a frozen trunk) and a trained head: the weight's and the
+    bias's gradients are the dense ones (the pass keeps their reductions)."""
+    model = Head()
+    ids, attention, labels = _batch()
+    mask = label_mask(labels)
+    targets = labels[:, 1:][mask[:, :-1]]
+    draws = _draws(int(mask.sum()))
+    hidden = model.hidden(model.trunk.embeddings(ids), attention).detach()
+    head = [model.trunk.W, model.c]
+    grads = []
+    for linear in (True, False):
+        if linear:
+            logits = vocab.LinearLogits(hidden, model.trunk.W, model.c, hidden.dtype)
+            terms = vocab.scored_terms(logits, mask, targets, draws)
+            ce, g = terms.ce, terms.g
+        else:
+            z = (hidden @ model.trunk.W.T + model.c)[mask]
+            log_p = torch.log_softmax(z, -1)
+            ce, g = -log_p.gather(1, targets[:, None]).sum(), log_p.gather(1, draws).sum(0)
+        grads.append(torch.autograd.grad(ce + 0.4 * g[0] - 0.9 * g[1], head))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
 def test_without_a_graph_the_pass_keeps_no_gradient_reductions():
     """Under ``torch.no_grad`` (evaluation) the pass keeps no weight-sized reductions (one
     vocabulary-wide matmul fewer) and gives the same CE and metrics."""

@@ -553,6 +553,33 @@ def test_ce_kernels_give_the_dense_gradient_and_metrics(chat_file, tmp_path, met
     assert trainers[-1]._fd_precision["linear_ce"] is True  # auto took the linear kernel
 
 
+def test_linear_ce_needs_a_forward_that_takes_logits_to_keep():
+    """A model whose forward cannot be asked for no logits: auto takes the chunked kernel."""
+    from types import SimpleNamespace
+
+    from fishertune.training.checks import linear_ce_problem
+
+    class NoKeep(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(4, 7, bias=False)
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, input_ids, attention_mask=None):
+            raise NotImplementedError
+
+    class Keeps(NoKeep):
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            raise NotImplementedError
+
+    args = SimpleNamespace(method="baseline")
+    problem = linear_ce_problem(args, SimpleNamespace(), NoKeep(), deepspeed=False)
+    assert problem == "its forward takes no logits_to_keep"
+    assert linear_ce_problem(args, SimpleNamespace(), Keeps(), deepspeed=False) is None
+
+
 def test_auto_ce_kernel_turns_to_chunked_where_linear_cannot_apply(chat_file, tmp_path, caplog):
     """auto: exact double backward and a non-Linear head are seen at set-up, logits that are not
     the projection of the hidden states at the first step; each run trains on, through the

@@ -65,6 +65,7 @@ from fishertune.vocab_chunks import (
     compute_dtype,
     flat_logits,
     inverse_cdf,
+    linear_logits,
     project,
     reference_of,
     row_chunks,
@@ -72,13 +73,8 @@ from fishertune.vocab_chunks import (
     scored_softmax,
     will_run,
 )
-from fishertune.vocab_linear import (
-    frozen_reference,
-    linear_logits,
-    linear_scored_ce,
-    linear_terms,
-    softmax_draws,
-)
+from fishertune.vocab_linear import linear_scored_ce, linear_terms
+from fishertune.vocab_pass import frozen_reference, softmax_draws
 
 __all__ = [
     "CHUNK_BYTES",

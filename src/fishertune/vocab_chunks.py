@@ -112,12 +112,12 @@ class LinearLogits:
 
     Attributes:
         hidden: (B, L, d) the last hidden states, with graph; or (N, d) already at the scored
-            positions (a frozen reference, :func:`fishertune.vocab_linear.frozen_reference`).
+            positions (a frozen reference, :func:`fishertune.vocab_pass.frozen_reference`).
         weight: (V, d) the projection's weight; ``bias`` (V,) or ``None``.
         mm_dtype: the dtype of the projection's matmul (autocast's when on, as the model's own
             ``lm_head`` would run); its softmax runs in float32 or wider.
         summary: what the last pass over these logits' chunks kept
-            (:func:`fishertune.vocab_linear.linear_pass`): the sampler's pass leaves it for the
+            (:func:`fishertune.vocab_pass.linear_pass`): the sampler's pass leaves it for the
             CE and ``g`` of the same logits, and a frozen reference carries its ``p W``.
     """
 
@@ -233,7 +233,7 @@ Reference = Tensor | LinearLogits
 
 def reference_of(reference: Reference | None) -> ChunkLogits | None:
     """``q`` of the rows of a chunk (c, V), from a frozen reference
-    (:func:`fishertune.vocab_linear.frozen_reference`)."""
+    (:func:`fishertune.vocab_pass.frozen_reference`)."""
     if reference is None:
         return None
     if isinstance(reference, LinearLogits):

@@ -13,16 +13,18 @@ against a reference) and ``sparse_t`` nonzero at the label and the draws only. S
     ``grad h_t = alpha_p (p_t W) + alpha_q (q_t W) + sum_k c_tk W[k]``
     ``grad W   = alpha_p sum_t p_t h_t^T + alpha_q sum_t q_t h_t^T + sum_{t,k} c_tk e_k h_t^T``
 
-and one pass over the projected chunks (:func:`linear_pass`) keeps the vocabulary's reductions
-``p W`` (N, d), ``sum_t p_t h_t^T`` (V, d, the size of the weight's own gradient) and the
-log-sum-exp, from which the CE, ``g``, the metrics and every backward follow by gathers of ``W``
-at the labels and draws: per pass three vocabulary-wide matmuls (the projection, ``p W`` and
-``p^T H``), as a dense CE's forward and backward, where recomputing the chunks in the backward
-takes four and more. The sampler draws ``y'`` in the same pass (:func:`softmax_draws`) and leaves
-it on the logits, so the CE and ``g`` that follow project nothing again. Logit-F's frozen
-reference (:func:`frozen_reference`) keeps ``r_t = q_t W`` (N, d): its shifted passes need
-``<z_t, q_t> = h_t . r_t + <q_t, b>`` and ``grad h_t``'s ``q`` part without any projection, and
-``sum_t q_t h_t^T`` (a projection of the reference's chunks) only when the weight is trained.
+and one pass over the projected chunks (:func:`fishertune.vocab_pass.linear_pass`) keeps the
+vocabulary's reductions ``p W`` (N, d), ``sum_t p_t h_t^T`` (V, d, the size of the weight's own
+gradient) and the log-sum-exp, from which the CE, ``g``, the metrics and every backward follow by
+gathers of ``W`` at the labels and draws: per pass three vocabulary-wide matmuls (the projection,
+``p W`` and ``p^T H``), as a dense CE's forward and backward, where recomputing the chunks in the
+backward takes four and more. The sampler draws ``y'`` in the same pass
+(:func:`fishertune.vocab_pass.softmax_draws`) and leaves it on the logits, so the CE and ``g``
+that follow project nothing again. Logit-F's frozen reference
+(:func:`fishertune.vocab_pass.frozen_reference`) keeps ``r_t = q_t W`` (N, d): its shifted
+passes need ``<z_t, q_t> = h_t . r_t + <q_t, b>`` and ``grad h_t``'s ``q`` part without any
+projection, and ``sum_t q_t h_t^T`` (a projection of the reference's chunks) only when the
+weight is trained.
 
 Hand-written for the same reasons as :mod:`fishertune.vocab` (no library returns ``g``, the draws,
 the reference's terms or the step's metrics from a fused projection); the eager gradient is the
@@ -41,190 +43,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.autograd.graph import get_gradient_edge
 
-from fishertune.vocab_chunks import (
-    LinearLogits,
-    LinearPass,
-    Logits,
-    Reference,
-    compute_dtype,
-    inverse_cdf,
-    linear_logits,
-    project,
-    row_chunks,
-    scored_chunks,
-    scored_softmax,
-    will_run,
-)
+from fishertune.vocab_chunks import LinearLogits, LinearPass, compute_dtype, linear_logits, will_run
+from fishertune.vocab_pass import linear_pass, records_graph
 
-__all__ = [
-    "Sampler",
-    "frozen_reference",
-    "linear_pass",
-    "linear_scored_ce",
-    "linear_terms",
-    "softmax_draws",
-]
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """The sampler's uniforms ``u`` (N, m) float64 and the inverse CDF's block
-    (:func:`fishertune.vocab_chunks.inverse_cdf`)."""
-
-    uniforms: Tensor
-    block: int
-
-
-def _matmul(a: Tensor, b: Tensor, mm_dtype: torch.dtype, dtype: torch.dtype) -> Tensor:
-    """``a @ b`` in the projection's matmul dtype, returned in ``dtype``."""
-    return (a.to(mm_dtype) @ b.to(mm_dtype)).to(dtype)
-
-
-@torch.no_grad()
-def linear_pass(
-    logits: LinearLogits,
-    label_mask: Tensor | None,
-    *,
-    softmax: bool = True,
-    reference: LinearLogits | None = None,
-    sampler: Sampler | None = None,
-    weight_gradient: bool | None = None,
-) -> LinearPass:
-    """One pass over the projected chunks of the scored rows: what :class:`LinearPass` keeps.
-
-    ``softmax``: the pass's own ``lse``, ``argmax``, ``p W`` (and ``<p_t, b>``) and, when the
-    weight (bias) is trained, ``sum_t p_t h_t^T`` (``sum_t p_t``); with ``sampler`` the draws
-    ``y' ~ p_t`` too, each row's probabilities ``torch.softmax(z_t.float())`` as the dense
-    sampler's, so the same uniforms give the same draws. ``reference`` (logit-F's frozen
-    :func:`frozen_reference`): ``sum_t q_t h_t^T`` (``sum_t q_t``) when the weight (bias) is
-    trained, ``q_t`` projected again from the reference's hidden states. ``weight_gradient``:
-    whether to keep the weight's reductions (``None``: where a backward can reach the weight,
-    :func:`_reaches_weight`).
-    """
-    hidden = logits.hidden if label_mask is None else logits.scored(label_mask)
-    weight, bias = logits.operands()
-    dtype = compute_dtype(logits.mm_dtype)
-    n, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
-    outer = _reaches_weight(logits) if weight_gradient is None else weight_gradient
-    graph = logits.hidden.requires_grad if weight_gradient is None else weight_gradient
-    bias_sum = graph and logits.bias is not None and logits.bias.requires_grad
-    result = LinearPass(label_mask)
-    if softmax:
-        result.lse = hidden.new_empty(n, dtype=dtype)
-        result.argmax = torch.empty(n, dtype=torch.long, device=device)
-        result.p_projection = hidden.new_empty(n, weight.shape[1], dtype=dtype)
-        result.p_bias = None if bias is None else hidden.new_empty(n, dtype=dtype)
-        result.p_outer = hidden.new_zeros(weight.shape, dtype=dtype) if outer else None
-        result.p_sum = hidden.new_zeros(vocab, dtype=dtype) if bias_sum else None
-        if sampler is not None:
-            result.draws = torch.empty(sampler.uniforms.shape, dtype=torch.long, device=device)
-    q_hidden = None
-    if reference is not None and (outer or bias_sum):
-        q_hidden = reference.hidden
-        result.q_outer = hidden.new_zeros(weight.shape, dtype=dtype) if outer else None
-        result.q_sum = hidden.new_zeros(vocab, dtype=dtype) if bias_sum else None
-    with torch.autocast(device.type, enabled=False):
-        for chunk in row_chunks(n, vocab, device):
-            rows = hidden[chunk]
-            if softmax:
-                z = project(rows, weight, bias)  # (c, V)
-                result.lse[chunk] = torch.logsumexp(z, dim=-1)
-                result.argmax[chunk] = z.argmax(-1)
-                p = torch.softmax(z, dim=-1)
-                del z
-                if sampler is not None:
-                    probs = (
-                        p
-                        if p.dtype == torch.float32
-                        else torch.softmax(project(rows, weight, bias).float(), dim=-1)
-                    )
-                    result.draws[chunk] = inverse_cdf(probs, sampler.uniforms[chunk], sampler.block)
-                _accumulate(result, "p", p, rows, weight, bias, chunk, logits.mm_dtype)
-            if q_hidden is not None:
-                q = torch.softmax(project(q_hidden[chunk], weight, bias), dim=-1)
-                _accumulate(result, "q", q, rows, None, None, chunk, logits.mm_dtype)
-    return result
-
-
-def _reaches_weight(logits: LinearLogits) -> bool:
-    """Whether a backward from these logits can reach the weight: it is trained and the hidden
-    states carry a graph (not under ``torch.no_grad``, as in evaluation)."""
-    return logits.weight.requires_grad and logits.hidden.requires_grad
-
-
-def _accumulate(
-    result: LinearPass,
-    name: str,
-    probs: Tensor,
-    rows: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    chunk: slice,
-    mm_dtype: torch.dtype,
-) -> None:
-    """A chunk's ``probs W``, ``<probs, b>``, ``probs^T h`` and ``sum probs`` into ``result``."""
-    dtype = probs.dtype
-    if weight is not None:
-        result.p_projection[chunk] = _matmul(probs, weight, mm_dtype, dtype)
-        if bias is not None:
-            result.p_bias[chunk] = probs @ bias.to(dtype)
-    outer = getattr(result, f"{name}_outer")
-    if outer is not None:
-        if mm_dtype == dtype:  # accumulated in place: no (V, d) temporary per chunk
-            outer.addmm_(probs.T, rows.to(dtype))
-        else:
-            outer += _matmul(probs.T, rows, mm_dtype, dtype)
-    total = getattr(result, f"{name}_sum")
-    if total is not None:
-        total += probs.sum(0)
-
-
-@torch.no_grad()
-def softmax_draws(
-    logits: Logits,
-    label_mask: Tensor,
-    samples: int,
-    generator: torch.Generator | None,
-    block: int,
-) -> Tensor:
-    """``samples`` draws ``y' ~ softmax(z_t)`` per scored position (N, samples), chunk by chunk.
-
-    The uniforms are one ``torch.rand((N, samples), float64)`` from ``generator`` and each row's
-    probabilities ``torch.softmax(z_t.float())``, as the dense sampler takes them, so a generator
-    in the same state gives the same draws. For :class:`LinearLogits` the draws come from the
-    pass that also keeps the CE's and ``g``'s reductions (:func:`linear_pass`), left in
-    ``logits.summary`` for :func:`linear_terms` on the same logits and mask.
-    """
-    n, vocab, z_of = scored_chunks(logits, label_mask)
-    u = torch.rand(n, samples, generator=generator, device=logits.device, dtype=torch.float64)
-    if isinstance(logits, LinearLogits):
-        logits.summary = linear_pass(logits, label_mask, sampler=Sampler(u, block))
-        return logits.summary.draws
-    draws = torch.empty(n, samples, dtype=torch.long, device=logits.device)
-    for chunk in row_chunks(n, vocab, logits.device):
-        probs = torch.softmax(z_of(chunk).float(), dim=-1)
-        draws[chunk] = inverse_cdf(probs, u[chunk], block)
-    return draws
-
-
-def frozen_reference(logits: Logits, label_mask: Tensor) -> Reference:
-    """logit-F's constant ``p_ref = softmax(z_t)`` at the scored positions, for ``reference``.
-
-    Dense logits: the (N, V) softmax (:func:`~fishertune.vocab_chunks.scored_softmax`).
-    :class:`LinearLogits`: the scored hidden states (N, d) and the weight, detached, from which
-    a pass projects its chunks of ``p_ref`` again where it needs them, and ``r_t = p_ref_t W``
-    from the pass at these logits (``summary``; one pass if none ran): storage that does not
-    grow with V, and bit for bit the ``p W`` the pass at ``X`` used.
-    """
-    if isinstance(logits, LinearLogits):
-        summary = logits.summary
-        if summary is None or summary.label_mask is not label_mask or summary.p_projection is None:
-            summary = logits.summary = linear_pass(logits, label_mask)
-        bias = None if logits.bias is None else logits.bias.detach()
-        hidden = logits.scored(label_mask).detach()
-        kept = LinearPass(None, p_projection=summary.p_projection, p_bias=summary.p_bias)
-        return LinearLogits(hidden, logits.weight.detach(), bias, logits.mm_dtype, kept)
-    return scored_softmax(logits.detach(), label_mask)
+__all__ = ["linear_scored_ce", "linear_terms"]
 
 
 @dataclass
@@ -262,6 +84,8 @@ def linear_terms(
 
     ``label_mask=None``: ``logits.hidden`` is at the scored positions already (N, d).
     """
+    if reference is not None and not isinstance(reference, LinearLogits):
+        raise ValueError("the reference of LinearLogits is their frozen_reference (LinearLogits)")
     summary = logits.summary
     with_reference = kind == "logit" and draws is not None and reference is not None
     if (
@@ -269,7 +93,7 @@ def linear_terms(
         or summary.label_mask is not label_mask
         or summary.lse is None
         or with_reference
-        or (summary.p_outer is None and _reaches_weight(logits))
+        or (summary.p_outer is None and records_graph(logits) and logits.weight.requires_grad)
     ):
         softmax = labels is not None or statistics or (draws is not None and not with_reference)
         summary = linear_pass(
@@ -290,36 +114,40 @@ def linear_terms(
     )
 
 
-def _picked(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, dtype) -> Tensor:
-    """``z_t[k] = W[k] . h_t + b[k]`` at ``ids`` (N, k), one column at a time (no (N, k, d)),
-    rounded to the matmul's dtype as the projection's output is, returned in ``dtype``."""
-    h = hidden.to(weight.dtype).to(dtype)
+def _picked(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, mm_dtype: torch.dtype, ids: Tensor
+) -> Tensor:
+    """``z_t[k] = W[k] . h_t + b[k]`` at ``ids`` (N, k), one column at a time (no (N, k, d);
+    the rows gathered, then cast: no weight-sized copy), rounded to the matmul's dtype as the
+    projection's output is, returned in float32 or wider."""
+    dtype = compute_dtype(mm_dtype)
+    h = hidden.to(mm_dtype).to(dtype)
     columns = []
     for j in range(ids.shape[1]):
-        z = (weight[ids[:, j]].to(dtype) * h).sum(-1).to(weight.dtype)
-        columns.append(z if bias is None else z + bias[ids[:, j]])
+        z = (weight[ids[:, j]].to(mm_dtype).to(dtype) * h).sum(-1).to(mm_dtype)
+        columns.append(z if bias is None else z + bias[ids[:, j]].to(mm_dtype))
     return torch.stack(columns, 1).to(dtype)
 
 
 class _EagerLinearTerms(torch.autograd.Function):
     """CE, ``g`` and the metrics from a :class:`LinearPass`; the backward combines the pass's
-    reductions with the outputs' gradients (module docstring) and projects nothing."""
+    reductions with the outputs' gradients (module docstring), projecting again only for a
+    second backward through the weight."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, hidden, weight, bias, mm_dtype, request: _Request, weight_node
     ):
         summary, labels, draws = request.summary, request.labels, request.draws
-        weight_mm, bias_mm = LinearLogits(hidden, weight, bias, mm_dtype).operands()
         dtype = compute_dtype(mm_dtype)
         h = hidden.to(mm_dtype).to(dtype)  # as the projection reads it
         ce = hidden.new_zeros((), dtype=dtype)
         if labels is not None:
-            at_labels = _picked(hidden, weight_mm, bias_mm, labels[:, None], dtype)[:, 0]
+            at_labels = _picked(hidden, weight, bias, mm_dtype, labels[:, None])[:, 0]
             ce = (summary.lse - at_labels).sum()
         g = hidden.new_zeros(0, dtype=dtype)
         if draws is not None:
-            at_draws = _picked(hidden, weight_mm, bias_mm, draws, dtype)  # (N, m)
+            at_draws = _picked(hidden, weight, bias, mm_dtype, draws)  # (N, m)
             if request.kind == "token":
                 g = (at_draws - summary.lse[:, None]).sum(0)
             else:  # <z_t, q_t> = h_t . q_t W + <q_t, b>, q held constant
@@ -364,13 +192,12 @@ class _EagerLinearTerms(torch.autograd.Function):
             coefs.append(grad_g.to(dtype)[None, :].expand(draws.shape))
         ids = torch.cat(ids, 1) if ids else hidden.new_zeros(hidden.shape[0], 0, dtype=torch.long)
         coefs = torch.cat(coefs, 1) if coefs else hidden.new_zeros(ids.shape, dtype=dtype)
-        weight_mm, _ = LinearLogits(hidden, weight, bias, mm_dtype).operands()
         h = hidden.to(mm_dtype).to(dtype)  # as the projection reads it
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad = torch.zeros(h.shape, dtype=dtype, device=h.device)
             for j in range(ids.shape[1]):  # one column at a time: no (N, k, d)
-                grad.add_(weight_mm[ids[:, j]].to(dtype) * coefs[:, j, None])
+                grad.add_(weight[ids[:, j]].to(mm_dtype).to(dtype) * coefs[:, j, None])
             if summary.p_projection is not None:
                 grad.add_(summary.p_projection * alpha_p)
             if not request.own_softmax:
@@ -404,12 +231,12 @@ def _weight_gradient(
     if summary.p_outer is None and summary.q_outer is None:
         with_p = summary.p_projection is not None
         reference = None if request.own_softmax else request.reference
-        summary = linear_pass(
-            logits, None, softmax=with_p, reference=reference, weight_gradient=True
-        )
+        summary = linear_pass(logits, None, softmax=with_p, reference=reference, gradients=True)
     outers = [
         (o, a) for o, a in ((summary.p_outer, alpha_p), (summary.q_outer, alpha_q)) if o is not None
     ]
+    if not outers:  # neither p nor q enters the gradient (no labels, no draws)
+        return torch.zeros(logits.weight.shape, dtype=alpha_p.dtype, device=alpha_p.device)
     grad = outers[0][0].mul_(outers[0][1])
     for outer, alpha in outers[1:]:
         grad.addcmul_(outer, alpha)

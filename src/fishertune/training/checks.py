@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any
@@ -74,6 +75,11 @@ def linear_ce_problem(args: Any, accelerator: Any, model: nn.Module, deepspeed: 
         return "the model has no output embedding"
     if type(head) is not nn.Linear:
         return f"its output embedding is a {type(head).__name__}, not a plain Linear"
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
+    parameters = inspect.signature(base.forward).parameters.values()
+    if not any(p.name == "logits_to_keep" or p.kind is p.VAR_KEYWORD for p in parameters):
+        return "its forward takes no logits_to_keep"
     return None
 
 

@@ -137,8 +137,8 @@ class MicroStepLoss:
         DDP / PEFT wrappers (``unwrap``): the model computes no logits (``logits_to_keep``
         empty), except at the run's first call, where the logits of the last position check
         that they are the projection of the hidden states. Where they are not (or the weight
-        is sharded), ``auto`` turns to the chunked kernel for the run (this call's logits come
-        from a forward of their own, with the same dropout); ``linear`` is refused."""
+        is sharded), ``auto`` turns to the chunked kernel for the run (this call's logits from
+        a forward of their own: its noise and dropout drawn again); ``linear`` is refused."""
         head = unwrap(model).get_output_embeddings()
         if isinstance(head.weight, DTensor):  # fully_shard applied outside accelerate
             return self._not_linear(model, inputs, rng_seed, "FSDP shards its output embedding")
@@ -160,6 +160,8 @@ class MicroStepLoss:
         )
         if check:
             problem = self._linear_problem(outputs.logits[:, -1], hidden[:, -1], head, mm_dtype)
+            if problem is None and outputs.logits.shape[1] != len(keep):
+                problem = "its forward ignores logits_to_keep (it computes every position's logits)"
             if problem is not None:
                 return self._not_linear(model, inputs, rng_seed, problem)
             self.precision["linear_ce"] = True
