@@ -112,6 +112,26 @@ def test_each_penalty_is_held_to_its_best_fd_path_against_the_best_baselines() -
     assert floors["logit-F"]["value"] == pytest.approx(2.5 / 2.2)  # the chunked path, nearer
 
 
+def test_overhead_report_reads_each_fd_path_against_the_best_and_its_own_baseline() -> None:
+    import overhead
+
+    def row(step: float, peak: float) -> dict[str, float]:
+        return {"step_s": step, "min_s": step, "peak_mb": peak, "step_mb": peak / 2}
+
+    timings = {
+        "baseline": row(1.0, 100.0),  # the default kernel: fastest and lightest
+        "baseline, chunked CE": row(1.2, 150.0),
+        "baseline, dense CE": row(1.5, 160.0),
+        "token-F fd": row(2.1, 104.0),
+        "token-F fd, chunked CE": row(2.64, 165.0),
+    }
+    report = overhead.format_report({"device": "cpu", "model_size": "vocab"}, timings, {}, [])
+    goals = report.split("Goals against the best baseline:")[1].split("Floors:")[0]
+    assert "token-F fd: step 2.10x the fastest baseline (<= 2.2x), peak 1.04x" in goals
+    assert goals.count(": ok") == 1  # the chunked path: 2.64x, 1.65x
+    assert "token-F fd, chunked CE: median step 2.20x its baseline" in report
+
+
 def test_quick_run_accuracy_and_training(quick_run: Any) -> None:
     _, output = quick_run
     checks = json.loads((output / "gpu_check.json").read_text())["checks"]

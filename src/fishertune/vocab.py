@@ -169,6 +169,8 @@ def scored_terms(
         )  # fmt: skip
         row_ll = None
     elif isinstance(logits, LinearLogits):
+        if logits.summary is not None:  # the sampler's weight-sized reduction is not used here
+            logits.summary.p_outer = None
         hidden = logits.scored(label_mask)
         ce, g, stats, row_ll = _LinearScoredTerms.apply(
             hidden, logits.weight, logits.bias, logits.mm_dtype, terms
