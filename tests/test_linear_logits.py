@@ -301,6 +301,19 @@ def test_without_a_graph_the_pass_keeps_no_gradient_reductions():
         values.append(torch.cat([terms.ce.detach()[None], terms.statistics]))
         assert (logits.summary.p_sum is None) != grad  # the bias's reduction: with a graph only
     torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+    # the sampler's pass run without a graph, the terms with one: the sums are made again
+    logits = model.logits(model.trunk.embeddings(ids), attention, linear=True)
+    with torch.no_grad():
+        draws = sample_targets(logits, mask, generator=torch.Generator().manual_seed(1))
+    terms = vocab.scored_terms(logits, mask, targets, draws)
+    (terms.ce + terms.g.sum()).backward()
+    linear = [model.trunk.W.grad.clone(), model.c.grad.clone()]
+    model.zero_grad()
+    z = model.logits(model.trunk.embeddings(ids), attention, linear=False)[mask]
+    log_p = torch.log_softmax(z, -1)
+    (-log_p.gather(1, targets[:, None]).sum() + log_p.gather(1, draws).sum()).backward()
+    for got, want in zip(linear, [model.trunk.W.grad, model.c.grad], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
 
 
 def test_linear_terms_under_bf16_autocast_match_the_autocast_projection():

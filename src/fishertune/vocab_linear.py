@@ -93,7 +93,7 @@ def linear_terms(
         or summary.label_mask is not label_mask
         or summary.lse is None
         or with_reference
-        or (summary.p_outer is None and records_graph(logits) and logits.weight.requires_grad)
+        or (records_graph(logits) and not _keeps_gradient_sums(summary, logits))
     ):
         softmax = labels is not None or statistics or (draws is not None and not with_reference)
         summary = linear_pass(
@@ -111,6 +111,15 @@ def linear_terms(
     weight_node = get_gradient_edge(logits.weight).node if logits.weight.requires_grad else None
     return _EagerLinearTerms.apply(
         hidden, logits.weight, logits.bias, logits.mm_dtype, request, weight_node
+    )
+
+
+def _keeps_gradient_sums(summary: LinearPass, logits: LinearLogits) -> bool:
+    """Whether ``summary`` (a pass without a graph, perhaps) has the trained weight's and
+    bias's sums that a backward will need."""
+    bias = logits.bias
+    return (summary.p_outer is not None or not logits.weight.requires_grad) and (
+        summary.p_sum is not None or bias is None or not bias.requires_grad
     )
 
 
