@@ -7,7 +7,8 @@ import logging
 import os
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from fishertune.errors import FishertuneError
@@ -185,3 +186,35 @@ class WarmupCheck(TrainerCallback):
         message = warmup_warning(args, state.max_steps)
         if message and state.is_world_process_zero:
             logger.warning("%s", message)
+
+
+def linear_projection_problem(
+    logits: Tensor, hidden: Tensor, head: nn.Module, mm_dtype: torch.dtype
+) -> str | None:
+    """Why the linear kernel cannot take this model (``None``: it can): it needs
+    ``logits = W h + b``, a plain ``nn.Linear`` head (no adapter on it) and no logit scale
+    or softcap (Gemma 2, Cohere), compared at one position."""
+    problem = None
+    if type(head) is not nn.Linear:
+        problem = f"its output embedding is a {type(head).__name__}, not a plain Linear"
+    else:
+        with torch.no_grad():
+            # by hand, not head(): a hook on the head (or a softcap after it) must show
+            bias = None if head.bias is None else head.bias.to(mm_dtype)
+            projected = nn.functional.linear(
+                hidden.detach().to(mm_dtype), head.weight.to(mm_dtype), bias
+            ).float()
+            scale = logits.detach().float().abs().max().clamp(min=1e-6)
+            if float((logits.detach().float() - projected).abs().max() / scale) > 1e-2:
+                problem = "its logits are not its last hidden state times its output embedding"
+    return problem
+
+
+def sharded(tensor: Tensor) -> bool:
+    """A DTensor (FSDP2's sharded parameters); imported here, as torch builds without
+    distributed support have none."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)

@@ -23,7 +23,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from fishertune.errors import FishertuneError
 from fishertune.hessian_grad import exact_hessian_trace, hessian_fd_loss
@@ -32,7 +31,7 @@ from fishertune.penalties import label_mask_from_labels, scored_log_probs, score
 from fishertune.penalty_estimators import exact_penalty_parts, score_function_term
 from fishertune.penalty_grad import FDSettings, Passes, fd_penalty_loss, float64_throughout
 from fishertune.streams import Stream
-from fishertune.training.checks import unwrap
+from fishertune.training.checks import linear_projection_problem, sharded, unwrap
 from fishertune.training.config import FisherSFTConfig
 from fishertune.training.forward import (
     exact_attention,
@@ -140,7 +139,9 @@ class MicroStepLoss:
         is sharded), ``auto`` turns to the chunked kernel for the run (this call's logits from
         a forward of their own: its noise and dropout drawn again); ``linear`` is refused."""
         head = unwrap(model).get_output_embeddings()
-        if isinstance(head.weight, DTensor):  # fully_shard applied outside accelerate
+        if head is None:
+            return self._not_linear(model, inputs, rng_seed, "the model has no output embedding")
+        if sharded(head.weight):  # fully_shard applied outside accelerate
             return self._not_linear(model, inputs, rng_seed, "FSDP shards its output embedding")
         labels = inputs["labels"]
         check = "linear_ce" not in self.precision
@@ -159,7 +160,9 @@ class MicroStepLoss:
             str(self.accelerator.mixed_precision), head.weight.dtype
         )
         if check:
-            problem = self._linear_problem(outputs.logits[:, -1], hidden[:, -1], head, mm_dtype)
+            problem = linear_projection_problem(
+                outputs.logits[:, -1], hidden[:, -1], head, mm_dtype
+            )
             if problem is None and outputs.logits.shape[1] != len(keep):
                 problem = "its forward ignores logits_to_keep (it computes every position's logits)"
             if problem is not None:
@@ -179,27 +182,6 @@ class MicroStepLoss:
         self.precision["linear_ce"] = False
         logger.info("ce_kernel=auto: the chunked kernel, as %s", problem)
         return forward_logits(model, inputs, rng_seed)
-
-    def _linear_problem(
-        self, logits: Tensor, hidden: Tensor, head: nn.Module, mm_dtype: torch.dtype
-    ) -> str | None:
-        """Why the linear kernel cannot take this model (``None``: it can): it needs
-        ``logits = W h + b``, a plain ``nn.Linear`` head (no adapter on it) and no logit scale
-        or softcap (Gemma 2, Cohere), compared at one position."""
-        problem = None
-        if type(head) is not nn.Linear:
-            problem = f"its output embedding is a {type(head).__name__}, not a plain Linear"
-        else:
-            with torch.no_grad():
-                # by hand, not head(): a hook on the head (or a softcap after it) must show
-                bias = None if head.bias is None else head.bias.to(mm_dtype)
-                projected = nn.functional.linear(
-                    hidden.detach().to(mm_dtype), head.weight.to(mm_dtype), bias
-                ).float()
-                scale = logits.detach().float().abs().max().clamp(min=1e-6)
-                if float((logits.detach().float() - projected).abs().max() / scale) > 1e-2:
-                    problem = "its logits are not its last hidden state times its output embedding"
-        return problem
 
     def _scored(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The dense :meth:`scored_ce` and the log-probabilities (N, V), with graph (exact
@@ -261,7 +243,7 @@ class MicroStepLoss:
             DistributedType.DEEPSPEED,
         ):
             return False
-        return not any(isinstance(p, DTensor) for p in model.parameters())
+        return not any(sharded(p) for p in model.parameters())
 
     def exact(
         self,
