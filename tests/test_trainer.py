@@ -553,6 +553,26 @@ def test_ce_kernels_give_the_dense_gradient_and_metrics(chat_file, tmp_path, met
     assert trainers[-1]._fd_precision["linear_ce"] is True  # auto took the linear kernel
 
 
+def test_bf16_training_takes_the_bf16_fd_step(chat_file, tmp_path, monkeypatch):
+    """In training, accelerate autocasts inside the prepared model's forward and the Trainer
+    opens no autocast around compute_loss: the fd step must still be bf16's (measured: the
+    float32 step, 100x too small for bf16, before)."""
+    import fishertune.training.loss as loss_module
+
+    seen = []
+    settings = loss_module.FDSettings
+
+    def record(**kwargs):
+        seen.append(kwargs["compute_dtype"])
+        return settings(**kwargs)
+
+    monkeypatch.setattr(loss_module, "FDSettings", record)
+    trainer = trainer_for(chat_file, tmp_path, method="token-f", penalty_grad="fd", bf16="true",
+                          max_steps=1, **PENALTY)  # fmt: skip
+    trainer.train()
+    assert seen and set(seen) == {torch.bfloat16}
+
+
 def test_linear_ce_needs_a_forward_that_takes_logits_to_keep():
     """A model whose forward cannot be asked for no logits: auto takes the chunked kernel."""
     from types import SimpleNamespace

@@ -154,11 +154,8 @@ class MicroStepLoss:
             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=labels.device),
         )
         hidden = outputs.hidden_states[-1]
-        # the model's own lm_head runs under the accelerator's autocast, which ends with its
-        # forward (accelerate returns float32 outputs): the projection takes that dtype too
-        mm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            str(self.accelerator.mixed_precision), head.weight.dtype
-        )
+        # the projection in the dtype of the model's own lm_head
+        mm_dtype = self._compute_dtype(labels.device.type) or head.weight.dtype
         if check:
             problem = linear_projection_problem(
                 outputs.logits[:, -1], hidden[:, -1], head, mm_dtype
@@ -403,12 +400,13 @@ class MicroStepLoss:
     def _fd_settings(
         self, model: nn.Module, inputs: dict[str, Tensor], fused: bool, rng_seed: int
     ) -> FDSettings:
-        device_type = inputs["labels"].device.type
-        compute_dtype = None  # the embeddings' dtype
-        if torch.is_autocast_enabled(device_type):
-            compute_dtype = torch.get_autocast_dtype(device_type)
-        elif self.args.penalty_fd_step is None and self._float32_inside(
-            model, self._shifted_forward(model, inputs, rng_seed, linear=False)
+        compute_dtype = self._compute_dtype(inputs["labels"].device.type)  # None: the embeddings'
+        if (
+            compute_dtype is None
+            and self.args.penalty_fd_step is None
+            and self._float32_inside(
+                model, self._shifted_forward(model, inputs, rng_seed, linear=False)
+            )
         ):
             compute_dtype = torch.float32
         return FDSettings(
@@ -417,6 +415,16 @@ class MicroStepLoss:
             compute_dtype=compute_dtype,
             fused=fused,
         )
+
+    def _compute_dtype(self, device_type: str) -> torch.dtype | None:
+        """The half-precision dtype the model's forward computes in, or ``None``: an autocast
+        open here, or the accelerator's mixed precision (accelerate autocasts inside the prepared
+        model's forward and returns float32 outputs; the Trainer opens none around
+        ``compute_loss``)."""
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        return half.get(str(self.accelerator.mixed_precision))
 
     def _float32_inside(self, model: nn.Module, forward: Callable) -> bool:
         """A float64 model that rounds to float32 inside (:func:`float64_throughout`), measured
