@@ -126,6 +126,83 @@ def test_linear_terms_match_the_dense_computation(kind, given_reference, with_ro
     torch.testing.assert_close(terms.statistics, expected, rtol=1e-12, atol=1e-12)
 
 
+class _WeightSized(TorchDispatchMode):
+    """Counts the weight-sized float tensors (``shape``, (V, K) by default) that ops make, each
+    storage once (not views of ``exclude``d storage such as the parameters', not stride-0
+    expansions of a scalar): the weight-sized buffers of a pass or a step."""
+
+    def __init__(self, exclude: list[Tensor], shape: tuple[int, int] = (V, K)) -> None:
+        super().__init__()
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.shape, self.storages = torch.Size(shape), set()
+
+    @property
+    def made(self) -> int:
+        return len(self.storages)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if (
+                isinstance(t, Tensor)
+                and t.shape == self.shape
+                and t.untyped_storage().nbytes() >= self.shape.numel() * t.element_size()
+                and t.untyped_storage().data_ptr() not in self.exclude
+            ):
+                self.storages.add(t.untyped_storage().data_ptr())
+        return out
+
+
+@pytest.mark.parametrize(
+    "kind, with_ce", [("token", False), ("token", True), ("logit", False), ("logit", True)]
+)
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_a_weight_sink_takes_the_dense_part_in_the_forward(kind, with_ce, scale):
+    """A shifted pass of split fd: the weight's gradient exists already (the backward at X),
+    and the pass adds its dense part to it in the forward with the coefficients it is told the
+    backward will bring (``WeightSink``). Every gradient is the dense computation's plus the
+    earlier gradient, whether the prediction holds or the backward's coefficients are ``scale``
+    times the predicted ones (one more pass adds the difference), and no weight-sized tensor is
+    made either way."""
+    ids, attention, labels = _batch()
+    mask = label_mask(labels)
+    targets = labels[:, 1:][mask[:, :-1]] if with_ce else None
+    draws = _draws(int(mask.sum()), samples=1)
+    a_ce, a_g = (0.3 if with_ce else 0.0), -1.7
+    shift = 0.05 * torch.randn(B, L, D, generator=torch.Generator().manual_seed(6))
+    results = []
+    for linear in (True, False):
+        model = Head()
+        params = list(model.parameters())
+        for p in params:  # the gradient the earlier backward left
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(7), dtype=p.dtype)
+        X = model.trunk.embeddings(ids)
+        reference_logits = model.logits(X.detach(), attention, linear)
+        shifted = model.logits(X + shift, attention, linear)
+        if linear:
+            reference = vocab.frozen_reference(reference_logits, mask) if kind == "logit" else None
+            sink = vocab.WeightSink(model.trunk.W.grad, a_ce, a_g)
+            with _WeightSized([*params, sink.grad]) as record:
+                terms = vocab.scored_terms(
+                    shifted, mask, targets, draws, kind=kind, reference=reference, weight_sink=sink
+                )
+                ce = terms.ce if with_ce else 0.0
+                (scale * (a_ce * ce + a_g * terms.g.sum())).backward()
+            assert record.made == 0
+            assert model.trunk.W.grad is sink.grad
+        else:
+            z = shifted[mask]
+            log_p = torch.log_softmax(z, -1)
+            ce = -log_p.gather(1, targets[:, None]).sum() if with_ce else 0.0
+            q = torch.softmax(reference_logits[mask], -1).detach()
+            own = torch.logsumexp(z, -1) if kind == "token" else (z * q).sum(-1)
+            g = (z.gather(1, draws)[:, 0] - own).sum()
+            (scale * (a_ce * ce + a_g * g)).backward()
+        results.append(_grads(model))
+    # measured: 1e-16 (float64 in another order)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-13)
+
+
 def test_the_reference_is_the_q_of_the_pass_at_its_logits_bit_for_bit():
     """logit-F's g(X) with q = softmax(z) computed in the pass, and with the frozen reference
     projected again chunk by chunk: the same bits (fd divides their difference by h)."""
@@ -448,3 +525,48 @@ def test_the_trainer_fd_step_through_the_projection_matches_exact(chat_file, tmp
     # measured: both about 1e-4 to 1e-3 (float32 fd rounding, the draws moved by rounding)
     assert errors[1] < 2e-3, errors
     torch.testing.assert_close(fd[1]._sums.vector[:4], fd[0]._sums.vector[:4], rtol=1e-5, atol=1e-6)
+
+
+def _weight_sized_made_in_a_step(chat_file, path, **overrides) -> int:
+    """The weight-sized tensors one training step makes (forward and every backward, the
+    second step, so the optimizer's state exists), through the Trainer on the tiny Llama
+    (untied embedding and head, both (V, d))."""
+    from test_trainer import trainer_for
+
+    trainer = trainer_for(chat_file, path, max_steps=2, **overrides)
+    shape = tuple(trainer.model.get_input_embeddings().weight.shape)
+    step, records = trainer.training_step, []
+
+    def traced(*args, **kwargs):
+        if len(records) == 1:  # the second step
+            with _WeightSized(list(trainer.model.parameters()), shape) as record:
+                loss = step(*args, **kwargs)
+            records.append(record.made)
+            return loss
+        records.append(None)
+        return step(*args, **kwargs)
+
+    trainer.training_step = traced
+    trainer.train()
+    return records[1]
+
+
+def test_the_fd_step_makes_no_more_weight_sized_tensors_than_the_baseline(chat_file, tmp_path):
+    """The baseline's step makes two (V, d) buffers: the head's gradient (formed in its pass's
+    reduction) and the embedding table's. An fd step of the default kernel makes no more: its
+    shifted pass adds its dense part straight into the head's gradient (``WeightSink``), and
+    the table's gradient is made once, by the last backward (``EmbeddingCapture``'s hold). So
+    its peak holds no more weight-sized tensors than the baseline's (before: three, the shifted
+    pass's own reduction beside both gradients)."""
+    penalty = {"penalty_coef": 0.05, "penalty_warmup_steps": 0, "penalty_grad": "fd"}
+    made = {
+        "baseline": _weight_sized_made_in_a_step(chat_file, tmp_path / "b", method="baseline"),
+        "token-f": _weight_sized_made_in_a_step(
+            chat_file, tmp_path / "t", method="token-f", **penalty
+        ),
+        "logit-f": _weight_sized_made_in_a_step(
+            chat_file, tmp_path / "l", method="logit-f", penalty_fd_scheme="central", **penalty
+        ),
+    }
+    assert made["baseline"] == 2, made  # the instrument sees both gradients
+    assert made["token-f"] <= made["baseline"] and made["logit-f"] <= made["baseline"], made

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+import fishertune.penalties as penalties
 import fishertune.penalty_grad as penalty_grad
 from fishertune.penalty_estimators import exact_penalty
 from fishertune.penalty_grad import FDSettings, Passes, fd_penalty_loss, penalty_rows
@@ -295,7 +296,7 @@ def test_float64_throughout_tells_float64_models_from_float32_inside():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = _model()
-    assert penalty_grad.float64_throughout(_passes(model).forward)
+    assert penalties.float64_throughout(_passes(model).forward)
 
     config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
@@ -308,9 +309,9 @@ def test_float64_throughout_tells_float64_models_from_float32_inside():
         shifted = X if shift is None else X + shift
         return llama(inputs_embeds=shifted).logits, X
 
-    assert not penalty_grad.float64_throughout(forward)
+    assert not penalties.float64_throughout(forward)
     llama.float()
-    assert not penalty_grad.float64_throughout(forward)
+    assert not penalties.float64_throughout(forward)
 
 
 @pytest.mark.parametrize("kind", ["token", "logit"])

@@ -222,20 +222,73 @@ class EmbeddingCapture:
 
     ``shift`` (set before a forward) adds a constant tensor to ``X``: the finite-difference mode
     evaluates ``g(X + h v)`` this way, through the real embedding module.
+
+    :meth:`holding_table_gradient` (finite differences' split backward): the forwards give ``X``
+    as a leaf, whose gradient their backwards leave there, until :meth:`release` marks the last
+    forward, whose backward adds the held gradients to its own at ``X``. The table's gradient is
+    then made once, by the last backward, and no table-sized gradient exists while the earlier
+    passes' forwards run (a sum of backwards through the same embedding is the backward of the
+    sum: the ids, weights and dropout masks are the same in every pass).
     """
 
     def __init__(self) -> None:
         self.embeds: Tensor | None = None
         self.shift: Tensor | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._held: list[Tensor] | None = None  # the leaves of the holding forwards
+        self._releasing = False
 
     def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        if self._held is not None and output.requires_grad and torch.is_grad_enabled():
+            output = self._hold(output)
         if not output.requires_grad and torch.is_grad_enabled():
             output = output.detach().requires_grad_(True)
         if self.shift is not None:
             output = output + self.shift.to(output.dtype)
         self.embeds = output
         return output
+
+    def _hold(self, output: Tensor) -> Tensor:
+        held = self._held
+        if not self._releasing:
+            leaf = output.detach().requires_grad_(True)
+            held.append(leaf)
+            return leaf
+        self._held, self._releasing = None, False
+
+        def add_held(grad: Tensor) -> Tensor:
+            for leaf in held:
+                if leaf.grad is not None:
+                    grad = grad + leaf.grad.to(grad.dtype)
+            return grad
+
+        output.register_hook(add_held)
+        return output
+
+    def release(self) -> None:
+        """The next forward is the last one while holding: its backward takes the held
+        gradients into the embedding table's."""
+        if self._held is not None:
+            self._releasing = True
+
+    @contextlib.contextmanager
+    def holding_table_gradient(self, enabled: bool = True) -> Iterator[None]:
+        """Hold the embedding table's gradient back from the backwards of the forwards run here
+        until the one after :meth:`release` (class docstring). Raises if forwards held gradients
+        and none was released: their table gradient would be lost."""
+        if not enabled:
+            yield
+            return
+        self._held, self._releasing = [], False
+        try:
+            yield
+            if self._held:
+                raise RuntimeError(
+                    "embedding forwards held their table gradient back and no last forward "
+                    "took it (EmbeddingCapture.release was not called before it)"
+                )
+        finally:
+            self._held, self._releasing = None, False
 
     def attach(self, module: nn.Module) -> None:
         if self._handle is not None:
@@ -248,6 +301,7 @@ class EmbeddingCapture:
             self._handle.remove()
             self._handle = None
         self.embeds = self.shift = None
+        self._held, self._releasing = None, False
 
     @contextlib.contextmanager
     def attached(self, module: nn.Module) -> Iterator[EmbeddingCapture]:

@@ -26,6 +26,7 @@ Two ways to get the parameter gradient of ``R``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "fd_step_size",
     "fd_surrogate",
     "fisher_objective",
+    "float64_throughout",
     "label_mask_from_labels",
     "logit_fisher",
     "penalty_from_direction",
@@ -65,7 +67,7 @@ IGNORE_INDEX = -100
 # and eps^(1/3) ~ 1e-6 (central); the steps sit 10x above, on the truncation side, where the
 # error is 2e-7 (forward) and 5e-10 (central) on the float64 micro model. A model that rounds to
 # float32 inside (transformers' RMSNorm, eager softmax) needs the float32 steps instead: the
-# trainer measures which (fishertune.penalty_grad.float64_throughout).
+# trainer measures which (float64_throughout).
 DEFAULT_FD_STEP: dict[tuple[torch.dtype, str], float] = {
     (torch.float64, "forward"): 1e-7,
     (torch.float64, "central"): 1e-5,
@@ -386,6 +388,34 @@ def fd_step_size(
     if v_norm == 0:
         return 0.0
     return float(relative_step * x_norm / v_norm)
+
+
+@torch.no_grad()
+def float64_throughout(
+    forward: Callable[[Tensor | None], tuple[Tensor, Tensor]], relative_shift: float = 1e-9
+) -> bool:
+    """Whether a model given float64 embeddings keeps float64 arithmetic up to its logits.
+
+    A shift ``delta`` of relative size ``1e-9`` (below float32's resolution, 6e-8) moves the logits
+    of a float64 model linearly: ``z(X + 2 delta) - z(X) = 2 (z(X + delta) - z(X))`` to about
+    ``1e-6`` relative. A model that rounds to float32 on the way (transformers' ``LlamaRMSNorm``
+    and eager softmax upcast to float32 and back) loses the shift, or moves by rounding steps
+    that are not linear in it. Finite differences at float64 steps would measure that rounding,
+    so such a model takes the float32 steps. ``forward(shift) -> (logits, embeds)`` as
+    :data:`fishertune.penalty_grad.Forward` (dense logits); three forwards, no gradient.
+    """
+    logits, embeds = forward(None)
+    if embeds.dtype != torch.float64 or logits.dtype != torch.float64:
+        return False
+    base = logits.detach()
+    del logits
+    generator = torch.Generator().manual_seed(0)
+    signs = torch.randint(2, embeds.shape, generator=generator).to(embeds) * 2 - 1
+    shift = signs * (relative_shift * float(embeds.detach().norm()) / float(signs.norm()))
+    once = forward(shift)[0].detach() - base
+    twice = forward(2 * shift)[0].detach() - base
+    moved = float(once.norm())
+    return moved > 0 and float((twice - 2 * once).norm()) <= 1e-3 * moved
 
 
 def fd_surrogate(

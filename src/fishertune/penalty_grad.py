@@ -66,7 +66,7 @@ from fishertune.penalties import (
     scored_targets,
 )
 from fishertune.penalty_estimators import leave_one_out, row_squared_norms, score_term
-from fishertune.vocab import Logits, frozen_reference, scored_terms
+from fishertune.vocab import Logits, WeightSink, frozen_reference, scored_terms
 
 __all__ = [
     "ESTIMATORS",
@@ -75,7 +75,6 @@ __all__ = [
     "PenaltyLoss",
     "accumulate_gradients",
     "fd_penalty_loss",
-    "float64_throughout",
     "penalty_rows",
 ]
 
@@ -110,6 +109,10 @@ class Passes:
             for metrics (:class:`fishertune.vocab.ScoredTerms`: tokens, entropy, accuracy, CE).
         params: the trainable parameters; only for ``FDSettings.fused``, which accumulates
             ``-(2/h) grad_theta g(X)`` into their ``.grad`` by hand.
+        before_last: called (split mode) before the forward of the part left to the caller, so
+            that the caller can route the gradients it held back from the earlier backwards into
+            that part's backward (the embedding table's, see
+            :class:`~fishertune.noise.EmbeddingCapture`).
     """
 
     forward: Forward
@@ -117,6 +120,7 @@ class Passes:
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     on_scored: Callable[[Tensor, int], None] | None = None
     params: Sequence[Tensor] = field(default_factory=list)
+    before_last: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -187,32 +191,6 @@ def accumulate_gradients(
             param.grad = (grad * scale).to(param.dtype)
         else:
             param.grad.add_(grad.to(param.grad.dtype), alpha=scale)
-
-
-@torch.no_grad()
-def float64_throughout(forward: Forward, relative_shift: float = 1e-9) -> bool:
-    """Whether a model given float64 embeddings keeps float64 arithmetic up to its logits.
-
-    A shift ``delta`` of relative size ``1e-9`` (below float32's resolution, 6e-8) moves the logits
-    of a float64 model linearly: ``z(X + 2 delta) - z(X) = 2 (z(X + delta) - z(X))`` to about
-    ``1e-6`` relative. A model that rounds to float32 on the way (transformers' ``LlamaRMSNorm``
-    and eager softmax upcast to float32 and back) loses the shift, or moves by rounding steps
-    that are not linear in it. Finite differences at float64 steps would measure that rounding,
-    so such a model takes the float32 steps. ``forward`` as :data:`Forward`; three forwards, no
-    gradient.
-    """
-    logits, embeds = forward(None)
-    if embeds.dtype != torch.float64 or logits.dtype != torch.float64:
-        return False
-    base = logits.detach()
-    del logits
-    generator = torch.Generator().manual_seed(0)
-    signs = torch.randint(2, embeds.shape, generator=generator).to(embeds) * 2 - 1
-    shift = signs * (relative_shift * float(embeds.detach().norm()) / float(signs.norm()))
-    once = forward(shift)[0].detach() - base
-    twice = forward(2 * shift)[0].detach() - base
-    moved = float(once.norm())
-    return moved > 0 and float((twice - 2 * once).norm()) <= 1e-3 * moved
 
 
 def _directions(
@@ -304,12 +282,29 @@ class _FiniteDifference:
         self.unbiased = False
         self.score_weights: Tensor | None = None  # (m, B) leave-one-out weights (fused)
         self.unweighted: Tensor | None = None  # S without the position weights
+        self.scale: float | None = None  # what the backwards multiply a part by (loss scaling)
 
     def finish(self, part: Tensor, last: bool) -> None:
         if self.split and not last:
-            self.passes.backward(part)
+            # a zero that measures the backward's own scaling (a loss scaler, accumulation):
+            # the shifted passes predict their gradients' coefficients with it (weight_sink)
+            probe = torch.zeros((), dtype=part.dtype, device=part.device, requires_grad=True)
+            self.passes.backward(part + probe)
+            if probe.grad is not None:
+                self.scale = float(probe.grad)
         else:
             self.joint.append(part)
+
+    def weight_sink(self, logits: Logits, ce_coef: float, g_coef: float) -> WeightSink | None:
+        """Split mode, after a backward has formed the output projection's gradient: that
+        gradient, to which the pass at these logits adds its dense part in its forward
+        (:class:`~fishertune.vocab_pass.WeightSink`: no second weight-sized buffer). The
+        coefficients are the part's ``d part / d CE`` and ``d part / d g_s``, times the scale
+        the earlier backward measured."""
+        weight = getattr(logits, "weight", None)
+        if not self.split or self.scale is None or weight is None or weight.grad is None:
+            return None
+        return WeightSink(weight.grad, self.scale * ce_coef, self.scale * g_coef)
 
     def unperturbed_pass(
         self, targets_for: Callable[[Tensor, Tensor], Tensor]
@@ -400,8 +395,21 @@ class _FiniteDifference:
             # every pass runs, even with h = 0 (v = 0), so the last one can carry the sync
             last = index == len(shifts) - 1
             step = self.steps[s]
+            if last and self.split and self.passes.before_last is not None:
+                self.passes.before_last()
             with self.passes.no_sync() if self.split and not last else contextlib.nullcontext():
                 logits, _ = self.passes.forward(sign * step * self.directions[s])
+                # d part / d g and d part / d CE of the part below, for the weight's sink
+                g_coef = (
+                    0.0
+                    if step == 0
+                    else float(self.draw_weight)
+                    * (2.0 / step if self.forward_scheme else sign / step)
+                )
+                ce_coef = 1.0 / (float(self.normalizer) * len(shifts)) if self.fused else 0.0
+                sink = None
+                if self.score_weights is None:  # the rows' log-likelihood keeps its own kernel
+                    sink = self.weight_sink(logits, ce_coef, g_coef)
                 # fused: the CE of these rows at the shifted point, from the same log-sum-exp
                 terms = scored_terms(
                     logits,
@@ -411,6 +419,7 @@ class _FiniteDifference:
                     kind=self.kind,
                     reference=self.reference_probs,
                     row_log_likelihood=self.score_weights is not None,
+                    weight_sink=sink,
                 )
                 g_shift = terms.g
                 zero = torch.zeros_like(g_shift)

@@ -74,12 +74,13 @@ from fishertune.vocab_chunks import (
     will_run,
 )
 from fishertune.vocab_linear import linear_scored_ce, linear_terms
-from fishertune.vocab_pass import frozen_reference, softmax_draws
+from fishertune.vocab_pass import WeightSink, frozen_reference, softmax_draws
 
 __all__ = [
     "CHUNK_BYTES",
     "LinearLogits",
     "ScoredTerms",
+    "WeightSink",
     "frozen_reference",
     "inverse_cdf",
     "linear_logits",
@@ -131,6 +132,7 @@ def scored_terms(
     reference: Reference | None = None,
     statistics: bool = False,
     row_log_likelihood: bool = False,
+    weight_sink: WeightSink | None = None,
 ) -> ScoredTerms:
     """CE, the penalty's ``g`` and the metrics at the scored positions, from one log-sum-exp.
 
@@ -147,6 +149,9 @@ def scored_terms(
         statistics: also return the metrics (needs ``labels``).
         row_log_likelihood: also return ``l_bs = sum_{t in row b} M_t (z_t[y'_ts] - lse_t)``
             (B, m) (needs ``draws``; the model's own ``log p``, whichever ``kind``).
+        weight_sink: for :class:`LinearLogits` without the rows' log-likelihood, the weight's
+            gradient to add this pass's dense part to in the forward
+            (:class:`~fishertune.vocab_pass.WeightSink`); ignored otherwise.
 
     Returns:
         :class:`ScoredTerms`, float32 (float64 for float64 logits).
@@ -165,7 +170,7 @@ def scored_terms(
         # one pass keeps what every gradient needs (fishertune.vocab_linear)
         ce, g, stats = linear_terms(
             logits, label_mask, labels, draws, kind=kind, reference=reference,
-            statistics=statistics,
+            statistics=statistics, sink=weight_sink,
         )  # fmt: skip
         row_ll = None
     elif isinstance(logits, LinearLogits):

@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 from torch.autograd.graph import get_gradient_edge
 
 from fishertune.vocab_chunks import LinearLogits, LinearPass, compute_dtype, linear_logits, will_run
-from fishertune.vocab_pass import linear_pass, records_graph
+from fishertune.vocab_pass import WeightSink, linear_pass, records_graph
 
 __all__ = ["linear_scored_ce", "linear_terms"]
 
@@ -61,11 +61,20 @@ class _Request:
     reference: LinearLogits | None
     statistics: bool
     summary: LinearPass
+    sink: WeightSink | None = None
+    predicted: tuple[float, float] = (0.0, 0.0)  # the sink's (alpha_p, alpha_q)
 
     @property
     def own_softmax(self) -> bool:
         """Whether ``g``'s dense part is the pass's own ``p`` (token-F; logit-F at ``X``)."""
         return self.kind == "token" or self.reference is None
+
+    def dense_coefficients(self, a_ce: float | Tensor, a_g: float | Tensor) -> tuple:
+        """``(alpha_p, alpha_q)`` of ``dZ_t`` for the CE's gradient ``a_ce`` and the draws'
+        gradients summing to ``a_g`` (module docstring)."""
+        if self.own_softmax:
+            return a_ce - a_g, 0.0 * a_g
+        return a_ce, -a_g
 
 
 def linear_terms(
@@ -77,17 +86,28 @@ def linear_terms(
     kind: str = "token",
     reference: LinearLogits | None = None,
     statistics: bool = False,
+    sink: WeightSink | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(ce, g, statistics)`` of :func:`fishertune.vocab.scored_terms` (no rows'
     log-likelihood) for :class:`LinearLogits`, from one :func:`linear_pass` (the sampler's, when
     it ran on these logits and mask) and gathers of ``W`` at the labels and draws.
 
     ``label_mask=None``: ``logits.hidden`` is at the scored positions already (N, d).
+    ``sink``: the weight gradient's dense part is added to ``sink.grad`` in this pass
+    (:class:`~fishertune.vocab_pass.WeightSink`; one backward must follow). Ignored where the
+    weight is not trained or the gradient is not in the pass's compute dtype.
     """
     if reference is not None and not isinstance(reference, LinearLogits):
         raise ValueError("the reference of LinearLogits is their frozen_reference (LinearLogits)")
     summary = logits.summary
     with_reference = kind == "logit" and draws is not None and reference is not None
+    request = _Request(labels, draws, kind, reference, statistics, LinearPass(label_mask))
+    into = None
+    if sink is not None and _sink_applies(sink, logits):
+        a_g = sink.g * draws.shape[1] if draws is not None else 0.0
+        request.predicted = request.dense_coefficients(sink.ce if labels is not None else 0.0, a_g)
+        request.sink, summary = sink, None  # a new pass, adding into the sink
+        into = (sink.grad, *request.predicted)
     if (
         summary is None
         or summary.label_mask is not label_mask
@@ -101,16 +121,29 @@ def linear_terms(
             label_mask,
             softmax=softmax,
             reference=reference if with_reference else None,
+            into=into,
         )
     if not with_reference:
         # these terms own the weight's reductions (their backward turns them into the gradient
         # in place); the logits keep the rest, for logit-F's frozen reference
         logits.summary = replace(summary, p_outer=None)
     hidden = logits.hidden if label_mask is None else logits.scored(label_mask)
-    request = _Request(labels, draws, kind, reference, statistics, summary)
+    request.summary = summary
     weight_node = get_gradient_edge(logits.weight).node if logits.weight.requires_grad else None
     return _EagerLinearTerms.apply(
         hidden, logits.weight, logits.bias, logits.mm_dtype, request, weight_node
+    )
+
+
+def _sink_applies(sink: WeightSink, logits: LinearLogits) -> bool:
+    """Whether ``sink`` takes these logits' weight gradient: the weight is trained, a backward
+    will follow (a graph is recorded) and the gradient is in the pass's compute dtype."""
+    weight = logits.weight
+    return (
+        records_graph(logits)
+        and weight.requires_grad
+        and sink.grad.shape == weight.shape
+        and sink.grad.dtype == compute_dtype(logits.mm_dtype)
     )
 
 
@@ -190,8 +223,7 @@ class _EagerLinearTerms(torch.autograd.Function):
         zero = grad_ce.new_zeros((), dtype=dtype)
         a_ce = grad_ce.to(dtype) if labels is not None else zero
         a_sum = grad_g.to(dtype).sum() if draws is not None else zero
-        alpha_p = a_ce - a_sum if request.own_softmax else a_ce
-        alpha_q = zero if request.own_softmax else -a_sum
+        alpha_p, alpha_q = request.dense_coefficients(a_ce, a_sum)
         ids, coefs = [], []
         if labels is not None:
             ids.append(labels[:, None])
@@ -214,10 +246,19 @@ class _EagerLinearTerms(torch.autograd.Function):
             grad_hidden = grad.to(hidden.dtype)
         if ctx.needs_input_grad[1] and will_run(ctx.weight_node):
             logits = LinearLogits(hidden, weight, bias, mm_dtype)
-            grad = _weight_gradient(request, logits, alpha_p, alpha_q)
+            if request.sink is not None:
+                grad = _sink_gradient(request, logits, alpha_p, alpha_q)
+            else:
+                grad = _weight_gradient(request, logits, alpha_p, alpha_q)
             for j in range(ids.shape[1]):
                 grad.index_add_(0, ids[:, j], h * coefs[:, j, None])
-            grad_weight = grad.to(weight.dtype)
+            if request.sink is not None:
+                request.sink = None  # used up: a second backward makes its own gradient
+                # the gradient is in weight.grad already; the backward still hands one on (DDP
+                # reduces the weight once its accumulation has run), a zero that takes no memory
+                grad_weight = weight.new_zeros(()).expand(weight.shape)
+            else:
+                grad_weight = grad.to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             grad = torch.zeros(bias.shape, dtype=dtype, device=bias.device)
             if summary.p_sum is not None:
@@ -227,6 +268,38 @@ class _EagerLinearTerms(torch.autograd.Function):
             grad.index_add_(0, ids.reshape(-1), coefs.reshape(-1))
             grad_bias = grad.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _sink_gradient(
+    request: _Request, logits: LinearLogits, alpha_p: Tensor, alpha_q: Tensor
+) -> Tensor:
+    """The sink's gradient, its dense part (added in the forward with the predicted
+    coefficients) corrected where the backward's coefficients differ by more than rounding:
+    one more pass makes the reductions for the difference."""
+    sink = request.sink
+    if logits.weight.grad is not sink.grad:
+        raise RuntimeError(
+            "the weight's .grad was replaced between the pass that added into it and the "
+            "pass's backward"
+        )
+    tolerance = 16 * torch.finfo(sink.grad.dtype).eps
+    deltas = []
+    for actual, predicted in zip((alpha_p, alpha_q), request.predicted, strict=True):
+        actual = float(actual)
+        off = abs(actual - predicted) > tolerance * max(abs(actual), abs(predicted))
+        deltas.append(actual - predicted if off else 0.0)
+    if any(deltas):
+        summary = request.summary
+        reference = None if request.own_softmax else request.reference
+        summary = linear_pass(
+            logits,
+            None,
+            softmax=summary.p_projection is not None,
+            reference=reference,
+            gradients=True,
+            into=(sink.grad, *deltas),
+        )
+    return sink.grad
 
 
 def _weight_gradient(

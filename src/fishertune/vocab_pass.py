@@ -29,7 +29,14 @@ from fishertune.vocab_chunks import (
     scored_softmax,
 )
 
-__all__ = ["Sampler", "frozen_reference", "linear_pass", "records_graph", "softmax_draws"]
+__all__ = [
+    "Sampler",
+    "WeightSink",
+    "frozen_reference",
+    "linear_pass",
+    "records_graph",
+    "softmax_draws",
+]
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,31 @@ class Sampler:
 
     uniforms: Tensor
     block: int
+
+
+@dataclass
+class WeightSink:
+    """The trained weight's gradient, into which a pass adds the dense part of its own as it goes.
+
+    A pass of :func:`fishertune.vocab_linear.linear_terms` that runs after an earlier backward
+    has formed ``W.grad`` (finite differences' shifted passes, split mode) would otherwise keep
+    its ``sum_t p_t h_t^T`` (V, d) beside that gradient until its backward. Instead, the pass adds
+    ``alpha_p sum_t p_t h_t^T + alpha_q sum_t q_t h_t^T`` to ``grad`` chunk by chunk with the
+    coefficients its backward is predicted to bring, and the backward adds the sparse part in
+    place. The prediction ``alpha`` is ``ce`` and ``g``, the gradients the backward will give the
+    terms' CE and each column of ``g`` (the caller's loss scale included, e.g. measured by an
+    earlier backward); the backward checks it to a few rounding errors and, where it is off,
+    projects the chunks again for the difference, so the gradient is exact either way.
+
+    Attributes:
+        grad: the weight's ``.grad`` (V, d), in the pass's compute dtype (float32 or wider).
+        ce: the predicted ``d loss / d CE`` (0 without labels).
+        g: the predicted ``d loss / d g_s``, the same for every draw ``s``.
+    """
+
+    grad: Tensor
+    ce: float
+    g: float
 
 
 def _matmul(a: Tensor, b: Tensor, mm_dtype: torch.dtype, dtype: torch.dtype) -> Tensor:
@@ -54,6 +86,7 @@ def linear_pass(
     reference: LinearLogits | None = None,
     sampler: Sampler | None = None,
     gradients: bool | None = None,
+    into: tuple[Tensor, float, float] | None = None,
 ) -> LinearPass:
     """One pass over the projected chunks of the scored rows: what :class:`LinearPass` keeps.
 
@@ -64,12 +97,13 @@ def linear_pass(
     :func:`frozen_reference`): ``sum_t q_t h_t^T`` (``sum_t q_t``) when the weight (bias) is
     trained, ``q_t`` projected again from the reference's hidden states. ``gradients``: whether
     a backward may follow, so that the trained weight's and bias's reductions are kept
-    (``None``: :func:`records_graph`).
+    (``None``: :func:`records_graph`). ``into``: ``(grad, alpha_p, alpha_q)``, the weight's
+    reductions added to ``grad`` with these coefficients instead of kept (:class:`WeightSink`).
     """
     if gradients is None:
         gradients = records_graph(logits)
     with torch.no_grad():
-        return _pass(logits, label_mask, softmax, reference, sampler, gradients)
+        return _pass(logits, label_mask, softmax, reference, sampler, gradients, into)
 
 
 def _pass(
@@ -79,13 +113,16 @@ def _pass(
     reference: LinearLogits | None,
     sampler: Sampler | None,
     gradients: bool,
+    into: tuple[Tensor, float, float] | None,
 ) -> LinearPass:
     """:func:`linear_pass`, without a graph."""
     hidden = logits.hidden if label_mask is None else logits.scored(label_mask)
     weight, bias = logits.operands()
     dtype = compute_dtype(logits.mm_dtype)
     n, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
-    outer = gradients and logits.weight.requires_grad
+    trained = gradients and logits.weight.requires_grad
+    outer = trained and into is None
+    sink = (into[0], {"p": into[1], "q": into[2]}) if trained and into is not None else None
     bias_sum = gradients and logits.bias is not None and logits.bias.requires_grad
     result = LinearPass(label_mask)
     if softmax:
@@ -98,7 +135,7 @@ def _pass(
         if sampler is not None:
             result.draws = torch.empty(sampler.uniforms.shape, dtype=torch.long, device=device)
     q_hidden = None
-    if reference is not None and (outer or bias_sum):
+    if reference is not None and (trained or bias_sum):
         q_hidden = reference.hidden
         result.q_outer = hidden.new_zeros(weight.shape, dtype=dtype) if outer else None
         result.q_sum = hidden.new_zeros(vocab, dtype=dtype) if bias_sum else None
@@ -118,10 +155,10 @@ def _pass(
                         else torch.softmax(project(rows, weight, bias).float(), dim=-1)
                     )
                     result.draws[chunk] = inverse_cdf(probs, sampler.uniforms[chunk], sampler.block)
-                _accumulate(result, "p", p, rows, weight, bias, chunk, logits.mm_dtype)
+                _accumulate(result, "p", p, rows, weight, bias, chunk, logits.mm_dtype, sink)
             if q_hidden is not None:
                 q = torch.softmax(project(q_hidden[chunk], weight, bias), dim=-1)
-                _accumulate(result, "q", q, rows, None, None, chunk, logits.mm_dtype)
+                _accumulate(result, "q", q, rows, None, None, chunk, logits.mm_dtype, sink)
     return result
 
 
@@ -141,19 +178,23 @@ def _accumulate(
     bias: Tensor | None,
     chunk: slice,
     mm_dtype: torch.dtype,
+    sink: tuple[Tensor, dict[str, float]] | None,
 ) -> None:
-    """A chunk's ``probs W``, ``<probs, b>``, ``probs^T h`` and ``sum probs`` into ``result``."""
+    """A chunk's ``probs W``, ``<probs, b>``, ``probs^T h`` and ``sum probs`` into ``result``
+    (``probs^T h`` times its coefficient into the sink's gradient instead, with a sink)."""
     dtype = probs.dtype
     if weight is not None:
         result.p_projection[chunk] = _matmul(probs, weight, mm_dtype, dtype)
         if bias is not None:
             result.p_bias[chunk] = probs @ bias.to(dtype)
-    outer = getattr(result, f"{name}_outer")
-    if outer is not None:
+    outer, alpha = getattr(result, f"{name}_outer"), 1.0
+    if sink is not None:
+        outer, alpha = sink[0], sink[1][name]
+    if outer is not None and alpha != 0.0:
         if mm_dtype == dtype:  # accumulated in place: no (V, d) temporary per chunk
-            outer.addmm_(probs.T, rows.to(dtype))
+            outer.addmm_(probs.T, rows.to(dtype), alpha=alpha)
         else:
-            outer += _matmul(probs.T, rows, mm_dtype, dtype)
+            outer.add_(_matmul(probs.T, rows, mm_dtype, dtype), alpha=alpha)
     total = getattr(result, f"{name}_sum")
     if total is not None:
         total += probs.sum(0)

@@ -27,9 +27,14 @@ from torch import Tensor, nn
 from fishertune.errors import FishertuneError
 from fishertune.hessian_grad import exact_hessian_trace, hessian_fd_loss
 from fishertune.noise import EmbeddingCapture, find_input_embeddings
-from fishertune.penalties import label_mask_from_labels, scored_log_probs, scored_targets
+from fishertune.penalties import (
+    float64_throughout,
+    label_mask_from_labels,
+    scored_log_probs,
+    scored_targets,
+)
 from fishertune.penalty_estimators import exact_penalty_parts, score_function_term
-from fishertune.penalty_grad import FDSettings, Passes, fd_penalty_loss, float64_throughout
+from fishertune.penalty_grad import FDSettings, Passes, fd_penalty_loss
 from fishertune.streams import Stream
 from fishertune.training.checks import linear_projection_problem, sharded, unwrap
 from fishertune.training.config import FisherSFTConfig
@@ -319,28 +324,30 @@ class MicroStepLoss:
         passes = self._passes(model, inputs, split, fused, rng_seed)
         settings = self._fd_settings(model, inputs, fused, rng_seed)
         weights = self._position_weights(inputs, model, all_rows)
-        if self.kind == "hessian":
-            result = hessian_fd_loss(
-                passes,
-                inputs["labels"],
-                lambda embeds: self._probes(embeds, weights, None),
-                weight=coef * rescale,
-                normalizer=normalizer,
-                relative_step=self.args.penalty_fd_step,
-                compute_dtype=settings.compute_dtype,
-            )
-        else:
-            result = fd_penalty_loss(
-                self.kind,
-                passes,
-                inputs["labels"],
-                self.draw,
-                weight=coef * rescale,
-                normalizer=normalizer,
-                settings=settings,
-                position_weights=weights,
-                estimator=self.args.penalty_estimator,
-            )
+        # split: the table's gradient made once, by the last backward (EmbeddingCapture)
+        with self.capture.holding_table_gradient(split and not fused and self.kind != "hessian"):
+            if self.kind == "hessian":
+                result = hessian_fd_loss(
+                    passes,
+                    inputs["labels"],
+                    lambda embeds: self._probes(embeds, weights, None),
+                    weight=coef * rescale,
+                    normalizer=normalizer,
+                    relative_step=self.args.penalty_fd_step,
+                    compute_dtype=settings.compute_dtype,
+                )
+            else:
+                result = fd_penalty_loss(
+                    self.kind,
+                    passes,
+                    inputs["labels"],
+                    self.draw,
+                    weight=coef * rescale,
+                    normalizer=normalizer,
+                    settings=settings,
+                    position_weights=weights,
+                    estimator=self.args.penalty_estimator,
+                )
         self.sums.add_penalty(result.squared, rescale, coef, self.mean_row_coef, result.unweighted)
         if rest_part is None or split:
             return result.loss if rest_part is None else result.loss + rest_part.detach()
@@ -395,6 +402,7 @@ class MicroStepLoss:
             no_sync=lambda: self._no_sync(model),
             on_scored=self.sums.add_statistics,
             params=[p for p in model.parameters() if p.requires_grad] if fused else [],
+            before_last=self.capture.release,
         )
 
     def _fd_settings(
