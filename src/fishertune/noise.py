@@ -224,23 +224,28 @@ class EmbeddingCapture:
     evaluates ``g(X + h v)`` this way, through the real embedding module.
 
     :meth:`holding_table_gradient` (finite differences' split backward): the forwards give ``X``
-    as a leaf, whose gradient their backwards leave there, until :meth:`release` marks the last
-    forward, whose backward adds the held gradients to its own at ``X``. The table's gradient is
-    then made once, by the last backward, and no table-sized gradient exists while the earlier
-    passes' forwards run (a sum of backwards through the same embedding is the backward of the
-    sum: the ids, weights and dropout masks are the same in every pass).
+    as a leaf and sum the gradients their backwards leave there into one buffer, until
+    :meth:`release` marks the last forward, whose backward adds that sum to its own gradient at
+    ``X``. The table's gradient is then made once, by the last backward: where the step has none
+    yet (its first micro-step, no earlier backward of other rows), none exists while the earlier
+    passes run, for one ``X``-sized buffer, so the hold is taken only where ``X`` is smaller
+    than the table. A sum of backwards through the same embedding is the backward of the sum:
+    the ids, weights and dropout masks are the same in every pass (one call of the module per
+    forward).
     """
 
     def __init__(self) -> None:
         self.embeds: Tensor | None = None
         self.shift: Tensor | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
-        self._held: list[Tensor] | None = None  # the leaves of the holding forwards
-        self._releasing = False
+        self._holding = False  # forwards give X as a leaf (holding_table_gradient)
+        self._releasing = False  # the next forward is the last one
+        self._pending = False  # leaves given out, their gradients not yet taken by a last one
+        self._held: Tensor | None = None  # the held gradients at X, summed
 
     def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        if self._held is not None and output.requires_grad and torch.is_grad_enabled():
-            output = self._hold(output)
+        if self._holding and output.requires_grad and torch.is_grad_enabled():
+            output = self._hold(module, output)
         if not output.requires_grad and torch.is_grad_enabled():
             output = output.detach().requires_grad_(True)
         if self.shift is not None:
@@ -248,27 +253,37 @@ class EmbeddingCapture:
         self.embeds = output
         return output
 
-    def _hold(self, output: Tensor) -> Tensor:
-        held = self._held
-        if not self._releasing:
-            leaf = output.detach().requires_grad_(True)
-            held.append(leaf)
-            return leaf
-        self._held, self._releasing = None, False
+    def _hold(self, module: nn.Module, output: Tensor) -> Tensor:
+        if self._releasing:
+            held, self._held = self._held, None
+            self._holding = self._releasing = self._pending = False
+            if held is not None:
+                output.register_hook(lambda grad: grad + held.to(grad.dtype))
+            return output
+        table = getattr(module, "weight", None)
+        if not self._pending and (
+            table is None or table.grad is not None or output.numel() >= table.numel()
+        ):
+            self._holding = False  # nothing to save: the table's gradient exists, or X is large
+            return output
+        leaf = output.detach().requires_grad_(True)
+        # after a backward's accumulation only: autograd.grad(g, X) (the penalty's v) is not held
+        leaf.register_post_accumulate_grad_hook(self._collect)
+        self._pending = True
+        return leaf
 
-        def add_held(grad: Tensor) -> Tensor:
-            for leaf in held:
-                if leaf.grad is not None:
-                    grad = grad + leaf.grad.to(grad.dtype)
-            return grad
-
-        output.register_hook(add_held)
-        return output
+    def _collect(self, leaf: Tensor) -> None:
+        """A holding forward's backward: its gradient at ``X`` into the sum, the leaf's freed."""
+        if self._held is None:
+            self._held = leaf.grad
+        else:
+            self._held.add_(leaf.grad)
+        leaf.grad = None
 
     def release(self) -> None:
         """The next forward is the last one while holding: its backward takes the held
         gradients into the embedding table's."""
-        if self._held is not None:
+        if self._holding:
             self._releasing = True
 
     @contextlib.contextmanager
@@ -279,16 +294,16 @@ class EmbeddingCapture:
         if not enabled:
             yield
             return
-        self._held, self._releasing = [], False
+        self._holding, self._releasing, self._pending, self._held = True, False, False, None
         try:
             yield
-            if self._held:
+            if self._pending:
                 raise RuntimeError(
                     "embedding forwards held their table gradient back and no last forward "
                     "took it (EmbeddingCapture.release was not called before it)"
                 )
         finally:
-            self._held, self._releasing = None, False
+            self._holding, self._releasing, self._pending, self._held = False, False, False, None
 
     def attach(self, module: nn.Module) -> None:
         if self._handle is not None:
@@ -301,7 +316,7 @@ class EmbeddingCapture:
             self._handle.remove()
             self._handle = None
         self.embeds = self.shift = None
-        self._held, self._releasing = None, False
+        self._holding, self._releasing, self._pending, self._held = False, False, False, None
 
     @contextlib.contextmanager
     def attached(self, module: nn.Module) -> Iterator[EmbeddingCapture]:

@@ -296,15 +296,14 @@ class _FiniteDifference:
             self.joint.append(part)
 
     def weight_sink(self, logits: Logits, ce_coef: float, g_coef: float) -> WeightSink | None:
-        """Split mode, after a backward has formed the output projection's gradient: that
-        gradient, to which the pass at these logits adds its dense part in its forward
+        """Split mode, once a backward has measured its scale: the output projection's weight,
+        whose gradient the pass at these logits adds its dense part to in its forward
         (:class:`~fishertune.vocab_pass.WeightSink`: no second weight-sized buffer). The
-        coefficients are the part's ``d part / d CE`` and ``d part / d g_s``, times the scale
-        the earlier backward measured."""
+        coefficients are the part's ``d part / d CE`` and ``d part / d g_s``, times that scale."""
         weight = getattr(logits, "weight", None)
-        if not self.split or self.scale is None or weight is None or weight.grad is None:
+        if not self.split or self.scale is None or weight is None:
             return None
-        return WeightSink(weight.grad, self.scale * ce_coef, self.scale * g_coef)
+        return WeightSink(weight, self.scale * ce_coef, self.scale * g_coef)
 
     def unperturbed_pass(
         self, targets_for: Callable[[Tensor, Tensor], Tensor]
@@ -406,7 +405,7 @@ class _FiniteDifference:
                     else float(self.draw_weight)
                     * (2.0 / step if self.forward_scheme else sign / step)
                 )
-                ce_coef = 1.0 / (float(self.normalizer) * len(shifts)) if self.fused else 0.0
+                ce_coef = 1.0 / float(self.normalizer * len(shifts)) if self.fused else 0.0
                 sink = None
                 if self.score_weights is None:  # the rows' log-likelihood keeps its own kernel
                     sink = self.weight_sink(logits, ce_coef, g_coef)

@@ -62,6 +62,7 @@ class _Request:
     statistics: bool
     summary: LinearPass
     sink: WeightSink | None = None
+    sink_grad: Tensor | None = None  # the weight's .grad the pass added into
     predicted: tuple[float, float] = (0.0, 0.0)  # the sink's (alpha_p, alpha_q)
 
     @property
@@ -93,9 +94,9 @@ def linear_terms(
     it ran on these logits and mask) and gathers of ``W`` at the labels and draws.
 
     ``label_mask=None``: ``logits.hidden`` is at the scored positions already (N, d).
-    ``sink``: the weight gradient's dense part is added to ``sink.grad`` in this pass
+    ``sink``: the weight gradient's dense part is added to the weight's ``.grad`` in this pass
     (:class:`~fishertune.vocab_pass.WeightSink`; one backward must follow). Ignored where the
-    weight is not trained or the gradient is not in the pass's compute dtype.
+    weight is not trained, has no gradient yet, or one not in the pass's compute dtype.
     """
     if reference is not None and not isinstance(reference, LinearLogits):
         raise ValueError("the reference of LinearLogits is their frozen_reference (LinearLogits)")
@@ -106,8 +107,8 @@ def linear_terms(
     if sink is not None and _sink_applies(sink, logits):
         a_g = sink.g * draws.shape[1] if draws is not None else 0.0
         request.predicted = request.dense_coefficients(sink.ce if labels is not None else 0.0, a_g)
-        request.sink, summary = sink, None  # a new pass, adding into the sink
-        into = (sink.grad, *request.predicted)
+        request.sink, request.sink_grad, summary = sink, sink.weight.grad, None  # a new pass
+        into = (request.sink_grad, *request.predicted)
     if (
         summary is None
         or summary.label_mask is not label_mask
@@ -136,14 +137,16 @@ def linear_terms(
 
 
 def _sink_applies(sink: WeightSink, logits: LinearLogits) -> bool:
-    """Whether ``sink`` takes these logits' weight gradient: the weight is trained, a backward
-    will follow (a graph is recorded) and the gradient is in the pass's compute dtype."""
-    weight = logits.weight
+    """Whether ``sink`` takes these logits' weight gradient: it is their weight, trained, with a
+    gradient in the pass's compute dtype, and a backward will follow (a graph is recorded)."""
+    weight, grad = logits.weight, sink.weight.grad
     return (
-        records_graph(logits)
+        sink.weight is weight
+        and records_graph(logits)
         and weight.requires_grad
-        and sink.grad.shape == weight.shape
-        and sink.grad.dtype == compute_dtype(logits.mm_dtype)
+        and grad is not None
+        and grad.shape == weight.shape
+        and grad.dtype == compute_dtype(logits.mm_dtype)
     )
 
 
@@ -276,18 +279,18 @@ def _sink_gradient(
     """The sink's gradient, its dense part (added in the forward with the predicted
     coefficients) corrected where the backward's coefficients differ by more than rounding:
     one more pass makes the reductions for the difference."""
-    sink = request.sink
-    if logits.weight.grad is not sink.grad:
+    grad = request.sink_grad
+    if request.sink.weight.grad is not grad:
         raise RuntimeError(
             "the weight's .grad was replaced between the pass that added into it and the "
             "pass's backward"
         )
-    tolerance = 16 * torch.finfo(sink.grad.dtype).eps
+    tolerance = 16 * torch.finfo(grad.dtype).eps
     deltas = []
     for actual, predicted in zip((alpha_p, alpha_q), request.predicted, strict=True):
         actual = float(actual)
-        off = abs(actual - predicted) > tolerance * max(abs(actual), abs(predicted))
-        deltas.append(actual - predicted if off else 0.0)
+        near = abs(actual - predicted) <= tolerance * max(abs(actual), abs(predicted))
+        deltas.append(0.0 if near else actual - predicted)  # inf or nan: carried into grad
     if any(deltas):
         summary = request.summary
         reference = None if request.own_softmax else request.reference
@@ -297,9 +300,9 @@ def _sink_gradient(
             softmax=summary.p_projection is not None,
             reference=reference,
             gradients=True,
-            into=(sink.grad, *deltas),
+            into=(grad, *deltas),
         )
-    return sink.grad
+    return grad
 
 
 def _weight_gradient(

@@ -50,25 +50,28 @@ class Sampler:
 
 @dataclass
 class WeightSink:
-    """The trained weight's gradient, into which a pass adds the dense part of its own as it goes.
+    """The trained weight whose existing gradient a pass adds the dense part of its own to, as
+    it goes.
 
     A pass of :func:`fishertune.vocab_linear.linear_terms` that runs after an earlier backward
     has formed ``W.grad`` (finite differences' shifted passes, split mode) would otherwise keep
     its ``sum_t p_t h_t^T`` (V, d) beside that gradient until its backward. Instead, the pass adds
-    ``alpha_p sum_t p_t h_t^T + alpha_q sum_t q_t h_t^T`` to ``grad`` chunk by chunk with the
-    coefficients its backward is predicted to bring, and the backward adds the sparse part in
-    place. The prediction ``alpha`` is ``ce`` and ``g``, the gradients the backward will give the
+    ``alpha_p sum_t p_t h_t^T + alpha_q sum_t q_t h_t^T`` to ``weight.grad`` chunk by chunk with
+    the coefficients its backward is predicted to bring, and the backward adds the sparse part
+    in place. The prediction is ``ce`` and ``g``, the gradients the backward will give the
     terms' CE and each column of ``g`` (the caller's loss scale included, e.g. measured by an
     earlier backward); the backward checks it to a few rounding errors and, where it is off,
-    projects the chunks again for the difference, so the gradient is exact either way.
+    adds the difference with one more pass, so the gradient is exact either way. The weight's
+    own gradient hooks then see a zero: its gradient was written in place.
 
     Attributes:
-        grad: the weight's ``.grad`` (V, d), in the pass's compute dtype (float32 or wider).
+        weight: the output projection's weight (V, d), a parameter with a ``.grad`` in the pass's
+            compute dtype (float32 or wider).
         ce: the predicted ``d loss / d CE`` (0 without labels).
         g: the predicted ``d loss / d g_s``, the same for every draw ``s``.
     """
 
-    grad: Tensor
+    weight: Tensor
     ce: float
     g: float
 
