@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py                          # one CUDA GPU, within 8 minutes
     python benchmarks/gpu_check.py --device cpu --quick     # the same code paths, micro model
 
-Four checks, each caught and recorded on its own (a failure does not stop the others), under one
+Five checks, each caught and recorded on its own (a failure does not stop the others), under one
 time budget (``--budget-s``, 450 s on CUDA):
 
 1. ``overhead``: step time and peak memory of baseline, NEFTune, token-F / logit-F exact (eager
@@ -17,15 +17,22 @@ time budget (``--budget-s``, 450 s on CUDA):
    and the peak above the set-up's memory as ratios too. fd must meet the floors of
    ``overhead.py``: at this vocabulary its vocabulary goals (``FLOORS_BY_SIZE``: 2.3x time,
    1.1x peak, 1.15x above set-up).
-2. ``accuracy``: fd vs exact penalty gradients in float32 and bf16 on a smaller Llama (the
+2. ``fused_ce``: the output projection's CE alone at that shape (4096 positions, hidden 2048,
+   vocab 128256, bf16 autocast), ``fused_ce.py``'s comparison: the dense CE, fishertune's fused
+   kernel (what the baseline runs by default), torch's ``F.linear_cross_entropy`` and Liger
+   Kernel's fused linear CE where installed, each with its time as ratios to the dense CE and to
+   fishertune's, its CUDA peak and its loss, timed alone after ``overhead`` (150 s at most). It
+   reports which is fastest, and fails only where fishertune's loss is not the dense CE's
+   (relative 1e-2 in bf16, 1e-5 in float32): a wrong kernel.
+3. ``accuracy``: fd vs exact penalty gradients in float32 and bf16 on a smaller Llama (the
    comparison of ``overhead.py``, fd through SDPA), with the spread between two draws of y' as
    the yardstick: float32 within ``overhead.FLOOR_FD_ERROR``, and bf16's default (central) fd
    error below that spread.
-3. ``training``: ``fishertune train`` as a user runs it (subprocesses): the tiny preset for 50
+4. ``training``: ``fishertune train`` as a user runs it (subprocesses): the tiny preset for 50
    steps per method, and one fd run with activation checkpointing at sequence 4096 on the 1B
    shape (a model saved with ``save_pretrained``, generated long conversations) for 10 steps;
    each must complete every step with finite logged losses and finite saved weights.
-4. ``environment``: Python, torch, CUDA, the GPU, SDPA backends that run a bf16 forward and
+5. ``environment``: Python, torch, CUDA, the GPU, SDPA backends that run a bf16 forward and
    backward, ``flash_attn``, and the versions of transformers / TRL / accelerate / peft / datasets.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--output``, prints the Markdown, and exits 1
@@ -36,7 +43,7 @@ out-of-memory error for the exact methods above batch 1, so the batch fallback r
 
 The work is split by job: ``gpu_check_workers.py`` (worker processes, the budget),
 ``gpu_check_jobs.py`` (what runs inside a worker), ``gpu_check_measure.py`` (the environment,
-overhead and accuracy checks), ``gpu_check_training.py`` (the CLI runs) and
+overhead, fused CE and accuracy checks), ``gpu_check_training.py`` (the CLI runs) and
 ``gpu_check_report.py`` (the Markdown).
 """
 
@@ -53,13 +60,15 @@ from pathlib import Path
 from typing import Any
 
 from gpu_check_jobs import worker_main
-from gpu_check_measure import check_accuracy, check_environment, check_overhead
+from gpu_check_measure import check_accuracy, check_environment, check_fused_ce, check_overhead
 from gpu_check_report import format_report
 from gpu_check_training import TINY_RUNS, check_training
 from gpu_check_workers import Budget, run_check
 from harness import PENALTY_KINDS
 
-CHECKS = ("environment", "overhead", "accuracy", "training")
+CHECKS = ("environment", "overhead", "fused_ce", "accuracy", "training")
+# the checks timed alone on the device (not beside the others)
+TIMED_CHECKS = ("overhead", "fused_ce")
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -69,6 +78,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "accuracy_kinds": list(PENALTY_KINDS),
         "tiny_steps": 50, "tiny_runs": list(TINY_RUNS),
         "long_model_size": "1b", "long_seq_len": 4096, "long_steps": 10,
+        "fused_ce": {"rows": 4096, "hidden": 2048, "vocab": 128256, "dtype": "bf16", "repeats": 5},
     },
     "quick": {
         "model_size": "micro", "seq_len": 128, "warmup": 1, "steps": 2, "batch_cap": 2,
@@ -78,6 +88,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # the exact methods "run out of memory" above batch 1: the fallback runs on CPU too
         "simulate_oom": {"penalty_grad": "exact", "above": 1},
         "long_model_size": "micro", "long_seq_len": 512, "long_steps": 2,
+        "fused_ce": {"rows": 64, "hidden": 32, "vocab": 1000, "dtype": "fp32", "repeats": 1},
     },
 }  # fmt: skip
 
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": args.jobs or (len(profile["tiny_runs"]) + 1 if args.device == "cuda" else 2),
         # --quick: generous, for a loaded CPU machine
         "budget_s": args.budget_s or (600.0 if args.quick else 450.0),
-        "overhead_share": 0.55,  # of the budget; accuracy and training run after it, together
+        "overhead_share": 0.55,  # of the budget; the fused CE, then accuracy and training
         # the search's own limit; --quick's cap (2) bounds it, and a loaded CPU must not cut it
         "search_s": 600.0 if args.quick else 75.0,
     }
@@ -140,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         flash = env.get("flash_attn") == "importable"
         later = {
             "overhead": lambda: check_overhead(options, budget, flash),
+            "fused_ce": lambda: check_fused_ce(options, budget),
             "accuracy": lambda: check_accuracy(options, budget),
             "training": lambda: check_training(options, budget, workdir),
         }
@@ -147,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
             reason = "not selected (--only)" if name not in selected else "environment unusable"
             checks[name] = {"ok": name not in selected, "error": reason, "wall_s": 0.0,
                             "result": {}, "skipped": True}  # fmt: skip
-        # the timing runs alone on the device; the gradient check and the CLI runs after it,
-        # together (not timed). --quick measures nothing: all three at once.
-        alone = not options["quick"]
-        if usable and "overhead" in selected and alone:
-            checks["overhead"] = run_check("overhead", later["overhead"])
-        parallel = [n for n in later if n in selected and usable and (n != "overhead" or not alone)]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        # the timings run alone on the device, one after the other; the gradient check and the
+        # CLI runs after them, together (not timed). --quick measures nothing: all at once.
+        alone = [] if options["quick"] else [n for n in TIMED_CHECKS if n in selected and usable]
+        for name in alone:
+            checks[name] = run_check(name, later[name])
+        parallel = [n for n in later if n in selected and usable and n not in alone]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(later)) as pool:
             futures = {n: pool.submit(run_check, n, later[n]) for n in parallel}
             for name, future in futures.items():
                 checks[name] = future.result()

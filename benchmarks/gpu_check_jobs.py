@@ -1,6 +1,7 @@
 """``gpu_check.py``'s jobs, each run inside its own worker process: the environment, the
-largest baseline batch, timed training steps per method, fd against exact gradients, and the
-long run's model and data; :func:`worker_main` runs the one a ``--worker`` payload names."""
+largest baseline batch, timed training steps per method, the fused CEs (``fused_ce.py``), fd
+against exact gradients, and the long run's model and data; :func:`worker_main` runs the one a
+``--worker`` payload names."""
 
 from __future__ import annotations
 
@@ -287,6 +288,10 @@ def worker_main(payload: str) -> int:
             time_job(options, job["methods"], reply)
         elif kind == "accuracy":
             emit(reply, accuracy_job(options))
+        elif kind == "fused_ce":
+            from fused_ce import compare
+
+            emit(reply, compare(device=options["device"], **options["fused_ce"]))
         elif kind == "long_setup":
             emit(reply, long_run_setup_job(options))
         else:

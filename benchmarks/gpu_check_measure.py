@@ -1,11 +1,13 @@
-"""``gpu_check.py``'s environment, overhead and accuracy checks, driven from the parent process
-through worker jobs (:mod:`gpu_check_jobs`): the methods timed, their ratios to the baseline at
-the same batch and ``overhead.py``'s floors, and the fd accuracy criteria."""
+"""``gpu_check.py``'s environment, overhead, fused CE and accuracy checks, driven from the parent
+process through worker jobs (:mod:`gpu_check_jobs`): the methods timed, their ratios to the
+baseline at the same batch and ``overhead.py``'s floors, fishertune's CE against the dense CE,
+and the fd accuracy criteria."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from fused_ce import DENSE, FISHERTUNE, LOSS_TOLERANCE
 from gpu_check_workers import Budget, WorkerError, run_worker
 from overhead import (
     BEST_BASELINE_GOALS,
@@ -39,7 +41,7 @@ TIMED_FLASH = [
 BASELINES.append("baseline, flash-attn 2")  # a baseline a user may pick too
 
 
-# ---------------------------------------------------------------------- 4. environment
+# ---------------------------------------------------------------------- 5. environment
 def check_environment(options: dict[str, Any], budget: Budget) -> dict[str, Any]:
     (info,) = run_worker(options, {"type": "environment"}, min(budget.left(), 180))
     return {"ok": not info["problems"], "error": "; ".join(info["problems"]) or None, **info}
@@ -202,7 +204,26 @@ def _time_methods(
     return rows
 
 
-# ---------------------------------------------------------------------- 2. accuracy
+# ---------------------------------------------------------------------- 2. fused CE
+def check_fused_ce(options: dict[str, Any], budget: Budget) -> dict[str, Any]:
+    """``fused_ce.py``'s comparison; it fails only where fishertune's CE is not the dense CE's
+    (a wrong kernel) or either did not run, never because another kernel is faster."""
+    shape = options["fused_ce"]
+    (rows,) = run_worker(options, {"type": "fused_ce"}, min(budget.left(), 150))
+    kernels = {row["kernel"]: row for row in rows}
+    dense, ours = kernels[DENSE], kernels[FISHERTUNE]
+    errors = [f"{row['kernel']}: {row['note']}" for row in (dense, ours) if row["loss"] is None]
+    tolerance = LOSS_TOLERANCE[shape["dtype"]]
+    if not errors and abs(ours["loss"] - dense["loss"]) > tolerance * abs(dense["loss"]):
+        errors.append(
+            f"fishertune's CE {ours['loss']:.7g} is not the dense CE's {dense['loss']:.7g} "
+            f"(relative tolerance {tolerance:g})"
+        )
+    result = {"shape": shape, "device": options["device"], "kernels": rows}
+    return {"ok": not errors, "error": "; ".join(errors) or None, **result}
+
+
+# ---------------------------------------------------------------------- 3. accuracy
 def check_accuracy(options: dict[str, Any], budget: Budget) -> dict[str, Any]:
     run = {
         **options,

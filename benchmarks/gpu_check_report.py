@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fused_ce import table
+
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
     if value is None:
@@ -33,6 +35,9 @@ def format_report(report: dict[str, Any]) -> str:
     overhead = checks.get("overhead", {}).get("result", {})
     if overhead.get("rows"):
         lines += _overhead_lines(overhead)
+    fused = checks.get("fused_ce", {}).get("result", {})
+    if fused.get("kernels"):
+        lines += _fused_ce_lines(fused)
     accuracy = checks.get("accuracy", {}).get("result", {})
     if accuracy.get("rows"):
         lines += _accuracy_lines(accuracy)
@@ -81,6 +86,19 @@ def _overhead_lines(overhead: dict[str, Any]) -> list[str]:
             for f in overhead["floors"]
         ]
     return lines
+
+
+def _fused_ce_lines(fused: dict[str, Any]) -> list[str]:
+    """``fused_ce.py``'s table: a row a kernel, those not measured here with why."""
+    shape = fused["shape"]
+    autocast = "bf16 autocast, float32 weights" if shape["dtype"] == "bf16" else "float32"
+    return [
+        "",
+        f"## Fused CE: {shape['rows']} positions, hidden {shape['hidden']}, vocab "
+        f"{shape['vocab']}, {autocast}, {fused['device']}, best of {shape['repeats']}",
+        "",
+        *table(fused["kernels"]),
+    ]
 
 
 def _accuracy_lines(accuracy: dict[str, Any]) -> list[str]:

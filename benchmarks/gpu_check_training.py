@@ -27,7 +27,7 @@ TINY_RUNS: dict[str, list[str]] = {
 }
 
 
-# ---------------------------------------------------------------------- 3. training (CLI)
+# ---------------------------------------------------------------------- 4. training (CLI)
 def _tiny_preset() -> Path:
     import importlib.resources
 

@@ -59,7 +59,8 @@ def test_quick_run_passes_and_reports_every_check(quick_run: Any) -> None:
     # the Markdown is written and printed
     markdown = (output / "gpu_check.md").read_text()
     assert markdown.strip() in done.stdout
-    for heading in ("## Overhead", "## fd vs exact", "## Training through", "## Environment"):
+    headings = ("## Overhead", "## Fused CE", "## fd vs exact", "## Training through")
+    for heading in (*headings, "## Environment"):
         assert heading in markdown
 
 
@@ -93,6 +94,55 @@ def test_quick_run_overhead_rows(quick_run: Any) -> None:
     assert rows[("baseline", 2)]["step_x"] == pytest.approx(1.0)
     assert {f["name"].split(":")[0] for f in result["floors"]} == {"token-F fd", "logit-F fd"}
     assert result["floors_enforced"] is False
+
+
+def test_quick_run_fused_ce_rows(quick_run: Any) -> None:
+    import fused_ce
+    import torch
+
+    _, output = quick_run
+    result = json.loads((output / "gpu_check.json").read_text())["checks"]["fused_ce"]["result"]
+    assert result["shape"] == gpu_check.PROFILES["quick"]["fused_ce"]
+    rows = {row["kernel"]: row for row in result["kernels"]}
+    measured = [fused_ce.DENSE, fused_ce.FISHERTUNE]
+    if hasattr(torch.nn.functional, "linear_cross_entropy"):
+        measured.append(fused_ce.TORCH_REFERENCE)
+    for name in measured:
+        row = rows[name]
+        assert row["seconds"] > 0 and "note" not in row, row
+        assert row["x_dense"] == pytest.approx(row["seconds"] / rows[fused_ce.DENSE]["seconds"])
+        ours = rows[fused_ce.FISHERTUNE]["seconds"]
+        assert row["x_fishertune"] == pytest.approx(row["seconds"] / ours)
+        assert row["peak_mb"] is None  # CUDA only
+    # never dropped: listed with why it is not measured on this machine
+    assert rows[fused_ce.LIGER]["seconds"] is None
+    assert rows[fused_ce.LIGER]["note"] in ("not installed", "needs CUDA")
+    dense = rows[fused_ce.DENSE]["loss"]
+    assert rows[fused_ce.FISHERTUNE]["loss"] == pytest.approx(dense, rel=1e-5)
+    markdown = (output / "gpu_check.md").read_text()
+    section = markdown.split("## Fused CE")[1].split("\n## ")[0]
+    assert "| kernel | s | x dense | x fishertune | peak MB | loss |" in section
+    for name in (*measured, fused_ce.LIGER):
+        assert f"| {name} |" in section
+    assert f"| {rows[fused_ce.LIGER]['note']} |" in section
+
+
+def test_fused_ce_fails_on_a_wrong_loss_not_on_a_faster_kernel(monkeypatch: Any) -> None:
+    import fused_ce
+
+    def rows(ours: float) -> list[dict[str, Any]]:
+        return [
+            {"kernel": fused_ce.DENSE, "seconds": 2.0, "loss": 100.0},
+            {"kernel": fused_ce.FISHERTUNE, "seconds": 1.5, "loss": ours},
+            {"kernel": fused_ce.LIGER, "seconds": 1.0, "loss": 100.0},  # faster: reported only
+        ]
+
+    options = {"device": "cuda", "fused_ce": gpu_check.PROFILES["full"]["fused_ce"]}
+    budget = gpu_check_measure.Budget(60)
+    for ours, ok in ((100.5, True), (102.0, False)):  # bf16: relative 1e-2
+        monkeypatch.setattr(gpu_check_measure, "run_worker", lambda *a, o=ours: [rows(o)])
+        result = gpu_check_measure.check_fused_ce(options, budget)
+        assert result["ok"] is ok and (result["error"] is None) is ok
 
 
 def test_each_penalty_is_held_to_its_best_fd_path_against_the_best_baselines() -> None:
@@ -216,6 +266,6 @@ def test_missing_device_fails_and_skips_the_rest(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] is False
     assert "CUDA is not available" in report["checks"]["environment"]["error"]
-    for name in ("overhead", "accuracy", "training"):
+    for name in ("overhead", "fused_ce", "accuracy", "training"):
         assert report["checks"][name]["skipped"] and not report["checks"][name]["ok"]
     assert "FAILED" in done.stdout
