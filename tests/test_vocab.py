@@ -95,6 +95,29 @@ def test_logit_f_with_a_given_reference_holds_it_constant():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
 
 
+def test_a_half_precision_reference_is_kept_as_its_logits():
+    """bf16 logits (the model's, under autocast): logit-F's frozen reference keeps their scored
+    rows in bf16 (half the float32 softmax) and the shifted pass's ``g`` and its gradient are
+    bit for bit those with the float32 ``p_ref``, whose softmax upcasts the same logits."""
+    logits, _, mask, _ = _batch(2)
+    frozen = _batch(3)[0].detach().to(torch.bfloat16)
+    kept = vocab.frozen_reference(frozen, mask)
+    n = int(mask.sum())
+    assert kept.scored.dtype == torch.bfloat16 and kept.scored.shape == (n, V)
+    softmax = vocab.scored_softmax(frozen, mask)
+    assert softmax.dtype == torch.float32
+    draws = torch.randint(V, (n, 2), generator=torch.Generator().manual_seed(4))
+    shifted = logits.detach().to(torch.bfloat16).requires_grad_()
+    results = []
+    for reference in (kept, softmax):
+        terms = vocab.scored_terms(shifted, mask, None, draws, kind="logit", reference=reference)
+        (grad,) = torch.autograd.grad(terms.g.sum(), shifted)
+        results.append((terms.g, grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert results[0][1].abs().sum() > 0
+
+
 @pytest.mark.parametrize(
     ("kind", "given_reference"), [("token", False), ("logit", False), ("logit", True)]
 )

@@ -313,8 +313,8 @@ class _FiniteDifference:
 
         CE, ``g`` and the metrics share one log-sum-exp per position, read chunk by chunk
         (:func:`fishertune.vocab.scored_terms`); logit-F's ``p_ref`` is kept for the shifted
-        passes (:func:`fishertune.vocab.frozen_reference`: (N, V), or the (N, d) hidden states
-        it is projected from again)."""
+        passes (:func:`fishertune.vocab.frozen_reference`: (N, V), half-precision logits, or the
+        (N, d) hidden states it is projected from again)."""
         passes, settings, label_mask = self.passes, self.settings, self.label_mask
         with passes.no_sync() if self.split else contextlib.nullcontext():
             logits, embeds = passes.forward(None)

@@ -20,6 +20,7 @@ __all__ = [
     "ACCELERATOR_CHUNK_BYTES",
     "CHUNK_BYTES",
     "ChunkLogits",
+    "FrozenLogits",
     "LinearLogits",
     "LinearPass",
     "Logits",
@@ -228,7 +229,17 @@ def scored_softmax(logits: Tensor, label_mask: Tensor) -> Tensor:
     return out
 
 
-Reference = Tensor | LinearLogits
+@dataclass(frozen=True)
+class FrozenLogits:
+    """Logit-F's constant reference kept as the model's half-precision logits at the scored
+    positions (N, V), its softmax taken chunk by chunk where a pass reads it: half the memory of
+    the float32 ``p_ref``, and bit for bit the same ``q`` (:func:`scored_softmax` upcasts the
+    same logits before its softmax)."""
+
+    scored: Tensor
+
+
+Reference = Tensor | LinearLogits | FrozenLogits
 
 
 def reference_of(reference: Reference | None) -> ChunkLogits | None:
@@ -236,6 +247,9 @@ def reference_of(reference: Reference | None) -> ChunkLogits | None:
     (:func:`fishertune.vocab_pass.frozen_reference`)."""
     if reference is None:
         return None
+    if isinstance(reference, FrozenLogits):
+        scored, dtype = reference.scored, compute_dtype(reference.scored.dtype)
+        return lambda c: torch.softmax(scored[c].to(dtype), dim=-1)
     if isinstance(reference, LinearLogits):
         hidden = reference.hidden
         weight, bias = reference.operands()

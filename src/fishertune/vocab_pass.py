@@ -17,15 +17,18 @@ import torch
 from torch import Tensor
 
 from fishertune.vocab_chunks import (
+    FrozenLogits,
     LinearLogits,
     LinearPass,
     Logits,
     Reference,
     compute_dtype,
+    flat_logits,
     inverse_cdf,
     project,
     row_chunks,
     scored_chunks,
+    scored_rows,
     scored_softmax,
 )
 
@@ -234,7 +237,9 @@ def softmax_draws(
 def frozen_reference(logits: Logits, label_mask: Tensor) -> Reference:
     """logit-F's constant ``p_ref = softmax(z_t)`` at the scored positions, for ``reference``.
 
-    Dense logits: the (N, V) softmax (:func:`~fishertune.vocab_chunks.scored_softmax`).
+    Dense logits: the (N, V) softmax (:func:`~fishertune.vocab_chunks.scored_softmax`); for
+    half-precision logits the scored logits themselves (:class:`FrozenLogits`, half that memory),
+    their softmax taken where a pass reads a chunk.
     :class:`LinearLogits`: the scored hidden states (N, d) and the weight, detached, from which
     a pass projects its chunks of ``p_ref`` again where it needs them, and ``r_t = p_ref_t W``
     from the pass at these logits (``summary``; one pass if none ran): storage that does not
@@ -248,4 +253,6 @@ def frozen_reference(logits: Logits, label_mask: Tensor) -> Reference:
         hidden = logits.scored(label_mask).detach()
         kept = LinearPass(None, p_projection=summary.p_projection, p_bias=summary.p_bias)
         return LinearLogits(hidden, logits.weight.detach(), bias, logits.mm_dtype, kept)
+    if logits.element_size() < 4:  # half precision: the logits are half the float32 softmax
+        return FrozenLogits(flat_logits(logits.detach())[scored_rows(label_mask)])
     return scored_softmax(logits.detach(), label_mask)
