@@ -70,7 +70,8 @@ def _steps(hidden: Any, weight: Any, targets: Any, device: str) -> dict[str, Cal
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except Exception as err:  # absent, or a build that does not import (Triton)
-        steps[LIGER] = "not installed" if isinstance(err, ModuleNotFoundError) else _first(err)
+        absent = isinstance(err, ModuleNotFoundError) and err.name == "liger_kernel"
+        steps[LIGER] = "not installed" if absent else _first(err)  # e.g. no triton
     else:
         liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
         steps[LIGER] = "needs CUDA" if device != "cuda" else lambda: liger(weight, hidden, targets)

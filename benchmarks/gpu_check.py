@@ -21,9 +21,10 @@ time budget (``--budget-s``, 450 s on CUDA):
    vocab 128256, bf16 autocast), ``fused_ce.py``'s comparison: the dense CE, fishertune's fused
    kernel (what the baseline runs by default), torch's ``F.linear_cross_entropy`` and Liger
    Kernel's fused linear CE where installed, each with its time as ratios to the dense CE and to
-   fishertune's, its CUDA peak and its loss, timed alone after ``overhead`` (150 s at most). It
-   reports which is fastest, and fails only where fishertune's loss is not the dense CE's
-   (relative 1e-2 in bf16, 1e-5 in float32): a wrong kernel.
+   fishertune's, its CUDA peak and its loss, timed alone after ``overhead`` (90 s and a third
+   of the time left at most). It reports which is fastest, and fails only where the dense CE or
+   fishertune's did not run or fishertune's loss is not the dense CE's (relative 1e-2 in bf16,
+   1e-5 in float32; a non-finite loss fails too): a wrong kernel.
 3. ``accuracy``: fd vs exact penalty gradients in float32 and bf16 on a smaller Llama (the
    comparison of ``overhead.py``, fd through SDPA), with the spread between two draws of y' as
    the yardstick: float32 within ``overhead.FLOOR_FD_ERROR``, and bf16's default (central) fd

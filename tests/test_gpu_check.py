@@ -139,7 +139,8 @@ def test_fused_ce_fails_on_a_wrong_loss_not_on_a_faster_kernel(monkeypatch: Any)
 
     options = {"device": "cuda", "fused_ce": gpu_check.PROFILES["full"]["fused_ce"]}
     budget = gpu_check_measure.Budget(60)
-    for ours, ok in ((100.5, True), (102.0, False)):  # bf16: relative 1e-2
+    # bf16: relative 1e-2; a non-finite loss is a wrong kernel too
+    for ours, ok in ((100.5, True), (102.0, False), (float("nan"), False), (float("inf"), False)):
         monkeypatch.setattr(gpu_check_measure, "run_worker", lambda *a, o=ours: [rows(o)])
         result = gpu_check_measure.check_fused_ce(options, budget)
         assert result["ok"] is ok and (result["error"] is None) is ok

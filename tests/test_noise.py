@@ -384,19 +384,43 @@ def test_capture_with_frozen_table_gives_a_leaf():
         torch.testing.assert_close(grad, 2 * emb.weight[ids])
 
 
-def _passes_through_a_table(hold: bool, release: bool = True, earlier: bool = False):
+class _Adapted(nn.Module):
+    """An embedding with a trained scale inside it (as a LoRA adapter on the table): its output
+    requires grad, its ``weight`` (the table) is frozen."""
+
+    def __init__(self, base: nn.Embedding) -> None:
+        super().__init__()
+        self.base, self.weight = base, base.weight
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, D, dtype=base.weight.dtype))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base(ids) * self.scale
+
+
+def _passes_through_a_table(hold: bool, release: bool = True, case: str = "first"):
     """Three forwards of a small model over one embedding (the fd passes: X, then two shifts),
-    the first two backpropagated at once, the last one's loss returned: the table's gradient
-    held back or not; ``earlier``: the table has a gradient before (accumulation)."""
+    the first two backpropagated at once, the last one's loss returned, the table's gradient
+    held back or not. ``case``: ``first`` (the table has no gradient yet), ``earlier`` (it has
+    one: accumulation), ``small`` (a table smaller than X), ``frozen`` (an adapter on a frozen
+    table). Returns the table's and the head's gradients and whether the first backward left
+    the table's gradient alone."""
     emb = make_embedding().double()
+    if case == "small":
+        emb = nn.Embedding.from_pretrained(emb.weight.detach()[:16].clone(), freeze=False)
     head = nn.Linear(D, 5).double()
     nn.init.normal_(head.weight, generator=torch.Generator().manual_seed(1))
-    if earlier:
+    adapter = None
+    if case == "earlier":
         emb.weight.grad = torch.ones_like(emb.weight)
     ids, _ = make_batch()
+    ids = ids % emb.num_embeddings
+    if case == "frozen":  # the table frozen, an adapter inside the embedding module trained
+        emb = _Adapted(emb.requires_grad_(False))
+        adapter = emb.scale
     dtype = emb.weight.dtype
     shifts = torch.randn(2, B, L, D, generator=torch.Generator().manual_seed(2), dtype=dtype)
     capture = EmbeddingCapture()
+    trained = adapter if adapter is not None else emb.weight
     with capture.attached(emb), capture.holding_table_gradient(hold):
         for index, shift in enumerate([None, *shifts]):
             if index == 2 and release:
@@ -405,22 +429,26 @@ def _passes_through_a_table(hold: bool, release: bool = True, earlier: bool = Fa
             loss = torch.tanh(head(emb(ids))).pow(index + 2).sum()
             capture.shift = None
             if index < 2:
+                before = None if trained.grad is None else trained.grad.clone()
                 loss.backward()
-        if hold and release and not earlier:  # nothing reached the table yet
-            assert emb.weight.grad is None and head.weight.grad is not None
+                if index == 0:
+                    untouched = before is not None and torch.equal(trained.grad, before)
+                    untouched = untouched or (before is None and trained.grad is None)
     loss.backward()
-    return emb.weight.grad, head.weight.grad
+    return trained.grad, head.weight.grad, untouched
 
 
-@pytest.mark.parametrize("earlier", [False, True])
-def test_a_held_table_gradient_is_added_by_the_last_backward(earlier):
+@pytest.mark.parametrize("case", ["first", "earlier", "small", "frozen"])
+def test_a_held_table_gradient_is_added_by_the_last_backward(case):
     """The backwards of the passes before the last leave the table alone; the last one adds
     their gradients at X to its own, and the table's gradient is the one of three plain
-    backwards (the same float64 sums in another order). Where the table has a gradient already
-    there is nothing to save and nothing is held, with the same result."""
-    held_table, held_head = _passes_through_a_table(hold=True, earlier=earlier)
-    plain_table, plain_head = _passes_through_a_table(hold=False, earlier=earlier)
-    assert (plain_table - float(earlier)).abs().sum() > 0
+    backwards (the same float64 sums in another order). Where holding saves nothing (the table
+    has a gradient already, is smaller than X, or is frozen under an adapter) nothing is held:
+    the first backward reaches the table (or the adapter) at once, with the same result."""
+    held_table, held_head, held = _passes_through_a_table(hold=True, case=case)
+    plain_table, plain_head, plain_held = _passes_through_a_table(hold=False, case=case)
+    assert not plain_held and held == (case == "first")
+    assert plain_table.abs().sum() > 0
     torch.testing.assert_close(held_table, plain_table, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(held_head, plain_head, rtol=0, atol=0)
 
@@ -428,6 +456,19 @@ def test_a_held_table_gradient_is_added_by_the_last_backward(earlier):
 def test_a_held_table_gradient_never_released_is_an_error():
     with pytest.raises(RuntimeError, match="no last forward took it"):
         _passes_through_a_table(hold=True, release=False)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fd_holds_the_table_gradient_only_for_an_untied_table(tied):
+    """A table tied to the output head gets its gradient from the head's backward at X anyway:
+    the trainer's fd passes hold nothing there (split, not fused, not the Hessian trace)."""
+    from fishertune.training.checks import holds_table_gradient
+
+    model = tiny_llama(64, hidden_size=32, num_layers=1, num_heads=2, tie_word_embeddings=tied)
+    assert holds_table_gradient(model, "token", split=True, fused=False) is not tied
+    assert not holds_table_gradient(model, "token", split=False, fused=False)
+    assert not holds_table_gradient(model, "token", split=True, fused=True)
+    assert not holds_table_gradient(model, "hessian", split=True, fused=False)
 
 
 @pytest.mark.parametrize("capture_first", [True, False])

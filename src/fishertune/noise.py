@@ -228,10 +228,11 @@ class EmbeddingCapture:
     :meth:`release` marks the last forward, whose backward adds that sum to its own gradient at
     ``X``. The table's gradient is then made once, by the last backward: where the step has none
     yet (its first micro-step, no earlier backward of other rows), none exists while the earlier
-    passes run, for one ``X``-sized buffer, so the hold is taken only where ``X`` is smaller
-    than the table. A sum of backwards through the same embedding is the backward of the sum:
-    the ids, weights and dropout masks are the same in every pass (one call of the module per
-    forward).
+    passes run, for one ``X``-sized buffer, so the hold is taken only where the table is
+    trained, has no gradient yet and is larger than ``X`` (a table tied to the output head gets
+    its gradient from the head's backward anyway: the caller leaves the hold off there). A sum
+    of backwards through the same embedding is the backward of the sum: the ids, weights and
+    dropout masks are the same in every pass (one call of the module per forward).
     """
 
     def __init__(self) -> None:
@@ -262,9 +263,14 @@ class EmbeddingCapture:
             return output
         table = getattr(module, "weight", None)
         if not self._pending and (
-            table is None or table.grad is not None or output.numel() >= table.numel()
+            table is None
+            or not table.requires_grad
+            or table.grad is not None
+            or output.numel() >= table.numel()
         ):
-            self._holding = False  # nothing to save: the table's gradient exists, or X is large
+            # nothing to save: a frozen table (an adapter on it), its gradient exists already,
+            # or X is as large as the table
+            self._holding = False
             return output
         leaf = output.detach().requires_grad_(True)
         # after a backward's accumulation only: autograd.grad(g, X) (the penalty's v) is not held

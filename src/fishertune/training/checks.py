@@ -84,6 +84,22 @@ def linear_ce_problem(args: Any, accelerator: Any, model: nn.Module, deepspeed: 
     return None
 
 
+def holds_table_gradient(model: nn.Module, kind: str | None, split: bool, fused: bool) -> bool:
+    """Whether fd's passes before the last hold the input embedding table's gradient back for
+    the last backward (:meth:`fishertune.noise.EmbeddingCapture.holding_table_gradient`): split
+    backward, not fused (it takes ``X``'s parameter gradients by hand), not the Hessian trace,
+    and a table that is not the output head too (tied: the head's backward at ``X`` makes the
+    table's gradient anyway, and holding would only add a buffer)."""
+    if not split or fused or kind == "hessian":
+        return False
+    inner = unwrap(model)
+    table, head = (
+        getattr(getattr(inner, name, lambda: None)(), "weight", None)
+        for name in ("get_input_embeddings", "get_output_embeddings")
+    )
+    return table is not None and head is not table
+
+
 def check_supported(args: Any, accelerator: Any, model: nn.Module, deepspeed: bool) -> None:
     """Refuse, with the reason, option combinations known to fail or to be wrong (measured)."""
     if getattr(args, "ce_kernel", None) == "linear" and (deepspeed or _fsdp(accelerator)):

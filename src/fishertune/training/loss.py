@@ -36,7 +36,7 @@ from fishertune.penalties import (
 from fishertune.penalty_estimators import exact_penalty_parts, score_function_term
 from fishertune.penalty_grad import FDSettings, Passes, fd_penalty_loss
 from fishertune.streams import Stream
-from fishertune.training.checks import linear_projection_problem, sharded, unwrap
+from fishertune.training import checks
 from fishertune.training.config import FisherSFTConfig
 from fishertune.training.forward import (
     exact_attention,
@@ -143,10 +143,10 @@ class MicroStepLoss:
         that they are the projection of the hidden states. Where they are not (or the weight
         is sharded), ``auto`` turns to the chunked kernel for the run (this call's logits from
         a forward of their own: its noise and dropout drawn again); ``linear`` is refused."""
-        head = unwrap(model).get_output_embeddings()
+        head = checks.unwrap(model).get_output_embeddings()
         if head is None:
             return self._not_linear(model, inputs, rng_seed, "the model has no output embedding")
-        if sharded(head.weight):  # fully_shard applied outside accelerate
+        if checks.sharded(head.weight):  # fully_shard applied outside accelerate
             return self._not_linear(model, inputs, rng_seed, "FSDP shards its output embedding")
         labels = inputs["labels"]
         check = "linear_ce" not in self.precision
@@ -162,7 +162,7 @@ class MicroStepLoss:
         # the projection in the dtype of the model's own lm_head
         mm_dtype = self._compute_dtype(labels.device.type) or head.weight.dtype
         if check:
-            problem = linear_projection_problem(
+            problem = checks.linear_projection_problem(
                 outputs.logits[:, -1], hidden[:, -1], head, mm_dtype
             )
             if problem is None and outputs.logits.shape[1] != len(keep):
@@ -245,7 +245,7 @@ class MicroStepLoss:
             DistributedType.DEEPSPEED,
         ):
             return False
-        return not any(sharded(p) for p in model.parameters())
+        return not any(checks.sharded(p) for p in model.parameters())
 
     def exact(
         self,
@@ -324,8 +324,8 @@ class MicroStepLoss:
         passes = self._passes(model, inputs, split, fused, rng_seed)
         settings = self._fd_settings(model, inputs, fused, rng_seed)
         weights = self._position_weights(inputs, model, all_rows)
-        # split: the table's gradient made once, by the last backward (EmbeddingCapture)
-        with self.capture.holding_table_gradient(split and not fused and self.kind != "hessian"):
+        hold = checks.holds_table_gradient(model, self.kind, split, fused)  # the table's grad: once
+        with self.capture.holding_table_gradient(hold):
             if self.kind == "hessian":
                 result = hessian_fd_loss(
                     passes,
