@@ -71,17 +71,34 @@ def linear_ce_problem(args: Any, accelerator: Any, model: nn.Module, deepspeed: 
     if deepspeed or _fsdp(accelerator):
         return "FSDP and DeepSpeed shard the output projection's weight"
     getter = getattr(unwrap(model), "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if head is None:
-        return "the model has no output embedding"
-    if type(head) is not nn.Linear:
-        return f"its output embedding is a {type(head).__name__}, not a plain Linear"
+    problem = head_problem(getter() if callable(getter) else None)
+    if problem is not None:
+        return problem
     base = unwrap(model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
     parameters = inspect.signature(base.forward).parameters.values()
     if not any(p.name == "logits_to_keep" or p.kind is p.VAR_KEYWORD for p in parameters):
         return "its forward takes no logits_to_keep"
     return None
+
+
+def head_problem(head: nn.Module | None) -> str | None:
+    """Why the linear kernel cannot project with this output embedding (``None``: it can): it
+    needs one, a plain ``nn.Linear`` (no adapter on it)."""
+    if head is None:
+        return "the model has no output embedding"
+    if type(head) is not nn.Linear:
+        return f"its output embedding is a {type(head).__name__}, not a plain Linear"
+    return None
+
+
+def take_chunked(args: Any, precision: dict[str, bool], problem: str) -> None:
+    """The linear kernel does not apply (``problem``): ``ce_kernel=auto`` takes the chunked one
+    for the rest of the run (``precision["linear_ce"]``, logged); ``linear`` is refused."""
+    if args.ce_kernel != "auto":
+        raise FishertuneError(f"ce_kernel=linear: {problem}; use ce_kernel=chunked")
+    precision["linear_ce"] = False
+    logger.info("ce_kernel=auto: the chunked kernel, as %s", problem)
 
 
 def holds_table_gradient(model: nn.Module, kind: str | None, split: bool, fused: bool) -> bool:
@@ -208,12 +225,10 @@ def linear_projection_problem(
     logits: Tensor, hidden: Tensor, head: nn.Module, mm_dtype: torch.dtype
 ) -> str | None:
     """Why the linear kernel cannot take this model (``None``: it can): it needs
-    ``logits = W h + b``, a plain ``nn.Linear`` head (no adapter on it) and no logit scale
+    ``logits = W h + b``, a plain ``nn.Linear`` head (:func:`head_problem`) and no logit scale
     or softcap (Gemma 2, Cohere), compared at one position."""
-    problem = None
-    if type(head) is not nn.Linear:
-        problem = f"its output embedding is a {type(head).__name__}, not a plain Linear"
-    else:
+    problem = head_problem(head)
+    if problem is None:
         with torch.no_grad():
             # by hand, not head(): a hook on the head (or a softcap after it) must show
             bias = None if head.bias is None else head.bias.to(mm_dtype)

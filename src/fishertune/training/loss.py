@@ -144,10 +144,9 @@ class MicroStepLoss:
         is sharded), ``auto`` turns to the chunked kernel for the run (this call's logits from
         a forward of their own: its noise and dropout drawn again); ``linear`` is refused."""
         head = checks.unwrap(model).get_output_embeddings()
-        if head is None:
-            return self._not_linear(model, inputs, rng_seed, "the model has no output embedding")
-        if checks.sharded(head.weight):  # fully_shard applied outside accelerate
-            return self._not_linear(model, inputs, rng_seed, "FSDP shards its output embedding")
+        if head is None or checks.sharded(head.weight):  # fully_shard applied outside accelerate
+            problem = checks.head_problem(head) or "FSDP shards its output embedding"
+            return self._not_linear(model, inputs, rng_seed, problem)
         labels = inputs["labels"]
         check = "linear_ce" not in self.precision
         keep = [labels.shape[1] - 1] if check else []
@@ -179,10 +178,7 @@ class MicroStepLoss:
     ) -> Tensor:
         """``auto``: the chunked kernel from now on, and this call's logits; ``linear``:
         refused, with ``problem``."""
-        if self.args.ce_kernel != "auto":
-            raise FishertuneError(f"ce_kernel=linear: {problem}; use ce_kernel=chunked")
-        self.precision["linear_ce"] = False
-        logger.info("ce_kernel=auto: the chunked kernel, as %s", problem)
+        checks.take_chunked(self.args, self.precision, problem)
         return forward_logits(model, inputs, rng_seed)
 
     def _scored(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import os
 import time
 from collections.abc import Iterator
@@ -52,6 +51,7 @@ from fishertune.training.checks import (
     check_launch,
     check_supported,
     linear_ce_problem,
+    take_chunked,
 )
 from fishertune.training.config import PENALTY_METHODS, FisherSFTConfig
 from fishertune.training.data import tokenize_conversations
@@ -70,8 +70,6 @@ from fishertune.training.stats import StepSums, Sum
 __all__ = ["FisherSFTTrainer", "TrainingDivergedError"]
 
 _READS_LOSS_SCALING = Version(transformers.__version__) >= Version("5.19")
-
-logger = logging.getLogger(__name__)
 
 
 class FisherSFTTrainer(MasterWeights, SFTTrainer):
@@ -119,8 +117,7 @@ class FisherSFTTrainer(MasterWeights, SFTTrainer):
                 self.args, self.accelerator, self.model, self.is_deepspeed_enabled
             )
             if problem is not None:
-                self._fd_precision["linear_ce"] = False
-                logger.info("ce_kernel=auto: the chunked kernel, as %s", problem)
+                take_chunked(self.args, self._fd_precision, problem)
         self.add_callback(OptimizerStepHook(self._check_step))
         self.add_callback(WarmupCheck())
         self.checkpoint_record = CheckpointRecord(self.accelerator, lambda: self.run_totals)
